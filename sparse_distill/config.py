@@ -1,0 +1,193 @@
+"""Typed configuration: one model per stage, loaded from YAML; unknown keys are errors."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from sparse_distill import __version__
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    """Where the splits live and which columns hold what."""
+
+    data_dir: str | None = Field(None, description="Base folder for relative split paths (e.g. ../shared/data/sst2).")
+    train: str = Field(..., description="Train split: Parquet, CSV, JSONL, a saved datasets folder or hub:NAME:SPLIT.")
+    dev: str = Field(..., description="Dev split: model selection and the headline accuracy.")
+    test: str | None = Field(None, description="Optional test split, reported beside dev.")
+    corpus: list[str] = Field(default_factory=list, description="Unlabelled in-domain corpus files (globs allowed).")
+    text_column: str = Field("text", description="Column holding the document text.")
+    label_column: str = Field("label", description="Column holding the gold label (int or string).")
+    id_column: str | None = Field(None, description="Column holding a document id; None derives ids from row numbers.")
+    max_train_samples: int | None = Field(None, ge=1, description="Use only the first N train rows (quick runs).")
+    max_corpus_samples: int | None = Field(None, ge=1, description="Use only the first N corpus documents.")
+
+
+class TeacherConfig(_Strict):
+    """Fine-tuning the transformer teacher."""
+
+    model: str = Field(..., description="Local Hugging Face checkpoint folder (or a hub name when online).")
+    max_length: int = Field(128, ge=8, description="Tokens per document; longer ones are truncated.")
+    batch_size: int = Field(32, ge=1, description="Training batch size.")
+    eval_batch_size: int = Field(64, ge=1, description="Batch size for dev evaluation and labelling.")
+    lr: float = Field(5e-5, gt=0, description="AdamW learning rate.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+    warmup_ratio: float = Field(0.06, ge=0, le=1, description="Share of steps with linear warm-up.")
+    epochs: float = Field(2.0, gt=0, description="Training epochs (fractions allowed).")
+    eval_every: int | None = Field(None, ge=1, description="Evaluate on dev every N steps (default: once per epoch).")
+    max_train_samples: int | None = Field(None, ge=1, description="Fine-tune on at most N train rows.")
+    seed: int = Field(13, description="Random seed.")
+    skip_finetune: bool = Field(False, description="Use the checkpoint as it is (already fine-tuned on the task).")
+
+
+class LabelConfig(_Strict):
+    """Labelling the train set and the corpus with the teacher's soft labels."""
+
+    shard_size: int = Field(10_000, ge=1, description="Documents per Parquet shard.")
+    batch_size: int = Field(64, ge=1, description="Teacher inference batch size.")
+    max_length: int | None = Field(None, ge=8, description="Tokens per document (default: the teacher's max_length).")
+    include_train: bool = Field(True, description="Label the train set too (KD on corpus + train).")
+
+
+class VocabConfig(_Strict):
+    """The n-gram vocabulary."""
+
+    size: int = Field(1_000_000, ge=1, description="Keep the top |V| n-grams by total count.")
+    ngram_max: int = Field(4, ge=1, le=8, description="Count n-grams for n = 1..ngram_max.")
+    min_count: int = Field(1, ge=1, description="Drop n-grams seen fewer times than this.")
+    tie_rule: Literal["alphabetical", "sklearn"] = Field(
+        "alphabetical", description="Order among n-grams tied at the cut (see sparse_distill.vocab)."
+    )
+
+
+class StudentConfig(_Strict):
+    """The Deep Averaging Network."""
+
+    dim: int = Field(100, ge=1, description="Embedding dimension d of the n-gram table.")
+    hidden: int = Field(256, ge=1, description="Hidden size of the dense layer.")
+    pooling: Literal["mean", "max", "sum"] = Field("mean", description="How n-gram embeddings are pooled.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the pooled vector.")
+    init_std: float = Field(0.1, gt=0, description="Std of the normal init of the embedding table.")
+
+
+class TrainConfig(_Strict):
+    """One student training stage: distillation, fine-tuning, or the from-scratch baseline."""
+
+    lr: float = Field(5e-4, gt=0, description="Learning rate (SparseAdam for the table, Adam for dense layers).")
+    batch_size: int = Field(2048, ge=1, description="Documents per step.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the training data.")
+    max_steps: int | None = Field(None, ge=1, description="Stop after N steps whatever the epochs.")
+    eval_every: int = Field(200, ge=1, description="Evaluate on dev every N steps; the best dev checkpoint is kept.")
+    temperature: float = Field(1.0, gt=0, description="Softmax temperature of the KL loss (distillation only).")
+    shuffle_buffer: int = Field(100_000, ge=1, description="Documents held in the streaming shuffle buffer.")
+    patience: int | None = Field(None, ge=1, description="Stop after N evaluations without a dev improvement.")
+    seed: int = Field(13, description="Random seed.")
+
+
+class EvalConfig(_Strict):
+    """Evaluation and throughput measurement."""
+
+    batch_size: int = Field(32, ge=1, description="Batch size for the docs/s measurement (raw text in).")
+    speed_docs: int = Field(2000, ge=32, description="Documents timed for the student's throughput.")
+    teacher_speed_docs: int = Field(256, ge=32, description="Documents timed for the teacher's throughput.")
+    threads: int | None = Field(None, ge=1, description="torch threads while timing (default: all cores).")
+
+
+class TrackingConfig(_Strict):
+    """MLflow tracking."""
+
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI (default: sqlite ./mlflow.db).")
+    experiment: str = Field("sparse-distill", description="MLflow experiment name.")
+    log_model: bool = Field(True, description="Log the student as an MLflow pyfunc model.")
+
+
+class PipelineConfig(_Strict):
+    """The whole pipeline: one section per stage."""
+
+    name: str = Field("run", description="Run name; outputs go to runs/<name>/ unless --run-dir is given.")
+    seed: int = Field(13, description="Global seed.")
+    data: DataConfig
+    teacher: TeacherConfig
+    label: LabelConfig = Field(default_factory=LabelConfig)
+    vocab: VocabConfig = Field(default_factory=VocabConfig)
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    distill: TrainConfig = Field(default_factory=TrainConfig)
+    finetune: TrainConfig = Field(default_factory=lambda: TrainConfig(lr=1e-4, batch_size=256, epochs=2))
+    scratch: TrainConfig = Field(default_factory=lambda: TrainConfig(lr=1e-3, batch_size=256, epochs=5))
+    evaluate: EvalConfig = Field(default_factory=EvalConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected key.path=value")
+    key, raw = item.split("=", 1)
+    if not key.strip():
+        raise ConfigError(f"override {item!r}: empty key")
+    return key.strip().split("."), yaml.safe_load(raw) if raw != "" else ""
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `key.path=value` overrides (values parsed as YAML) to a raw config dict."""
+    for item in overrides:
+        path, value = _parse_override(item)
+        node = raw
+        for part in path[:-1]:
+            nxt = node.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+            node = nxt
+        node[path[-1]] = value
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
+    """Load a pipeline config from YAML, apply overrides, validate (unknown keys are errors)."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError as e:
+        raise ConfigError(f"{path}: config file not found") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(f"{path}: {format_validation_error(e)}") from e
+
+
+def format_validation_error(e: ValidationError) -> str:
+    """One line per problem, naming the field path."""
+    parts = []
+    for err in e.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        parts.append(f"{loc}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def fingerprint(*parts: Any) -> str:
+    """A stable short hash of JSON-able parts plus the library version: the base of every cache key."""
+    blob = json.dumps([__version__, *[_jsonable(p) for p in parts]], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _jsonable(part: Any) -> Any:
+    if isinstance(part, BaseModel):
+        return part.model_dump(mode="json")
+    return part

@@ -1,0 +1,294 @@
+"""Loading labelled splits and unlabelled corpora from Parquet, CSV, JSONL, text or a saved `datasets` folder."""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.json as pajson
+import pyarrow.parquet as pq
+
+logger = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    """Bad input data: the message names the file, the row and the column."""
+
+
+@dataclass(frozen=True)
+class LabelMap:
+    """Maps gold label values (ints or strings) to class indices 0..C-1 and back."""
+
+    labels: tuple[Any, ...]
+
+    @classmethod
+    def from_values(cls, values: list[Any]) -> LabelMap:
+        """Build a label map from the distinct values of a train set, sorted for determinism."""
+        distinct = sorted(set(values), key=lambda v: (str(type(v)), v))
+        return cls(tuple(distinct))
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    def index(self, value: Any) -> int:
+        try:
+            return self._lookup[value]
+        except KeyError:
+            raise KeyError(value) from None
+
+    @property
+    def _lookup(self) -> dict[Any, int]:
+        return {v: i for i, v in enumerate(self.labels)}
+
+    def encode(self, values: list[Any], source: str = "<labels>", column: str = "label") -> list[int]:
+        """Class indices for gold values; an unknown value is a DataError naming the row."""
+        lookup = self._lookup
+        out = []
+        for row, v in enumerate(values):
+            if v not in lookup:
+                raise DataError(
+                    f"{source}: row {row}, column {column!r}: label {v!r} never occurs in the train set "
+                    f"(known labels: {list(self.labels)})"
+                )
+            out.append(lookup[v])
+        return out
+
+    def decode(self, index: int) -> Any:
+        return self.labels[index]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"labels": list(self.labels)}
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> LabelMap:
+        return cls(tuple(obj["labels"]))
+
+    def save(self, path: str | Path) -> None:
+        atomic_write_text(path, json.dumps(self.to_json(), indent=2))
+
+    @classmethod
+    def load(cls, path: str | Path) -> LabelMap:
+        return cls.from_json(json.loads(Path(path).read_text()))
+
+
+@dataclass
+class TextSplit:
+    """A split held in memory: texts, optional gold labels (raw values) and ids."""
+
+    texts: list[str]
+    ids: list[str]
+    labels: list[Any] | None
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write a file through a temporary sibling and a rename, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes files private; results are meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_parquet(table: pa.Table, path: str | Path) -> None:
+    """Write a Parquet file atomically (temporary sibling, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def resolve_path(path: str, base: str | Path | None) -> str:
+    """Resolve a split path against a base directory (hub: names pass through)."""
+    if path.startswith("hub:") or base is None or os.path.isabs(path):
+        return path
+    return str(Path(base) / path)
+
+
+def expand_paths(patterns: list[str], base: str | Path | None = None) -> list[str]:
+    """Expand globs; a pattern matching nothing is an error naming it."""
+    out: list[str] = []
+    for pattern in patterns:
+        full = resolve_path(pattern, base)
+        if full.startswith("hub:"):
+            out.append(full)
+            continue
+        matches = sorted(glob.glob(full)) if any(c in full for c in "*?[") else ([full] if os.path.exists(full) else [])
+        if not matches:
+            raise DataError(f"{full}: no such file")
+        out.extend(matches)
+    return out
+
+
+def read_table(path: str) -> pa.Table:
+    """Read a whole file as an Arrow table, by extension (or a saved datasets folder / hub:NAME:SPLIT)."""
+    if path.startswith("hub:"):
+        return _read_hub(path)
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"{path}: no such file")
+    try:
+        if p.is_dir():
+            return _read_saved_dataset(p)
+        suffixes = "".join(p.suffixes[-2:]).lower()
+        if p.suffix.lower() == ".parquet":
+            return pq.read_table(p)
+        if p.suffix.lower() in (".jsonl", ".json") or suffixes in (".jsonl.gz",):
+            return pajson.read_json(p)
+        if p.suffix.lower() in (".csv", ".tsv") or suffixes in (".csv.gz", ".csv.bz2"):
+            delim = "\t" if ".tsv" in suffixes or p.suffix.lower() == ".tsv" else ","
+            return pacsv.read_csv(p, parse_options=pacsv.ParseOptions(delimiter=delim, newlines_in_values=True))
+        if p.suffix.lower() in (".txt", ""):
+            lines = p.read_text(encoding="utf-8").splitlines()
+            return pa.table({"text": lines})
+    except (pa.ArrowInvalid, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot be read: {e}") from e
+    raise DataError(f"{path}: unknown format (use .parquet, .csv, .tsv, .jsonl, .txt or a datasets folder)")
+
+
+def _read_saved_dataset(p: Path) -> pa.Table:
+    import datasets
+
+    ds = datasets.load_from_disk(str(p))
+    if isinstance(ds, datasets.DatasetDict):
+        raise DataError(f"{p}: is a DatasetDict with splits {list(ds)}; point at one split's folder")
+    return ds.data.table
+
+
+def _read_hub(spec: str) -> pa.Table:
+    # hub:NAME[:CONFIG]:SPLIT, e.g. hub:stanfordnlp/imdb:train (needs network access).
+    import datasets
+
+    parts = spec[4:].split(":")
+    if len(parts) == 2:
+        name, split, cfg = parts[0], parts[1], None
+    elif len(parts) == 3:
+        name, cfg, split = parts
+    else:
+        raise DataError(f"{spec}: expected hub:NAME:SPLIT or hub:NAME:CONFIG:SPLIT")
+    return datasets.load_dataset(name, cfg, split=split).data.table
+
+
+def _column(table: pa.Table, name: str, path: str) -> pa.ChunkedArray:
+    if name not in table.column_names:
+        raise DataError(f"{path}: column {name!r} not found (columns: {table.column_names})")
+    return table.column(name)
+
+
+def check_texts(texts: list[Any], path: str, column: str, first_row: int = 0) -> list[str]:
+    """Every text must be a non-empty string: name the first row that is not."""
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise DataError(f"{path}: row {first_row + i}, column {column!r}: text is {type(t).__name__}, not a string")
+        if not t.strip():
+            raise DataError(f"{path}: row {first_row + i}, column {column!r}: text is empty")
+    return texts
+
+
+def load_split(
+    path: str,
+    text_column: str = "text",
+    label_column: str | None = "label",
+    id_column: str | None = None,
+    limit: int | None = None,
+) -> TextSplit:
+    """Load a (labelled) split, validating texts and the presence of every named column."""
+    table = read_table(path)
+    if path.endswith(".txt") and text_column != "text":
+        text_column = "text"
+    if limit is not None:
+        table = table.slice(0, limit)
+    texts = check_texts(_column(table, text_column, path).to_pylist(), path, text_column)
+    labels = None
+    if label_column is not None:
+        labels = _column(table, label_column, path).to_pylist()
+        for i, v in enumerate(labels):
+            if v is None:
+                raise DataError(f"{path}: row {i}, column {label_column!r}: label is missing")
+    ids = _ids(table, id_column, path)
+    logger.info("loaded %s: %d rows", path, len(texts))
+    return TextSplit(texts=texts, ids=ids, labels=labels, source=path)
+
+
+def _ids(table: pa.Table, id_column: str | None, path: str, first_row: int = 0) -> list[str]:
+    if id_column is None:
+        # Stable ids from the file name and row number, so the same corpus always yields the same ids.
+        stem = Path(path).name
+        return [f"{stem}:{first_row + i}" for i in range(table.num_rows)]
+    col = _column(table, id_column, path)
+    ids = pc.cast(col, pa.string()).to_pylist()
+    for i, v in enumerate(ids):
+        if v is None:
+            raise DataError(f"{path}: row {first_row + i}, column {id_column!r}: id is missing")
+    return ids
+
+
+def count_rows(path: str) -> int:
+    """Row count of a corpus file (Parquet from metadata, others by reading)."""
+    if path.endswith(".parquet"):
+        return pq.ParquetFile(path).metadata.num_rows
+    return read_table(path).num_rows
+
+
+def iter_corpus_rows(
+    path: str, start: int, stop: int, text_column: str = "text", id_column: str | None = None
+) -> tuple[list[str], list[str]]:
+    """Texts and ids of rows [start, stop) of one corpus file; Parquet is read by row groups, not whole."""
+    if path.endswith(".parquet"):
+        table = _read_parquet_rows(path, start, stop, [c for c in (text_column, id_column) if c])
+    else:
+        table = read_table(path).slice(start, stop - start)
+    texts = check_texts(_column(table, text_column, path).to_pylist(), path, text_column, first_row=start)
+    return texts, _ids(table, id_column, path, first_row=start)
+
+
+def _read_parquet_rows(path: str, start: int, stop: int, columns: list[str]) -> pa.Table:
+    pf = pq.ParquetFile(path)
+    missing = [c for c in columns if c not in pf.schema_arrow.names]
+    if missing:
+        raise DataError(f"{path}: column {missing[0]!r} not found (columns: {pf.schema_arrow.names})")
+    pieces, offset = [], 0
+    for rg in range(pf.metadata.num_row_groups):
+        n = pf.metadata.row_group(rg).num_rows
+        lo, hi = max(start, offset), min(stop, offset + n)
+        if lo < hi:
+            pieces.append(pf.read_row_group(rg, columns=columns).slice(lo - offset, hi - lo))
+        offset += n
+        if offset >= stop:
+            break
+    if not pieces:
+        return pa.table({c: pa.array([], pa.string()) for c in columns})
+    return pa.concat_tables(pieces)
+
+
+def iter_batches(items: list[Any], size: int) -> Iterator[list[Any]]:
+    """Consecutive slices of at most `size` items."""
+    for i in range(0, len(items), size):
+        yield items[i : i + size]

@@ -1,0 +1,215 @@
+"""The student as an MLflow pyfunc model: log a student model folder into an existing run, load it anywhere.
+
+The logged model carries the student folder (safetensors weights, shape, label map, vocabulary) as an artifact and the
+`sparse_distill` package as code, so `mlflow.pyfunc.load_model(uri)` works where sparse_distill is not installed.
+
+Thread safety: the fluent "active run" is thread-local, and `mlflow.start_run(run_id=...)` ends the run on exit. So
+`log_student_model` never touches the active-run stack: it creates the LoggedModel with an `MlflowClient` in the run's
+own experiment and hands its id and the run id to `mlflow.models.Model.log`. The tracking URI, however, is
+process-global in MLflow: passing `tracking_uri` sets it for the whole process.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.models import Model, infer_signature
+from mlflow.tracking import MlflowClient
+
+from sparse_distill.inference import StudentPredictor
+
+logger = logging.getLogger(__name__)
+
+TEXT_COLUMN = "text"
+LABEL_COLUMN = "label"
+PROB_PREFIX = "prob_"
+MODEL_DIR_ARTIFACT = "model_dir"
+# Distributions the logged model needs at load time (pinned to the installed versions, local suffixes stripped).
+REQUIRED_DISTRIBUTIONS = ("mlflow", "torch", "numpy", "pandas", "pyarrow", "safetensors", "cloudpickle")
+_EXAMPLE_TEXTS = [
+    "a gripping, beautifully acted film",
+    "dull and far too long",
+    "the plot follows two brothers on a road trip",
+]
+
+
+def _as_texts(model_input: Any) -> list[str]:
+    """Raw texts from a DataFrame (`text` column or a single column), a Series, a list or a numpy array of str."""
+    if isinstance(model_input, pd.DataFrame):
+        if TEXT_COLUMN in model_input.columns:
+            values = model_input[TEXT_COLUMN]
+        elif model_input.shape[1] == 1:
+            values = model_input.iloc[:, 0]
+        else:
+            raise ValueError(
+                f"input DataFrame needs a {TEXT_COLUMN!r} column or exactly one column; got {list(model_input.columns)}"
+            )
+        values = values.tolist()
+    elif isinstance(model_input, pd.Series):
+        values = model_input.tolist()
+    elif isinstance(model_input, np.ndarray):
+        if model_input.ndim == 2 and model_input.shape[1] == 1:
+            model_input = model_input[:, 0]
+        if model_input.ndim != 1:
+            raise ValueError(f"input array must be 1-D (or one column); got shape {model_input.shape}")
+        values = model_input.tolist()
+    elif isinstance(model_input, str):
+        values = [model_input]
+    elif isinstance(model_input, list | tuple):
+        values = list(model_input)
+    elif model_input is None:
+        raise ValueError("no input: expected texts (a DataFrame with a 'text' column, a Series, a list or an array)")
+    else:
+        raise ValueError(f"unsupported input type {type(model_input).__name__}: expected texts")
+    for row, value in enumerate(values):
+        if value is None or (isinstance(value, float) and np.isnan(value)) or value is pd.NA:
+            raise ValueError(f"input row {row}: missing text")
+        if not isinstance(value, str):
+            raise ValueError(f"input row {row}: expected a string, got {type(value).__name__} ({value!r:.50})")
+    return values
+
+
+def predictions_frame(predictor: StudentPredictor, texts: list[str]) -> pd.DataFrame:
+    """The pyfunc output for texts: column `label` (label values as in the train set) and `prob_<label>` per class."""
+    probs = predictor.predict_proba(texts).astype(np.float64)
+    labels = predictor.labels
+    predicted = [labels[i] for i in probs.argmax(axis=1)] if len(texts) else []
+    label_dtype = object if any(isinstance(v, str) for v in labels) else None
+    frame = {LABEL_COLUMN: pd.Series(predicted, dtype=label_dtype)}
+    for j, label in enumerate(labels):
+        frame[f"{PROB_PREFIX}{label}"] = probs[:, j]
+    return pd.DataFrame(frame)
+
+
+class StudentPyfunc(mlflow.pyfunc.PythonModel):
+    """A student model folder served through MLflow's pyfunc interface."""
+
+    def __init__(self) -> None:
+        self._predictor: StudentPredictor | None = None
+
+    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+        """Load the student from the `model_dir` artifact."""
+        self._predictor = StudentPredictor.load(context.artifacts[MODEL_DIR_ARTIFACT])
+
+    def predict(
+        self,
+        context: mlflow.pyfunc.PythonModelContext | None,
+        model_input: pd.DataFrame,
+        params: dict[str, Any] | None = None,
+    ) -> pd.DataFrame:
+        """Label and class probabilities for each text.
+
+        `model_input`: a DataFrame with a `text` column (or a single column); called directly (`unwrap_python_model()`)
+        it also takes a Series, a list or a numpy array of str. Through the pyfunc wrapper the signature applies: pass a
+        DataFrame with a `text` column. The hint is `pd.DataFrame` because MLflow reads it:
+        a union would trigger type-hint signature inference, which MLflow rejects with a warning.
+        """
+        if self._predictor is None:
+            self.load_context(context)
+        return predictions_frame(self._predictor, _as_texts(model_input))
+
+
+def pip_requirements() -> list[str]:
+    """Pinned requirements for the logged model, from the installed versions (local suffixes like +cpu stripped)."""
+    reqs = []
+    for dist in REQUIRED_DISTRIBUTIONS:
+        try:
+            version = metadata.version(dist).split("+", 1)[0]
+        except metadata.PackageNotFoundError:
+            logger.warning("%s is not installed; listing it without a version", dist)
+            reqs.append(dist)
+            continue
+        reqs.append(f"{dist}=={version}")
+    return reqs
+
+
+def tracking_uri_default(project_dir: str | Path) -> str:
+    """The project's sqlite tracking store: `sqlite:////abs/path/mlflow.db` (four slashes for an absolute path)."""
+    return f"sqlite:///{Path(project_dir).resolve() / 'mlflow.db'}"
+
+
+def ensure_experiment(name: str, tracking_uri: str, artifact_root: str | Path) -> str:
+    """The id of experiment `name`, created with `artifact_root` (absolute file URI) as its artifact location if new.
+
+    A deleted experiment of that name is restored. Call it once before fanning out: sqlite locks under parallel writers.
+    """
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        location = Path(artifact_root).resolve()
+        location.mkdir(parents=True, exist_ok=True)
+        try:
+            experiment_id = client.create_experiment(name, artifact_location=location.as_uri())
+            logger.info("created MLflow experiment %r (id %s), artifacts in %s", name, experiment_id, location)
+            return experiment_id
+        except MlflowException:
+            experiment = client.get_experiment_by_name(name)  # created meanwhile by another process
+            if experiment is None:
+                raise
+    if experiment.lifecycle_stage == "deleted":
+        client.restore_experiment(experiment.experiment_id)
+        logger.info("restored deleted MLflow experiment %r (id %s)", name, experiment.experiment_id)
+    return experiment.experiment_id
+
+
+def log_student_model(
+    model_dir: str | Path,
+    run_id: str,
+    tracking_uri: str | None = None,
+    artifact_path: str = "student",
+    registered_model_name: str | None = None,
+) -> str:
+    """Log a student model folder as a pyfunc model into the existing run `run_id`; return the model URI.
+
+    Works from any thread, with or without an active run: the run is addressed by id only and never ended. With
+    `tracking_uri`, the process-wide tracking URI is set to it first. The returned URI (`models:/m-...`) is accepted by
+    `mlflow.pyfunc.load_model`; `runs:/<run_id>/<artifact_path>` resolves to the same model.
+    """
+    started = time.perf_counter()
+    model_dir = Path(model_dir).resolve()
+    if tracking_uri is not None and mlflow.get_tracking_uri() != tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    client = MlflowClient(tracking_uri)
+    run = client.get_run(run_id)
+
+    predictor = StudentPredictor.load(model_dir)
+    example = pd.DataFrame({TEXT_COLUMN: pd.Series(_EXAMPLE_TEXTS, dtype=object)})
+    signature = infer_signature(example, predictions_frame(predictor, _EXAMPLE_TEXTS))
+
+    logged = client.create_logged_model(
+        experiment_id=run.info.experiment_id,
+        name=artifact_path,
+        source_run_id=run_id,
+        params={k: str(v) for k, v in run.data.params.items()},
+        tags={"mlflow.modelFlavor": "python_function", "sparse_distill.model": "dan_student"},
+    )
+    info = Model.log(
+        artifact_path=None,
+        name=artifact_path,
+        flavor=mlflow.pyfunc,
+        run_id=run_id,
+        model_id=logged.model_id,
+        registered_model_name=registered_model_name,
+        python_model=StudentPyfunc(),
+        artifacts={MODEL_DIR_ARTIFACT: str(model_dir)},
+        code_paths=[str(Path(__file__).resolve().parent)],
+        signature=signature,
+        input_example=example,
+        pip_requirements=pip_requirements(),
+    )
+    logger.info(
+        "logged student %s into run %s as %s in %.1f s",
+        model_dir,
+        run_id,
+        info.model_uri,
+        time.perf_counter() - started,
+    )
+    return info.model_uri

@@ -1,0 +1,333 @@
+"""The pipeline's stages as plain functions: config + input paths in, files and a small JSON manifest out.
+
+Each stage writes into its own folder and finishes with `result.json`; Prefect tasks (tasks/) wrap these, and the
+stage fingerprints below are their cache keys.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sparse_distill import __version__
+from sparse_distill.config import DataConfig, PipelineConfig, fingerprint
+from sparse_distill.data import (
+    DataError,
+    LabelMap,
+    TextSplit,
+    atomic_write_text,
+    count_rows,
+    expand_paths,
+    iter_corpus_rows,
+    load_split,
+    resolve_path,
+)
+from sparse_distill.evaluation import classification_metrics, measure_throughput, repeat_to
+from sparse_distill.inference import StudentPredictor
+from sparse_distill.labelling import (
+    CorpusSource,
+    LabelManifest,
+    label_shard,
+    plan_shards,
+    shard_is_complete,
+)
+from sparse_distill.student import load_student, save_student
+from sparse_distill.teacher import TeacherPredictor, finetune_teacher, teacher_fingerprint
+from sparse_distill.training import InMemoryBatches, SoftLabelStream, student_from_config, train_student
+from sparse_distill.vocab import NgramVocab, count_ngrams, select_top
+
+logger = logging.getLogger(__name__)
+
+MetricsCallback = Callable[[int, dict[str, float]], None]
+RESULT = "result.json"
+
+
+@dataclass
+class TaskData:
+    """The labelled splits of a task and its label map (built from the train set)."""
+
+    train: TextSplit
+    dev: TextSplit
+    test: TextSplit | None
+    label_map: LabelMap
+
+    def encoded(self, split: TextSplit) -> list[int]:
+        return self.label_map.encode(split.labels or [], source=split.source)
+
+
+def split_path(data: DataConfig, name: str) -> str | None:
+    value = getattr(data, name)
+    return None if value is None else resolve_path(value, data.data_dir)
+
+
+def corpus_paths(data: DataConfig) -> list[str]:
+    return expand_paths(data.corpus, data.data_dir) if data.corpus else []
+
+
+def load_task_data(data: DataConfig) -> TaskData:
+    """Load train/dev/test, build the label map from train, and check every dev/test label is known."""
+    train = load_split(split_path(data, "train"), data.text_column, data.label_column, data.id_column,
+                       data.max_train_samples)
+    dev = load_split(split_path(data, "dev"), data.text_column, data.label_column, data.id_column)
+    test_path = split_path(data, "test")
+    test = load_split(test_path, data.text_column, data.label_column, data.id_column) if test_path else None
+    label_map = LabelMap.from_values(train.labels or [])
+    if label_map.num_classes < 2:
+        raise DataError(f"{train.source}: column {data.label_column!r} has fewer than 2 distinct labels")
+    out = TaskData(train, dev, test, label_map)
+    out.encoded(dev)
+    if test is not None:
+        out.encoded(test)
+    return out
+
+
+def file_fingerprint(path: str) -> dict[str, Any]:
+    """Identity of an input file without reading it all: path, size and modification time."""
+    if path.startswith("hub:"):
+        return {"path": path}
+    st = os.stat(path)
+    return {"path": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def data_fingerprint(data: DataConfig, splits: tuple[str, ...] = ("train", "dev", "test"), corpus: bool = False) -> str:
+    """Fingerprint of the named splits' files and the column settings."""
+    files = {s: file_fingerprint(p) for s in splits if (p := split_path(data, s))}
+    if corpus:
+        files["corpus"] = [file_fingerprint(p) for p in corpus_paths(data)]
+    cols = data.model_dump(include={"text_column", "label_column", "id_column", "max_train_samples",
+                                    "max_corpus_samples"})
+    return fingerprint(files, cols)
+
+
+def stage_fingerprints(cfg: PipelineConfig) -> dict[str, str]:
+    """Cache keys of every stage: its own config, its inputs' fingerprints and the library version.
+
+    Changing one stage's config changes its key and the keys of the stages that depend on it, nothing else.
+    """
+    fp: dict[str, str] = {}
+    fp["teacher"] = fingerprint("teacher", data_fingerprint(cfg.data, ("train", "dev")), cfg.teacher)
+    label_cfg = cfg.label.model_dump(exclude={"include_train"})
+    fp["label_train"] = fingerprint("label_train", fp["teacher"], label_cfg, data_fingerprint(cfg.data, ("train",)))
+    fp["label_corpus"] = fingerprint("label_corpus", fp["teacher"], label_cfg,
+                                     data_fingerprint(cfg.data, (), corpus=True))
+    fp["vocab"] = fingerprint("vocab", cfg.vocab, data_fingerprint(cfg.data, ("train",), corpus=True))
+    uses = [fp["label_corpus"]] if cfg.data.corpus else []
+    if cfg.label.include_train or not cfg.data.corpus:
+        uses.append(fp["label_train"])
+    fp["distill"] = fingerprint("distill", fp["vocab"], uses, cfg.student, cfg.distill,
+                                data_fingerprint(cfg.data, ("dev",)))
+    fp["kdft"] = fingerprint("kdft", fp["distill"], cfg.finetune, data_fingerprint(cfg.data, ("train", "dev")))
+    fp["scratch"] = fingerprint("scratch", fp["vocab"], cfg.student, cfg.scratch,
+                                data_fingerprint(cfg.data, ("train", "dev")))
+    fp["evaluate"] = fingerprint("evaluate", fp["teacher"], fp["scratch"], fp["distill"], fp["kdft"], cfg.evaluate,
+                                 data_fingerprint(cfg.data))
+    return fp
+
+
+def write_result(stage_dir: str | Path, result: dict[str, Any]) -> dict[str, Any]:
+    """Record a finished stage (atomically): the manifest its task returns."""
+    result = {**result, "library_version": __version__}
+    atomic_write_text(Path(stage_dir) / RESULT, json.dumps(result, indent=2, default=str))
+    return result
+
+
+def read_result(stage_dir: str | Path) -> dict[str, Any] | None:
+    path = Path(stage_dir) / RESULT
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+# --- stages -------------------------------------------------------------------------------------------------------
+
+
+def run_finetune_teacher(cfg: PipelineConfig, out_dir: str | Path, on_metrics: MetricsCallback | None = None) -> dict:
+    """Fine-tune the teacher on train, keep the best dev checkpoint."""
+    data = load_task_data(cfg.data)
+    res = finetune_teacher(cfg.teacher, data.train.texts, data.encoded(data.train), data.dev.texts,
+                           data.encoded(data.dev), data.label_map, out_dir, on_metrics)
+    return write_result(out_dir, {
+        "model_dir": res.model_dir, "dev_accuracy": res.dev_accuracy, "best_step": res.best_step,
+        "steps": res.steps, "seconds": res.seconds, "teacher_fingerprint": teacher_fingerprint(res.model_dir),
+    })
+
+
+def label_sources(cfg: PipelineConfig, which: str) -> list[CorpusSource]:
+    """What a labelling stage reads: the train split, or the corpus files."""
+    d = cfg.data
+    if which == "train":
+        return [CorpusSource(split_path(d, "train"), d.text_column, d.id_column, d.max_train_samples)]
+    return [CorpusSource(p, d.text_column, d.id_column, d.max_corpus_samples) for p in corpus_paths(d)]
+
+
+def run_label(
+    cfg: PipelineConfig, teacher_dir: str, sources: list[CorpusSource], out_dir: str | Path,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict:
+    """Label every shard not already complete for this teacher; the manifest is written first and after each shard."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plan = plan_shards(sources, cfg.label.shard_size)
+    try:
+        old = LabelManifest.load(out_dir)
+        if [s.__dict__ for s in old.sources] == [s.__dict__ for s in plan.sources] and old.shard_size == plan.shard_size:
+            plan = old
+    except FileNotFoundError:
+        pass
+    plan.save(out_dir)
+    teacher_fp = teacher_fingerprint(teacher_dir)
+    teacher = TeacherPredictor(teacher_dir, max_length=cfg.label.max_length or cfg.teacher.max_length)
+    done = 0
+    for i, shard in enumerate(plan.shards):
+        if not shard_is_complete(out_dir, shard, teacher_fp):
+            plan.shards[i] = label_shard(plan, shard, out_dir, teacher, teacher_fp, cfg.label.batch_size)
+            plan.save(out_dir)
+        done += plan.shards[i].rows
+        if progress:
+            progress(done, plan.total_rows)
+    return write_result(out_dir, {"label_dir": str(out_dir), "rows": plan.total_rows, "shards": len(plan.shards),
+                                  "teacher_fingerprint": teacher_fp})
+
+
+def iter_texts(sources: list[CorpusSource], chunk: int = 10_000):
+    """Stream the texts of several sources in chunks (memory bounded by the chunk)."""
+    for src in sources:
+        n = count_rows(src.path)
+        if src.limit is not None:
+            n = min(n, src.limit)
+        for start in range(0, n, chunk):
+            texts, _ = iter_corpus_rows(src.path, start, min(n, start + chunk), src.text_column, src.id_column)
+            yield from texts
+
+
+def run_vocab(cfg: PipelineConfig, out_dir: str | Path) -> dict:
+    """Count n-grams over train + corpus and keep the top |V|."""
+    sources = label_sources(cfg, "train") + label_sources(cfg, "corpus")
+    counts = count_ngrams(iter_texts(sources), cfg.vocab.ngram_max)
+    top = select_top(counts, cfg.vocab.size, cfg.vocab.min_count, cfg.vocab.tie_rule)
+    vocab = NgramVocab([g for g, _ in top], np.array([c for _, c in top], np.int64), cfg.vocab.ngram_max)
+    vocab.save(out_dir)
+    logger.info("vocabulary: %d distinct n-grams, kept %d", len(counts), len(vocab))
+    return write_result(out_dir, {"vocab_dir": str(out_dir), "size": len(vocab), "distinct_ngrams": len(counts)})
+
+
+def _train_stage(cfg: PipelineConfig, vocab_dir: str, out_dir: str | Path, data_source, train_cfg, init_model: str | None,
+                 on_metrics: MetricsCallback | None, prefix: str, temperature: float = 1.0) -> dict:
+    data = load_task_data(cfg.data)
+    vocab = NgramVocab.load(vocab_dir)
+    if init_model:
+        model, _ = load_student(init_model, mmap=False)
+    else:
+        torch.manual_seed(train_cfg.seed)
+        model = student_from_config(len(vocab), data.label_map.num_classes, cfg.student)
+    model_dir = Path(out_dir) / "model"
+    res = train_student(
+        model, vocab, data_source(data), data.dev.texts, data.encoded(data.dev), train_cfg,
+        save_best=lambda m: save_student(m, data.label_map, vocab_dir, model_dir),
+        on_metrics=on_metrics, metric_prefix=prefix, temperature=temperature,
+    )
+    return write_result(out_dir, {
+        "model_dir": str(model_dir), "dev_accuracy": res.best_dev_accuracy, "best_step": res.best_step,
+        "steps": res.steps, "seconds": res.seconds, "params": model.param_counts(),
+    })
+
+
+def run_distill(cfg: PipelineConfig, vocab_dir: str, label_dirs: list[str], out_dir: str | Path,
+                on_metrics: MetricsCallback | None = None) -> dict:
+    """Distil the teacher's soft labels into a fresh DAN (streamed from the label shards)."""
+    stream = lambda _d: SoftLabelStream(label_dirs, cfg.distill.shuffle_buffer, cfg.distill.seed)  # noqa: E731
+    return _train_stage(cfg, vocab_dir, out_dir, stream, cfg.distill, None, on_metrics, "kd_",
+                        cfg.distill.temperature)
+
+
+def run_finetune_student(cfg: PipelineConfig, vocab_dir: str, init_model: str, out_dir: str | Path,
+                         on_metrics: MetricsCallback | None = None) -> dict:
+    """KD+FT: fine-tune the distilled student on the train set's gold labels."""
+    gold = lambda d: InMemoryBatches.from_labels(d.train.texts, d.encoded(d.train), d.label_map.num_classes)  # noqa: E731
+    return _train_stage(cfg, vocab_dir, out_dir, gold, cfg.finetune, init_model, on_metrics, "kdft_")
+
+
+def run_scratch(cfg: PipelineConfig, vocab_dir: str, out_dir: str | Path,
+                on_metrics: MetricsCallback | None = None) -> dict:
+    """The baseline: the same DAN trained on the train set alone."""
+    gold = lambda d: InMemoryBatches.from_labels(d.train.texts, d.encoded(d.train), d.label_map.num_classes)  # noqa: E731
+    return _train_stage(cfg, vocab_dir, out_dir, gold, cfg.scratch, None, on_metrics, "scratch_")
+
+
+def run_evaluate(cfg: PipelineConfig, teacher_dir: str, students: dict[str, str], out_dir: str | Path) -> dict:
+    """Accuracy and macro-F1 on dev (and test) for the teacher and each student; throughput; the summary."""
+    out_dir = Path(out_dir)
+    data = load_task_data(cfg.data)
+    splits = {"dev": data.dev, **({"test": data.test} if data.test is not None else {})}
+    teacher = TeacherPredictor(teacher_dir, max_length=cfg.teacher.max_length)
+    predictors: dict[str, Any] = {"teacher": teacher}
+    predictors.update({name: StudentPredictor.load(path) for name, path in students.items()})
+    metrics: dict[str, dict[str, dict]] = {}
+    for name, pred in predictors.items():
+        metrics[name] = {}
+        for split_name, split in splits.items():
+            probs = pred.predict_proba(split.texts)
+            metrics[name][split_name] = classification_metrics(
+                probs.argmax(1), np.asarray(data.encoded(split)), data.label_map.num_classes)
+            logger.info("%s %s accuracy %.4f", name, split_name, metrics[name][split_name]["accuracy"])
+    timing_texts = (data.test or data.dev).texts
+    speed = {
+        "teacher": measure_throughput(teacher.predict_proba, repeat_to(timing_texts, cfg.evaluate.teacher_speed_docs),
+                                      cfg.evaluate.batch_size, cfg.evaluate.threads),
+    }
+    for name in students:
+        speed[name] = measure_throughput(predictors[name].predict_proba,
+                                         repeat_to(timing_texts, cfg.evaluate.speed_docs), cfg.evaluate.batch_size,
+                                         cfg.evaluate.threads)
+    return write_result(out_dir, {"metrics": metrics, "docs_per_s": speed, "labels": list(data.label_map.labels)})
+
+
+def build_summary(cfg: PipelineConfig, evaluation: dict, students: dict[str, str], best_student: str,
+                  mlflow_run_id: str | None, config_fp: str) -> dict:
+    """The output contract of a pipeline run (`summary.json`)."""
+    m, speed = evaluation["metrics"], evaluation["docs_per_s"]
+    names = {"teacher": "teacher", "scratch": "student_scratch", "kd": "student_kd", "kdft": "student_kdft"}
+    summary: dict[str, Any] = {"run_name": cfg.name}
+    for split in ("dev", "test"):
+        suffix = "" if split == "dev" else "_test"
+        for key, label in names.items():
+            if key in m and split in m[key]:
+                summary[f"{label}_accuracy{suffix}"] = m[key][split]["accuracy"]
+                summary[f"{label}_macro_f1{suffix}"] = m[key][split]["macro_f1"]
+    best_acc = m[best_student]["dev"]["accuracy"]
+    summary["best_student"] = best_student
+    summary["retention"] = best_acc / m["teacher"]["dev"]["accuracy"] if m["teacher"]["dev"]["accuracy"] else None
+    if "test" in m["teacher"]:
+        summary["retention_test"] = m[best_student]["test"]["accuracy"] / max(m["teacher"]["test"]["accuracy"], 1e-12)
+    summary["teacher_docs_per_s"] = speed["teacher"]
+    summary["student_docs_per_s"] = speed[best_student]
+    summary["speedup"] = speed[best_student] / speed["teacher"]
+    model, _ = load_student(students[best_student])
+    summary["student_params"] = model.param_counts()["total"]
+    summary["student_params_detail"] = model.param_counts()
+    summary["student_model_dir"] = students[best_student]
+    summary["mlflow_run_id"] = mlflow_run_id
+    summary["config_fingerprint"] = config_fp
+    return summary
+
+
+def results_table(summary: dict) -> str:
+    """A markdown table of the summary: one row per model, dev and test accuracy, speed."""
+    rows = [("Teacher", "teacher"), ("DAN from scratch", "student_scratch"), ("DAN (KD)", "student_kd"),
+            ("DAN (KD+FT)", "student_kdft")]
+    lines = ["| model | dev acc | dev macro-F1 | test acc |", "|---|---|---|---|"]
+    fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+    for title, key in rows:
+        lines.append(f"| {title} | {fmt(summary.get(f'{key}_accuracy'))} | {fmt(summary.get(f'{key}_macro_f1'))} | "
+                     f"{fmt(summary.get(f'{key}_accuracy_test'))} |")
+    lines.append("")
+    lines.append(f"retention (dev, {summary['best_student']}): {summary['retention']:.3f}  |  "
+                 f"teacher {summary['teacher_docs_per_s']:.0f} docs/s, student {summary['student_docs_per_s']:.0f} "
+                 f"docs/s, speed-up {summary['speedup']:.0f}x  |  student params {summary['student_params']:,}")
+    return "\n".join(lines)

@@ -1,0 +1,100 @@
+"""The student: a Deep Averaging Network over n-gram ids (EmbeddingBag -> Linear -> ReLU -> Linear)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from sparse_distill.data import LabelMap, atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+STUDENT_WEIGHTS = "student.safetensors"
+STUDENT_CONFIG = "student.json"
+LABEL_MAP = "label_map.json"
+
+
+@dataclass(frozen=True)
+class DanConfig:
+    """Shape of a DAN student."""
+
+    vocab_size: int
+    num_classes: int
+    dim: int = 100
+    hidden: int = 256
+    pooling: Literal["mean", "max", "sum"] = "mean"
+    dropout: float = 0.0
+    init_std: float = 0.1
+
+
+class DanStudent(nn.Module):
+    """Deep Averaging Network: pooled n-gram embeddings, then two dense layers."""
+
+    def __init__(self, config: DanConfig) -> None:
+        super().__init__()
+        self.config = config
+        # sparse=True: the backward pass yields gradients for the looked-up rows only, which SparseAdam consumes.
+        self.embedding = nn.EmbeddingBag(config.vocab_size, config.dim, mode=config.pooling, sparse=True)
+        nn.init.normal_(self.embedding.weight, std=config.init_std)
+        self.dropout = nn.Dropout(config.dropout)
+        self.fc1 = nn.Linear(config.dim, config.hidden)
+        self.fc2 = nn.Linear(config.hidden, config.num_classes)
+
+    def forward(self, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """Logits for a batch of bags: `ids` flat row ids, `offsets` each bag's start."""
+        pooled = self.embedding(ids, offsets)
+        return self.fc2(torch.relu(self.fc1(self.dropout(pooled))))
+
+    def dense_parameters(self) -> list[nn.Parameter]:
+        return [p for n, p in self.named_parameters() if not n.startswith("embedding.")]
+
+    def param_counts(self) -> dict[str, int]:
+        """Total, sparse (embedding table) and dense parameter counts."""
+        sparse = self.embedding.weight.numel()
+        dense = sum(p.numel() for p in self.dense_parameters())
+        return {"total": sparse + dense, "sparse": sparse, "dense": dense}
+
+
+def save_student(model: DanStudent, label_map: LabelMap, vocab_dir: str | Path, out_dir: str | Path) -> Path:
+    """Write a self-contained model folder: weights (safetensors), shape, label map and vocabulary.
+
+    The folder is written beside the target and renamed into place, so a reader never sees a half-written model.
+    """
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp / STUDENT_WEIGHTS))
+    atomic_write_text(tmp / STUDENT_CONFIG, json.dumps(asdict(model.config), indent=2))
+    label_map.save(tmp / LABEL_MAP)
+    for name in ("vocab.parquet", "vocab.json"):
+        shutil.copy2(Path(vocab_dir) / name, tmp / name)
+    old = out_dir.with_name(f".{out_dir.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out_dir.exists():
+        out_dir.rename(old)
+    tmp.rename(out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    return out_dir
+
+
+def load_student(model_dir: str | Path, mmap: bool = True) -> tuple[DanStudent, LabelMap]:
+    """Load a student and its label map from a model folder (weights memory-mapped by safetensors)."""
+    model_dir = Path(model_dir)
+    if not (model_dir / STUDENT_WEIGHTS).exists():
+        raise FileNotFoundError(f"{model_dir}: not a student model folder (no {STUDENT_WEIGHTS})")
+    config = DanConfig(**json.loads((model_dir / STUDENT_CONFIG).read_text()))
+    model = DanStudent(config)
+    state = load_file(str(model_dir / STUDENT_WEIGHTS))
+    model.load_state_dict(state, assign=mmap)
+    model.eval()
+    return model, LabelMap.load(model_dir / LABEL_MAP)

@@ -1,0 +1,208 @@
+"""The transformer teacher: fine-tuning on the train set and batched soft-label prediction."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from sparse_distill.config import TeacherConfig
+from sparse_distill.data import LabelMap, atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+MetricsCallback = Callable[[int, dict[str, float]], None]
+
+
+def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Index batches of similar length (less padding), in sorted order."""
+    order = np.argsort(np.asarray(lengths), kind="stable")
+    return [order[i : i + batch_size].tolist() for i in range(0, len(order), batch_size)]
+
+
+class TeacherPredictor:
+    """A fine-tuned sequence classifier with its tokenizer: raw texts in, logits out."""
+
+    def __init__(self, model_dir: str | Path, max_length: int = 128, device: str | None = None) -> None:
+        self.model_dir = Path(model_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        self.model = AutoModelForSequenceClassification.from_pretrained(str(model_dir))
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.model.to(self.device).eval()
+        self.max_length = max_length
+
+    @torch.inference_mode()
+    def predict_logits(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
+        """Logits in input order; batches are formed by length to cut padding."""
+        if not texts:
+            return np.zeros((0, self.model.config.num_labels), np.float32)
+        out = np.zeros((len(texts), self.model.config.num_labels), np.float32)
+        lengths = [len(t) for t in texts]  # characters: a cheap proxy for token length
+        for batch in length_sorted_batches(lengths, batch_size):
+            enc = self.tokenizer(
+                [texts[i] for i in batch], truncation=True, max_length=self.max_length, padding=True,
+                return_tensors="pt",
+            ).to(self.device)
+            with torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.device == "cuda"):
+                logits = self.model(**enc).logits
+            out[batch] = logits.float().cpu().numpy()
+        return out
+
+    def predict_proba(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
+        """Class probabilities in input order."""
+        return torch.softmax(torch.from_numpy(self.predict_logits(texts, batch_size)), dim=-1).numpy()
+
+
+def teacher_fingerprint(model_dir: str | Path) -> str:
+    """Hash of the teacher's weights and config files: which teacher produced a set of soft labels."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in sorted(Path(model_dir).iterdir()):
+        if p.is_file() and p.suffix in (".safetensors", ".json", ".bin", ".txt", ".model"):
+            h.update(p.name.encode())
+            h.update(str(p.stat().st_size).encode())
+            with p.open("rb") as f:
+                # Head and tail of each file: cheap on GB checkpoints, still changes with any retraining.
+                h.update(f.read(1 << 20))
+                f.seek(max(0, p.stat().st_size - (1 << 20)))
+                h.update(f.read())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class TeacherResult:
+    """What fine-tuning produced."""
+
+    model_dir: str
+    dev_accuracy: float
+    best_step: int
+    steps: int
+    seconds: float
+
+
+def finetune_teacher(
+    config: TeacherConfig,
+    train_texts: list[str],
+    train_labels: list[int],
+    dev_texts: list[str],
+    dev_labels: list[int],
+    label_map: LabelMap,
+    out_dir: str | Path,
+    on_metrics: MetricsCallback | None = None,
+) -> TeacherResult:
+    """Fine-tune a sequence classifier; keep the checkpoint with the best dev accuracy (safetensors + tokenizer)."""
+    out_dir = Path(out_dir)
+    random.seed(config.seed)
+    np.random.seed(config.seed)
+    torch.manual_seed(config.seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokenizer = AutoTokenizer.from_pretrained(config.model)
+    id2label = {i: str(v) for i, v in enumerate(label_map.labels)}
+    model = AutoModelForSequenceClassification.from_pretrained(
+        config.model,
+        num_labels=label_map.num_classes,
+        id2label=id2label,
+        label2id={v: k for k, v in id2label.items()},
+        ignore_mismatched_sizes=True,  # a checkpoint fine-tuned on another task brings a head of another size
+    ).to(device)
+    if config.max_train_samples is not None:
+        train_texts, train_labels = train_texts[: config.max_train_samples], train_labels[: config.max_train_samples]
+    start = time.perf_counter()
+    best_dir = out_dir / "model"
+    if config.skip_finetune:
+        acc = _dev_accuracy(model, tokenizer, dev_texts, dev_labels, config, device)
+        _save_checkpoint(model, tokenizer, best_dir, label_map, {"dev_accuracy": acc, "step": 0})
+        return TeacherResult(str(best_dir), acc, 0, 0, time.perf_counter() - start)
+
+    # Length-grouped batches, shuffled as whole batches: far less padding, still a random order per epoch.
+    lengths = [len(t) for t in train_texts]
+    steps_per_epoch = math.ceil(len(train_texts) / config.batch_size)
+    total_steps = max(1, math.ceil(steps_per_epoch * config.epochs))
+    eval_every = config.eval_every or steps_per_epoch
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    warmup = int(total_steps * config.warmup_ratio)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min((s + 1) / max(1, warmup), max(0.0, (total_steps - s) / max(1, total_steps - warmup)))
+    )
+    best_acc, best_step, step = -1.0, 0, 0
+    rng = random.Random(config.seed)
+    logger.info("fine-tuning teacher %s: %d docs, %d steps", config.model, len(train_texts), total_steps)
+    while step < total_steps:
+        batches = _bucketed_batches(lengths, config.batch_size, rng)
+        for batch in batches:
+            if step >= total_steps:
+                break
+            model.train()
+            enc = tokenizer(
+                [train_texts[i] for i in batch], truncation=True, max_length=config.max_length, padding=True,
+                return_tensors="pt",
+            ).to(device)
+            labels = torch.tensor([train_labels[i] for i in batch], device=device)
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+                loss = model(**enc, labels=labels).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if step % 10 == 0 and on_metrics:
+                on_metrics(step, {"teacher_train_loss": float(loss)})
+            if step % eval_every == 0 or step == total_steps:
+                acc = _dev_accuracy(model, tokenizer, dev_texts, dev_labels, config, device)
+                logger.info("teacher step %d/%d: loss %.4f, dev accuracy %.4f", step, total_steps, float(loss), acc)
+                if on_metrics:
+                    on_metrics(step, {"teacher_dev_accuracy": acc})
+                if acc > best_acc:
+                    best_acc, best_step = acc, step
+                    _save_checkpoint(model, tokenizer, best_dir, label_map, {"dev_accuracy": acc, "step": step})
+    return TeacherResult(str(best_dir), best_acc, best_step, step, time.perf_counter() - start)
+
+
+def _bucketed_batches(lengths: list[int], batch_size: int, rng: random.Random) -> list[list[int]]:
+    # Shuffle, sort within windows of 50 batches by length, then shuffle the batches.
+    idx = list(range(len(lengths)))
+    rng.shuffle(idx)
+    window = batch_size * 50
+    batches = []
+    for w in range(0, len(idx), window):
+        chunk = sorted(idx[w : w + window], key=lambda i: lengths[i])
+        batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
+    rng.shuffle(batches)
+    return batches
+
+
+@torch.inference_mode()
+def _dev_accuracy(model, tokenizer, texts: list[str], labels: list[int], config: TeacherConfig, device: str) -> float:
+    model.eval()
+    correct = 0
+    for batch in length_sorted_batches([len(t) for t in texts], config.eval_batch_size):
+        enc = tokenizer(
+            [texts[i] for i in batch], truncation=True, max_length=config.max_length, padding=True, return_tensors="pt"
+        ).to(device)
+        pred = model(**enc).logits.argmax(-1).cpu().numpy()
+        correct += int((pred == np.asarray([labels[i] for i in batch])).sum())
+    return correct / max(1, len(texts))
+
+
+def _save_checkpoint(model, tokenizer, out_dir: Path, label_map: LabelMap, info: dict) -> None:
+    # Written beside the target and renamed into place: the best checkpoint is never half-written.
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    tokenizer.save_pretrained(str(tmp))
+    label_map.save(tmp / "label_map.json")
+    atomic_write_text(tmp / "training_info.json", json.dumps(info, indent=2))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)

@@ -1,0 +1,229 @@
+"""The n-gram vocabulary: counting, top-|V| selection and vectorised featurisation into embedding-row ids.
+
+Tokenisation equals scikit-learn's CountVectorizer defaults (lowercase, token pattern `(?u)\\b\\w\\w+\\b`, n-grams
+joined by one space), so the kept vocabulary equals `CountVectorizer(ngram_range=(1, n), max_features=V)`'s.
+
+Tie rule (`tie_rule`):
+- "alphabetical" (default): rank by total count, descending; ties by the n-gram string in ascending code-point order.
+  Deterministic on every machine and computable shard by shard.
+- "sklearn": CountVectorizer's own rule, bit for bit. It sorts the n-grams alphabetically, then keeps
+  `(-counts).argsort()[:V]`, numpy's default (unstable) sort, so which of several n-grams tied at the cut survive is
+  numpy's choice. Use it to reproduce a CountVectorizer vocabulary exactly.
+Both keep every n-gram whose count is above the count at the cut; they differ only among n-grams tied at the cut.
+Row order in `vocab.parquet` is the ranking (count descending), and row i is embedding row i.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from sparse_distill.data import atomic_write_parquet, atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+TOKEN_PATTERN = r"(?u)\b\w\w+\b"
+_token_re = re.compile(TOKEN_PATTERN)
+
+# splitmix64 constants: a strong 64-bit mixer, so n-gram keys of small word ids do not collide in practice.
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def tokenize(text: str) -> list[str]:
+    """CountVectorizer's default word tokenisation: lowercase, then `(?u)\\b\\w\\w+\\b`."""
+    return _token_re.findall(text.lower())
+
+
+def iter_ngrams(tokens: list[str], ngram_max: int) -> Iterable[str]:
+    """All word n-grams for n = 1..ngram_max, as CountVectorizer builds them (tokens joined by a space)."""
+    yield from tokens
+    for n in range(2, ngram_max + 1):
+        yield from map(" ".join, zip(*(tokens[i:] for i in range(n)), strict=False))
+
+
+def count_ngrams(texts: Iterable[str], ngram_max: int, counts: Counter[str] | None = None) -> Counter[str]:
+    """Total counts of every n-gram (n = 1..ngram_max) over the texts."""
+    counts = Counter() if counts is None else counts
+    for text in texts:
+        counts.update(iter_ngrams(tokenize(text), ngram_max))
+    return counts
+
+
+TieRule = Literal["alphabetical", "sklearn"]
+
+
+def select_top(
+    counts: Counter[str] | dict[str, int], size: int, min_count: int = 1, tie_rule: TieRule = "alphabetical"
+) -> list[tuple[str, int]]:
+    """The top `size` n-grams by count, ranked count-descending; see the module docstring for the tie rule."""
+    items = sorted((g, c) for g, c in counts.items() if c >= min_count)
+    if tie_rule == "sklearn":
+        if len(items) <= size:
+            order = np.argsort(-np.array([c for _, c in items], dtype=np.int64), kind="stable")
+        else:
+            # Exactly CountVectorizer._limit_features: numpy's default sort over alphabetically ordered features.
+            order = (-np.array([c for _, c in items], dtype=np.int64)).argsort()[:size]
+        return [items[i] for i in order]
+    if tie_rule != "alphabetical":
+        raise ValueError(f"tie_rule must be 'alphabetical' or 'sklearn', not {tie_rule!r}")
+    items.sort(key=lambda gc: -gc[1])  # stable: ties stay alphabetical
+    return items[:size]
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    x = x ^ (x >> np.uint64(30))
+    x = x * _M1
+    x = x ^ (x >> np.uint64(27))
+    x = x * _M2
+    return x ^ (x >> np.uint64(31))
+
+
+def _ngram_keys(word_ids: list[np.ndarray]) -> np.ndarray:
+    """64-bit keys of n-grams given as n aligned arrays of word ids (one per position)."""
+    n = len(word_ids)
+    with np.errstate(over="ignore"):
+        h = np.full(word_ids[0].shape, np.uint64(n) * _GOLDEN, dtype=np.uint64)
+        for w in word_ids:
+            h = _mix(h ^ (w.astype(np.uint64) + np.uint64(1)))
+    return h
+
+
+@dataclass
+class NgramVocab:
+    """The kept n-grams (row i = embedding row i), their counts, and a vectorised n-gram -> row lookup."""
+
+    ngrams: list[str]
+    counts: np.ndarray
+    ngram_max: int
+    _words: pd.Index = field(init=False, repr=False)
+    _keys: np.ndarray = field(init=False, repr=False)
+    _rows: np.ndarray = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.counts = np.asarray(self.counts, dtype=np.int64)
+        self._build_lookup()
+
+    def __len__(self) -> int:
+        return len(self.ngrams)
+
+    def _build_lookup(self) -> None:
+        # Split every n-gram into words with Arrow (no per-n-gram Python loop), index the distinct words, then key
+        # each n-gram by a 64-bit hash of its word ids; lookups are a binary search over the sorted keys.
+        arr = pa.array(self.ngrams, pa.string())
+        parts = pc.split_pattern(arr, " ")
+        flat = parts.flatten().to_numpy(zero_copy_only=False)
+        lengths = pc.list_value_length(parts).to_numpy(zero_copy_only=False).astype(np.int64)
+        self._words = pd.Index(pd.unique(flat)) if len(flat) else pd.Index([], dtype=object)
+        wid = self._words.get_indexer(flat).astype(np.int64)
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if len(lengths) else np.zeros(0, np.int64)
+        keys = np.zeros(len(self.ngrams), dtype=np.uint64)
+        for n in np.unique(lengths):
+            sel = np.nonzero(lengths == n)[0]
+            keys[sel] = _ngram_keys([wid[starts[sel] + j] for j in range(int(n))])
+        order = np.argsort(keys, kind="stable")
+        self._keys, self._rows = keys[order], order.astype(np.int64)
+        if len(keys) > 1 and np.any(self._keys[1:] == self._keys[:-1]):
+            raise ValueError("two n-grams share a 64-bit key: report this as a bug")
+
+    def lookup(self, ngrams: list[str]) -> np.ndarray:
+        """Row ids of n-grams given as strings; -1 where not in the vocabulary."""
+        ids, offsets = self.featurize([g for g in ngrams], exact_ngrams=True)
+        out = np.full(len(ngrams), -1, dtype=np.int64)
+        lengths = np.diff(np.append(offsets, len(ids)))
+        out[lengths > 0] = ids[offsets[lengths > 0]]
+        return out
+
+    def featurize(self, texts: list[str], exact_ngrams: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Embedding-bag inputs for documents: flat row ids and per-document start offsets (int64).
+
+        Each document contributes one id per occurrence of a kept n-gram (n = 1..ngram_max), so mean pooling weights
+        n-grams by frequency, as a bag of n-grams should. With `exact_ngrams`, each text is taken as one whole n-gram.
+        """
+        token_lists = [t.split(" ") for t in texts] if exact_ngrams else [tokenize(t) for t in texts]
+        lens = np.fromiter((len(t) for t in token_lists), dtype=np.int64, count=len(token_lists))
+        total = int(lens.sum())
+        if total == 0:
+            return np.zeros(0, np.int64), np.zeros(len(texts), np.int64)
+        flat = np.empty(total, dtype=object)
+        flat[:] = [tok for toks in token_lists for tok in toks]
+        wid = self._words.get_indexer(flat).astype(np.int64)
+        doc_of = np.repeat(np.arange(len(texts), dtype=np.int64), lens)
+        doc_end = np.repeat(np.cumsum(lens), lens)
+        pos = np.arange(total, dtype=np.int64)
+        ns = range(1, self.ngram_max + 1)
+        if exact_ngrams:
+            # One n-gram per text: its length is the text's token count.
+            starts = np.cumsum(lens) - lens
+            ns = [n for n in np.unique(lens) if 0 < n <= self.ngram_max]
+        doc_parts, row_parts = [], []
+        for n in ns:
+            if exact_ngrams:
+                sel = starts[(lens == n)]
+            else:
+                sel = pos[pos + n <= doc_end]
+            if len(sel) == 0:
+                continue
+            windows = [wid[sel + j] for j in range(int(n))]
+            known = np.all(np.stack(windows) >= 0, axis=0)
+            sel = sel[known]
+            if len(sel) == 0:
+                continue
+            keys = _ngram_keys([w[known] for w in windows])
+            at = np.searchsorted(self._keys, keys)
+            at[at >= len(self._keys)] = 0
+            hit = self._keys[at] == keys
+            doc_parts.append(doc_of[sel[hit]])
+            row_parts.append(self._rows[at[hit]])
+        if not doc_parts:
+            return np.zeros(0, np.int64), np.zeros(len(texts), np.int64)
+        docs = np.concatenate(doc_parts)
+        rows = np.concatenate(row_parts)
+        order = np.argsort(docs, kind="stable")
+        per_doc = np.bincount(docs, minlength=len(texts))
+        offsets = np.concatenate([[0], np.cumsum(per_doc)[:-1]]).astype(np.int64)
+        return rows[order], offsets
+
+    def save(self, out_dir: str | Path) -> Path:
+        """Write `vocab.parquet` (ngram, count; row order = embedding row) and `vocab.json` (settings)."""
+        out_dir = Path(out_dir)
+        table = pa.table({"ngram": pa.array(self.ngrams, pa.string()), "count": pa.array(self.counts, pa.int64())})
+        atomic_write_parquet(table, out_dir / "vocab.parquet")
+        meta = {"ngram_max": self.ngram_max, "size": len(self), "token_pattern": TOKEN_PATTERN, "lowercase": True}
+        atomic_write_text(out_dir / "vocab.json", json.dumps(meta, indent=2))
+        return out_dir / "vocab.parquet"
+
+    @classmethod
+    def load(cls, out_dir: str | Path) -> NgramVocab:
+        """Load a vocabulary written by `save`."""
+        out_dir = Path(out_dir)
+        meta = json.loads((out_dir / "vocab.json").read_text())
+        table = pq.read_table(out_dir / "vocab.parquet")
+        return cls(
+            ngrams=table.column("ngram").to_pylist(),
+            counts=table.column("count").to_numpy(),
+            ngram_max=int(meta["ngram_max"]),
+        )
+
+
+def build_vocab(
+    texts: Iterable[str], size: int, ngram_max: int, min_count: int = 1, tie_rule: TieRule = "alphabetical"
+) -> NgramVocab:
+    """Count n-grams over the texts and keep the top `size` (see the module docstring for the tie rule)."""
+    counts = count_ngrams(texts, ngram_max)
+    top = select_top(counts, size, min_count, tie_rule)
+    logger.info("vocabulary: %d distinct n-grams, kept %d", len(counts), len(top))
+    return NgramVocab(ngrams=[g for g, _ in top], counts=np.array([c for _, c in top], dtype=np.int64), ngram_max=ngram_max)

@@ -1,0 +1,1 @@
+"""Thin Prefect tasks over the sparse_distill library: paths and small manifests in and out."""

@@ -1,0 +1,257 @@
+"""One Prefect task per pipeline stage.
+
+Cache keys are explicit: the stage fingerprint (its config, its inputs' fingerprints, the library version) and the
+run directory. Results (small JSON manifests of paths) are persisted, so a re-run of the same config is served from
+cache. A stage whose output folder has gone is re-run (the flow passes `refresh_cache`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+
+from sparse_distill import pipeline
+from sparse_distill.config import PipelineConfig
+from sparse_distill.data import atomic_write_text
+from sparse_distill.mlflow_model import ensure_experiment, log_student_model, tracking_uri_default
+from sparse_distill.tracking import TrackingRef, end_run, stage_run, start_parent_run
+
+# Stage name -> folder under the run directory.
+STAGE_DIRS = {
+    "teacher": "teacher",
+    "label_train": "labels/train",
+    "label_corpus": "labels/corpus",
+    "vocab": "vocab",
+    "distill": "students/kd",
+    "kdft": "students/kdft",
+    "scratch": "students/scratch",
+    "evaluate": "evaluation",
+}
+
+
+def stage_dir(run_dir: str, stage: str) -> Path:
+    return Path(run_dir) / STAGE_DIRS[stage]
+
+
+def needs_refresh(run_dir: str, stage: str, fp: str) -> bool:
+    """True when the stage's output is missing or was made for another fingerprint: the cache must not serve it."""
+    result = pipeline.read_result(stage_dir(run_dir, stage))
+    return result is None or result.get("fingerprint") != fp
+
+
+def _stage_key(stage: str):
+    def key(_context, parameters: dict[str, Any]) -> str:
+        run_dir = str(Path(parameters["run_dir"]).resolve())
+        digest = hashlib.sha256(run_dir.encode()).hexdigest()[:12]
+        return f"sparse-distill-{stage}-{parameters['fingerprints'][stage]}-{digest}"
+
+    return key
+
+
+def _retry_on_io(_task, _task_run, state) -> bool:
+    # Retry transient I/O failures only; a bad config or bad data fails at once.
+    exc = state.result(raise_on_failure=False)
+    return isinstance(exc, OSError)
+
+
+def _stage_task(stage: str, **kwargs):
+    return task(
+        name=stage.replace("_", "-"), cache_key_fn=_stage_key(stage), persist_result=True, retries=2,
+        retry_delay_seconds=2, retry_condition_fn=_retry_on_io, **kwargs,
+    )
+
+
+def _done(stage: str, fps: dict[str, str], result: dict) -> dict:
+    # The fingerprint goes into result.json, so a later run can tell a finished stage from a stale one.
+    result = {**result, "fingerprint": fps[stage], "stage": stage}
+    return pipeline.write_result(result.get("stage_dir") or result["out_dir"], result)
+
+
+@task(name="start-tracking")
+def start_tracking(config: PipelineConfig, run_dir: str, config_fp: str, flow_run_id: str | None) -> TrackingRef:
+    """Create (once) the experiment and the pipeline's parent MLflow run."""
+    uri = config.tracking.tracking_uri or tracking_uri_default(Path.cwd())
+    exp_id = ensure_experiment(config.tracking.experiment, uri, Path.cwd() / "mlartifacts")
+    tags = {"sparse_distill.run_dir": str(Path(run_dir).resolve()), "sparse_distill.config_fingerprint": config_fp}
+    if flow_run_id:
+        tags["prefect.flow_run_id"] = flow_run_id
+    run_id = start_parent_run(uri, exp_id, config.name, config.model_dump(mode="json"), tags)
+    get_run_logger().info("MLflow parent run %s in %s", run_id, uri)
+    return TrackingRef(uri, exp_id, run_id)
+
+
+@_stage_task("teacher")
+def finetune_teacher(config: PipelineConfig, run_dir: str, fingerprints: dict[str, str],
+                     tracking: TrackingRef | None) -> dict:
+    """Fine-tune the teacher; returns {'model_dir', 'dev_accuracy', ...}."""
+    out = stage_dir(run_dir, "teacher")
+    with stage_run(tracking, "finetune-teacher", {"teacher": config.teacher.model_dump(mode="json")}) as sr:
+        res = pipeline.run_finetune_teacher(config, out, sr.log_metrics if sr else None)
+        if sr:
+            sr.log_metrics(res["steps"], {"teacher_best_dev_accuracy": res["dev_accuracy"]})
+    get_run_logger().info("teacher: dev accuracy %.4f", res["dev_accuracy"])
+    return _done("teacher", fingerprints, {**res, "out_dir": str(out)})
+
+
+def _label(config: PipelineConfig, run_dir: str, fingerprints: dict[str, str], tracking: TrackingRef | None,
+           teacher: dict, which: str) -> dict:
+    stage = f"label_{which}"
+    out = stage_dir(run_dir, stage)
+    sources = pipeline.label_sources(config, which)
+    logger = get_run_logger()
+    artifact_id = create_progress_artifact(0.0, description=f"Teacher labelling of the {which} set")
+
+    def progress(done: int, total: int) -> None:
+        update_progress_artifact(artifact_id, 100.0 * done / max(total, 1))
+        logger.info("labelling %s: %d/%d docs", which, done, total)
+
+    with stage_run(tracking, f"label-{which}", {"label": config.label.model_dump(mode="json")}) as sr:
+        res = pipeline.run_label(config, teacher["model_dir"], sources, out, progress)
+        if sr:
+            sr.log_metrics(0, {"rows": res["rows"], "shards": res["shards"]})
+    return _done(stage, fingerprints, {**res, "out_dir": str(out)})
+
+
+@_stage_task("label_train")
+def label_train(config: PipelineConfig, run_dir: str, fingerprints: dict[str, str], tracking: TrackingRef | None,
+                teacher: dict) -> dict:
+    """Soft-label the train set with the teacher."""
+    return _label(config, run_dir, fingerprints, tracking, teacher, "train")
+
+
+@_stage_task("label_corpus")
+def label_corpus(config: PipelineConfig, run_dir: str, fingerprints: dict[str, str], tracking: TrackingRef | None,
+                 teacher: dict) -> dict:
+    """Soft-label the unlabelled corpus with the teacher."""
+    return _label(config, run_dir, fingerprints, tracking, teacher, "corpus")
+
+
+@_stage_task("vocab")
+def build_vocab(config: PipelineConfig, run_dir: str, fingerprints: dict[str, str],
+                tracking: TrackingRef | None) -> dict:
+    """Count n-grams over train + corpus and keep the top |V|."""
+    out = stage_dir(run_dir, "vocab")
+    with stage_run(tracking, "vocab", {"vocab": config.vocab.model_dump(mode="json")}) as sr:
+        res = pipeline.run_vocab(config, out)
+        if sr:
+            sr.log_metrics(0, {"vocab_size": res["size"], "distinct_ngrams": res["distinct_ngrams"]})
+            sample = out / "vocab_sample.tsv"
+            atomic_write_text(sample, _vocab_sample(out))
+            sr.log_artifact(str(sample))
+    get_run_logger().info("vocabulary: kept %d of %d n-grams", res["size"], res["distinct_ngrams"])
+    return _done("vocab", fingerprints, {**res, "out_dir": str(out)})
+
+
+def _vocab_sample(vocab_dir: Path, n: int = 200) -> str:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(vocab_dir / "vocab.parquet").slice(0, n)
+    rows = zip(table.column("ngram").to_pylist(), table.column("count").to_pylist(), strict=True)
+    return "row\tngram\tcount\n" + "".join(f"{i}\t{g}\t{c}\n" for i, (g, c) in enumerate(rows))
+
+
+def _train_params(config: PipelineConfig, section: str) -> dict:
+    return {"student": config.student.model_dump(mode="json"), section: getattr(config, section).model_dump(mode="json")}
+
+
+@_stage_task("distill")
+def distill_student(config: PipelineConfig, run_dir: str, fingerprints: dict[str, str], tracking: TrackingRef | None,
+                    vocab: dict, labels: list[dict]) -> dict:
+    """Distil the teacher's soft labels into a DAN."""
+    out = stage_dir(run_dir, "distill")
+    with stage_run(tracking, "distill", _train_params(config, "distill")) as sr:
+        res = pipeline.run_distill(config, vocab["vocab_dir"], [x["label_dir"] for x in labels], out,
+                                   sr.log_metrics if sr else None)
+        if sr:
+            sr.log_params({"params": res["params"]})
+    get_run_logger().info("DAN (KD): dev accuracy %.4f after %d steps", res["dev_accuracy"], res["steps"])
+    return _done("distill", fingerprints, {**res, "out_dir": str(out)})
+
+
+@_stage_task("kdft")
+def finetune_student(config: PipelineConfig, run_dir: str, fingerprints: dict[str, str],
+                     tracking: TrackingRef | None, vocab: dict, distilled: dict) -> dict:
+    """KD+FT: fine-tune the distilled student on the train set."""
+    out = stage_dir(run_dir, "kdft")
+    with stage_run(tracking, "finetune-student", _train_params(config, "finetune")) as sr:
+        res = pipeline.run_finetune_student(config, vocab["vocab_dir"], distilled["model_dir"], out,
+                                            sr.log_metrics if sr else None)
+    get_run_logger().info("DAN (KD+FT): dev accuracy %.4f", res["dev_accuracy"])
+    return _done("kdft", fingerprints, {**res, "out_dir": str(out)})
+
+
+@_stage_task("scratch")
+def train_scratch(config: PipelineConfig, run_dir: str, fingerprints: dict[str, str], tracking: TrackingRef | None,
+                  vocab: dict) -> dict:
+    """The baseline: the DAN trained on the train set alone."""
+    out = stage_dir(run_dir, "scratch")
+    with stage_run(tracking, "scratch", _train_params(config, "scratch")) as sr:
+        res = pipeline.run_scratch(config, vocab["vocab_dir"], out, sr.log_metrics if sr else None)
+    get_run_logger().info("DAN from scratch: dev accuracy %.4f", res["dev_accuracy"])
+    return _done("scratch", fingerprints, {**res, "out_dir": str(out)})
+
+
+@_stage_task("evaluate")
+def evaluate(config: PipelineConfig, run_dir: str, fingerprints: dict[str, str], tracking: TrackingRef | None,
+             teacher: dict, students: dict[str, dict]) -> dict:
+    """Accuracy, macro-F1, confusion matrices and docs/s for the teacher and every student."""
+    out = stage_dir(run_dir, "evaluate")
+    with stage_run(tracking, "evaluate", {"evaluate": config.evaluate.model_dump(mode="json")}) as sr:
+        res = pipeline.run_evaluate(config, teacher["model_dir"], {k: v["model_dir"] for k, v in students.items()},
+                                    out)
+        if sr:
+            for name, per_split in res["metrics"].items():
+                for split, m in per_split.items():
+                    sr.log_metrics(0, {f"{name}_{split}_accuracy": m["accuracy"],
+                                       f"{name}_{split}_macro_f1": m["macro_f1"]})
+            sr.log_metrics(0, {f"{k}_docs_per_s": v for k, v in res["docs_per_s"].items()})
+    return _done("evaluate", fingerprints, {**res, "out_dir": str(out)})
+
+
+@task(name="publish-results")
+def publish_results(config: PipelineConfig, run_dir: str, config_fp: str, tracking: TrackingRef | None,
+                    evaluation: dict, students: dict[str, dict]) -> dict:
+    """Write summary.json, plots and the results table; log them and the best student model to MLflow."""
+    from sparse_distill.plots import plot_accuracy_vs_speed, plot_confusion_matrix
+
+    logger = get_run_logger()
+    model_dirs = {k: v["model_dir"] for k, v in students.items()}
+    # The student to ship: the best on dev among the distilled ones (KD+FT usually), never the baseline.
+    candidates = [k for k in ("kdft", "kd") if k in model_dirs]
+    best = max(candidates, key=lambda k: evaluation["metrics"][k]["dev"]["accuracy"])
+    summary = pipeline.build_summary(config, evaluation, model_dirs, best,
+                                     tracking.parent_run_id if tracking else None, config_fp)
+    run_path = Path(run_dir)
+    plots_dir = run_path / "plots"
+    names = {"teacher": "Teacher", "scratch": "DAN from scratch", "kd": "DAN (KD)", "kdft": "DAN (KD+FT)"}
+    split = "test" if "test" in evaluation["metrics"]["teacher"] else "dev"
+    pngs = [plot_confusion_matrix(evaluation["metrics"][best][split]["confusion"], evaluation["labels"],
+                                  plots_dir / "confusion_matrix.png", f"{names[best]} on {split}")]
+    points = [{"name": names[k], "accuracy": evaluation["metrics"][k][split]["accuracy"],
+               "docs_per_s": evaluation["docs_per_s"][k]} for k in evaluation["docs_per_s"]]
+    pngs.append(plot_accuracy_vs_speed(points, plots_dir / "accuracy_vs_speed.png"))
+    table = pipeline.results_table(summary)
+    if tracking:
+        summary["mlflow_model_uri"] = log_student_model(model_dirs[best], tracking.parent_run_id,
+                                                        tracking.tracking_uri)
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking.tracking_uri)
+        for k, v in summary.items():
+            if isinstance(v, int | float) and not isinstance(v, bool):
+                client.log_metric(tracking.parent_run_id, k, float(v))
+        for png in pngs:
+            client.log_artifact(tracking.parent_run_id, str(png), "plots")
+        client.log_artifact(tracking.parent_run_id, str(Path(model_dirs[best]) / "label_map.json"))
+        client.log_text(tracking.parent_run_id, table, "results.md")
+        end_run(tracking.tracking_uri, tracking.parent_run_id)
+    atomic_write_text(run_path / "summary.json", json.dumps(summary, indent=2))
+    atomic_write_text(run_path / "results.md", table + "\n")
+    create_markdown_artifact(table, key="sparse-distill-results", description=f"Results of run {config.name}")
+    logger.info("results:\n%s", table)
+    return summary

@@ -1,0 +1,119 @@
+"""Shared fixtures: offline settings, a tiny random teacher with a tokenizer trained here, tiny data, one Prefect
+test harness for the whole session."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+# Before anything imports Prefect, MLflow or transformers: offline, quiet, project-local state.
+_STATE = Path(__file__).resolve().parent.parent / ".pytest_state"
+for key, value in {
+    "PREFECT_HOME": str(_STATE / "prefect"),
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DO_NOT_TRACK": "1",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}.items():
+    os.environ[key] = value
+os.environ.pop("PREFECT_API_URL", None)
+
+POS = ["great", "wonderful", "superb", "moving", "delightful", "brilliant", "charming", "fun"]
+NEG = ["awful", "boring", "dull", "terrible", "tedious", "bland", "messy", "weak"]
+FILLER = ["the", "film", "movie", "plot", "actors", "story", "was", "is", "quite", "really", "and", "but", "a"]
+
+
+def make_reviews(n: int, seed: int) -> list[tuple[str, str]]:
+    """Synthetic reviews whose label follows the sentiment words: learnable by a bag of n-grams."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        label = rng.choice(["pos", "neg"])
+        words = [rng.choice(FILLER) for _ in range(rng.randint(4, 12))]
+        for _ in range(rng.randint(1, 3)):
+            words.insert(rng.randrange(len(words) + 1), rng.choice(POS if label == "pos" else NEG))
+        out.append((" ".join(words), label))
+    return out
+
+
+def write_split(path: Path, rows: list[tuple[str, str]], labelled: bool = True, prefix: str = "d") -> Path:
+    cols = {"id": [f"{prefix}{i}" for i in range(len(rows))], "text": [t for t, _ in rows]}
+    if labelled:
+        cols["label"] = [lab for _, lab in rows]
+    pq.write_table(pa.table(cols), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """train/dev/test/corpus Parquet files of synthetic reviews."""
+    d = tmp_path_factory.mktemp("data")
+    write_split(d / "train.parquet", make_reviews(300, 1), prefix="tr")
+    write_split(d / "dev.parquet", make_reviews(80, 2), prefix="dv")
+    write_split(d / "test.parquet", make_reviews(80, 3), prefix="te")
+    write_split(d / "corpus.parquet", make_reviews(400, 4), labelled=False, prefix="co")
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory, tiny_data) -> Path:
+    """A tiny random BERT with a WordPiece tokenizer trained here: no download."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
+
+    d = tmp_path_factory.mktemp("teacher")
+    texts = [t for t, _ in make_reviews(500, 9)]
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.train_from_iterator(texts, trainers.WordPieceTrainer(
+        vocab_size=200, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]))
+    from tokenizers.processors import TemplateProcessing
+
+    tok.post_processor = TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]")
+    cfg = BertConfig(vocab_size=fast.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=64, num_labels=2)
+    BertForSequenceClassification(cfg).save_pretrained(d)
+    fast.save_pretrained(d)
+    return d
+
+
+@pytest.fixture
+def tiny_config(tiny_data, tiny_teacher, tmp_path):
+    """A pipeline config over the tiny data and teacher that runs in seconds."""
+    from sparse_distill.config import PipelineConfig
+
+    return PipelineConfig.model_validate({
+        "name": "tiny",
+        "data": {"data_dir": str(tiny_data), "train": "train.parquet", "dev": "dev.parquet", "test": "test.parquet",
+                 "corpus": ["corpus.parquet"], "id_column": "id"},
+        "teacher": {"model": str(tiny_teacher), "max_length": 32, "batch_size": 32, "lr": 3e-3, "epochs": 4},
+        "label": {"shard_size": 128, "batch_size": 64},
+        "vocab": {"size": 500, "ngram_max": 2},
+        "student": {"dim": 16, "hidden": 16},
+        "distill": {"lr": 1e-2, "batch_size": 64, "epochs": 6, "eval_every": 10, "shuffle_buffer": 200},
+        "finetune": {"lr": 1e-3, "batch_size": 64, "epochs": 1, "eval_every": 5},
+        "scratch": {"lr": 1e-2, "batch_size": 64, "epochs": 12, "eval_every": 10},
+        "evaluate": {"speed_docs": 64, "teacher_speed_docs": 32},
+        "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "tiny"},
+    })
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One ephemeral Prefect server for every flow test in the session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=60):
+        yield

@@ -1,0 +1,81 @@
+"""End to end: the whole pipeline on a tiny config, then again from cache, with MLflow checked."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from sparse_distill.config import fingerprint
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+SUMMARY_KEYS = {
+    "teacher_accuracy", "student_scratch_accuracy", "student_kd_accuracy", "student_kdft_accuracy",
+    "teacher_accuracy_test", "student_scratch_accuracy_test", "student_kd_accuracy_test",
+    "student_kdft_accuracy_test", "retention", "teacher_docs_per_s", "student_docs_per_s", "speedup",
+    "student_params", "mlflow_run_id", "config_fingerprint",
+}
+
+
+def _task_states(flow_state) -> dict[str, str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    import anyio
+
+    async def fetch():
+        async with get_client() as client:
+            runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_state])))
+            return {r.name: r.state.name for r in runs}
+
+    return anyio.run(fetch)
+
+
+def test_pipeline_runs_then_serves_from_cache(tiny_config, tmp_path):
+    from flows.pipeline_flow import pipeline_flow
+
+    run_dir = tmp_path / "run"
+    state = pipeline_flow(config=tiny_config, run_dir=str(run_dir), return_state=True)
+    assert state.is_completed()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert SUMMARY_KEYS <= set(summary)
+    assert summary["config_fingerprint"] == fingerprint(tiny_config)
+    assert 0 <= summary["student_kd_accuracy"] <= 1 and summary["speedup"] > 0
+    first = _task_states(state.state_details.flow_run_id)
+    assert all(s == "Completed" for s in first.values()), first
+
+    # MLflow: the parent run, one nested run per stage, the model loadable from raw text.
+    client = MlflowClient(tiny_config.tracking.tracking_uri)
+    parent = client.get_run(summary["mlflow_run_id"])
+    assert parent.data.params["teacher.max_length"] == "32"
+    children = client.search_runs([parent.info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert {r.info.run_name for r in children} >= {"finetune-teacher", "label-train", "label-corpus", "vocab",
+                                                   "distill", "finetune-student", "scratch", "evaluate"}
+    distill_run = next(r for r in children if r.info.run_name == "distill")
+    assert len(client.get_metric_history(distill_run.info.run_id, "kd_dev_accuracy")) >= 2
+    mlflow.set_tracking_uri(tiny_config.tracking.tracking_uri)
+    model = mlflow.pyfunc.load_model(summary["mlflow_model_uri"])
+    out = model.predict(pd.DataFrame({"text": ["a wonderful and moving film", "dull and tedious"]}))
+    assert list(out["label"].map(str)) and set(out["label"]) <= {"pos", "neg"}
+
+    # Second run, same config: every stage served from cache.
+    state2 = pipeline_flow(config=tiny_config, run_dir=str(run_dir), return_state=True)
+    assert state2.is_completed()
+    second = _task_states(state2.state_details.flow_run_id)
+    cached = {k: v for k, v in second.items() if not k.startswith(("start-tracking", "publish-results"))}
+    assert cached and all(v == "Cached" for v in cached.values()), second
+
+    # Change only the fine-tuning config: KD+FT and evaluation recompute, nothing upstream.
+    changed = tiny_config.model_copy(deep=True)
+    changed.finetune.lr = 5e-4
+    state3 = pipeline_flow(config=changed, run_dir=str(run_dir), return_state=True)
+    third = _task_states(state3.state_details.flow_run_id)
+    recomputed = {k.rsplit("-", 1)[0] for k, v in third.items() if v == "Completed"}
+    assert {"kdft", "evaluate"} <= recomputed
+    assert not recomputed & {"teacher", "label-train", "label-corpus", "vocab", "distill", "scratch"}, third
+    assert Path(run_dir / "summary.json").exists()
