@@ -112,8 +112,11 @@ def vocab_flow(config: PipelineConfig, run_dir: str | None = None) -> dict:
 def distill_flow(config: PipelineConfig, run_dir: str | None = None) -> dict:
     """Distil into a DAN from the run's soft labels and vocabulary."""
     a = _stage_args(config, run_dir)
-    labels = [_upstream(a["run_dir"], s) for s in ("label_corpus", "label_train")
-              if read_result(stages.stage_dir(a["run_dir"], s))]
+    labels = [
+        _upstream(a["run_dir"], s)
+        for s in ("label_corpus", "label_train")
+        if read_result(stages.stage_dir(a["run_dir"], s))
+    ]
     vocab = _upstream(a["run_dir"], "vocab")
     return _fresh(stages.distill_student, a["run_dir"], "distill", a["fingerprints"])(**a, vocab=vocab, labels=labels)
 
@@ -133,6 +136,22 @@ def evaluate_flow(config: PipelineConfig, run_dir: str | None = None) -> dict:
     a = _stage_args(config, run_dir)
     teacher = _upstream(a["run_dir"], "teacher")
     students = {k: _upstream(a["run_dir"], s) for k, s in (("scratch", "scratch"), ("kd", "distill"), ("kdft", "kdft"))}
-    evaluation = _fresh(stages.evaluate, a["run_dir"], "evaluate", a["fingerprints"])(**a, teacher=teacher,
-                                                                                          students=students)
+    evaluation = _fresh(stages.evaluate, a["run_dir"], "evaluate", a["fingerprints"])(
+        **a, teacher=teacher, students=students
+    )
     return stages.publish_results(config, a["run_dir"], fingerprint(config), None, evaluation, students)
+
+
+@flow(name="sparse-distill-retrain")
+def retrain_flow(config_path: str = "configs/demo.yaml", overrides: list[str] | None = None,
+                 runs_root: str = "runs") -> dict:
+    """Scheduled retraining: load and validate a config file, then run the pipeline in a fresh run directory.
+
+    Each flow run gets its own directory (`<runs_root>/<name>/<flow-run-name>`), so two runs never write the same one.
+    """
+    from sparse_distill.config import load_config
+
+    config = load_config(config_path, overrides or [])
+    run_id = _flow_run_id() or "manual"
+    run_dir = Path(runs_root) / config.name / run_id
+    return pipeline_flow(config=config, run_dir=str(run_dir))

@@ -44,8 +44,14 @@ def configure_environment(project_dir: Path | None = None) -> None:
 
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="Pipeline config (YAML), e.g. configs/demo.yaml")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
-                   help="Override a config value (parsed as YAML); repeatable.")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="Override a config value (parsed as YAML); repeatable.",
+    )
     p.add_argument("--data-dir", help="Folder the config's relative data paths are read from (data.data_dir).")
     p.add_argument("--run-dir", help="Output folder (default: runs/<name>).")
 
@@ -70,8 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     configure_environment()
     from sparse_distill.config import ConfigError
     from sparse_distill.data import DataError
@@ -109,8 +116,10 @@ def _run_flow(args: argparse.Namespace) -> int:
         from sparse_distill.pipeline import results_table
 
         sys.stdout.write("\n" + results_table(summary) + "\n")
-        sys.stdout.write(f"\nsummary: {Path(summary['student_model_dir']).parents[2] / 'summary.json'}  "
-                         f"({time.perf_counter() - start:.0f} s)\n")
+        sys.stdout.write(
+            f"\nsummary: {Path(summary['student_model_dir']).parents[2] / 'summary.json'}  "
+            f"({time.perf_counter() - start:.0f} s)\n"
+        )
         return 0
     result = getattr(flows, STAGES[args.command])(config=config, run_dir=args.run_dir)
     sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n")

@@ -205,6 +205,8 @@ def _column(table: pa.Table, name: str, path: str) -> pa.ChunkedArray:
 def check_texts(texts: list[Any], path: str, column: str, first_row: int = 0) -> list[str]:
     """Every text must be a non-empty string: name the first row that is not."""
     for i, t in enumerate(texts):
+        if t is None:
+            raise DataError(f"{path}: row {first_row + i}, column {column!r}: text is missing (null)")
         if not isinstance(t, str):
             raise DataError(f"{path}: row {first_row + i}, column {column!r}: text is {type(t).__name__}, not a string")
         if not t.strip():

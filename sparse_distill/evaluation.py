@@ -24,8 +24,11 @@ def classification_metrics(pred: np.ndarray, gold: np.ndarray, num_classes: int)
 
 
 def measure_throughput(
-    predict_proba: Callable[[list[str]], np.ndarray], texts: list[str], batch_size: int = 32,
-    threads: int | None = None, warmup_batches: int = 2,
+    predict_proba: Callable[[list[str]], np.ndarray],
+    texts: list[str],
+    batch_size: int = 32,
+    threads: int | None = None,
+    warmup_batches: int = 2,
 ) -> float:
     """Documents per second from raw text (tokenisation included), in batches of `batch_size`."""
     if not texts:

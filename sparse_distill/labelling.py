@@ -132,11 +132,14 @@ def soft_label_table(ids: list[str], logits: np.ndarray) -> pa.Table:
     as_list = lambda a: pa.FixedSizeListArray.from_arrays(pa.array(a.reshape(-1), pa.float32()), k).cast(  # noqa: E731
         pa.list_(pa.float32())
     )
-    return pa.table({"id": pa.array(ids, pa.string()), "probs": as_list(probs.astype(np.float32)), "logits": as_list(logits)})
+    return pa.table(
+        {"id": pa.array(ids, pa.string()), "probs": as_list(probs.astype(np.float32)), "logits": as_list(logits)}
+    )
 
 
-def label_shard(manifest: LabelManifest, shard: ShardSpec, out_dir: str | Path, teacher, teacher_fp: str,
-                batch_size: int = 64) -> ShardSpec:
+def label_shard(
+    manifest: LabelManifest, shard: ShardSpec, out_dir: str | Path, teacher, teacher_fp: str, batch_size: int = 64
+) -> ShardSpec:
     """Label one shard with the teacher and write it atomically; returns the shard's updated record."""
     start = time.perf_counter()
     texts, ids = shard_texts(manifest, shard)
@@ -144,10 +147,19 @@ def label_shard(manifest: LabelManifest, shard: ShardSpec, out_dir: str | Path, 
     path = Path(out_dir) / "shards" / shard.name
     atomic_write_parquet(soft_label_table(ids, logits), path)
     seconds = time.perf_counter() - start
-    logger.info("shard %s: %d docs in %.1fs (%.0f docs/s)", shard.name, len(ids), seconds, len(ids) / max(seconds, 1e-9))
+    logger.info(
+        "shard %s: %d docs in %.1fs (%.0f docs/s)", shard.name, len(ids), seconds, len(ids) / max(seconds, 1e-9)
+    )
     return ShardSpec(
-        index=shard.index, source=shard.source, start=shard.start, stop=shard.stop, status="done", rows=len(ids),
-        checksum=file_checksum(path), teacher_fingerprint=teacher_fp, seconds=seconds,
+        index=shard.index,
+        source=shard.source,
+        start=shard.start,
+        stop=shard.stop,
+        status="done",
+        rows=len(ids),
+        checksum=file_checksum(path),
+        teacher_fingerprint=teacher_fp,
+        seconds=seconds,
     )
 
 
@@ -159,7 +171,9 @@ def shard_is_complete(out_dir: str | Path, shard: ShardSpec, teacher_fp: str) ->
     return shard.checksum == file_checksum(path)
 
 
-def iter_soft_labels(label_dir: str | Path, shard_order: list[int] | None = None) -> Iterator[tuple[list[str], np.ndarray]]:
+def iter_soft_labels(
+    label_dir: str | Path, shard_order: list[int] | None = None
+) -> Iterator[tuple[list[str], np.ndarray]]:
     """Stream (texts, teacher probabilities) shard by shard; ids are checked against the source rows."""
     label_dir = Path(label_dir)
     manifest = LabelManifest.load(label_dir)
@@ -171,7 +185,9 @@ def iter_soft_labels(label_dir: str | Path, shard_order: list[int] | None = None
         table = pq.read_table(label_dir / "shards" / shard.name, columns=["id", "probs"])
         texts, ids = shard_texts(manifest, shard)
         if table.column("id").to_pylist() != ids:
-            raise DataError(f"{label_dir / 'shards' / shard.name}: ids do not match rows {shard.start}-{shard.stop} "
-                            f"of {manifest.sources[shard.source].path}")
+            raise DataError(
+                f"{label_dir / 'shards' / shard.name}: ids do not match rows {shard.start}-{shard.stop} "
+                f"of {manifest.sources[shard.source].path}"
+            )
         probs = table.column("probs").combine_chunks().flatten().to_numpy().reshape(len(ids), -1)
         yield texts, probs

@@ -74,8 +74,9 @@ def corpus_paths(data: DataConfig) -> list[str]:
 
 def load_task_data(data: DataConfig) -> TaskData:
     """Load train/dev/test, build the label map from train, and check every dev/test label is known."""
-    train = load_split(split_path(data, "train"), data.text_column, data.label_column, data.id_column,
-                       data.max_train_samples)
+    train = load_split(
+        split_path(data, "train"), data.text_column, data.label_column, data.id_column, data.max_train_samples
+    )
     dev = load_split(split_path(data, "dev"), data.text_column, data.label_column, data.id_column)
     test_path = split_path(data, "test")
     test = load_split(test_path, data.text_column, data.label_column, data.id_column) if test_path else None
@@ -102,8 +103,9 @@ def data_fingerprint(data: DataConfig, splits: tuple[str, ...] = ("train", "dev"
     files = {s: file_fingerprint(p) for s in splits if (p := split_path(data, s))}
     if corpus:
         files["corpus"] = [file_fingerprint(p) for p in corpus_paths(data)]
-    cols = data.model_dump(include={"text_column", "label_column", "id_column", "max_train_samples",
-                                    "max_corpus_samples"})
+    cols = data.model_dump(
+        include={"text_column", "label_column", "id_column", "max_train_samples", "max_corpus_samples"}
+    )
     return fingerprint(files, cols)
 
 
@@ -116,19 +118,23 @@ def stage_fingerprints(cfg: PipelineConfig) -> dict[str, str]:
     fp["teacher"] = fingerprint("teacher", data_fingerprint(cfg.data, ("train", "dev")), cfg.teacher)
     label_cfg = cfg.label.model_dump(exclude={"include_train"})
     fp["label_train"] = fingerprint("label_train", fp["teacher"], label_cfg, data_fingerprint(cfg.data, ("train",)))
-    fp["label_corpus"] = fingerprint("label_corpus", fp["teacher"], label_cfg,
-                                     data_fingerprint(cfg.data, (), corpus=True))
+    fp["label_corpus"] = fingerprint(
+        "label_corpus", fp["teacher"], label_cfg, data_fingerprint(cfg.data, (), corpus=True)
+    )
     fp["vocab"] = fingerprint("vocab", cfg.vocab, data_fingerprint(cfg.data, ("train",), corpus=True))
     uses = [fp["label_corpus"]] if cfg.data.corpus else []
     if cfg.label.include_train or not cfg.data.corpus:
         uses.append(fp["label_train"])
-    fp["distill"] = fingerprint("distill", fp["vocab"], uses, cfg.student, cfg.distill,
-                                data_fingerprint(cfg.data, ("dev",)))
+    fp["distill"] = fingerprint(
+        "distill", fp["vocab"], uses, cfg.student, cfg.distill, data_fingerprint(cfg.data, ("dev",))
+    )
     fp["kdft"] = fingerprint("kdft", fp["distill"], cfg.finetune, data_fingerprint(cfg.data, ("train", "dev")))
-    fp["scratch"] = fingerprint("scratch", fp["vocab"], cfg.student, cfg.scratch,
-                                data_fingerprint(cfg.data, ("train", "dev")))
-    fp["evaluate"] = fingerprint("evaluate", fp["teacher"], fp["scratch"], fp["distill"], fp["kdft"], cfg.evaluate,
-                                 data_fingerprint(cfg.data))
+    fp["scratch"] = fingerprint(
+        "scratch", fp["vocab"], cfg.student, cfg.scratch, data_fingerprint(cfg.data, ("train", "dev"))
+    )
+    fp["evaluate"] = fingerprint(
+        "evaluate", fp["teacher"], fp["scratch"], fp["distill"], fp["kdft"], cfg.evaluate, data_fingerprint(cfg.data)
+    )
     return fp
 
 
@@ -150,12 +156,27 @@ def read_result(stage_dir: str | Path) -> dict[str, Any] | None:
 def run_finetune_teacher(cfg: PipelineConfig, out_dir: str | Path, on_metrics: MetricsCallback | None = None) -> dict:
     """Fine-tune the teacher on train, keep the best dev checkpoint."""
     data = load_task_data(cfg.data)
-    res = finetune_teacher(cfg.teacher, data.train.texts, data.encoded(data.train), data.dev.texts,
-                           data.encoded(data.dev), data.label_map, out_dir, on_metrics)
-    return write_result(out_dir, {
-        "model_dir": res.model_dir, "dev_accuracy": res.dev_accuracy, "best_step": res.best_step,
-        "steps": res.steps, "seconds": res.seconds, "teacher_fingerprint": teacher_fingerprint(res.model_dir),
-    })
+    res = finetune_teacher(
+        cfg.teacher,
+        data.train.texts,
+        data.encoded(data.train),
+        data.dev.texts,
+        data.encoded(data.dev),
+        data.label_map,
+        out_dir,
+        on_metrics,
+    )
+    return write_result(
+        out_dir,
+        {
+            "model_dir": res.model_dir,
+            "dev_accuracy": res.dev_accuracy,
+            "best_step": res.best_step,
+            "steps": res.steps,
+            "seconds": res.seconds,
+            "teacher_fingerprint": teacher_fingerprint(res.model_dir),
+        },
+    )
 
 
 def label_sources(cfg: PipelineConfig, which: str) -> list[CorpusSource]:
@@ -167,7 +188,10 @@ def label_sources(cfg: PipelineConfig, which: str) -> list[CorpusSource]:
 
 
 def run_label(
-    cfg: PipelineConfig, teacher_dir: str, sources: list[CorpusSource], out_dir: str | Path,
+    cfg: PipelineConfig,
+    teacher_dir: str,
+    sources: list[CorpusSource],
+    out_dir: str | Path,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Label every shard not already complete for this teacher; the manifest is written first and after each shard."""
@@ -176,7 +200,9 @@ def run_label(
     plan = plan_shards(sources, cfg.label.shard_size)
     try:
         old = LabelManifest.load(out_dir)
-        if [s.__dict__ for s in old.sources] == [s.__dict__ for s in plan.sources] and old.shard_size == plan.shard_size:
+        if [s.__dict__ for s in old.sources] == [
+            s.__dict__ for s in plan.sources
+        ] and old.shard_size == plan.shard_size:
             plan = old
     except FileNotFoundError:
         pass
@@ -191,8 +217,15 @@ def run_label(
         done += plan.shards[i].rows
         if progress:
             progress(done, plan.total_rows)
-    return write_result(out_dir, {"label_dir": str(out_dir), "rows": plan.total_rows, "shards": len(plan.shards),
-                                  "teacher_fingerprint": teacher_fp})
+    return write_result(
+        out_dir,
+        {
+            "label_dir": str(out_dir),
+            "rows": plan.total_rows,
+            "shards": len(plan.shards),
+            "teacher_fingerprint": teacher_fp,
+        },
+    )
 
 
 def iter_texts(sources: list[CorpusSource], chunk: int = 10_000):
@@ -217,8 +250,17 @@ def run_vocab(cfg: PipelineConfig, out_dir: str | Path) -> dict:
     return write_result(out_dir, {"vocab_dir": str(out_dir), "size": len(vocab), "distinct_ngrams": len(counts)})
 
 
-def _train_stage(cfg: PipelineConfig, vocab_dir: str, out_dir: str | Path, data_source, train_cfg, init_model: str | None,
-                 on_metrics: MetricsCallback | None, prefix: str, temperature: float = 1.0) -> dict:
+def _train_stage(
+    cfg: PipelineConfig,
+    vocab_dir: str,
+    out_dir: str | Path,
+    data_source,
+    train_cfg,
+    init_model: str | None,
+    on_metrics: MetricsCallback | None,
+    prefix: str,
+    temperature: float = 1.0,
+) -> dict:
     data = load_task_data(cfg.data)
     vocab = NgramVocab.load(vocab_dir)
     if init_model:
@@ -228,33 +270,53 @@ def _train_stage(cfg: PipelineConfig, vocab_dir: str, out_dir: str | Path, data_
         model = student_from_config(len(vocab), data.label_map.num_classes, cfg.student)
     model_dir = Path(out_dir) / "model"
     res = train_student(
-        model, vocab, data_source(data), data.dev.texts, data.encoded(data.dev), train_cfg,
+        model,
+        vocab,
+        data_source(data),
+        data.dev.texts,
+        data.encoded(data.dev),
+        train_cfg,
         save_best=lambda m: save_student(m, data.label_map, vocab_dir, model_dir),
-        on_metrics=on_metrics, metric_prefix=prefix, temperature=temperature,
+        on_metrics=on_metrics,
+        metric_prefix=prefix,
+        temperature=temperature,
     )
-    return write_result(out_dir, {
-        "model_dir": str(model_dir), "dev_accuracy": res.best_dev_accuracy, "best_step": res.best_step,
-        "steps": res.steps, "seconds": res.seconds, "params": model.param_counts(),
-    })
+    return write_result(
+        out_dir,
+        {
+            "model_dir": str(model_dir),
+            "dev_accuracy": res.best_dev_accuracy,
+            "best_step": res.best_step,
+            "steps": res.steps,
+            "seconds": res.seconds,
+            "params": model.param_counts(),
+        },
+    )
 
 
-def run_distill(cfg: PipelineConfig, vocab_dir: str, label_dirs: list[str], out_dir: str | Path,
-                on_metrics: MetricsCallback | None = None) -> dict:
+def run_distill(
+    cfg: PipelineConfig,
+    vocab_dir: str,
+    label_dirs: list[str],
+    out_dir: str | Path,
+    on_metrics: MetricsCallback | None = None,
+) -> dict:
     """Distil the teacher's soft labels into a fresh DAN (streamed from the label shards)."""
     stream = lambda _d: SoftLabelStream(label_dirs, cfg.distill.shuffle_buffer, cfg.distill.seed)  # noqa: E731
-    return _train_stage(cfg, vocab_dir, out_dir, stream, cfg.distill, None, on_metrics, "kd_",
-                        cfg.distill.temperature)
+    return _train_stage(cfg, vocab_dir, out_dir, stream, cfg.distill, None, on_metrics, "kd_", cfg.distill.temperature)
 
 
-def run_finetune_student(cfg: PipelineConfig, vocab_dir: str, init_model: str, out_dir: str | Path,
-                         on_metrics: MetricsCallback | None = None) -> dict:
+def run_finetune_student(
+    cfg: PipelineConfig, vocab_dir: str, init_model: str, out_dir: str | Path, on_metrics: MetricsCallback | None = None
+) -> dict:
     """KD+FT: fine-tune the distilled student on the train set's gold labels."""
     gold = lambda d: InMemoryBatches.from_labels(d.train.texts, d.encoded(d.train), d.label_map.num_classes)  # noqa: E731
     return _train_stage(cfg, vocab_dir, out_dir, gold, cfg.finetune, init_model, on_metrics, "kdft_")
 
 
-def run_scratch(cfg: PipelineConfig, vocab_dir: str, out_dir: str | Path,
-                on_metrics: MetricsCallback | None = None) -> dict:
+def run_scratch(
+    cfg: PipelineConfig, vocab_dir: str, out_dir: str | Path, on_metrics: MetricsCallback | None = None
+) -> dict:
     """The baseline: the same DAN trained on the train set alone."""
     gold = lambda d: InMemoryBatches.from_labels(d.train.texts, d.encoded(d.train), d.label_map.num_classes)  # noqa: E731
     return _train_stage(cfg, vocab_dir, out_dir, gold, cfg.scratch, None, on_metrics, "scratch_")
@@ -274,22 +336,36 @@ def run_evaluate(cfg: PipelineConfig, teacher_dir: str, students: dict[str, str]
         for split_name, split in splits.items():
             probs = pred.predict_proba(split.texts)
             metrics[name][split_name] = classification_metrics(
-                probs.argmax(1), np.asarray(data.encoded(split)), data.label_map.num_classes)
+                probs.argmax(1), np.asarray(data.encoded(split)), data.label_map.num_classes
+            )
             logger.info("%s %s accuracy %.4f", name, split_name, metrics[name][split_name]["accuracy"])
     timing_texts = (data.test or data.dev).texts
     speed = {
-        "teacher": measure_throughput(teacher.predict_proba, repeat_to(timing_texts, cfg.evaluate.teacher_speed_docs),
-                                      cfg.evaluate.batch_size, cfg.evaluate.threads),
+        "teacher": measure_throughput(
+            teacher.predict_proba,
+            repeat_to(timing_texts, cfg.evaluate.teacher_speed_docs),
+            cfg.evaluate.batch_size,
+            cfg.evaluate.threads,
+        ),
     }
     for name in students:
-        speed[name] = measure_throughput(predictors[name].predict_proba,
-                                         repeat_to(timing_texts, cfg.evaluate.speed_docs), cfg.evaluate.batch_size,
-                                         cfg.evaluate.threads)
+        speed[name] = measure_throughput(
+            predictors[name].predict_proba,
+            repeat_to(timing_texts, cfg.evaluate.speed_docs),
+            cfg.evaluate.batch_size,
+            cfg.evaluate.threads,
+        )
     return write_result(out_dir, {"metrics": metrics, "docs_per_s": speed, "labels": list(data.label_map.labels)})
 
 
-def build_summary(cfg: PipelineConfig, evaluation: dict, students: dict[str, str], best_student: str,
-                  mlflow_run_id: str | None, config_fp: str) -> dict:
+def build_summary(
+    cfg: PipelineConfig,
+    evaluation: dict,
+    students: dict[str, str],
+    best_student: str,
+    mlflow_run_id: str | None,
+    config_fp: str,
+) -> dict:
     """The output contract of a pipeline run (`summary.json`)."""
     m, speed = evaluation["metrics"], evaluation["docs_per_s"]
     names = {"teacher": "teacher", "scratch": "student_scratch", "kd": "student_kd", "kdft": "student_kdft"}
@@ -319,15 +395,23 @@ def build_summary(cfg: PipelineConfig, evaluation: dict, students: dict[str, str
 
 def results_table(summary: dict) -> str:
     """A markdown table of the summary: one row per model, dev and test accuracy, speed."""
-    rows = [("Teacher", "teacher"), ("DAN from scratch", "student_scratch"), ("DAN (KD)", "student_kd"),
-            ("DAN (KD+FT)", "student_kdft")]
+    rows = [
+        ("Teacher", "teacher"),
+        ("DAN from scratch", "student_scratch"),
+        ("DAN (KD)", "student_kd"),
+        ("DAN (KD+FT)", "student_kdft"),
+    ]
     lines = ["| model | dev acc | dev macro-F1 | test acc |", "|---|---|---|---|"]
     fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
     for title, key in rows:
-        lines.append(f"| {title} | {fmt(summary.get(f'{key}_accuracy'))} | {fmt(summary.get(f'{key}_macro_f1'))} | "
-                     f"{fmt(summary.get(f'{key}_accuracy_test'))} |")
+        lines.append(
+            f"| {title} | {fmt(summary.get(f'{key}_accuracy'))} | {fmt(summary.get(f'{key}_macro_f1'))} | "
+            f"{fmt(summary.get(f'{key}_accuracy_test'))} |"
+        )
     lines.append("")
-    lines.append(f"retention (dev, {summary['best_student']}): {summary['retention']:.3f}  |  "
-                 f"teacher {summary['teacher_docs_per_s']:.0f} docs/s, student {summary['student_docs_per_s']:.0f} "
-                 f"docs/s, speed-up {summary['speedup']:.0f}x  |  student params {summary['student_params']:,}")
+    lines.append(
+        f"retention (dev, {summary['best_student']}): {summary['retention']:.3f}  |  "
+        f"teacher {summary['teacher_docs_per_s']:.0f} docs/s, student {summary['student_docs_per_s']:.0f} "
+        f"docs/s, speed-up {summary['speedup']:.0f}x  |  student params {summary['student_params']:,}"
+    )
     return "\n".join(lines)

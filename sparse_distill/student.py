@@ -12,6 +12,7 @@ from typing import Literal
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.nn import functional as F
 
 from sparse_distill.data import LabelMap, atomic_write_text
 
@@ -42,7 +43,9 @@ class DanStudent(nn.Module):
         super().__init__()
         self.config = config
         # sparse=True: the backward pass yields gradients for the looked-up rows only, which SparseAdam consumes.
-        self.embedding = nn.EmbeddingBag(config.vocab_size, config.dim, mode=config.pooling, sparse=True)
+        # EmbeddingBag has no sparse max mode: max pooling gathers rows sparsely and reduces them itself.
+        mode = "sum" if config.pooling == "max" else config.pooling
+        self.embedding = nn.EmbeddingBag(config.vocab_size, config.dim, mode=mode, sparse=True)
         nn.init.normal_(self.embedding.weight, std=config.init_std)
         self.dropout = nn.Dropout(config.dropout)
         self.fc1 = nn.Linear(config.dim, config.hidden)
@@ -50,8 +53,19 @@ class DanStudent(nn.Module):
 
     def forward(self, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         """Logits for a batch of bags: `ids` flat row ids, `offsets` each bag's start."""
-        pooled = self.embedding(ids, offsets)
+        if self.config.pooling == "max":
+            pooled = self._max_pool(ids, offsets)
+        else:
+            pooled = self.embedding(ids, offsets)
         return self.fc2(torch.relu(self.fc1(self.dropout(pooled))))
+
+    def _max_pool(self, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        vectors = F.embedding(ids, self.embedding.weight, sparse=True)
+        lengths = torch.diff(offsets, append=torch.tensor([ids.numel()], dtype=offsets.dtype))
+        doc = torch.repeat_interleave(torch.arange(len(offsets)), lengths)
+        pooled = torch.zeros(len(offsets), self.config.dim, dtype=vectors.dtype)
+        # include_self=False: an empty document stays all zeros, as in EmbeddingBag.
+        return pooled.scatter_reduce(0, doc[:, None].expand_as(vectors), vectors, "amax", include_self=False)
 
     def dense_parameters(self) -> list[nn.Parameter]:
         return [p for n, p in self.named_parameters() if not n.startswith("embedding.")]

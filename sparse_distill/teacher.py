@@ -50,7 +50,10 @@ class TeacherPredictor:
         lengths = [len(t) for t in texts]  # characters: a cheap proxy for token length
         for batch in length_sorted_batches(lengths, batch_size):
             enc = self.tokenizer(
-                [texts[i] for i in batch], truncation=True, max_length=self.max_length, padding=True,
+                [texts[i] for i in batch],
+                truncation=True,
+                max_length=self.max_length,
+                padding=True,
                 return_tensors="pt",
             ).to(self.device)
             with torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.device == "cuda"):
@@ -145,7 +148,10 @@ def finetune_teacher(
                 break
             model.train()
             enc = tokenizer(
-                [train_texts[i] for i in batch], truncation=True, max_length=config.max_length, padding=True,
+                [train_texts[i] for i in batch],
+                truncation=True,
+                max_length=config.max_length,
+                padding=True,
                 return_tensors="pt",
             ).to(device)
             labels = torch.tensor([train_labels[i] for i in batch], device=device)
@@ -158,10 +164,10 @@ def finetune_teacher(
             optimizer.zero_grad(set_to_none=True)
             step += 1
             if step % 10 == 0 and on_metrics:
-                on_metrics(step, {"teacher_train_loss": float(loss)})
+                on_metrics(step, {"teacher_train_loss": loss.item()})
             if step % eval_every == 0 or step == total_steps:
                 acc = _dev_accuracy(model, tokenizer, dev_texts, dev_labels, config, device)
-                logger.info("teacher step %d/%d: loss %.4f, dev accuracy %.4f", step, total_steps, float(loss), acc)
+                logger.info("teacher step %d/%d: loss %.4f, dev accuracy %.4f", step, total_steps, loss.item(), acc)
                 if on_metrics:
                     on_metrics(step, {"teacher_dev_accuracy": acc})
                 if acc > best_acc:

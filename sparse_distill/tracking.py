@@ -54,8 +54,9 @@ class StageRun:
         self.client.log_artifact(self.run_id, path, artifact_path)
 
 
-def start_parent_run(tracking_uri: str, experiment_id: str, run_name: str, params: dict[str, Any],
-                     tags: dict[str, str] | None = None) -> str:
+def start_parent_run(
+    tracking_uri: str, experiment_id: str, run_name: str, params: dict[str, Any], tags: dict[str, str] | None = None
+) -> str:
     """Create the pipeline's parent run and log the config as params; returns its id."""
     client = MlflowClient(tracking_uri)
     run = client.create_run(experiment_id, run_name=run_name, tags=tags or {})
@@ -75,8 +76,9 @@ def stage_run(ref: TrackingRef | None, stage: str, params: dict[str, Any] | None
         yield None
         return
     client = MlflowClient(ref.tracking_uri)
-    run = client.create_run(ref.experiment_id, run_name=stage,
-                            tags={"mlflow.parentRunId": ref.parent_run_id, "sparse_distill.stage": stage})
+    run = client.create_run(
+        ref.experiment_id, run_name=stage, tags={"mlflow.parentRunId": ref.parent_run_id, "sparse_distill.stage": stage}
+    )
     sr = StageRun(client, run.info.run_id)
     if params:
         sr.log_params(params)

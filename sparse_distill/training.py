@@ -110,7 +110,9 @@ class SoftLabelStream:
         yield from self._drain(buf_texts, buf_probs, batch_size, rng, keep=0)
 
     @staticmethod
-    def _drain(texts: list[str], probs: list[np.ndarray], batch_size: int, rng: random.Random, keep: int) -> Iterator[Batch]:
+    def _drain(
+        texts: list[str], probs: list[np.ndarray], batch_size: int, rng: random.Random, keep: int
+    ) -> Iterator[Batch]:
         # Shuffle the buffer, emit full batches until only `keep` documents remain (the rest mix with the next shard).
         order = list(range(len(texts)))
         rng.shuffle(order)
@@ -197,7 +199,7 @@ def train_student(
                 opt.step()
             step += 1
             if on_metrics and (step % 10 == 0 or step == 1):
-                on_metrics(step, {f"{metric_prefix}train_loss": float(loss)})
+                on_metrics(step, {f"{metric_prefix}train_loss": loss.item()})
             if step % config.eval_every == 0 or step == total:
                 stop = evaluate()
             if step >= total or stop:
@@ -214,9 +216,12 @@ def student_from_config(vocab_size: int, num_classes: int, student_cfg) -> DanSt
 
     return DanStudent(
         DanConfig(
-            vocab_size=vocab_size, num_classes=num_classes, dim=student_cfg.dim, hidden=student_cfg.hidden,
-            pooling=student_cfg.pooling, dropout=student_cfg.dropout, init_std=student_cfg.init_std,
+            vocab_size=vocab_size,
+            num_classes=num_classes,
+            dim=student_cfg.dim,
+            hidden=student_cfg.hidden,
+            pooling=student_cfg.pooling,
+            dropout=student_cfg.dropout,
+            init_std=student_cfg.init_std,
         )
     )
-
-

@@ -226,4 +226,6 @@ def build_vocab(
     counts = count_ngrams(texts, ngram_max)
     top = select_top(counts, size, min_count, tie_rule)
     logger.info("vocabulary: %d distinct n-grams, kept %d", len(counts), len(top))
-    return NgramVocab(ngrams=[g for g, _ in top], counts=np.array([c for _, c in top], dtype=np.int64), ngram_max=ngram_max)
+    return NgramVocab(
+        ngrams=[g for g, _ in top], counts=np.array([c for _, c in top], dtype=np.int64), ngram_max=ngram_max
+    )

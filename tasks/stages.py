@@ -61,8 +61,13 @@ def _retry_on_io(_task, _task_run, state) -> bool:
 
 def _stage_task(stage: str, **kwargs):
     return task(
-        name=stage.replace("_", "-"), cache_key_fn=_stage_key(stage), persist_result=True, retries=2,
-        retry_delay_seconds=2, retry_condition_fn=_retry_on_io, **kwargs,
+        name=stage.replace("_", "-"),
+        cache_key_fn=_stage_key(stage),
+        persist_result=True,
+        retries=2,
+        retry_delay_seconds=2,
+        retry_condition_fn=_retry_on_io,
+        **kwargs,
     )
 
 
@@ -86,8 +91,9 @@ def start_tracking(config: PipelineConfig, run_dir: str, config_fp: str, flow_ru
 
 
 @_stage_task("teacher")
-def finetune_teacher(config: PipelineConfig, run_dir: str, fingerprints: dict[str, str],
-                     tracking: TrackingRef | None) -> dict:
+def finetune_teacher(
+    config: PipelineConfig, run_dir: str, fingerprints: dict[str, str], tracking: TrackingRef | None
+) -> dict:
     """Fine-tune the teacher; returns {'model_dir', 'dev_accuracy', ...}."""
     out = stage_dir(run_dir, "teacher")
     with stage_run(tracking, "finetune-teacher", {"teacher": config.teacher.model_dump(mode="json")}) as sr:
@@ -98,8 +104,14 @@ def finetune_teacher(config: PipelineConfig, run_dir: str, fingerprints: dict[st
     return _done("teacher", fingerprints, {**res, "out_dir": str(out)})
 
 
-def _label(config: PipelineConfig, run_dir: str, fingerprints: dict[str, str], tracking: TrackingRef | None,
-           teacher: dict, which: str) -> dict:
+def _label(
+    config: PipelineConfig,
+    run_dir: str,
+    fingerprints: dict[str, str],
+    tracking: TrackingRef | None,
+    teacher: dict,
+    which: str,
+) -> dict:
     stage = f"label_{which}"
     out = stage_dir(run_dir, stage)
     sources = pipeline.label_sources(config, which)
@@ -118,22 +130,25 @@ def _label(config: PipelineConfig, run_dir: str, fingerprints: dict[str, str], t
 
 
 @_stage_task("label_train")
-def label_train(config: PipelineConfig, run_dir: str, fingerprints: dict[str, str], tracking: TrackingRef | None,
-                teacher: dict) -> dict:
+def label_train(
+    config: PipelineConfig, run_dir: str, fingerprints: dict[str, str], tracking: TrackingRef | None, teacher: dict
+) -> dict:
     """Soft-label the train set with the teacher."""
     return _label(config, run_dir, fingerprints, tracking, teacher, "train")
 
 
 @_stage_task("label_corpus")
-def label_corpus(config: PipelineConfig, run_dir: str, fingerprints: dict[str, str], tracking: TrackingRef | None,
-                 teacher: dict) -> dict:
+def label_corpus(
+    config: PipelineConfig, run_dir: str, fingerprints: dict[str, str], tracking: TrackingRef | None, teacher: dict
+) -> dict:
     """Soft-label the unlabelled corpus with the teacher."""
     return _label(config, run_dir, fingerprints, tracking, teacher, "corpus")
 
 
 @_stage_task("vocab")
-def build_vocab(config: PipelineConfig, run_dir: str, fingerprints: dict[str, str],
-                tracking: TrackingRef | None) -> dict:
+def build_vocab(
+    config: PipelineConfig, run_dir: str, fingerprints: dict[str, str], tracking: TrackingRef | None
+) -> dict:
     """Count n-grams over train + corpus and keep the top |V|."""
     out = stage_dir(run_dir, "vocab")
     with stage_run(tracking, "vocab", {"vocab": config.vocab.model_dump(mode="json")}) as sr:
@@ -156,17 +171,27 @@ def _vocab_sample(vocab_dir: Path, n: int = 200) -> str:
 
 
 def _train_params(config: PipelineConfig, section: str) -> dict:
-    return {"student": config.student.model_dump(mode="json"), section: getattr(config, section).model_dump(mode="json")}
+    return {
+        "student": config.student.model_dump(mode="json"),
+        section: getattr(config, section).model_dump(mode="json"),
+    }
 
 
 @_stage_task("distill")
-def distill_student(config: PipelineConfig, run_dir: str, fingerprints: dict[str, str], tracking: TrackingRef | None,
-                    vocab: dict, labels: list[dict]) -> dict:
+def distill_student(
+    config: PipelineConfig,
+    run_dir: str,
+    fingerprints: dict[str, str],
+    tracking: TrackingRef | None,
+    vocab: dict,
+    labels: list[dict],
+) -> dict:
     """Distil the teacher's soft labels into a DAN."""
     out = stage_dir(run_dir, "distill")
     with stage_run(tracking, "distill", _train_params(config, "distill")) as sr:
-        res = pipeline.run_distill(config, vocab["vocab_dir"], [x["label_dir"] for x in labels], out,
-                                   sr.log_metrics if sr else None)
+        res = pipeline.run_distill(
+            config, vocab["vocab_dir"], [x["label_dir"] for x in labels], out, sr.log_metrics if sr else None
+        )
         if sr:
             sr.log_params({"params": res["params"]})
     get_run_logger().info("DAN (KD): dev accuracy %.4f after %d steps", res["dev_accuracy"], res["steps"])
@@ -174,20 +199,28 @@ def distill_student(config: PipelineConfig, run_dir: str, fingerprints: dict[str
 
 
 @_stage_task("kdft")
-def finetune_student(config: PipelineConfig, run_dir: str, fingerprints: dict[str, str],
-                     tracking: TrackingRef | None, vocab: dict, distilled: dict) -> dict:
+def finetune_student(
+    config: PipelineConfig,
+    run_dir: str,
+    fingerprints: dict[str, str],
+    tracking: TrackingRef | None,
+    vocab: dict,
+    distilled: dict,
+) -> dict:
     """KD+FT: fine-tune the distilled student on the train set."""
     out = stage_dir(run_dir, "kdft")
     with stage_run(tracking, "finetune-student", _train_params(config, "finetune")) as sr:
-        res = pipeline.run_finetune_student(config, vocab["vocab_dir"], distilled["model_dir"], out,
-                                            sr.log_metrics if sr else None)
+        res = pipeline.run_finetune_student(
+            config, vocab["vocab_dir"], distilled["model_dir"], out, sr.log_metrics if sr else None
+        )
     get_run_logger().info("DAN (KD+FT): dev accuracy %.4f", res["dev_accuracy"])
     return _done("kdft", fingerprints, {**res, "out_dir": str(out)})
 
 
 @_stage_task("scratch")
-def train_scratch(config: PipelineConfig, run_dir: str, fingerprints: dict[str, str], tracking: TrackingRef | None,
-                  vocab: dict) -> dict:
+def train_scratch(
+    config: PipelineConfig, run_dir: str, fingerprints: dict[str, str], tracking: TrackingRef | None, vocab: dict
+) -> dict:
     """The baseline: the DAN trained on the train set alone."""
     out = stage_dir(run_dir, "scratch")
     with stage_run(tracking, "scratch", _train_params(config, "scratch")) as sr:
@@ -197,25 +230,37 @@ def train_scratch(config: PipelineConfig, run_dir: str, fingerprints: dict[str, 
 
 
 @_stage_task("evaluate")
-def evaluate(config: PipelineConfig, run_dir: str, fingerprints: dict[str, str], tracking: TrackingRef | None,
-             teacher: dict, students: dict[str, dict]) -> dict:
+def evaluate(
+    config: PipelineConfig,
+    run_dir: str,
+    fingerprints: dict[str, str],
+    tracking: TrackingRef | None,
+    teacher: dict,
+    students: dict[str, dict],
+) -> dict:
     """Accuracy, macro-F1, confusion matrices and docs/s for the teacher and every student."""
     out = stage_dir(run_dir, "evaluate")
     with stage_run(tracking, "evaluate", {"evaluate": config.evaluate.model_dump(mode="json")}) as sr:
-        res = pipeline.run_evaluate(config, teacher["model_dir"], {k: v["model_dir"] for k, v in students.items()},
-                                    out)
+        res = pipeline.run_evaluate(config, teacher["model_dir"], {k: v["model_dir"] for k, v in students.items()}, out)
         if sr:
             for name, per_split in res["metrics"].items():
                 for split, m in per_split.items():
-                    sr.log_metrics(0, {f"{name}_{split}_accuracy": m["accuracy"],
-                                       f"{name}_{split}_macro_f1": m["macro_f1"]})
+                    sr.log_metrics(
+                        0, {f"{name}_{split}_accuracy": m["accuracy"], f"{name}_{split}_macro_f1": m["macro_f1"]}
+                    )
             sr.log_metrics(0, {f"{k}_docs_per_s": v for k, v in res["docs_per_s"].items()})
     return _done("evaluate", fingerprints, {**res, "out_dir": str(out)})
 
 
 @task(name="publish-results")
-def publish_results(config: PipelineConfig, run_dir: str, config_fp: str, tracking: TrackingRef | None,
-                    evaluation: dict, students: dict[str, dict]) -> dict:
+def publish_results(
+    config: PipelineConfig,
+    run_dir: str,
+    config_fp: str,
+    tracking: TrackingRef | None,
+    evaluation: dict,
+    students: dict[str, dict],
+) -> dict:
     """Write summary.json, plots and the results table; log them and the best student model to MLflow."""
     from sparse_distill.plots import plot_accuracy_vs_speed, plot_confusion_matrix
 
@@ -224,21 +269,33 @@ def publish_results(config: PipelineConfig, run_dir: str, config_fp: str, tracki
     # The student to ship: the best on dev among the distilled ones (KD+FT usually), never the baseline.
     candidates = [k for k in ("kdft", "kd") if k in model_dirs]
     best = max(candidates, key=lambda k: evaluation["metrics"][k]["dev"]["accuracy"])
-    summary = pipeline.build_summary(config, evaluation, model_dirs, best,
-                                     tracking.parent_run_id if tracking else None, config_fp)
+    summary = pipeline.build_summary(
+        config, evaluation, model_dirs, best, tracking.parent_run_id if tracking else None, config_fp
+    )
     run_path = Path(run_dir)
     plots_dir = run_path / "plots"
     names = {"teacher": "Teacher", "scratch": "DAN from scratch", "kd": "DAN (KD)", "kdft": "DAN (KD+FT)"}
     split = "test" if "test" in evaluation["metrics"]["teacher"] else "dev"
-    pngs = [plot_confusion_matrix(evaluation["metrics"][best][split]["confusion"], evaluation["labels"],
-                                  plots_dir / "confusion_matrix.png", f"{names[best]} on {split}")]
-    points = [{"name": names[k], "accuracy": evaluation["metrics"][k][split]["accuracy"],
-               "docs_per_s": evaluation["docs_per_s"][k]} for k in evaluation["docs_per_s"]]
+    pngs = [
+        plot_confusion_matrix(
+            evaluation["metrics"][best][split]["confusion"],
+            evaluation["labels"],
+            plots_dir / "confusion_matrix.png",
+            f"{names[best]} on {split}",
+        )
+    ]
+    points = [
+        {
+            "name": names[k],
+            "accuracy": evaluation["metrics"][k][split]["accuracy"],
+            "docs_per_s": evaluation["docs_per_s"][k],
+        }
+        for k in evaluation["docs_per_s"]
+    ]
     pngs.append(plot_accuracy_vs_speed(points, plots_dir / "accuracy_vs_speed.png"))
     table = pipeline.results_table(summary)
     if tracking:
-        summary["mlflow_model_uri"] = log_student_model(model_dirs[best], tracking.parent_run_id,
-                                                        tracking.tracking_uri)
+        summary["mlflow_model_uri"] = log_student_model(model_dirs[best], tracking.parent_run_id, tracking.tracking_uri)
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(tracking.tracking_uri)

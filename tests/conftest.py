@@ -75,15 +75,29 @@ def tiny_teacher(tmp_path_factory, tiny_data) -> Path:
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.train_from_iterator(texts, trainers.WordPieceTrainer(
-        vocab_size=200, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]))
+    tok.train_from_iterator(
+        texts, trainers.WordPieceTrainer(vocab_size=200, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+    )
     from tokenizers.processors import TemplateProcessing
 
     tok.post_processor = TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-                                   sep_token="[SEP]", mask_token="[MASK]")
-    cfg = BertConfig(vocab_size=fast.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=64, num_labels=2)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    )
+    cfg = BertConfig(
+        vocab_size=fast.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=2,
+    )
     BertForSequenceClassification(cfg).save_pretrained(d)
     fast.save_pretrained(d)
     return d
@@ -94,20 +108,28 @@ def tiny_config(tiny_data, tiny_teacher, tmp_path):
     """A pipeline config over the tiny data and teacher that runs in seconds."""
     from sparse_distill.config import PipelineConfig
 
-    return PipelineConfig.model_validate({
-        "name": "tiny",
-        "data": {"data_dir": str(tiny_data), "train": "train.parquet", "dev": "dev.parquet", "test": "test.parquet",
-                 "corpus": ["corpus.parquet"], "id_column": "id"},
-        "teacher": {"model": str(tiny_teacher), "max_length": 32, "batch_size": 32, "lr": 3e-3, "epochs": 4},
-        "label": {"shard_size": 128, "batch_size": 64},
-        "vocab": {"size": 500, "ngram_max": 2},
-        "student": {"dim": 16, "hidden": 16},
-        "distill": {"lr": 1e-2, "batch_size": 64, "epochs": 6, "eval_every": 10, "shuffle_buffer": 200},
-        "finetune": {"lr": 1e-3, "batch_size": 64, "epochs": 1, "eval_every": 5},
-        "scratch": {"lr": 1e-2, "batch_size": 64, "epochs": 12, "eval_every": 10},
-        "evaluate": {"speed_docs": 64, "teacher_speed_docs": 32},
-        "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "tiny"},
-    })
+    return PipelineConfig.model_validate(
+        {
+            "name": "tiny",
+            "data": {
+                "data_dir": str(tiny_data),
+                "train": "train.parquet",
+                "dev": "dev.parquet",
+                "test": "test.parquet",
+                "corpus": ["corpus.parquet"],
+                "id_column": "id",
+            },
+            "teacher": {"model": str(tiny_teacher), "max_length": 32, "batch_size": 32, "lr": 3e-3, "epochs": 4},
+            "label": {"shard_size": 128, "batch_size": 64},
+            "vocab": {"size": 500, "ngram_max": 2},
+            "student": {"dim": 16, "hidden": 16},
+            "distill": {"lr": 1e-2, "batch_size": 64, "epochs": 6, "eval_every": 10, "shuffle_buffer": 200},
+            "finetune": {"lr": 1e-3, "batch_size": 64, "epochs": 1, "eval_every": 5},
+            "scratch": {"lr": 1e-2, "batch_size": 64, "epochs": 12, "eval_every": 10},
+            "evaluate": {"speed_docs": 64, "teacher_speed_docs": 32},
+            "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "tiny"},
+        }
+    )
 
 
 @pytest.fixture(scope="session")

@@ -15,17 +15,28 @@ from sparse_distill.config import fingerprint
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 SUMMARY_KEYS = {
-    "teacher_accuracy", "student_scratch_accuracy", "student_kd_accuracy", "student_kdft_accuracy",
-    "teacher_accuracy_test", "student_scratch_accuracy_test", "student_kd_accuracy_test",
-    "student_kdft_accuracy_test", "retention", "teacher_docs_per_s", "student_docs_per_s", "speedup",
-    "student_params", "mlflow_run_id", "config_fingerprint",
+    "teacher_accuracy",
+    "student_scratch_accuracy",
+    "student_kd_accuracy",
+    "student_kdft_accuracy",
+    "teacher_accuracy_test",
+    "student_scratch_accuracy_test",
+    "student_kd_accuracy_test",
+    "student_kdft_accuracy_test",
+    "retention",
+    "teacher_docs_per_s",
+    "student_docs_per_s",
+    "speedup",
+    "student_params",
+    "mlflow_run_id",
+    "config_fingerprint",
 }
 
 
 def _task_states(flow_state) -> dict[str, str]:
+    import anyio
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-    import anyio
 
     async def fetch():
         async with get_client() as client:
@@ -52,10 +63,17 @@ def test_pipeline_runs_then_serves_from_cache(tiny_config, tmp_path):
     client = MlflowClient(tiny_config.tracking.tracking_uri)
     parent = client.get_run(summary["mlflow_run_id"])
     assert parent.data.params["teacher.max_length"] == "32"
-    children = client.search_runs([parent.info.experiment_id],
-                                  f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    assert {r.info.run_name for r in children} >= {"finetune-teacher", "label-train", "label-corpus", "vocab",
-                                                   "distill", "finetune-student", "scratch", "evaluate"}
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert {r.info.run_name for r in children} >= {
+        "finetune-teacher",
+        "label-train",
+        "label-corpus",
+        "vocab",
+        "distill",
+        "finetune-student",
+        "scratch",
+        "evaluate",
+    }
     distill_run = next(r for r in children if r.info.run_name == "distill")
     assert len(client.get_metric_history(distill_run.info.run_id, "kd_dev_accuracy")) >= 2
     mlflow.set_tracking_uri(tiny_config.tracking.tracking_uri)

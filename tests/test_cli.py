@@ -1,0 +1,83 @@
+"""The console script: predict from text, tabular input; clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from sparse_distill.cli import main
+from sparse_distill.config import StudentConfig
+from sparse_distill.data import LabelMap
+from sparse_distill.inference import StudentPredictor
+from sparse_distill.student import save_student
+from sparse_distill.training import student_from_config
+from sparse_distill.vocab import build_vocab
+
+TEXTS = ["a great film", "a dull film", "great great"]
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    vocab = build_vocab(TEXTS, 20, 2)
+    vocab.save(tmp_path / "vocab")
+    model = student_from_config(len(vocab), 2, StudentConfig(dim=4, hidden=4))
+    return save_student(model, LabelMap.from_values(["neg", "pos"]), tmp_path / "vocab", tmp_path / "model")
+
+
+def test_predict_text_file_to_jsonl(model_dir, tmp_path):
+    (tmp_path / "in.txt").write_text("\n".join(TEXTS) + "\n")
+    assert (
+        main(
+            [
+                "predict",
+                "--model",
+                str(model_dir),
+                "--input",
+                str(tmp_path / "in.txt"),
+                "--output",
+                str(tmp_path / "out.jsonl"),
+            ]
+        )
+        == 0
+    )
+    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    expected = StudentPredictor.load(model_dir).predict_proba(TEXTS)
+    assert [r["label"] for r in rows] == ["neg" if p[0] > p[1] else "pos" for p in expected]
+    assert abs(rows[0]["prob_pos"] - expected[0][1]) < 1e-6
+
+
+def test_predict_parquet_with_text_column_to_csv(model_dir, tmp_path):
+    pq.write_table(pa.table({"review": TEXTS}), tmp_path / "in.parquet")
+    assert (
+        main(
+            [
+                "predict",
+                "--model",
+                str(model_dir),
+                "--input",
+                str(tmp_path / "in.parquet"),
+                "--text-column",
+                "review",
+                "--output",
+                str(tmp_path / "out.csv"),
+            ]
+        )
+        == 0
+    )
+    assert list(pd.read_csv(tmp_path / "out.csv").columns) == ["label", "prob_neg", "prob_pos"]
+
+
+def test_predict_errors_name_the_problem(model_dir, tmp_path, capsys):
+    pq.write_table(pa.table({"review": TEXTS}), tmp_path / "in.parquet")
+    assert main(["predict", "--model", str(model_dir), "--input", str(tmp_path / "in.parquet")]) == 2
+    assert "column 'text' not found" in capsys.readouterr().err
+
+
+def test_run_with_bad_config_exits_2(tmp_path, capsys):
+    (tmp_path / "c.yaml").write_text("data: {train: a, dev: b}\nteacher: {model: x}\nbogus: 1\n")
+    assert main(["run", str(tmp_path / "c.yaml")]) == 2
+    assert "bogus" in capsys.readouterr().err

@@ -1,0 +1,89 @@
+"""The vocabulary equals CountVectorizer's; featurisation matches a plain reference."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+from sklearn.feature_extraction.text import CountVectorizer
+
+from sparse_distill.vocab import NgramVocab, build_vocab, iter_ngrams, select_top, tokenize
+
+
+def _docs(n: int, vocab: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    words = [f"w{i}" for i in range(vocab)] + ["Ünïcode", "x", "it's", "don't"]
+    return [
+        " ".join(rng.choice(words) for _ in range(rng.randint(0, 25))) + rng.choice(["", "!", " ."]) for _ in range(n)
+    ]
+
+
+@pytest.mark.parametrize("size", [5, 50, 400, 5000])
+@pytest.mark.parametrize("ngram_max", [1, 2, 4])
+def test_sklearn_tie_rule_equals_countvectorizer_exactly(size, ngram_max):
+    docs = _docs(300, 40, seed=size + ngram_max)
+    cv = CountVectorizer(ngram_range=(1, ngram_max), max_features=size).fit(docs)
+    ours = build_vocab(docs, size, ngram_max, tie_rule="sklearn")
+    assert set(ours.ngrams) == set(cv.vocabulary_)
+
+
+def test_alphabetical_tie_rule_keeps_everything_above_the_cut_and_is_deterministic():
+    docs = _docs(300, 40, seed=7)
+    cv = CountVectorizer(ngram_range=(1, 3)).fit(docs)
+    counts = dict(zip(cv.get_feature_names_out(), np.asarray(cv.transform(docs).sum(axis=0)).ravel(), strict=True))
+    ours = build_vocab(docs, 100, 3)
+    cut = ours.counts[-1]
+    above = {g for g, c in counts.items() if c > cut}
+    assert above <= set(ours.ngrams)
+    tied = sorted(g for g, c in counts.items() if c == cut)
+    assert [g for g, c in zip(ours.ngrams, ours.counts, strict=True) if c == cut] == tied[: 100 - len(above)]
+    assert list(ours.counts) == sorted(ours.counts, reverse=True)
+    assert build_vocab(list(reversed(docs)), 100, 3).ngrams == ours.ngrams
+
+
+def test_without_ties_at_the_cut_both_rules_equal_countvectorizer():
+    docs = ["a aa bb", "aa bb cc", "aa bb", "aa dd"]  # counts: aa 4, bb 3, aa bb 3, ...
+    cv = CountVectorizer(ngram_range=(1, 2), max_features=1).fit(docs)
+    assert build_vocab(docs, 1, 2).ngrams == list(cv.vocabulary_) == ["aa"]
+
+
+def test_tokenisation_matches_countvectorizer_analyzer():
+    analyzer = CountVectorizer(ngram_range=(1, 3)).build_analyzer()
+    for doc in _docs(50, 10, seed=3) + ["Hello, World! It's 2026 — Ça va? a b cd"]:
+        assert list(iter_ngrams(tokenize(doc), 3)) == analyzer(doc)
+
+
+def test_featurize_equals_per_ngram_reference():
+    docs = _docs(200, 30, seed=11)
+    vocab = build_vocab(docs, 300, 3)
+    row = {g: i for i, g in enumerate(vocab.ngrams)}
+    ids, offsets = vocab.featurize(docs)
+    ends = list(offsets[1:]) + [len(ids)]
+    for doc, start, end in zip(docs, offsets, ends, strict=True):
+        expected = sorted(row[g] for g in iter_ngrams(tokenize(doc), 3) if g in row)
+        assert sorted(ids[start:end].tolist()) == expected
+
+
+def test_featurize_handles_empty_and_unknown_documents():
+    vocab = build_vocab(["good film", "bad film"], 10, 2)
+    ids, offsets = vocab.featurize(["", "zzz qqq", "good film"])
+    assert offsets.tolist() == [0, 0, 0]
+    assert sorted(vocab.ngrams[i] for i in ids) == ["film", "good", "good film"]
+
+
+def test_save_load_round_trip(tmp_path):
+    docs = _docs(100, 20, seed=5)
+    vocab = build_vocab(docs, 150, 4)
+    vocab.save(tmp_path)
+    loaded = NgramVocab.load(tmp_path)
+    assert loaded.ngrams == vocab.ngrams and loaded.ngram_max == 4
+    for a, b in zip(vocab.featurize(docs), loaded.featurize(docs), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert loaded.lookup([vocab.ngrams[3], "not in it"]).tolist() == [3, -1]
+
+
+def test_min_count_and_bad_tie_rule():
+    assert [g for g, _ in select_top({"a": 1, "b": 2}, 10, min_count=2)] == ["b"]
+    with pytest.raises(ValueError, match="tie_rule"):
+        select_top({"a": 1}, 1, tie_rule="random")
