@@ -26,6 +26,7 @@ for key, value in {
 }.items():
     os.environ[key] = value
 os.environ.pop("PREFECT_API_URL", None)
+(_STATE / "prefect").mkdir(parents=True, exist_ok=True)
 
 POS = ["great", "wonderful", "superb", "moving", "delightful", "brilliant", "charming", "fun"]
 NEG = ["awful", "boring", "dull", "terrible", "tedious", "bland", "messy", "weak"]
