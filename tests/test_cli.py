@@ -28,22 +28,13 @@ def model_dir(tmp_path):
     return save_student(model, LabelMap.from_values(["neg", "pos"]), tmp_path / "vocab", tmp_path / "model")
 
 
+def _predict(model_dir, *args) -> int:
+    return main(["predict", "--model", str(model_dir), *map(str, args)])
+
+
 def test_predict_text_file_to_jsonl(model_dir, tmp_path):
     (tmp_path / "in.txt").write_text("\n".join(TEXTS) + "\n")
-    assert (
-        main(
-            [
-                "predict",
-                "--model",
-                str(model_dir),
-                "--input",
-                str(tmp_path / "in.txt"),
-                "--output",
-                str(tmp_path / "out.jsonl"),
-            ]
-        )
-        == 0
-    )
+    assert _predict(model_dir, "--input", str(tmp_path / "in.txt"), "--output", str(tmp_path / "out.jsonl")) == 0
     rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     expected = StudentPredictor.load(model_dir).predict_proba(TEXTS)
     assert [r["label"] for r in rows] == ["neg" if p[0] > p[1] else "pos" for p in expected]
@@ -53,18 +44,14 @@ def test_predict_text_file_to_jsonl(model_dir, tmp_path):
 def test_predict_parquet_with_text_column_to_csv(model_dir, tmp_path):
     pq.write_table(pa.table({"review": TEXTS}), tmp_path / "in.parquet")
     assert (
-        main(
-            [
-                "predict",
-                "--model",
-                str(model_dir),
-                "--input",
-                str(tmp_path / "in.parquet"),
-                "--text-column",
-                "review",
-                "--output",
-                str(tmp_path / "out.csv"),
-            ]
+        _predict(
+            model_dir,
+            "--input",
+            str(tmp_path / "in.parquet"),
+            "--text-column",
+            "review",
+            "--output",
+            str(tmp_path / "out.csv"),
         )
         == 0
     )
@@ -73,7 +60,7 @@ def test_predict_parquet_with_text_column_to_csv(model_dir, tmp_path):
 
 def test_predict_errors_name_the_problem(model_dir, tmp_path, capsys):
     pq.write_table(pa.table({"review": TEXTS}), tmp_path / "in.parquet")
-    assert main(["predict", "--model", str(model_dir), "--input", str(tmp_path / "in.parquet")]) == 2
+    assert _predict(model_dir, "--input", tmp_path / "in.parquet") == 2
     assert "column 'text' not found" in capsys.readouterr().err
 
 
