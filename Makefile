@@ -34,8 +34,14 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-sst2: demo-data
-	$(VENV)/bin/sparse-distill run configs/sst2.yaml --data-dir ../shared/data/sst2
+SST2_CORPUS := $(CURDIR)/data/sst2-corpus/imdb_sentences.parquet
+
+$(SST2_CORPUS): $(STAMP)
+	$(PY) benchmarks/make_sentence_corpus.py ../shared/data/imdb/unsup.parquet $(SST2_CORPUS)
+
+# SST-2 with an in-domain corpus: 80k movie-review sentences from IMDB's unlabelled reviews.
+sst2: demo-data $(SST2_CORPUS)
+	$(VENV)/bin/sparse-distill run configs/sst2.yaml --data-dir ../shared/data/sst2 --set "data.corpus=[$(SST2_CORPUS)]"
 
 imdb: demo-data
 	$(VENV)/bin/sparse-distill run configs/imdb.yaml --data-dir ../shared/data/imdb
