@@ -143,8 +143,9 @@ def evaluate_flow(config: PipelineConfig, run_dir: str | None = None) -> dict:
 
 
 @flow(name="sparse-distill-retrain")
-def retrain_flow(config_path: str = "configs/demo.yaml", overrides: list[str] | None = None,
-                 runs_root: str = "runs") -> dict:
+def retrain_flow(
+    config_path: str = "configs/demo.yaml", overrides: list[str] | None = None, runs_root: str = "runs"
+) -> dict:
     """Scheduled retraining: load and validate a config file, then run the pipeline in a fresh run directory.
 
     Each flow run gets its own directory (`<runs_root>/<name>/<flow-run-name>`), so two runs never write the same one.

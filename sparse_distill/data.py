@@ -41,12 +41,6 @@ class LabelMap:
     def num_classes(self) -> int:
         return len(self.labels)
 
-    def index(self, value: Any) -> int:
-        try:
-            return self._lookup[value]
-        except KeyError:
-            raise KeyError(value) from None
-
     @property
     def _lookup(self) -> dict[Any, int]:
         return {v: i for i, v in enumerate(self.labels)}

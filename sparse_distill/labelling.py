@@ -172,11 +172,11 @@ def shard_is_complete(out_dir: str | Path, shard: ShardSpec, teacher_fp: str) ->
 
 
 def iter_soft_labels(
-    label_dir: str | Path, shard_order: list[int] | None = None
+    label_dir: str | Path, shard_order: list[int] | None = None, manifest: LabelManifest | None = None
 ) -> Iterator[tuple[list[str], np.ndarray]]:
     """Stream (texts, teacher probabilities) shard by shard; ids are checked against the source rows."""
     label_dir = Path(label_dir)
-    manifest = LabelManifest.load(label_dir)
+    manifest = manifest or LabelManifest.load(label_dir)
     order = shard_order if shard_order is not None else range(len(manifest.shards))
     for i in order:
         shard = manifest.shards[i]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,9 +24,7 @@ from sparse_distill.data import (
     LabelMap,
     TextSplit,
     atomic_write_text,
-    count_rows,
     expand_paths,
-    iter_corpus_rows,
     load_split,
     resolve_path,
 )
@@ -38,11 +36,12 @@ from sparse_distill.labelling import (
     label_shard,
     plan_shards,
     shard_is_complete,
+    shard_texts,
 )
 from sparse_distill.student import load_student, save_student
 from sparse_distill.teacher import TeacherPredictor, finetune_teacher, teacher_fingerprint
 from sparse_distill.training import InMemoryBatches, SoftLabelStream, student_from_config, train_student
-from sparse_distill.vocab import NgramVocab, count_ngrams, select_top
+from sparse_distill.vocab import NgramVocab, count_ngrams, vocab_from_counts
 
 logger = logging.getLogger(__name__)
 
@@ -228,25 +227,19 @@ def run_label(
     )
 
 
-def iter_texts(sources: list[CorpusSource], chunk: int = 10_000):
+def iter_texts(sources: list[CorpusSource], chunk: int = 10_000) -> Iterator[str]:
     """Stream the texts of several sources in chunks (memory bounded by the chunk)."""
-    for src in sources:
-        n = count_rows(src.path)
-        if src.limit is not None:
-            n = min(n, src.limit)
-        for start in range(0, n, chunk):
-            texts, _ = iter_corpus_rows(src.path, start, min(n, start + chunk), src.text_column, src.id_column)
-            yield from texts
+    plan = plan_shards(sources, chunk)
+    for shard in plan.shards:
+        yield from shard_texts(plan, shard)[0]
 
 
 def run_vocab(cfg: PipelineConfig, out_dir: str | Path) -> dict:
     """Count n-grams over train + corpus and keep the top |V|."""
     sources = label_sources(cfg, "train") + label_sources(cfg, "corpus")
     counts = count_ngrams(iter_texts(sources), cfg.vocab.ngram_max)
-    top = select_top(counts, cfg.vocab.size, cfg.vocab.min_count, cfg.vocab.tie_rule)
-    vocab = NgramVocab([g for g, _ in top], np.array([c for _, c in top], np.int64), cfg.vocab.ngram_max)
+    vocab = vocab_from_counts(counts, cfg.vocab.size, cfg.vocab.ngram_max, cfg.vocab.min_count, cfg.vocab.tie_rule)
     vocab.save(out_dir)
-    logger.info("vocabulary: %d distinct n-grams, kept %d", len(counts), len(vocab))
     return write_result(out_dir, {"vocab_dir": str(out_dir), "size": len(vocab), "distinct_ngrams": len(counts)})
 
 
@@ -361,7 +354,7 @@ def run_evaluate(cfg: PipelineConfig, teacher_dir: str, students: dict[str, str]
 def build_summary(
     cfg: PipelineConfig,
     evaluation: dict,
-    students: dict[str, str],
+    students: dict[str, dict],
     best_student: str,
     mlflow_run_id: str | None,
     config_fp: str,
@@ -384,10 +377,10 @@ def build_summary(
     summary["teacher_docs_per_s"] = speed["teacher"]
     summary["student_docs_per_s"] = speed[best_student]
     summary["speedup"] = speed[best_student] / speed["teacher"]
-    model, _ = load_student(students[best_student])
-    summary["student_params"] = model.param_counts()["total"]
-    summary["student_params_detail"] = model.param_counts()
-    summary["student_model_dir"] = students[best_student]
+    params = students[best_student]["params"]
+    summary["student_params"] = params["total"]
+    summary["student_params_detail"] = params
+    summary["student_model_dir"] = students[best_student]["model_dir"]
     summary["mlflow_run_id"] = mlflow_run_id
     summary["config_fingerprint"] = config_fp
     return summary

@@ -97,12 +97,13 @@ class SoftLabelStream:
 
     def epoch(self, epoch: int, batch_size: int) -> Iterator[Batch]:
         rng = random.Random(self.seed + epoch)
-        shards = [(d, i) for d in self.label_dirs for i in range(len(LabelManifest.load(d).shards))]
+        manifests = {d: LabelManifest.load(d) for d in self.label_dirs}
+        shards = [(d, i) for d, m in manifests.items() for i in range(len(m.shards))]
         rng.shuffle(shards)
         buf_texts: list[str] = []
         buf_probs: list[np.ndarray] = []
         for d, i in shards:
-            for texts, probs in iter_soft_labels(d, [i]):
+            for texts, probs in iter_soft_labels(d, [i], manifests[d]):
                 buf_texts.extend(texts)
                 buf_probs.extend(probs)
             if len(buf_texts) >= self.buffer_size:

@@ -141,7 +141,7 @@ class NgramVocab:
 
     def lookup(self, ngrams: list[str]) -> np.ndarray:
         """Row ids of n-grams given as strings; -1 where not in the vocabulary."""
-        ids, offsets = self.featurize([g for g in ngrams], exact_ngrams=True)
+        ids, offsets = self.featurize(ngrams, exact_ngrams=True)
         out = np.full(len(ngrams), -1, dtype=np.int64)
         lengths = np.diff(np.append(offsets, len(ids)))
         out[lengths > 0] = ids[offsets[lengths > 0]]
@@ -223,7 +223,17 @@ def build_vocab(
     texts: Iterable[str], size: int, ngram_max: int, min_count: int = 1, tie_rule: TieRule = "alphabetical"
 ) -> NgramVocab:
     """Count n-grams over the texts and keep the top `size` (see the module docstring for the tie rule)."""
-    counts = count_ngrams(texts, ngram_max)
+    return vocab_from_counts(count_ngrams(texts, ngram_max), size, ngram_max, min_count, tie_rule)
+
+
+def vocab_from_counts(
+    counts: Counter[str] | dict[str, int],
+    size: int,
+    ngram_max: int,
+    min_count: int = 1,
+    tie_rule: TieRule = "alphabetical",
+) -> NgramVocab:
+    """Keep the top `size` of counted n-grams as a vocabulary."""
     top = select_top(counts, size, min_count, tie_rule)
     logger.info("vocabulary: %d distinct n-grams, kept %d", len(counts), len(top))
     return NgramVocab(

@@ -74,7 +74,7 @@ def _stage_task(stage: str, **kwargs):
 def _done(stage: str, fps: dict[str, str], result: dict) -> dict:
     # The fingerprint goes into result.json, so a later run can tell a finished stage from a stale one.
     result = {**result, "fingerprint": fps[stage], "stage": stage}
-    return pipeline.write_result(result.get("stage_dir") or result["out_dir"], result)
+    return pipeline.write_result(result["out_dir"], result)
 
 
 @task(name="start-tracking")
@@ -270,7 +270,7 @@ def publish_results(
     candidates = [k for k in ("kdft", "kd") if k in model_dirs]
     best = max(candidates, key=lambda k: evaluation["metrics"][k]["dev"]["accuracy"])
     summary = pipeline.build_summary(
-        config, evaluation, model_dirs, best, tracking.parent_run_id if tracking else None, config_fp
+        config, evaluation, students, best, tracking.parent_run_id if tracking else None, config_fp
     )
     run_path = Path(run_dir)
     plots_dir = run_path / "plots"
