@@ -8,8 +8,10 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.context import get_run_context
 
+from flows.label_flow import label_corpus_flow, make_task_runner
 from sparse_distill.config import PipelineConfig, fingerprint
-from sparse_distill.pipeline import read_result, stage_fingerprints
+from sparse_distill.pipeline import label_job, read_result, stage_fingerprints
+from sparse_distill.tracking import TrackingRef
 from tasks import stages
 from tasks.stages import needs_refresh
 
@@ -52,11 +54,7 @@ def pipeline_flow(config: PipelineConfig, run_dir: str | None = None) -> dict[st
     # The vocabulary needs no teacher: count while the teacher trains.
     vocab_f = _fresh(stages.build_vocab, run_dir, "vocab", fps).submit(**args)
     teacher = _fresh(stages.finetune_teacher, run_dir, "teacher", fps)(**args)
-    labels = []
-    if config.data.corpus:
-        labels.append(_fresh(stages.label_corpus, run_dir, "label_corpus", fps)(**args, teacher=teacher))
-    if config.label.include_train or not config.data.corpus:
-        labels.append(_fresh(stages.label_train, run_dir, "label_train", fps)(**args, teacher=teacher))
+    labels = _label_stages(config, run_dir, fps, tracking, teacher)
     vocab = vocab_f.result()
     scratch_f = _fresh(stages.train_scratch, run_dir, "scratch", fps).submit(**args, vocab=vocab)
     kd = _fresh(stages.distill_student, run_dir, "distill", fps)(**args, vocab=vocab, labels=labels)
@@ -64,6 +62,27 @@ def pipeline_flow(config: PipelineConfig, run_dir: str | None = None) -> dict[st
     students = {"scratch": scratch_f.result(), "kd": kd, "kdft": kdft}
     evaluation = _fresh(stages.evaluate, run_dir, "evaluate", fps)(**args, teacher=teacher, students=students)
     return stages.publish_results(config, run_dir, config_fp, tracking, evaluation, students)
+
+
+def _label_stages(
+    config: PipelineConfig, run_dir: str, fps: dict[str, str], tracking: TrackingRef | None, teacher: dict
+) -> list[dict]:
+    """Label the corpus and/or the train set (fanned out by the labelling flow) unless already done."""
+    args = {"config": config, "run_dir": run_dir, "fingerprints": fps, "tracking": tracking}
+    which = (["corpus"] if config.data.corpus else []) + (
+        ["train"] if config.label.include_train or not config.data.corpus else []
+    )
+    out = []
+    for w in which:
+        stage = f"label_{w}"
+        if needs_refresh(run_dir, stage, fps[stage]):
+            job = label_job(config, w, teacher["model_dir"], stages.stage_dir(run_dir, stage))
+            runner = make_task_runner(config.label)
+            label_corpus_flow.with_options(name=f"label-{w}", task_runner=runner)(
+                job=job, tracking=tracking, run_name=f"label-{w}"
+            )
+        out.append(_fresh(getattr(stages, stage), run_dir, stage, fps)(**args, teacher=teacher))
+    return out
 
 
 def _to_yaml(config: PipelineConfig) -> str:
@@ -93,12 +112,7 @@ def label_flow(config: PipelineConfig, run_dir: str | None = None) -> list[dict]
     """Label the train set and the corpus with the run's fine-tuned teacher."""
     a = _stage_args(config, run_dir)
     teacher = _upstream(a["run_dir"], "teacher")
-    out = []
-    if config.data.corpus:
-        out.append(_fresh(stages.label_corpus, a["run_dir"], "label_corpus", a["fingerprints"])(**a, teacher=teacher))
-    if config.label.include_train or not config.data.corpus:
-        out.append(_fresh(stages.label_train, a["run_dir"], "label_train", a["fingerprints"])(**a, teacher=teacher))
-    return out
+    return _label_stages(config, a["run_dir"], a["fingerprints"], None, teacher)
 
 
 @flow(name="vocab")

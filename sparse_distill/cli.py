@@ -8,6 +8,8 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -56,13 +58,49 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run-dir", help="Output folder (default: runs/<name>).")
 
 
+def _label_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", help="A pipeline config: label its train set/corpus in its run directory.")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
+    p.add_argument("--data-dir", help="With CONFIG: folder of the config's relative data paths.")
+    p.add_argument("--run-dir", help="With CONFIG: the run directory.")
+    g = p.add_argument_group("standalone labelling")
+    g.add_argument("--teacher", help="Fine-tuned teacher folder (a Hugging Face sequence classifier).")
+    g.add_argument("--corpus", nargs="+", help="Corpus files (Parquet, JSONL, CSV/TSV, text one doc per line); globs.")
+    g.add_argument("--out", help="Output directory: manifest.json and shards/*.parquet.")
+    g.add_argument("--shard-size", type=int, default=10_000, help="Documents per shard (default 10000).")
+    g.add_argument("--text-column", default="text", help="Column or JSON key of the text (default: text).")
+    g.add_argument("--id-column", help="Column of document ids (default: ids derived from file and row).")
+    g.add_argument("--runner", choices=["thread", "process", "dask"], default="thread", help="Task runner.")
+    g.add_argument("--workers", type=int, default=1, help="Shards labelled at once (default 1).")
+    g.add_argument("--dask-address", help="Scheduler of an existing Dask cluster (implies --runner dask).")
+    g.add_argument("--batch-size", type=int, default=64, help="Teacher batch size (default 64).")
+    g.add_argument("--max-length", type=int, default=128, help="Teacher tokens per document (default 128).")
+    g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto", help="Teacher numerics.")
+    g.add_argument("--int8", action="store_true", help="Dynamic int8 quantisation of the teacher (CPU).")
+    g.add_argument("--retries", type=int, default=2, help="Retries of a failing shard (default 2).")
+    g.add_argument("--limit", type=int, help="Only the first N documents of each file.")
+    g.add_argument("--replan", action="store_true", help="Discard labels in --out made for another corpus.")
+    g.add_argument("--no-tracking", action="store_true", help="Do not log per-shard docs/s to MLflow.")
+    g.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite ./mlflow.db).")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparse-distill", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="Debug logging.")
     sub = parser.add_subparsers(dest="command", required=True)
     _config_args(sub.add_parser("run", help="Run the whole pipeline."))
     for name in STAGES:
-        _config_args(sub.add_parser(name, help=f"Run the {name} stage in a run directory."))
+        if name != "label":
+            _config_args(sub.add_parser(name, help=f"Run the {name} stage in a run directory."))
+    _label_args(
+        sub.add_parser(
+            "label",
+            help="Label a corpus with a teacher (--teacher/--corpus/--out), or run a pipeline's label stage (CONFIG).",
+        )
+    )
+    p = sub.add_parser("label-status", help="Done / failed / pending shards of a labelling output directory.")
+    p.add_argument("out", help="The labelling output directory (holds manifest.json).")
+    p.add_argument("--json", action="store_true", help="Print JSON instead of text.")
     p = sub.add_parser("predict", help="Predict labels for texts with a student model.")
     p.add_argument("--model", required=True, help="Student model folder, or an MLflow URI (runs:/..., models:/...).")
     p.add_argument("--input", help="Texts: .txt (one per line), .parquet, .csv or .jsonl (default: stdin lines).")
@@ -86,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "predict":
             return _predict(args)
+        if args.command == "label-status":
+            return _label_status(args)
+        if args.command == "label" and args.config is None:
+            return _label(args)
         if args.command == "demo-data":
             from sparse_distill.demo import prepare_demo
 
@@ -124,6 +166,105 @@ def _run_flow(args: argparse.Namespace) -> int:
     result = getattr(flows, STAGES[args.command])(config=config, run_dir=args.run_dir)
     sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n")
     return 0
+
+
+def _label_status(args: argparse.Namespace) -> int:
+    from sparse_distill.labelling import format_status, label_status
+
+    status = label_status(args.out)
+    sys.stdout.write((json.dumps(status, indent=2) if args.json else format_status(status)) + "\n")
+    return 1 if status["failed"] else 0
+
+
+def _label(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from sparse_distill.config import ConfigError, LabelJob, format_validation_error
+
+    missing = [f"--{k}" for k in ("teacher", "corpus", "out") if not getattr(args, k)]
+    if missing:
+        raise ConfigError(f"label: give a pipeline CONFIG, or all of --teacher, --corpus and --out (missing {missing})")
+    runner = "dask" if args.dask_address else args.runner
+    try:
+        job = LabelJob(
+            teacher=args.teacher,
+            corpus=args.corpus,
+            out=args.out,
+            text_column=args.text_column,
+            id_column=args.id_column,
+            limit=args.limit,
+            replan=args.replan,
+            label={
+                "shard_size": args.shard_size,
+                "batch_size": args.batch_size,
+                "max_length": args.max_length,
+                "precision": args.precision,
+                "quantize_int8": args.int8,
+                "runner": runner,
+                "workers": args.workers,
+                "dask_address": args.dask_address,
+                "retries": args.retries,
+            },
+            tracking=None
+            if args.no_tracking
+            else {"tracking_uri": args.tracking_uri, "experiment": "sparse-distill-labelling"},
+        )
+    except ValidationError as e:
+        raise ConfigError(f"label: {format_validation_error(e)}") from e
+    from flows.label_flow import LabellingFailed, label_corpus_flow, make_task_runner
+    from sparse_distill.labelling import format_status
+
+    start = time.perf_counter()
+    with _progress_bar(job.out):
+        try:
+            status = label_corpus_flow.with_options(task_runner=make_task_runner(job.label))(job=job)
+        except LabellingFailed as e:
+            sys.stderr.write(f"sparse-distill: {e}\n")
+            return 1
+    sys.stdout.write(format_status(status) + f"\n({time.perf_counter() - start:.0f} s)\n")
+    return 0
+
+
+@contextmanager
+def _progress_bar(out: str, every: float = 0.5) -> Iterator[None]:
+    """A progress bar over the shard records appearing in `out` (works whatever runner labels them)."""
+    import threading
+
+    from tqdm import tqdm
+
+    from sparse_distill.labelling import MANIFEST, SHARDS
+
+    stop = threading.Event()
+
+    def watch() -> None:
+        bar, seen = None, {}
+        while not stop.wait(every):
+            manifest = Path(out) / MANIFEST
+            if bar is None and manifest.exists():
+                total = sum(s["stop"] - s["start"] for s in json.loads(manifest.read_text())["shards"])
+                bar = tqdm(total=total, unit="doc", desc="labelling", dynamic_ncols=True, smoothing=0.1)
+            if bar is None:
+                continue
+            for rec in (Path(out) / SHARDS).glob("*.json"):
+                try:
+                    mtime = rec.stat().st_mtime_ns
+                    if seen.get(rec.name, (None, 0))[0] != mtime:
+                        r = json.loads(rec.read_text())
+                        seen[rec.name] = (mtime, r["rows"] if r.get("status") == "done" else 0)
+                except (OSError, json.JSONDecodeError, KeyError):
+                    continue
+            bar.n = sum(rows for _, rows in seen.values())
+            bar.refresh()
+        if bar is not None:
+            bar.close()
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _read_inputs(path: str | None, text_column: str) -> list[str]:

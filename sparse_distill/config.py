@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -60,6 +60,19 @@ class LabelConfig(_Strict):
     batch_size: int = Field(64, ge=1, description="Teacher inference batch size.")
     max_length: int | None = Field(None, ge=8, description="Tokens per document (default: the teacher's max_length).")
     include_train: bool = Field(True, description="Label the train set too (KD on corpus + train).")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="Teacher numerics: autocast bf16/fp16 on a GPU; auto = bf16 on a GPU, fp32 on a CPU."
+    )
+    quantize_int8: bool = Field(False, description="Dynamic int8 quantisation of the teacher on a CPU (faster).")
+    runner: Literal["thread", "process", "dask"] = Field(
+        "thread", description="Prefect task runner for the shards: threads, local processes, or Dask."
+    )
+    workers: int = Field(1, ge=1, description="Shards labelled at once (threads, processes or Dask workers).")
+    dask_address: str | None = Field(None, description="Scheduler address of an existing Dask cluster (tcp://...).")
+    retries: int = Field(2, ge=0, description="Retries of a failing shard before it is recorded as failed.")
+
+    # How the work is spread: these settings never change the labels, so they stay out of cache keys.
+    RUNTIME_FIELDS: ClassVar[set[str]] = {"runner", "workers", "dask_address", "retries"}
 
 
 class VocabConfig(_Strict):
@@ -112,6 +125,21 @@ class TrackingConfig(_Strict):
     tracking_uri: str | None = Field(None, description="MLflow tracking URI (default: sqlite ./mlflow.db).")
     experiment: str = Field("sparse-distill", description="MLflow experiment name.")
     log_model: bool = Field(True, description="Log the student as an MLflow pyfunc model.")
+
+
+class LabelJob(_Strict):
+    """A standalone labelling job (`sparse-distill label`): a teacher, corpus files, an output directory."""
+
+    teacher: str = Field(..., description="Fine-tuned teacher folder (a Hugging Face sequence classifier).")
+    corpus: list[str] = Field(..., min_length=1, description="Corpus files: Parquet, JSONL, CSV/TSV or text; globs.")
+    out: str = Field(..., description="Output directory: manifest.json and shards/*.parquet.")
+    text_column: str = Field("text", description="Column (or JSON key) holding the document text.")
+    id_column: str | None = Field(None, description="Column holding document ids; None derives `<file>:<row>`.")
+    limit: int | None = Field(None, ge=1, description="Label only the first N documents of each file.")
+    max_length: int = Field(128, ge=8, description="Teacher tokens per document (used when label.max_length is unset).")
+    replan: bool = Field(False, description="Discard labels in `out` made for another corpus or shard size.")
+    label: LabelConfig = Field(default_factory=LabelConfig)
+    tracking: TrackingConfig | None = Field(None, description="Log per-shard docs/s to MLflow (None: no tracking).")
 
 
 class PipelineConfig(_Strict):

@@ -236,8 +236,7 @@ def load_split(
 def _ids(table: pa.Table, id_column: str | None, path: str, first_row: int = 0) -> list[str]:
     if id_column is None:
         # Stable ids from the file name and row number, so the same corpus always yields the same ids.
-        stem = Path(path).name
-        return [f"{stem}:{first_row + i}" for i in range(table.num_rows)]
+        return ids_for_rows(Path(path).name, first_row, table.num_rows)
     col = _column(table, id_column, path)
     ids = pc.cast(col, pa.string()).to_pylist()
     for i, v in enumerate(ids):
@@ -246,26 +245,8 @@ def _ids(table: pa.Table, id_column: str | None, path: str, first_row: int = 0) 
     return ids
 
 
-def count_rows(path: str) -> int:
-    """Row count of a corpus file (Parquet from metadata, others by reading)."""
-    if path.endswith(".parquet"):
-        return pq.ParquetFile(path).metadata.num_rows
-    return read_table(path).num_rows
-
-
-def iter_corpus_rows(
-    path: str, start: int, stop: int, text_column: str = "text", id_column: str | None = None
-) -> tuple[list[str], list[str]]:
-    """Texts and ids of rows [start, stop) of one corpus file; Parquet is read by row groups, not whole."""
-    if path.endswith(".parquet"):
-        table = _read_parquet_rows(path, start, stop, [c for c in (text_column, id_column) if c])
-    else:
-        table = read_table(path).slice(start, stop - start)
-    texts = check_texts(_column(table, text_column, path).to_pylist(), path, text_column, first_row=start)
-    return texts, _ids(table, id_column, path, first_row=start)
-
-
-def _read_parquet_rows(path: str, start: int, stop: int, columns: list[str]) -> pa.Table:
+def read_parquet_rows(path: str, start: int, stop: int, columns: list[str]) -> pa.Table:
+    """Rows [start, stop) of a Parquet file, reading only the row groups that hold them."""
     pf = pq.ParquetFile(path)
     missing = [c for c in columns if c not in pf.schema_arrow.names]
     if missing:
@@ -282,6 +263,11 @@ def _read_parquet_rows(path: str, start: int, stop: int, columns: list[str]) -> 
     if not pieces:
         return pa.table({c: pa.array([], pa.string()) for c in columns})
     return pa.concat_tables(pieces)
+
+
+def ids_for_rows(prefix: str, start: int, n: int) -> list[str]:
+    """Stable ids for rows without an id column: `<file>:<row>`, the same on every run."""
+    return [f"{prefix}:{start + i}" for i in range(n)]
 
 
 def iter_batches(items: list[Any], size: int) -> Iterator[list[Any]]:

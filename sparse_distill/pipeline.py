@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from sparse_distill import __version__
-from sparse_distill.config import DataConfig, PipelineConfig, fingerprint
+from sparse_distill.config import DataConfig, LabelConfig, LabelJob, PipelineConfig, fingerprint
 from sparse_distill.data import (
     DataError,
     LabelMap,
@@ -30,14 +30,7 @@ from sparse_distill.data import (
 )
 from sparse_distill.evaluation import classification_metrics, measure_throughput, repeat_to
 from sparse_distill.inference import StudentPredictor
-from sparse_distill.labelling import (
-    CorpusSource,
-    LabelManifest,
-    label_shard,
-    plan_shards,
-    shard_is_complete,
-    shard_texts,
-)
+from sparse_distill.labelling import CorpusSource, plan_shards, shard_texts
 from sparse_distill.student import load_student, save_student
 from sparse_distill.teacher import TeacherPredictor, finetune_teacher, teacher_fingerprint
 from sparse_distill.training import InMemoryBatches, SoftLabelStream, student_from_config, train_student
@@ -115,7 +108,7 @@ def stage_fingerprints(cfg: PipelineConfig) -> dict[str, str]:
     """
     fp: dict[str, str] = {}
     fp["teacher"] = fingerprint("teacher", data_fingerprint(cfg.data, ("train", "dev")), cfg.teacher)
-    label_cfg = cfg.label.model_dump(exclude={"include_train"})
+    label_cfg = cfg.label.model_dump(exclude={"include_train", *LabelConfig.RUNTIME_FIELDS})
     fp["label_train"] = fingerprint("label_train", fp["teacher"], label_cfg, data_fingerprint(cfg.data, ("train",)))
     fp["label_corpus"] = fingerprint(
         "label_corpus", fp["teacher"], label_cfg, data_fingerprint(cfg.data, (), corpus=True)
@@ -186,45 +179,43 @@ def label_sources(cfg: PipelineConfig, which: str) -> list[CorpusSource]:
     return [CorpusSource(p, d.text_column, d.id_column, d.max_corpus_samples) for p in corpus_paths(d)]
 
 
-def run_label(
-    cfg: PipelineConfig,
-    teacher_dir: str,
-    sources: list[CorpusSource],
-    out_dir: str | Path,
-    progress: Callable[[int, int], None] | None = None,
-) -> dict:
-    """Label every shard not already complete for this teacher; the manifest is written first and after each shard."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    plan = plan_shards(sources, cfg.label.shard_size)
-    try:
-        old = LabelManifest.load(out_dir)
-        if [s.__dict__ for s in old.sources] == [
-            s.__dict__ for s in plan.sources
-        ] and old.shard_size == plan.shard_size:
-            plan = old
-    except FileNotFoundError:
-        pass
-    plan.save(out_dir)
-    teacher_fp = teacher_fingerprint(teacher_dir)
-    teacher = TeacherPredictor(teacher_dir, max_length=cfg.label.max_length or cfg.teacher.max_length)
-    done = 0
-    for i, shard in enumerate(plan.shards):
-        if not shard_is_complete(out_dir, shard, teacher_fp):
-            plan.shards[i] = label_shard(plan, shard, out_dir, teacher, teacher_fp, cfg.label.batch_size)
-            plan.save(out_dir)
-        done += plan.shards[i].rows
-        if progress:
-            progress(done, plan.total_rows)
-    return write_result(
-        out_dir,
-        {
-            "label_dir": str(out_dir),
-            "rows": plan.total_rows,
-            "shards": len(plan.shards),
-            "teacher_fingerprint": teacher_fp,
-        },
+def label_job(cfg: PipelineConfig, which: str, teacher_dir: str, out_dir: str | Path) -> LabelJob:
+    """The labelling job of a pipeline stage: the train split or the corpus files, into `out_dir`.
+
+    `replan`: when the data changed, the stage's fingerprint changed too, so its old labels are stale.
+    """
+    d = cfg.data
+    files = [split_path(d, "train")] if which == "train" else corpus_paths(d)
+    limit = d.max_train_samples if which == "train" else d.max_corpus_samples
+    return LabelJob(
+        teacher=teacher_dir,
+        corpus=files,
+        out=str(out_dir),
+        text_column=d.text_column,
+        id_column=d.id_column,
+        limit=limit,
+        max_length=cfg.teacher.max_length,
+        replan=True,
+        label=cfg.label,
     )
+
+
+def finish_label_stage(cfg: PipelineConfig, which: str, teacher_dir: str, out_dir: str | Path) -> dict:
+    """Check that every shard of a labelling stage is done for this teacher; returns the stage's record."""
+    from sparse_distill.labelling import label_status, pending_shards, read_manifest
+
+    manifest = read_manifest(out_dir)
+    fp = teacher_fingerprint(teacher_dir)
+    pending = pending_shards(out_dir, manifest, fp)
+    if pending:
+        raise DataError(f"{out_dir}: {len(pending)} shards are not labelled by this teacher yet: {pending[:10]}")
+    status = label_status(out_dir)
+    return {
+        "label_dir": str(out_dir),
+        "rows": status["rows_written"],
+        "shards": status["shards"],
+        "teacher_fingerprint": fp,
+    }
 
 
 def iter_texts(sources: list[CorpusSource], chunk: int = 10_000) -> Iterator[str]:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from sparse_distill.config import TrainConfig
-from sparse_distill.labelling import LabelManifest, iter_soft_labels
+from sparse_distill.labelling import iter_soft_labels, read_manifest
 from sparse_distill.student import DanStudent
 from sparse_distill.vocab import NgramVocab
 
@@ -93,11 +93,11 @@ class SoftLabelStream:
     num_docs: int = field(init=False)
 
     def __post_init__(self) -> None:
-        self.num_docs = sum(LabelManifest.load(d).total_rows for d in self.label_dirs)
+        self.num_docs = sum(read_manifest(d).total_rows for d in self.label_dirs)
 
     def epoch(self, epoch: int, batch_size: int) -> Iterator[Batch]:
         rng = random.Random(self.seed + epoch)
-        manifests = {d: LabelManifest.load(d) for d in self.label_dirs}
+        manifests = {d: read_manifest(d) for d in self.label_dirs}
         shards = [(d, i) for d, m in manifests.items() for i in range(len(m.shards))]
         rng.shuffle(shards)
         buf_texts: list[str] = []

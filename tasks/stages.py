@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+from prefect.artifacts import create_markdown_artifact
 
 from sparse_distill import pipeline
 from sparse_distill.config import PipelineConfig
@@ -104,28 +104,12 @@ def finetune_teacher(
     return _done("teacher", fingerprints, {**res, "out_dir": str(out)})
 
 
-def _label(
-    config: PipelineConfig,
-    run_dir: str,
-    fingerprints: dict[str, str],
-    tracking: TrackingRef | None,
-    teacher: dict,
-    which: str,
-) -> dict:
+def _label(config: PipelineConfig, run_dir: str, fingerprints: dict[str, str], teacher: dict, which: str) -> dict:
+    # The shards were labelled by `label_corpus_flow` just before; this records the finished stage.
     stage = f"label_{which}"
     out = stage_dir(run_dir, stage)
-    sources = pipeline.label_sources(config, which)
-    logger = get_run_logger()
-    artifact_id = create_progress_artifact(0.0, description=f"Teacher labelling of the {which} set")
-
-    def progress(done: int, total: int) -> None:
-        update_progress_artifact(artifact_id, 100.0 * done / max(total, 1))
-        logger.info("labelling %s: %d/%d docs", which, done, total)
-
-    with stage_run(tracking, f"label-{which}", {"label": config.label.model_dump(mode="json")}) as sr:
-        res = pipeline.run_label(config, teacher["model_dir"], sources, out, progress)
-        if sr:
-            sr.log_metrics(0, {"rows": res["rows"], "shards": res["shards"]})
+    res = pipeline.finish_label_stage(config, which, teacher["model_dir"], out)
+    get_run_logger().info("labels (%s): %d docs in %d shards", which, res["rows"], res["shards"])
     return _done(stage, fingerprints, {**res, "out_dir": str(out)})
 
 
@@ -133,16 +117,16 @@ def _label(
 def label_train(
     config: PipelineConfig, run_dir: str, fingerprints: dict[str, str], tracking: TrackingRef | None, teacher: dict
 ) -> dict:
-    """Soft-label the train set with the teacher."""
-    return _label(config, run_dir, fingerprints, tracking, teacher, "train")
+    """Record the train set's soft labels (labelled by the labelling flow)."""
+    return _label(config, run_dir, fingerprints, teacher, "train")
 
 
 @_stage_task("label_corpus")
 def label_corpus(
     config: PipelineConfig, run_dir: str, fingerprints: dict[str, str], tracking: TrackingRef | None, teacher: dict
 ) -> dict:
-    """Soft-label the unlabelled corpus with the teacher."""
-    return _label(config, run_dir, fingerprints, tracking, teacher, "corpus")
+    """Record the corpus's soft labels (labelled by the labelling flow)."""
+    return _label(config, run_dir, fingerprints, teacher, "corpus")
 
 
 @_stage_task("vocab")

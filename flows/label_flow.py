@@ -1,0 +1,111 @@
+"""Corpus labelling as a Prefect flow: plan, fan the shards out over a task runner, collect, report failures."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+from prefect.futures import as_completed
+from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
+
+from sparse_distill.config import LabelConfig, LabelJob
+from sparse_distill.labelling import format_status
+from sparse_distill.tracking import TrackingRef
+from tasks import labelling as t
+
+
+class LabellingFailed(RuntimeError):
+    """Some shards failed after their retries; the others are complete."""
+
+
+def make_task_runner(cfg: LabelConfig):
+    """The task runner named by the config: threads or processes here, or Dask (a LocalCluster or a cluster)."""
+    if cfg.runner == "thread":
+        return ThreadPoolTaskRunner(max_workers=cfg.workers)
+    if cfg.runner == "process":
+        return ProcessPoolTaskRunner(max_workers=cfg.workers)
+    from prefect_dask import DaskTaskRunner
+
+    if cfg.dask_address:
+        return DaskTaskRunner(address=cfg.dask_address)
+    return DaskTaskRunner(
+        cluster_class="distributed.LocalCluster",
+        cluster_kwargs={"n_workers": cfg.workers, "threads_per_worker": 1, "dashboard_address": None},
+    )
+
+
+def _torch_threads(cfg: LabelConfig) -> int | None:
+    # Local workers split this machine's cores; workers of a remote cluster keep their own default.
+    if cfg.runner == "dask" and cfg.dask_address:
+        return None
+    return max(1, (os.cpu_count() or 1) // cfg.workers)
+
+
+def _tracking_run(job: LabelJob, tracking: TrackingRef | None, run_name: str):
+    """A nested MLflow run under the pipeline's parent, or a run of its own when the job asks for tracking."""
+    from sparse_distill.tracking import stage_run
+
+    if tracking is None and job.tracking is not None:
+        from pathlib import Path
+
+        from sparse_distill.mlflow_model import ensure_experiment, tracking_uri_default
+        from sparse_distill.tracking import start_parent_run
+
+        uri = job.tracking.tracking_uri or tracking_uri_default(Path.cwd())
+        exp = ensure_experiment(job.tracking.experiment, uri, Path.cwd() / "mlartifacts")
+        parent = start_parent_run(uri, exp, f"label {Path(job.out).name}", {}, {"sparse_distill.out": job.out})
+        tracking = TrackingRef(uri, exp, parent)
+    return stage_run(tracking, run_name, {"label": job.label.model_dump(mode="json"), "corpus": job.corpus}), tracking
+
+
+@flow(name="label-corpus")
+def label_corpus_flow(job: LabelJob, tracking: TrackingRef | None = None, run_name: str = "label") -> dict[str, Any]:
+    """Label a corpus with a teacher into `job.out`, resuming: only missing, corrupt or failed shards are labelled.
+
+    Shards run on this flow's task runner (see `make_task_runner`). A shard that still fails after its retries is
+    recorded with its error and the others go on; the flow then ends Failed, naming the shards.
+    """
+    logger = get_run_logger()
+    prep = t.plan_labelling(job)
+    fp, total = prep["teacher_fingerprint"], prep["rows_total"]
+    done = prep["rows_done"]
+    artifact = create_progress_artifact(100.0 * done / max(total, 1), description=f"Labelling into {job.out}")
+    shard_task = t.label_shard.with_options(retries=job.label.retries)
+    threads = _torch_threads(job.label)
+    futures = {}
+    for index in prep["pending"]:
+        fut = shard_task.submit(job, index, fp, threads)
+        futures[fut.task_run_id] = (fut, index)
+    failed: list[int] = []
+    run_ctx, ref = _tracking_run(job, tracking, run_name)
+    with run_ctx as sr:
+        for fut in as_completed([f for f, _ in futures.values()]):
+            index = futures[fut.task_run_id][1]
+            try:
+                record = fut.result()
+            except Exception as e:  # noqa: BLE001 - recorded, and the flow fails at the end
+                t.record_failed_shard(job, index, f"{type(e).__name__}: {e}")
+                failed.append(index)
+                continue
+            done += record["rows"]
+            update_progress_artifact(artifact, 100.0 * done / max(total, 1))
+            logger.info("labelled %d/%d docs (%.1f%%)", done, total, 100.0 * done / max(total, 1))
+            if sr:
+                sr.log_metrics(index, {"docs_per_s": record["rows"] / max(record["seconds"], 1e-9)})
+        status = t.collect_labels(job)
+        if sr:
+            sr.log_metrics(0, {"rows_written": status["rows_written"], "shards_failed": status["failed"]})
+    if tracking is None and ref is not None:
+        from sparse_distill.tracking import end_run
+
+        end_run(ref.tracking_uri, ref.parent_run_id, "FAILED" if failed else "FINISHED")
+    create_markdown_artifact("```\n" + format_status(status) + "\n```", description=f"Labelling status of {job.out}")
+    if failed:
+        names = ", ".join(f"{i:05d}" for i in sorted(failed))
+        raise LabellingFailed(
+            f"{len(failed)} of {prep['shards']} shards failed ({names}); the others are complete. "
+            f"See `sparse-distill label-status {job.out}`, fix the cause and re-run the same command."
+        )
+    return status
