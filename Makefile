@@ -8,7 +8,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: install demo demo-data test lint mlflow-ui sst2 imdb clean
+.PHONY: install demo demo-data test lint mlflow-ui sst2 imdb bench-label clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 1; }
@@ -45,6 +45,12 @@ sst2: demo-data $(SST2_CORPUS)
 
 imdb: demo-data
 	$(VENV)/bin/sparse-distill run configs/imdb.yaml --data-dir ../shared/data/imdb
+
+# Labelling benchmarks (README, "Labelling a corpus at scale"): a fine-tuned MiniLM teacher (make sst2 makes one).
+TEACHER ?= runs/sst2/teacher/model
+bench-label: $(STAMP)
+	$(PY) benchmarks/label_throughput.py --teacher $(TEACHER) --corpus ../shared/data/imdb/unsup.parquet --docs 2000
+	$(PY) benchmarks/label_memory.py --sizes 100000 1000000
 
 mlflow-ui: $(STAMP)
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000

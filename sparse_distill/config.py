@@ -61,7 +61,8 @@ class LabelConfig(_Strict):
     max_length: int | None = Field(None, ge=8, description="Tokens per document (default: the teacher's max_length).")
     include_train: bool = Field(True, description="Label the train set too (KD on corpus + train).")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="Teacher numerics: autocast bf16/fp16 on a GPU; auto = bf16 on a GPU, fp32 on a CPU."
+        "auto",
+        description="Teacher numerics: bf16 (GPU or CPU) or fp16 (GPU) autocast; auto = bf16 on a GPU, fp32 on a CPU.",
     )
     quantize_int8: bool = Field(False, description="Dynamic int8 quantisation of the teacher on a CPU (faster).")
     runner: Literal["thread", "process", "dask"] = Field(

@@ -34,7 +34,8 @@ class TeacherPredictor:
     """A fine-tuned sequence classifier with its tokenizer: raw texts in, logits out.
 
     Texts are tokenised once, sorted by token count and batched, so each batch pads only to its own longest text.
-    `precision` picks autocast on a GPU (bf16 or fp16; 'auto' is bf16 on a GPU, fp32 on a CPU); `quantize_int8`
+    `precision` picks autocast (bf16 on a GPU or a CPU with bf16 instructions, fp16 on a GPU; 'auto' is bf16 on a
+    GPU, fp32 on a CPU); `quantize_int8`
     applies dynamic int8 quantisation to the Linear layers on a CPU (faster; probabilities move slightly).
     """
 
@@ -103,10 +104,12 @@ def _autocast_dtype(precision: str, device: str) -> torch.dtype | None:
         return torch.bfloat16 if on_gpu else None
     if precision == "fp32":
         return None
-    if precision in ("bf16", "fp16"):
+    if precision == "bf16":
+        return torch.bfloat16  # on a CPU too: fast where it has bf16 instructions (AVX512-BF16, AMX)
+    if precision == "fp16":
         if not on_gpu:
-            raise ValueError(f"precision {precision!r} is for a GPU; on a CPU use fp32 (or int8 quantisation)")
-        return torch.bfloat16 if precision == "bf16" else torch.float16
+            raise ValueError("precision 'fp16' is for a GPU; on a CPU use fp32 or bf16")
+        return torch.float16
     raise ValueError(f"unknown precision {precision!r} (auto, fp32, bf16, fp16)")
 
 

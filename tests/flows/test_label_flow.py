@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from sparse_distill.config import LabelJob
+from sparse_distill.config import LabelJob, TrackingConfig
 from sparse_distill.labelling import file_checksum
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -56,7 +56,11 @@ def _flow(job: LabelJob):
 
 def test_dask_cluster_of_two_workers_equals_one_thread(tiny_teacher, tmp_path):
     corpus = _corpus(tmp_path / "corpus.parquet", 3000)
-    assert _flow(_job(tiny_teacher, corpus, tmp_path / "thread")).is_completed()
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracked = _job(tiny_teacher, corpus, tmp_path / "thread").model_copy(
+        update={"tracking": TrackingConfig(tracking_uri=uri, experiment="labelling")}
+    )
+    assert _flow(tracked).is_completed()
     state = _flow(_job(tiny_teacher, corpus, tmp_path / "dask", runner="dask", workers=2))
     assert state.is_completed()
     ids_t, probs_t = _read(tmp_path / "thread")
@@ -66,6 +70,13 @@ def test_dask_cluster_of_two_workers_equals_one_thread(tiny_teacher, tmp_path):
     # Both workers took part: the records come from two processes' shards (seconds recorded for every shard).
     status = json.loads((tmp_path / "dask" / "manifest.json").read_text())
     assert all(s["status"] == "done" and s["seconds"] > 0 for s in status["shards"])
+    # docs/s of every shard went to MLflow.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("labelling")
+    stage = client.search_runs([exp.experiment_id], "attributes.run_name = 'label'")[0]
+    assert len(client.get_metric_history(stage.info.run_id, "docs_per_s")) == 12
 
 
 def test_poison_shard_fails_alone_and_a_rerun_labels_only_it(tiny_teacher, tmp_path, monkeypatch):
