@@ -68,3 +68,29 @@ def test_run_with_bad_config_exits_2(tmp_path, capsys):
     (tmp_path / "c.yaml").write_text("data: {train: a, dev: b}\nteacher: {model: x}\nbogus: 1\n")
     assert main(["run", str(tmp_path / "c.yaml")]) == 2
     assert "bogus" in capsys.readouterr().err
+
+
+def test_label_commands_explain_bad_arguments(tmp_path, capsys):
+    assert main(["label", "--corpus", "x.parquet"]) == 2
+    assert "all of --teacher, --corpus and --out" in capsys.readouterr().err
+    assert main(["label", "--teacher", str(tmp_path), "--corpus", "x", "--out", "o", "--shard-size", "0"]) == 2
+    assert "label.shard_size" in capsys.readouterr().err
+    assert main(["label-status", str(tmp_path / "nowhere")]) == 2
+    assert "no labelling manifest" in capsys.readouterr().err
+
+
+def test_label_status_text_and_json(tiny_teacher, tmp_path, capsys):
+    from sparse_distill.config import LabelJob
+    from sparse_distill.labelling import run_label_job
+
+    (tmp_path / "c.txt").write_text("a great film\n\na dull film\nfine\n")
+    out = tmp_path / "labels"
+    run_label_job(
+        LabelJob(teacher=str(tiny_teacher), corpus=[str(tmp_path / "c.txt")], out=str(out), label={"shard_size": 2})
+    )
+    assert main(["label-status", str(out)]) == 1  # a failed shard: non-zero, for scripts
+    text = capsys.readouterr().out
+    assert "2 shards: 1 done, 1 failed, 0 pending" in text and "FAILED 00000.parquet" in text and "row 1" in text
+    assert main(["label-status", str(out), "--json"]) == 1
+    status = json.loads(capsys.readouterr().out)
+    assert status["rows_written"] == 2 and status["failed_shards"][0]["rows"] == "0-2"

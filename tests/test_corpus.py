@@ -12,7 +12,7 @@ import pytest
 from sparse_distill.corpus import corpus_format, index_rows, read_rows
 from sparse_distill.data import DataError
 
-TEXTS = [f"document {i}, with a comma and \"quotes\" {'é' * (i % 3)}" for i in range(23)]
+TEXTS = [f'document {i}, with a comma and "quotes" {"é" * (i % 3)}' for i in range(23)]
 
 
 @pytest.fixture(params=["parquet", "txt", "jsonl", "csv", "tsv"])
@@ -45,7 +45,9 @@ def test_every_format_streams_the_same_rows(corpus_file):
         got_texts += texts
         got_ids += ids
     assert got_texts == TEXTS
-    expected_ids = [f"corpus.{fmt}:{i}" for i in range(len(TEXTS))] if id_col is None else [f"id{i:03d}" for i in range(23)]
+    expected_ids = (
+        [f"corpus.{fmt}:{i}" for i in range(len(TEXTS))] if id_col is None else [f"id{i:03d}" for i in range(23)]
+    )
     assert got_ids == expected_ids
     # Without an offset a line file is scanned from the top: same rows.
     assert read_rows(path, 14, 21, "text", id_col)[0] == TEXTS[14:21]
