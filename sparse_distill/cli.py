@@ -117,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    for noisy in ("distributed", "httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     configure_environment()
     from sparse_distill.config import ConfigError
     from sparse_distill.data import DataError
@@ -242,7 +244,8 @@ def _progress_bar(out: str, every: float = 0.5) -> Iterator[None]:
             manifest = Path(out) / MANIFEST
             if bar is None and manifest.exists():
                 total = sum(s["stop"] - s["start"] for s in json.loads(manifest.read_text())["shards"])
-                bar = tqdm(total=total, unit="doc", desc="labelling", dynamic_ncols=True, smoothing=0.1)
+                # disable=None: a bar on a terminal only; logs carry the progress elsewhere.
+                bar = tqdm(total=total, unit="doc", desc="labelling", dynamic_ncols=True, smoothing=0.1, disable=None)
             if bar is None:
                 continue
             for rec in (Path(out) / SHARDS).glob("*.json"):
@@ -253,8 +256,9 @@ def _progress_bar(out: str, every: float = 0.5) -> Iterator[None]:
                         seen[rec.name] = (mtime, r["rows"] if r.get("status") == "done" else 0)
                 except (OSError, json.JSONDecodeError, KeyError):
                     continue
-            bar.n = sum(rows for _, rows in seen.values())
-            bar.refresh()
+            done = sum(rows for _, rows in seen.values())
+            if done != bar.n:
+                bar.update(done - bar.n)
         if bar is not None:
             bar.close()
 
