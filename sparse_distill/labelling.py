@@ -506,7 +506,8 @@ def prepare_job(job: LabelJob) -> dict[str, Any]:
     plan = open_plan(job.out, job_sources(job), job.label.shard_size, job.replan)
     teacher_fp = teacher_fingerprint(job.teacher)
     pending = pending_shards(job.out, plan, teacher_fp)
-    done_rows = sum(s.rows for s in plan.shards if s.index not in set(pending))
+    todo = set(pending)
+    done_rows = sum(s.rows for s in plan.shards if s.index not in todo)
     logger.info(
         "%s: %d shards, %d to label (%d of %d docs already done)",
         job.out,
