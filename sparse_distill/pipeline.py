@@ -34,7 +34,7 @@ from sparse_distill.labelling import CorpusSource, plan_shards, shard_texts
 from sparse_distill.student import load_student, save_student
 from sparse_distill.teacher import TeacherPredictor, finetune_teacher, teacher_fingerprint
 from sparse_distill.training import InMemoryBatches, SoftLabelStream, student_from_config, train_student
-from sparse_distill.vocab import NgramVocab, count_ngrams, vocab_from_counts
+from sparse_distill.vocab import NgramVocab, count_ngram_table_stream, vocab_from_table
 
 logger = logging.getLogger(__name__)
 
@@ -228,10 +228,10 @@ def iter_texts(sources: list[CorpusSource], chunk: int = 10_000) -> Iterator[str
 def run_vocab(cfg: PipelineConfig, out_dir: str | Path) -> dict:
     """Count n-grams over train + corpus and keep the top |V|."""
     sources = label_sources(cfg, "train") + label_sources(cfg, "corpus")
-    counts = count_ngrams(iter_texts(sources), cfg.vocab.ngram_max)
-    vocab = vocab_from_counts(counts, cfg.vocab.size, cfg.vocab.ngram_max, cfg.vocab.min_count, cfg.vocab.tie_rule)
+    counts = count_ngram_table_stream(iter_texts(sources), cfg.vocab.ngram_max)
+    vocab = vocab_from_table(counts, cfg.vocab.size, cfg.vocab.ngram_max, cfg.vocab.min_count, cfg.vocab.tie_rule)
     vocab.save(out_dir)
-    return write_result(out_dir, {"vocab_dir": str(out_dir), "size": len(vocab), "distinct_ngrams": len(counts)})
+    return write_result(out_dir, {"vocab_dir": str(out_dir), "size": len(vocab), "distinct_ngrams": counts.num_rows})
 
 
 def _train_stage(

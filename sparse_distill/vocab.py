@@ -15,6 +15,7 @@ Row order in `vocab.parquet` is the ranking (count descending), and row i is emb
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -63,7 +64,101 @@ def count_ngrams(texts: Iterable[str], ngram_max: int, counts: Counter[str] | No
     return counts
 
 
+@functools.cache
+def _non_word_pattern() -> str:
+    """An RE2 class matching what Python's `(?u)\\w` does not, built from Python's own definition of a word character
+    (`str.isalnum()` or `_`), so Arrow splits exactly where `tokenize` does (RE2's Unicode tables are newer)."""
+    ranges, start, prev = [], None, None
+    for cp in range(0x110000):
+        c = chr(cp)
+        if c.isalnum() or c == "_":
+            if start is None:
+                start = cp
+            prev = cp
+        elif start is not None:
+            ranges.append((start, prev))
+            start = None
+    if start is not None:
+        ranges.append((start, prev))
+    return "[^" + "".join(f"\\x{{{a:x}}}-\\x{{{b:x}}}" if a != b else f"\\x{{{a:x}}}" for a, b in ranges) + "]+"
+
+
+def count_ngram_table(texts: list[str], ngram_max: int) -> pa.Table:
+    """Counts of every n-gram (n = 1..ngram_max) over the texts as an Arrow table (ngram, count), vectorised.
+
+    Equals `count_ngrams` (the same tokens as CountVectorizer): lowercase with Python's `str.lower` (which knows
+    final sigma and dotted I), split on runs of non-word characters with Arrow, keep tokens of 2+ characters, join
+    neighbouring tokens of one document into n-grams and count them with Arrow's hash aggregation: no per-n-gram
+    Python loop.
+    """
+    lowered = pa.array([t.lower() for t in texts], pa.string())
+    parts = pc.split_pattern_regex(lowered, _non_word_pattern())
+    flat = parts.flatten()
+    doc = pc.list_parent_indices(parts)
+    keep = pc.greater_equal(pc.utf8_length(flat), 2)
+    tokens = pc.filter(flat, keep)
+    doc = pc.filter(doc, keep).to_numpy()
+    total = len(tokens)
+    pieces = []
+    for n in range(1, ngram_max + 1):
+        if total < n:
+            break
+        # An n-gram starts at i when tokens i..i+n-1 belong to one document.
+        same = np.ones(total - n + 1, dtype=bool)
+        for j in range(1, n):
+            same &= doc[j : total - n + 1 + j] == doc[: total - n + 1]
+        start = np.nonzero(same)[0]
+        cols = [pc.take(tokens, pa.array(start + j)) for j in range(n)]
+        grams = cols[0] if n == 1 else pc.binary_join_element_wise(*cols, " ")
+        pieces.append(pa.table({"ngram": grams}).group_by("ngram").aggregate([("ngram", "count")]))
+    if not pieces:
+        return pa.table({"ngram": pa.array([], pa.string()), "count": pa.array([], pa.int64())})
+    table = pa.concat_tables(pieces)
+    return pa.table({"ngram": table.column(0), "count": pc.cast(table.column(1), pa.int64())})
+
+
+def merge_count_tables(tables: list[pa.Table]) -> pa.Table:
+    """Sum (ngram, count) tables."""
+    if len(tables) == 1:
+        return tables[0]
+    merged = pa.concat_tables(tables).group_by("ngram").aggregate([("count", "sum")])
+    return pa.table({"ngram": merged.column("ngram"), "count": merged.column("count_sum")})
+
+
+def count_ngram_table_stream(texts: Iterable[str], ngram_max: int, chunk: int = 10_000) -> pa.Table:
+    """`count_ngram_table` over a stream of texts, counted `chunk` documents at a time and merged."""
+    total, batch = None, []
+    for text in texts:
+        batch.append(text)
+        if len(batch) == chunk:
+            part = count_ngram_table(batch, ngram_max)
+            total = part if total is None else merge_count_tables([total, part])
+            batch = []
+    if batch or total is None:
+        part = count_ngram_table(batch, ngram_max)
+        total = part if total is None else merge_count_tables([total, part])
+    return total
+
+
 TieRule = Literal["alphabetical", "sklearn"]
+
+
+def select_top_table(
+    counts: pa.Table, size: int, min_count: int = 1, tie_rule: TieRule = "alphabetical"
+) -> tuple[list[str], np.ndarray]:
+    """`select_top` over an (ngram, count) table, vectorised: the kept n-grams in rank order and their counts."""
+    if tie_rule not in ("alphabetical", "sklearn"):
+        raise ValueError(f"tie_rule must be 'alphabetical' or 'sklearn', not {tie_rule!r}")
+    if min_count > 1:
+        counts = counts.filter(pc.greater_equal(counts.column("count"), min_count))
+    # Arrow compares strings by UTF-8 bytes, which is code-point order: Python's string order.
+    counts = counts.take(pc.sort_indices(counts, [("ngram", "ascending")]))
+    c = counts.column("count").to_numpy()
+    if tie_rule == "sklearn" and len(c) > size:
+        order = (-c).argsort()[:size]  # numpy's default sort, exactly as CountVectorizer._limit_features
+    else:
+        order = np.argsort(-c, kind="stable")[:size]
+    return counts.column("ngram").take(pa.array(order)).to_pylist(), c[order]
 
 
 def select_top(
@@ -223,7 +318,16 @@ def build_vocab(
     texts: Iterable[str], size: int, ngram_max: int, min_count: int = 1, tie_rule: TieRule = "alphabetical"
 ) -> NgramVocab:
     """Count n-grams over the texts and keep the top `size` (see the module docstring for the tie rule)."""
-    return vocab_from_counts(count_ngrams(texts, ngram_max), size, ngram_max, min_count, tie_rule)
+    return vocab_from_table(count_ngram_table_stream(texts, ngram_max), size, ngram_max, min_count, tie_rule)
+
+
+def vocab_from_table(
+    counts: pa.Table, size: int, ngram_max: int, min_count: int = 1, tie_rule: TieRule = "alphabetical"
+) -> NgramVocab:
+    """Keep the top `size` n-grams of an (ngram, count) table as a vocabulary."""
+    ngrams, kept = select_top_table(counts, size, min_count, tie_rule)
+    logger.info("vocabulary: %d distinct n-grams, kept %d", counts.num_rows, len(ngrams))
+    return NgramVocab(ngrams=ngrams, counts=kept, ngram_max=ngram_max)
 
 
 def vocab_from_counts(

@@ -87,3 +87,33 @@ def test_min_count_and_bad_tie_rule():
     assert [g for g, _ in select_top({"a": 1, "b": 2}, 10, min_count=2)] == ["b"]
     with pytest.raises(ValueError, match="tie_rule"):
         select_top({"a": 1}, 1, tie_rule="random")
+
+
+def test_vectorised_counting_equals_the_python_tokeniser_on_tricky_unicode():
+    from sparse_distill.vocab import count_ngram_table, count_ngrams
+
+    texts = [
+        "Straße İstanbul cafe\u0301 x² ½ 中文 ٣٤ naïve ǅemal Ⅻ_roman a_b __ ÀÉÎ ΣΊΣΥΦΟΣ",
+        "\U00011f04\U00011f05ab ﬁne ﬂow Ωmega ℃ ① ⁴² ᾈ tab\tsep new\nline dots...and-dash 'q' 12 3",
+        "",
+        "a b c",
+    ] + [" ".join(random.Random(i).choices(["good", "bad", "film", "Film", "x", "é"], k=12)) for i in range(50)]
+    table = count_ngram_table(texts, 4)
+    assert dict(zip(table.column("ngram").to_pylist(), table.column("count").to_pylist(), strict=True)) == dict(
+        count_ngrams(texts, 4)
+    )
+
+
+@pytest.mark.parametrize("tie_rule", ["alphabetical", "sklearn"])
+def test_table_selection_equals_dict_selection_with_ties(tie_rule):
+    import pyarrow as pa
+
+    from sparse_distill.vocab import select_top_table
+
+    rng = random.Random(3)
+    counts = {f"g{i:03d}": rng.randint(1, 5) for i in range(400)}
+    table = pa.table({"ngram": list(counts), "count": list(counts.values())})
+    for size in (1, 37, 200, 500):
+        ngrams, kept = select_top_table(table, size, 2, tie_rule)
+        expected = select_top(counts, size, 2, tie_rule)
+        assert list(zip(ngrams, kept.tolist(), strict=True)) == expected
