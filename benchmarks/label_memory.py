@@ -22,40 +22,11 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 def tiny_teacher(out: Path) -> Path:
     """A random 1-layer BERT with a WordPiece tokenizer trained on synthetic words: no download."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
-    from tokenizers.processors import TemplateProcessing
-    from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
+    from sparse_distill.testing import make_tiny_teacher
 
     if (out / "config.json").exists():
         return out
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok.train_from_iterator(
-        [f"w{i}" for i in range(5000)], trainers.WordPieceTrainer(vocab_size=1000, special_tokens=special)
-    )
-    tok.post_processor = TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        unk_token="[UNK]",
-        pad_token="[PAD]",
-        cls_token="[CLS]",
-        sep_token="[SEP]",
-        mask_token="[MASK]",
-    )
-    cfg = BertConfig(
-        vocab_size=fast.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        num_labels=2,
-    )
-    BertForSequenceClassification(cfg).save_pretrained(out)
-    fast.save_pretrained(out)
-    return out
+    return make_tiny_teacher(out, [f"w{i}" for i in range(5000)], vocab_size=1000)
 
 
 def one(teacher: str, corpus: str, out: str) -> None:

@@ -75,18 +75,19 @@ def label_corpus_flow(job: LabelJob, tracking: TrackingRef | None = None, run_na
     shard_task = t.label_shard.with_options(retries=job.label.retries)
     threads = _torch_threads(job.label)
     futures = {}
-    for index in prep["pending"]:
-        fut = shard_task.submit(job, index, fp, threads)
-        futures[fut.task_run_id] = (fut, index)
+    for work in prep["work"]:
+        fut = shard_task.submit(job, work, fp, threads)
+        futures[fut.task_run_id] = (fut, work)
     failed: list[int] = []
     run_ctx, ref = _tracking_run(job, tracking, run_name)
     with run_ctx as sr:
         for fut in as_completed([f for f, _ in futures.values()]):
-            index = futures[fut.task_run_id][1]
+            work = futures[fut.task_run_id][1]
+            index = work["shard"]["index"]
             try:
                 record = fut.result()
             except Exception as e:  # noqa: BLE001 - recorded, and the flow fails at the end
-                t.record_failed_shard(job, index, f"{type(e).__name__}: {e}")
+                t.record_failed_shard(job, work, f"{type(e).__name__}: {e}")
                 failed.append(index)
                 continue
             done += record["rows"]

@@ -292,7 +292,11 @@ def file_checksum(path: str | Path) -> str:
 
 def shard_texts(manifest: LabelManifest, shard: ShardSpec) -> tuple[list[str], list[str]]:
     """Texts and ids of a shard, read back from its source file."""
-    src = manifest.sources[shard.source]
+    return read_shard(manifest.sources[shard.source], shard)
+
+
+def read_shard(src: CorpusSource, shard: ShardSpec) -> tuple[list[str], list[str]]:
+    """Texts and ids of rows [shard.start, shard.stop) of `src`."""
     return read_rows(src.path, shard.start, shard.stop, src.text_column, src.id_column, shard.offset, src.id_prefix)
 
 
@@ -312,14 +316,14 @@ def soft_label_table(ids: list[str], logits: np.ndarray) -> pa.Table:
 
 
 def label_shard(
-    manifest: LabelManifest, shard: ShardSpec, out_dir: str | Path, teacher, teacher_fp: str, batch_size: int = 64
+    source: CorpusSource, shard: ShardSpec, out_dir: str | Path, teacher, teacher_fp: str, batch_size: int = 64
 ) -> ShardSpec:
     """Label one shard: read its rows, run the teacher, write the Parquet file, then the shard's record.
 
     Both writes are atomic and the record comes last, so a record always describes a complete file.
     """
     start = time.perf_counter()
-    texts, ids = shard_texts(manifest, shard)
+    texts, ids = read_shard(source, shard)
     in_sum = input_checksum(ids, texts)
     logits = teacher.predict_logits(texts, batch_size=batch_size)
     shard_dir = Path(out_dir) / SHARDS
@@ -521,23 +525,28 @@ def prepare_job(job: LabelJob) -> dict[str, Any]:
         "teacher_fingerprint": teacher_fp,
         "shards": len(plan.shards),
         "pending": pending,
+        # What each pending shard's worker needs, so no worker reads the (large) manifest.
+        "work": [
+            {"shard": asdict(plan.shards[i]), "source": asdict(plan.sources[plan.shards[i].source])} for i in pending
+        ],
         "rows_total": plan.total_rows,
         "rows_done": done_rows,
     }
 
 
-def label_job_shard(job: LabelJob, index: int, teacher_fp: str) -> dict[str, Any]:
-    """Label shard `index` of a planned job on this worker (teacher loaded once per worker); returns its record."""
-    manifest = LabelManifest.load(job.out)
+def label_job_shard(job: LabelJob, work: dict[str, Any], teacher_fp: str) -> dict[str, Any]:
+    """Label one pending shard (an item of `prepare_job`'s `work`) on this worker; returns its record.
+
+    The teacher is loaded once per worker.
+    """
     teacher = cached_teacher(job.teacher, job_max_length(job), job.label.precision, job.label.quantize_int8)
-    record = label_shard(manifest, manifest.shards[index], job.out, teacher, teacher_fp, job.label.batch_size)
-    return asdict(record)
+    shard, source = ShardSpec(**work["shard"]), CorpusSource(**work["source"])
+    return asdict(label_shard(source, shard, job.out, teacher, teacher_fp, job.label.batch_size))
 
 
-def fail_job_shard(job: LabelJob, index: int, error: str) -> dict[str, Any]:
-    """Record shard `index` as failed with its error."""
-    manifest = LabelManifest.load(job.out)
-    return asdict(record_failure(job.out, manifest.shards[index], error))
+def fail_job_shard(job: LabelJob, work: dict[str, Any], error: str) -> dict[str, Any]:
+    """Record a pending shard (an item of `prepare_job`'s `work`) as failed with its error."""
+    return asdict(record_failure(job.out, ShardSpec(**work["shard"]), error))
 
 
 def finish_job(job: LabelJob) -> dict[str, Any]:
@@ -555,12 +564,12 @@ def run_label_job(job: LabelJob, progress: Any = None) -> dict[str, Any]:
     """
     prep = prepare_job(job)
     done = prep["rows_done"]
-    for index in prep["pending"]:
+    for work in prep["work"]:
         try:
-            done += label_job_shard(job, index, prep["teacher_fingerprint"])["rows"]
+            done += label_job_shard(job, work, prep["teacher_fingerprint"])["rows"]
         except Exception as e:  # noqa: BLE001 - a bad shard is recorded, the others go on
-            logger.error("shard %05d failed: %s", index, e)
-            fail_job_shard(job, index, f"{type(e).__name__}: {e}")
+            logger.error("shard %05d failed: %s", work["shard"]["index"], e)
+            fail_job_shard(job, work, f"{type(e).__name__}: {e}")
         if progress:
             progress(done, prep["rows_total"])
     return {**finish_job(job), "teacher_fingerprint": prep["teacher_fingerprint"]}

@@ -328,18 +328,3 @@ def vocab_from_table(
     ngrams, kept = select_top_table(counts, size, min_count, tie_rule)
     logger.info("vocabulary: %d distinct n-grams, kept %d", counts.num_rows, len(ngrams))
     return NgramVocab(ngrams=ngrams, counts=kept, ngram_max=ngram_max)
-
-
-def vocab_from_counts(
-    counts: Counter[str] | dict[str, int],
-    size: int,
-    ngram_max: int,
-    min_count: int = 1,
-    tie_rule: TieRule = "alphabetical",
-) -> NgramVocab:
-    """Keep the top `size` of counted n-grams as a vocabulary."""
-    top = select_top(counts, size, min_count, tie_rule)
-    logger.info("vocabulary: %d distinct n-grams, kept %d", len(counts), len(top))
-    return NgramVocab(
-        ngrams=[g for g, _ in top], counts=np.array([c for _, c in top], dtype=np.int64), ngram_max=ngram_max
-    )

@@ -32,16 +32,18 @@ def plan_labelling(job: LabelJob) -> dict[str, Any]:
 
 
 @task(name="label-shard", cache_policy=NO_CACHE, retry_delay_seconds=2)
-def label_shard(job: LabelJob, index: int, teacher_fp: str, torch_threads: int | None = None) -> dict[str, Any]:
-    """Label one shard on whichever worker runs this; the teacher is loaded once per worker."""
+def label_shard(
+    job: LabelJob, work: dict[str, Any], teacher_fp: str, torch_threads: int | None = None
+) -> dict[str, Any]:
+    """Label one pending shard (`work`: its spec and source) on whichever worker runs this."""
     if torch_threads:
         import torch
 
         torch.set_num_threads(torch_threads)
-    record = labelling.label_job_shard(job, index, teacher_fp)
+    record = labelling.label_job_shard(job, work, teacher_fp)
     get_run_logger().info(
         "shard %05d: %d docs in %.1f s (%.0f docs/s, pid %d)",
-        index,
+        record["index"],
         record["rows"],
         record["seconds"],
         record["rows"] / max(record["seconds"], 1e-9),
@@ -51,10 +53,10 @@ def label_shard(job: LabelJob, index: int, teacher_fp: str, torch_threads: int |
 
 
 @task(name="record-failed-shard", cache_policy=NO_CACHE)
-def record_failed_shard(job: LabelJob, index: int, error: str) -> dict[str, Any]:
+def record_failed_shard(job: LabelJob, work: dict[str, Any], error: str) -> dict[str, Any]:
     """Keep a shard's final error in its record, for `label-status`."""
-    get_run_logger().error("shard %05d failed after retries: %s", index, error)
-    return labelling.fail_job_shard(job, index, error)
+    get_run_logger().error("shard %05d failed after retries: %s", work["shard"]["index"], error)
+    return labelling.fail_job_shard(job, work, error)
 
 
 @task(name="collect-labels", cache_policy=NO_CACHE)

@@ -87,11 +87,11 @@ def test_poison_shard_fails_alone_and_a_rerun_labels_only_it(tiny_teacher, tmp_p
     real = labelling.label_job_shard
     calls: list[int] = []
 
-    def poisoned(job, index, teacher_fp):
-        calls.append(index)
-        if index == 2:
+    def poisoned(job, work, teacher_fp):
+        calls.append(work["shard"]["index"])
+        if work["shard"]["index"] == 2:
             raise MemoryError("injected: out of memory on shard 2")
-        return real(job, index, teacher_fp)
+        return real(job, work, teacher_fp)
 
     monkeypatch.setattr(labelling, "label_job_shard", poisoned)
     state = _flow(job)
@@ -106,7 +106,7 @@ def test_poison_shard_fails_alone_and_a_rerun_labels_only_it(tiny_teacher, tmp_p
 
     monkeypatch.setattr(labelling, "label_job_shard", real)
     calls.clear()
-    monkeypatch.setattr(labelling, "label_job_shard", lambda *a: calls.append(a[1]) or real(*a))
+    monkeypatch.setattr(labelling, "label_job_shard", lambda *a: calls.append(a[1]["shard"]["index"]) or real(*a))
     assert _flow(job).is_completed()
     assert calls == [2]
     after = {p.name: (file_checksum(p), p.stat().st_mtime_ns) for p in shards.glob("*.parquet")}
