@@ -53,7 +53,21 @@ class TeacherConfig(_Strict):
     skip_finetune: bool = Field(False, description="Use the checkpoint as it is (already fine-tuned on the task).")
 
 
-class LabelConfig(_Strict):
+class RunnerConfig(_Strict):
+    """Where a stage's shards run: the Prefect task runner and its size."""
+
+    runner: Literal["thread", "process", "dask"] = Field(
+        "thread", description="Prefect task runner for the shards: threads, local processes, or Dask."
+    )
+    workers: int = Field(1, ge=1, description="Shards run at once (threads, processes or Dask workers).")
+    dask_address: str | None = Field(None, description="Scheduler address of an existing Dask cluster (tcp://...).")
+    retries: int = Field(2, ge=0, description="Retries of a failing shard before it is recorded as failed.")
+
+    # How the work is spread: these settings never change the results, so they stay out of cache keys.
+    RUNTIME_FIELDS: ClassVar[set[str]] = {"runner", "workers", "dask_address", "retries"}
+
+
+class LabelConfig(RunnerConfig):
     """Labelling the train set and the corpus with the teacher's soft labels."""
 
     shard_size: int = Field(10_000, ge=1, description="Documents per Parquet shard.")
@@ -65,26 +79,27 @@ class LabelConfig(_Strict):
         description="Teacher numerics: bf16 (GPU or CPU) or fp16 (GPU) autocast; auto = bf16 on a GPU, fp32 on a CPU.",
     )
     quantize_int8: bool = Field(False, description="Dynamic int8 quantisation of the teacher on a CPU (faster).")
-    runner: Literal["thread", "process", "dask"] = Field(
-        "thread", description="Prefect task runner for the shards: threads, local processes, or Dask."
-    )
-    workers: int = Field(1, ge=1, description="Shards labelled at once (threads, processes or Dask workers).")
-    dask_address: str | None = Field(None, description="Scheduler address of an existing Dask cluster (tcp://...).")
-    retries: int = Field(2, ge=0, description="Retries of a failing shard before it is recorded as failed.")
-
-    # How the work is spread: these settings never change the labels, so they stay out of cache keys.
-    RUNTIME_FIELDS: ClassVar[set[str]] = {"runner", "workers", "dask_address", "retries"}
 
 
-class VocabConfig(_Strict):
-    """The n-gram vocabulary."""
+class VocabConfig(RunnerConfig):
+    """The n-gram vocabulary, and how its counting is spread (see sparse_distill.counting)."""
 
     size: int = Field(1_000_000, ge=1, description="Keep the top |V| n-grams by total count.")
     ngram_max: int = Field(4, ge=1, le=8, description="Count n-grams for n = 1..ngram_max.")
     min_count: int = Field(1, ge=1, description="Drop n-grams seen fewer times than this.")
     tie_rule: Literal["alphabetical", "sklearn"] = Field(
-        "alphabetical", description="Order among n-grams tied at the cut (see sparse_distill.vocab)."
+        "alphabetical",
+        description="Order among n-grams tied at the cut (see sparse_distill.vocab); 'sklearn' holds all counts "
+        "in memory at the final selection.",
     )
+    shard_size: int = Field(50_000, ge=1, description="Documents per counting shard (the unit of resume).")
+    memory_mb: int = Field(
+        1024, ge=64, description="Memory per worker for counting and summing; partial counts spill to disk beyond it."
+    )
+    partitions: int = Field(64, ge=1, le=65_536, description="Hash partitions of the spilled counts (reduce tasks).")
+
+    # The kept vocabulary does not depend on these either.
+    RUNTIME_FIELDS: ClassVar[set[str]] = RunnerConfig.RUNTIME_FIELDS | {"shard_size", "memory_mb", "partitions"}
 
 
 class StudentConfig(_Strict):
@@ -141,6 +156,18 @@ class LabelJob(_Strict):
     replan: bool = Field(False, description="Discard labels in `out` made for another corpus or shard size.")
     label: LabelConfig = Field(default_factory=LabelConfig)
     tracking: TrackingConfig | None = Field(None, description="Log per-shard docs/s to MLflow (None: no tracking).")
+
+
+class VocabJob(_Strict):
+    """A standalone counting job (`sparse-distill vocab`): corpus files in, `OUT/vocab.parquet` out."""
+
+    inputs: list[str] = Field(..., min_length=1, description="Corpus files: Parquet, JSONL, CSV/TSV or text; globs.")
+    out: str = Field(..., description="Output directory: vocab.parquet, plus the spills and counts it resumes from.")
+    text_column: str = Field("text", description="Column (or JSON key) holding the document text.")
+    limit: int | None = Field(None, ge=1, description="Count only the first N documents of each file.")
+    replan: bool = Field(False, description="Discard counts in `out` made for other inputs or settings.")
+    keep_spills: bool = Field(False, description="Keep the per-shard spills once every partition is summed.")
+    vocab: VocabConfig = Field(default_factory=VocabConfig)
 
 
 class PipelineConfig(_Strict):

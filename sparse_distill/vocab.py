@@ -294,12 +294,8 @@ class NgramVocab:
 
     def save(self, out_dir: str | Path) -> Path:
         """Write `vocab.parquet` (ngram, count; row order = embedding row) and `vocab.json` (settings)."""
-        out_dir = Path(out_dir)
         table = pa.table({"ngram": pa.array(self.ngrams, pa.string()), "count": pa.array(self.counts, pa.int64())})
-        atomic_write_parquet(table, out_dir / "vocab.parquet")
-        meta = {"ngram_max": self.ngram_max, "size": len(self), "token_pattern": TOKEN_PATTERN, "lowercase": True}
-        atomic_write_text(out_dir / "vocab.json", json.dumps(meta, indent=2))
-        return out_dir / "vocab.parquet"
+        return write_vocab(table, self.ngram_max, out_dir)
 
     @classmethod
     def load(cls, out_dir: str | Path) -> NgramVocab:
@@ -328,3 +324,15 @@ def vocab_from_table(
     ngrams, kept = select_top_table(counts, size, min_count, tie_rule)
     logger.info("vocabulary: %d distinct n-grams, kept %d", counts.num_rows, len(ngrams))
     return NgramVocab(ngrams=ngrams, counts=kept, ngram_max=ngram_max)
+
+
+def write_vocab(table: pa.Table, ngram_max: int, out_dir: str | Path, extra: dict | None = None) -> Path:
+    """Write a ranked (ngram, count) table as `vocab.parquet` (row i = embedding row i) and its `vocab.json`."""
+    out_dir = Path(out_dir)
+    table = pa.table(
+        {"ngram": pc.cast(table.column("ngram"), pa.string()), "count": pc.cast(table.column("count"), pa.int64())}
+    )
+    atomic_write_parquet(table, out_dir / "vocab.parquet")
+    meta = {"ngram_max": ngram_max, "size": table.num_rows, "token_pattern": TOKEN_PATTERN, "lowercase": True}
+    atomic_write_text(out_dir / "vocab.json", json.dumps({**meta, **(extra or {})}, indent=2))
+    return out_dir / "vocab.parquet"

@@ -1,0 +1,665 @@
+"""Corpus-scale n-gram counting: map shards to hash-partitioned spills, sum each partition, select the top |V|.
+
+No step holds all distinct n-grams, and each step's memory is bounded by `memory_mb` (and the final selection by
+|V|), not by the corpus:
+- map: a shard's documents are counted a chunk at a time (`count_ngram_table`, the student's own tokenisation);
+  partial counts are merged until they near the budget, then spilled to the shard's Parquet file, one row group
+  per hash partition of the n-gram.
+- reduce: each partition sums its row groups from every shard; a partition too big for the budget is summed in
+  several passes, each over a disjoint slice of the hash space.
+- select: a histogram of counts from every partition gives the count at the cut; then only n-grams at or above it
+  are read, and the ties at the cut are resolved by the tie rule of `sparse_distill.vocab`.
+
+Layout of OUT (resumable: a re-run redoes only what is missing or stale):
+    OUT/manifest.json          the plan: corpus files, shard row ranges, file sizes and mtimes
+    OUT/counting.json          settings the counts depend on (n-gram order, partitions, tokenisation)
+    OUT/spills/NNNNN.parquet   shard N's partial counts (ngram, count); each row group holds one partition
+    OUT/spills/NNNNN.json      shard N's record: which row group is which partition, its input checksum
+    OUT/counts/PPPPP.parquet   partition P's total counts (ngram, count) over the whole corpus
+    OUT/counts/PPPPP.json      partition P's record: the shard inputs it summed, a histogram of its counts
+    OUT/counts/_SUCCESS.json   every partition summed from these inputs (the spills may then be removed)
+    OUT/vocab.parquet          the kept n-grams (ngram, count); row i is embedding row i
+    OUT/vocab.json             the vocabulary's settings (read by `NgramVocab.load`)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from sparse_distill.config import VocabJob
+from sparse_distill.data import DataError, atomic_write_text, expand_paths
+from sparse_distill.labelling import (
+    MANIFEST,
+    CorpusSource,
+    LabelManifest,
+    ShardSpec,
+    input_checksum,
+    plan_shards,
+    read_shard,
+)
+from sparse_distill.vocab import TOKEN_PATTERN, _mix, count_ngram_table, select_top_table, write_vocab
+
+logger = logging.getLogger(__name__)
+
+SETTINGS = "counting.json"
+SPILLS = "spills"
+COUNTS = "counts"
+SUCCESS = "_SUCCESS.json"
+# Bumped when the spill or partition layout changes, so old counts are never mixed with new ones.
+FORMAT_VERSION = 1
+# Peak memory of `count_ngram_table` per character of text (n = 1..4 takes and joins), measured: ~25 bytes.
+_BYTES_PER_CHAR = 32
+# Peak memory of merging count tables, as a multiple of their Arrow size (concatenation plus the hash table).
+_MERGE_FACTOR = 3
+
+
+# --- hashing n-grams to partitions ----------------------------------------------------------------------------------
+
+
+def ngram_hash(ngrams: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """A 64-bit hash of each string, vectorised over Arrow's buffers, the same on every machine and process.
+
+    Hashes the length, the first 8 and the last 8 bytes: enough to spread distinct n-grams evenly, and ~10x faster
+    than hashing every byte. Only used to partition work, never as an identity.
+    """
+    arr = ngrams.combine_chunks() if isinstance(ngrams, pa.ChunkedArray) else ngrams
+    if len(arr) == 0:
+        return np.zeros(0, np.uint64)
+    width = 8 if pa.types.is_large_string(arr.type) else 4
+    offs = np.frombuffer(arr.buffers()[1], dtype=np.int64 if width == 8 else np.int32, count=len(arr) + 1,
+                         offset=arr.offset * width).astype(np.int64)  # fmt: skip
+    data = np.frombuffer(arr.buffers()[2], dtype=np.uint8) if arr.buffers()[2] is not None else np.zeros(0, np.uint8)
+    padded = np.concatenate([np.zeros(8, np.uint8), data[: offs[-1]], np.zeros(8, np.uint8)])
+    lens = np.diff(offs)
+    k = np.arange(8)
+    head = np.where(k < lens[:, None], padded[(offs[:-1] + 8)[:, None] + k], 0).astype(np.uint8)
+    tail = np.where(k >= 8 - lens[:, None], padded[offs[1:][:, None] + k], 0).astype(np.uint8)
+    a = np.ascontiguousarray(head).view(np.uint64).ravel()
+    b = np.ascontiguousarray(tail).view(np.uint64).ravel()
+    with np.errstate(over="ignore"):
+        return _mix(_mix(a ^ lens.astype(np.uint64)) ^ b)
+
+
+def partition_of(ngrams: pa.Array | pa.ChunkedArray, partitions: int) -> np.ndarray:
+    """The hash partition (0..partitions-1) of each n-gram."""
+    return (ngram_hash(ngrams) % np.uint64(partitions)).astype(np.int64)
+
+
+# --- map: one shard -> one spill file -------------------------------------------------------------------------------
+
+
+@dataclass
+class SpillRecord:
+    """A counted shard: rows [start, stop) of one source, and where each partition's counts are in its spill."""
+
+    index: int
+    source: int
+    start: int
+    stop: int
+    status: str = "done"
+    docs: int = 0
+    input_checksum: str | None = None
+    spill_bytes: int = 0
+    distinct: int = 0  # rows spilled (an n-gram spilled twice counts twice)
+    seconds: float = 0.0
+    # [partition, row group, rows, in-memory bytes] for every row group of the spill
+    row_groups: list[list[int]] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.index:05d}.parquet"
+
+    @property
+    def record_name(self) -> str:
+        return f"{self.index:05d}.json"
+
+
+_SCHEMA = pa.schema([("ngram", pa.string()), ("count", pa.int64())])
+
+
+def _tmp_path(path: Path) -> Path:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    return Path(tmp)
+
+
+class _SpillWriter:
+    """Appends count tables to one Parquet file, one row group per partition per spill."""
+
+    def __init__(self, path: Path, partitions: int) -> None:
+        self.path, self.partitions = path, partitions
+        self.tmp = _tmp_path(path)
+        self.writer = pq.ParquetWriter(self.tmp, _SCHEMA, compression="lz4")
+        self.row_groups: list[list[int]] = []
+
+    def spill(self, table: pa.Table) -> None:
+        part = partition_of(table.column("ngram"), self.partitions)
+        order = np.argsort(part, kind="stable")
+        table, part = table.take(pa.array(order)), part[order]
+        bounds = np.searchsorted(part, np.arange(self.partitions + 1))
+        for p in np.nonzero(np.diff(bounds))[0]:
+            piece = table.slice(int(bounds[p]), int(bounds[p + 1] - bounds[p]))
+            self.writer.write_table(piece, row_group_size=piece.num_rows)  # exactly one row group
+            self.row_groups.append([int(p), len(self.row_groups), piece.num_rows, piece.nbytes])
+
+    def close(self) -> int:
+        self.writer.close()
+        os.chmod(self.tmp, 0o644)
+        os.replace(self.tmp, self.path)
+        return self.path.stat().st_size
+
+    def abort(self) -> None:
+        self.writer.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def count_shard(
+    source: CorpusSource, shard: ShardSpec, out_dir: str | Path, ngram_max: int, partitions: int, memory_mb: int
+) -> SpillRecord:
+    """Count one shard's n-grams into `OUT/spills/NNNNN.parquet`, then write its record (both atomically).
+
+    Documents are counted in chunks sized to the budget; partial counts are merged while they fit in about a
+    quarter of `memory_mb` and spilled, hash-partitioned, when they do not.
+    """
+    start = time.perf_counter()
+    texts, ids = read_shard(source, shard)
+    in_sum = input_checksum(ids, texts)
+    del ids
+    budget = memory_mb * 2**20
+    chunk_chars = max(budget // (4 * _BYTES_PER_CHAR), 1 << 16)
+    hold_bytes = budget // (4 * _MERGE_FACTOR)
+    spill_dir = Path(out_dir) / SPILLS
+    spill_dir.mkdir(parents=True, exist_ok=True)
+    rec = SpillRecord(shard.index, shard.source, shard.start, shard.stop, docs=len(texts), input_checksum=in_sum)
+    writer = _SpillWriter(spill_dir / rec.name, partitions)
+    try:
+        held: list[pa.Table] = []
+        held_bytes = 0
+        for chunk in _chunks_by_chars(texts, chunk_chars):
+            part = count_ngram_table(chunk, ngram_max)
+            held.append(part)
+            held_bytes += part.nbytes
+            if held_bytes > hold_bytes:
+                merged = _sum_tables(held)
+                held = []
+                if merged.nbytes > hold_bytes // 2:
+                    # Merging no longer shrinks the counts much (rare n-grams dominate): spill them.
+                    writer.spill(merged)
+                    held_bytes = 0
+                else:
+                    held, held_bytes = [merged], merged.nbytes
+        if held:
+            writer.spill(_sum_tables(held))
+        rec.spill_bytes = writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    rec.row_groups = writer.row_groups
+    rec.distinct = sum(rg[2] for rg in writer.row_groups)
+    rec.seconds = round(time.perf_counter() - start, 3)
+    logger.info(
+        "shard %05d: %d docs, %d partial counts in %.1f s (%.0f docs/s)",
+        rec.index,
+        rec.docs,
+        rec.distinct,
+        rec.seconds,
+        rec.docs / max(rec.seconds, 1e-9),
+    )
+    atomic_write_text(spill_dir / rec.record_name, json.dumps(asdict(rec)))
+    return rec
+
+
+def _chunks_by_chars(texts: list[str], max_chars: int):
+    batch, size = [], 0
+    for text in texts:
+        batch.append(text)
+        size += len(text)
+        if size >= max_chars:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def _sum_tables(tables: list[pa.Table]) -> pa.Table:
+    if len(tables) == 1:
+        return tables[0]
+    merged = pa.concat_tables(tables).group_by("ngram").aggregate([("count", "sum")])
+    return pa.table({"ngram": merged.column("ngram"), "count": merged.column("count_sum")})
+
+
+def record_shard_failure(out_dir: str | Path, shard: ShardSpec, error: str) -> SpillRecord:
+    """Record a shard that failed after its retries, with its error."""
+    rec = SpillRecord(shard.index, shard.source, shard.start, shard.stop, status="failed", error=error)
+    atomic_write_text(Path(out_dir) / SPILLS / rec.record_name, json.dumps(asdict(rec)))
+    return rec
+
+
+def read_spill_record(out_dir: str | Path, shard: ShardSpec) -> SpillRecord | None:
+    """The shard's record if it is readable and belongs to this shard of the plan, else None."""
+    path = Path(out_dir) / SPILLS / f"{shard.index:05d}.json"
+    try:
+        rec = SpillRecord(**json.loads(path.read_text()))
+    except (OSError, json.JSONDecodeError, TypeError):
+        return None
+    if (rec.index, rec.source, rec.start, rec.stop) != (shard.index, shard.source, shard.start, shard.stop):
+        return None
+    return rec
+
+
+def spill_is_complete(out_dir: str | Path, rec: SpillRecord | None) -> bool:
+    """Done, and its spill file is there with the recorded size (a file cut short by a crash is not)."""
+    if rec is None or rec.status != "done":
+        return False
+    path = Path(out_dir) / SPILLS / rec.name
+    return path.exists() and path.stat().st_size == rec.spill_bytes
+
+
+# --- reduce: one partition summed over every shard ------------------------------------------------------------------
+
+
+@dataclass
+class PartitionRecord:
+    """A summed partition: the shard inputs it came from, its size and a histogram of its counts."""
+
+    part: int
+    inputs: str  # fingerprint of the shard inputs summed
+    rows: int
+    bytes: int
+    passes: int
+    seconds: float
+    histogram: list[list[int]]  # [count, number of n-grams with that count], count ascending
+
+    @property
+    def name(self) -> str:
+        return f"{self.part:05d}.parquet"
+
+
+def reduce_partition(
+    out_dir: str | Path, part: int, pieces: list[list[int]], partitions: int, memory_mb: int, inputs: str
+) -> PartitionRecord:
+    """Sum partition `part` over its spilled row groups (`pieces`: [shard, row group, rows, bytes]) into
+    `OUT/counts/PPPPP.parquet`, then write its record.
+
+    A partition bigger than the budget is summed in several passes over disjoint slices of the hash space, so a
+    pass holds about `memory_mb`.
+    """
+    start = time.perf_counter()
+    out_dir = Path(out_dir)
+    total = sum(p[3] for p in pieces)
+    passes = max(1, math.ceil(total * _MERGE_FACTOR / (memory_mb * 2**20)))
+    counts_dir = out_dir / COUNTS
+    counts_dir.mkdir(parents=True, exist_ok=True)
+    path = counts_dir / f"{part:05d}.parquet"
+    tmp = _tmp_path(path)
+    writer = pq.ParquetWriter(tmp, _SCHEMA, compression="zstd")
+    histogram: Counter[int] = Counter()
+    rows = 0
+    try:
+        files: dict[int, pq.ParquetFile] = {}
+        for k in range(passes):
+            tables = []
+            for shard, rg, _, _ in pieces:
+                if shard not in files:
+                    files[shard] = pq.ParquetFile(out_dir / SPILLS / f"{shard:05d}.parquet")
+                table = files[shard].read_row_group(rg)
+                if passes > 1:
+                    # The hash's bits above the partition number pick the pass.
+                    h = ngram_hash(table.column("ngram")) // np.uint64(partitions)
+                    table = table.filter(pa.array(h % np.uint64(passes) == np.uint64(k)))
+                tables.append(table)
+            summed = _sum_tables(tables) if tables else _SCHEMA.empty_table()
+            del tables
+            writer.write_table(summed)
+            rows += summed.num_rows
+            values, freq = np.unique(summed.column("count").to_numpy(), return_counts=True)
+            histogram.update(dict(zip(values.tolist(), freq.tolist(), strict=True)))
+        writer.close()
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    rec = PartitionRecord(
+        part=part,
+        inputs=inputs,
+        rows=rows,
+        bytes=path.stat().st_size,
+        passes=passes,
+        seconds=round(time.perf_counter() - start, 3),
+        histogram=sorted([c, n] for c, n in histogram.items()),
+    )
+    atomic_write_text(counts_dir / f"{part:05d}.json", json.dumps(asdict(rec)))
+    logger.info("partition %05d: %d distinct n-grams in %d pass(es), %.1f s", part, rows, passes, rec.seconds)
+    return rec
+
+
+def read_partition_record(out_dir: str | Path, part: int, inputs: str) -> PartitionRecord | None:
+    """The partition's record if it was summed from these inputs and its file is intact, else None."""
+    path = Path(out_dir) / COUNTS / f"{part:05d}.json"
+    try:
+        rec = PartitionRecord(**json.loads(path.read_text()))
+    except (OSError, json.JSONDecodeError, TypeError):
+        return None
+    data = Path(out_dir) / COUNTS / rec.name
+    if rec.inputs != inputs or not data.exists() or data.stat().st_size != rec.bytes:
+        return None
+    return rec
+
+
+# --- select: the global top |V| -------------------------------------------------------------------------------------
+
+
+def cut_count(histogram: dict[int, int], size: int, min_count: int) -> tuple[int, int, int]:
+    """From the corpus-wide histogram {count: n-grams}: the count at the cut, how many n-grams above it are kept,
+    and how many of those tied at it. When fewer than `size` n-grams reach `min_count`, all of them are kept."""
+    above = 0
+    for c in sorted((c for c in histogram if c >= min_count), reverse=True):
+        n = histogram[c]
+        if above + n >= size:
+            return c, above, size - above
+        above += n
+    return min_count, above, 0  # everything eligible is kept: no cut
+
+
+def select_vocab(
+    out_dir: str | Path, records: list[PartitionRecord], size: int, min_count: int, tie_rule: str
+) -> tuple[pa.Table, int]:
+    """The kept n-grams (ngram, count), in rank order, and the number of distinct n-grams counted.
+
+    "alphabetical" reads only the n-grams at or above the cut, and keeps at most `size` of the tied ones at a time.
+    "sklearn" reproduces CountVectorizer's unstable tie order, which depends on every count, so it reads them all.
+    """
+    counts_dir = Path(out_dir) / COUNTS
+    histogram: Counter[int] = Counter()
+    for rec in records:
+        histogram.update({c: n for c, n in rec.histogram})
+    distinct = sum(histogram.values())
+    if tie_rule == "sklearn":
+        table = pa.concat_tables(
+            [pq.read_table(counts_dir / r.name, filters=[("count", ">=", min_count)]) for r in records]
+        )
+        ngrams, kept = select_top_table(table, size, min_count, "sklearn")
+        return pa.table({"ngram": pa.array(ngrams, pa.string()), "count": pa.array(kept, pa.int64())}), distinct
+    cut, _, tied_wanted = cut_count(histogram, size, min_count)
+    above_parts: list[pa.Table] = []
+    tied = _SCHEMA.empty_table()
+    for rec in records:
+        table = pq.read_table(counts_dir / rec.name, filters=[("count", ">=", cut)])
+        if tied_wanted == 0:
+            above_parts.append(table)
+            continue
+        c = table.column("count")
+        above_parts.append(table.filter(pc.greater(c, cut)))
+        # Ties at the cut: keep the alphabetically first `tied_wanted` seen so far (bounded by |V|).
+        tied = pa.concat_tables([tied, table.filter(pc.equal(c, cut))])
+        tied = tied.take(pc.sort_indices(tied, [("ngram", "ascending")])[:tied_wanted])
+    kept = pa.concat_tables([*above_parts, tied]).combine_chunks()
+    kept = kept.take(pc.sort_indices(kept, [("count", "descending"), ("ngram", "ascending")]))
+    return kept, distinct
+
+
+# --- the plan and a whole job: what the CLI, the flow and the pipeline share ----------------------------------------
+
+
+def job_sources(job: VocabJob) -> list[CorpusSource]:
+    """The job's input files (globs expanded, sorted) as sources."""
+    return [CorpusSource(p, job.text_column, None, job.limit) for p in expand_paths(job.inputs)]
+
+
+def job_settings(job: VocabJob) -> dict[str, Any]:
+    """What the counts depend on besides the corpus; a change means counting again."""
+    return {
+        "format": FORMAT_VERSION,
+        "ngram_max": job.vocab.ngram_max,
+        "partitions": job.vocab.partitions,
+        "token_pattern": TOKEN_PATTERN,
+        "lowercase": True,
+    }
+
+
+def open_count_plan(job: VocabJob) -> LabelManifest:
+    """The plan for `job.out`: the existing one when the inputs and settings match, else a new one.
+
+    Counts made from other inputs or settings are an error unless `job.replan` (then they are removed). When a file
+    was edited in place (same row count), only the shards whose text changed are counted again.
+    """
+    out = Path(job.out)
+    plan = plan_shards(job_sources(job), job.vocab.shard_size)
+    settings = job_settings(job)
+    try:
+        old: LabelManifest | None = LabelManifest.load(out)
+        old_settings = json.loads((out / SETTINGS).read_text())
+    except FileNotFoundError:
+        old, old_settings = None, None
+    if old is not None and old_settings == settings and old.same_plan(plan):
+        plan = old
+    elif old is not None and old_settings == settings and old.same_ranges(plan):
+        _forget_changed_shards(out, plan)
+    elif old is not None:
+        if not job.replan:
+            raise DataError(
+                f"{out / MANIFEST}: this directory holds counts of other inputs or settings "
+                f"({[s.path for s in old.sources]}, shard size {old.shard_size}, {old_settings}). "
+                "Use a new --out, or --replan to discard those counts."
+            )
+        logger.warning("%s: the inputs or settings changed; discarding the old counts", out)
+        for sub in (SPILLS, COUNTS):
+            for p in (out / sub).glob("*"):
+                p.unlink()
+        (out / SETTINGS).unlink(missing_ok=True)
+    for sub in (SPILLS, COUNTS):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+        for p in (out / sub).glob(".*.tmp"):  # left by a killed process; only renamed files count
+            p.unlink(missing_ok=True)
+    atomic_write_text(out / SETTINGS, json.dumps(settings, indent=2))
+    plan.save(out)
+    return plan
+
+
+def _forget_changed_shards(out: Path, plan: LabelManifest) -> None:
+    redo = 0
+    for shard in plan.shards:
+        rec = read_spill_record(out, shard)
+        if rec is None or rec.status != "done":
+            continue
+        try:
+            texts, ids = read_shard(plan.sources[shard.source], shard)
+            same = input_checksum(ids, texts) == rec.input_checksum
+        except DataError:
+            same = False
+        if not same:
+            (out / SPILLS / rec.record_name).unlink(missing_ok=True)
+            redo += 1
+    logger.warning("%s: a corpus file changed since planning; %d counted shards will be counted again", out, redo)
+
+
+def inputs_fingerprint(records: list[SpillRecord]) -> str:
+    """Which shard inputs a partition sums: their input checksums in plan order."""
+    h = hashlib.sha256()
+    for r in records:
+        h.update(f"{r.index}:{r.input_checksum};".encode())
+    return h.hexdigest()[:32]
+
+
+def _success(out: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((out / COUNTS / SUCCESS).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def prepare_count(job: VocabJob) -> dict[str, Any]:
+    """Plan (or reopen) the job's output and list the shards still to count; returns a small manifest.
+
+    Nothing is pending when every partition was already summed from the same inputs (spills may be gone then).
+    """
+    out = Path(job.out)
+    plan = open_count_plan(job)
+    records = [read_spill_record(out, s) for s in plan.shards]
+    done = [r for r in records if r is not None and r.status == "done"]
+    success = _success(out)
+    summed = (
+        success is not None
+        and len(done) == len(plan.shards)
+        and success.get("inputs") == inputs_fingerprint(done)
+        and success.get("settings") == job_settings(job)
+    )
+    pending = (
+        [] if summed else [s.index for s, r in zip(plan.shards, records, strict=True) if not spill_is_complete(out, r)]
+    )
+    todo = set(pending)
+    docs_done = sum(s.size for s in plan.shards if s.index not in todo)
+    logger.info("%s: %d shards, %d to count (%d of %d docs done)", out, len(plan.shards), len(pending),
+                docs_done, plan.total_rows)  # fmt: skip
+    return {
+        "out": str(out.resolve()),
+        "shards": len(plan.shards),
+        "pending": pending,
+        "work": [
+            {"shard": asdict(plan.shards[i]), "source": asdict(plan.sources[plan.shards[i].source])} for i in pending
+        ],
+        "docs_total": plan.total_rows,
+        "docs_done": docs_done,
+        "summed": summed,
+    }
+
+
+def count_job_shard(job: VocabJob, work: dict[str, Any]) -> dict[str, Any]:
+    """Count one pending shard (an item of `prepare_count`'s `work`); returns its record."""
+    shard, source = ShardSpec(**work["shard"]), CorpusSource(**work["source"])
+    v = job.vocab
+    return asdict(count_shard(source, shard, job.out, v.ngram_max, v.partitions, v.memory_mb))
+
+
+def fail_count_shard(job: VocabJob, work: dict[str, Any], error: str) -> dict[str, Any]:
+    """Record a pending shard (an item of `prepare_count`'s `work`) as failed with its error."""
+    return asdict(record_shard_failure(job.out, ShardSpec(**work["shard"]), error))
+
+
+class CountingFailed(DataError):
+    """Some shards failed after their retries; the others are counted."""
+
+
+def prepare_reduce(job: VocabJob) -> dict[str, Any]:
+    """Check every shard is counted and list the partitions still to sum, each with its row groups."""
+    out = Path(job.out)
+    plan = LabelManifest.load(out)
+    records = [read_spill_record(out, s) for s in plan.shards]
+    failed = [(s, r) for s, r in zip(plan.shards, records, strict=True) if r is not None and r.status == "failed"]
+    if failed:
+        lines = "; ".join(
+            f"{r.name} ({plan.sources[s.source].path} rows {s.start}-{s.stop}): {r.error}" for s, r in failed
+        )
+        raise CountingFailed(
+            f"{len(failed)} of {len(plan.shards)} shards failed: {lines}. The others are counted; fix the cause and "
+            "re-run the same command."
+        )
+    missing = [s.index for s, r in zip(plan.shards, records, strict=True) if r is None or r.status != "done"]
+    if missing:
+        raise CountingFailed(f"{out}: shards {missing[:10]} are not counted yet; re-run the same command")
+    done = [r for r in records if r is not None]
+    inputs = inputs_fingerprint(done)
+    partitions = job.vocab.partitions
+    pieces: list[list[list[int]]] = [[] for _ in range(partitions)]
+    for r in done:
+        for p, rg, rows, nbytes in r.row_groups:
+            pieces[p].append([r.index, rg, rows, nbytes])
+    pending = [p for p in range(partitions) if read_partition_record(out, p, inputs) is None]
+    return {
+        "inputs": inputs,
+        "partitions": partitions,
+        "pending": pending,
+        "work": [{"part": p, "pieces": pieces[p]} for p in pending],
+        "docs": sum(r.docs for r in done),
+    }
+
+
+def reduce_job_partition(job: VocabJob, work: dict[str, Any], inputs: str) -> dict[str, Any]:
+    """Sum one partition (an item of `prepare_reduce`'s `work`); returns its record."""
+    v = job.vocab
+    return asdict(reduce_partition(job.out, work["part"], work["pieces"], v.partitions, v.memory_mb, inputs))
+
+
+def finish_count(job: VocabJob, inputs: str, docs: int) -> dict[str, Any]:
+    """Select the top |V| from the summed partitions, write `vocab.parquet`, and (unless kept) remove the spills."""
+    out = Path(job.out)
+    v = job.vocab
+    records = []
+    for p in range(v.partitions):
+        rec = read_partition_record(out, p, inputs)
+        if rec is None:
+            raise CountingFailed(f"{out / COUNTS}: partition {p:05d} is missing or stale; re-run the same command")
+        records.append(rec)
+    start = time.perf_counter()
+    kept, distinct = select_vocab(out, records, v.size, v.min_count, v.tie_rule)
+    write_vocab(kept, v.ngram_max, out, extra={"distinct_ngrams": distinct, "docs": docs, "min_count": v.min_count,
+                                               "tie_rule": v.tie_rule})  # fmt: skip
+    atomic_write_text(
+        out / COUNTS / SUCCESS,
+        json.dumps({"inputs": inputs, "settings": job_settings(job), "spills_kept": job.keep_spills}),
+    )
+    if not job.keep_spills:
+        for p in (out / SPILLS).glob("*.parquet"):
+            p.unlink()
+    logger.info("%s: kept %d of %d distinct n-grams (%.1f s to select)", out, kept.num_rows, distinct,
+                time.perf_counter() - start)  # fmt: skip
+    return {
+        "out": str(out),
+        "vocab": str(out / "vocab.parquet"),
+        "size": kept.num_rows,
+        "distinct_ngrams": distinct,
+        "docs": docs,
+        "min_kept_count": int(pc.min(kept.column("count")).as_py()) if kept.num_rows else None,
+    }
+
+
+def finish_without_reduce(job: VocabJob) -> dict[str, Any]:
+    """Every partition is already summed from these inputs: only select again (a new --size or --min-count)."""
+    out = Path(job.out)
+    success = _success(out) or {}
+    plan = LabelManifest.load(out)
+    records = [read_spill_record(out, s) for s in plan.shards]
+    docs = sum(r.docs for r in records if r is not None)
+    return finish_count(job, success["inputs"], docs)
+
+
+def run_count_job(job: VocabJob, progress: Any = None) -> dict[str, Any]:
+    """The whole job in this process, step after step (no Prefect): plan, count, sum, select.
+
+    Raises `CountingFailed` naming the shards that failed (after being recorded); the others stay counted.
+    `progress(docs_done, docs_total)` is called after each shard.
+    """
+    prep = prepare_count(job)
+    if prep["summed"]:
+        return finish_without_reduce(job)
+    done = prep["docs_done"]
+    for work in prep["work"]:
+        try:
+            done += count_job_shard(job, work)["docs"]
+        except Exception as e:  # noqa: BLE001 - a bad shard is recorded, the others go on
+            logger.error("shard %05d failed: %s", work["shard"]["index"], e)
+            fail_count_shard(job, work, f"{type(e).__name__}: {e}")
+        if progress:
+            progress(done, prep["docs_total"])
+    red = prepare_reduce(job)
+    for work in red["work"]:
+        reduce_job_partition(job, work, red["inputs"])
+    return finish_count(job, red["inputs"], red["docs"])
