@@ -8,7 +8,6 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.futures import as_completed
-from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 
 from sparse_distill.config import LabelConfig, LabelJob
 from sparse_distill.labelling import format_status
@@ -18,22 +17,6 @@ from tasks import labelling as t
 
 class LabellingFailed(RuntimeError):
     """Some shards failed after their retries; the others are complete."""
-
-
-def make_task_runner(cfg: LabelConfig):
-    """The task runner named by the config: threads or processes here, or Dask (a LocalCluster or a cluster)."""
-    if cfg.runner == "thread":
-        return ThreadPoolTaskRunner(max_workers=cfg.workers)
-    if cfg.runner == "process":
-        return ProcessPoolTaskRunner(max_workers=cfg.workers)
-    from prefect_dask import DaskTaskRunner
-
-    if cfg.dask_address:
-        return DaskTaskRunner(address=cfg.dask_address)
-    return DaskTaskRunner(
-        cluster_class="distributed.LocalCluster",
-        cluster_kwargs={"n_workers": cfg.workers, "threads_per_worker": 1, "dashboard_address": None},
-    )
 
 
 def _torch_threads(cfg: LabelConfig) -> int | None:

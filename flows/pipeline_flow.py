@@ -8,7 +8,8 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.context import get_run_context
 
-from flows.label_flow import label_corpus_flow, make_task_runner
+from flows.label_flow import label_corpus_flow
+from flows.runners import make_task_runner
 from sparse_distill.config import PipelineConfig, fingerprint
 from sparse_distill.pipeline import label_job, read_result, stage_fingerprints
 from sparse_distill.tracking import TrackingRef

@@ -90,12 +90,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _config_args(sub.add_parser("run", help="Run the whole pipeline."))
     for name in STAGES:
-        if name != "label":
+        if name not in ("label", "vocab"):
             _config_args(sub.add_parser(name, help=f"Run the {name} stage in a run directory."))
     _label_args(
         sub.add_parser(
             "label",
             help="Label a corpus with a teacher (--teacher/--corpus/--out), or run a pipeline's label stage (CONFIG).",
+        )
+    )
+    _vocab_args(
+        sub.add_parser(
+            "vocab",
+            help="Count n-grams of a corpus and keep the top |V| (--input/--out/--size), or run a pipeline's vocab "
+            "stage (CONFIG).",
         )
     )
     p = sub.add_parser("label-status", help="Done / failed / pending shards of a labelling output directory.")
@@ -130,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
             return _label_status(args)
         if args.command == "label" and args.config is None:
             return _label(args)
+        if args.command == "vocab" and args.config is None:
+            return _vocab(args)
         if args.command == "demo-data":
             from sparse_distill.demo import prepare_demo
 
@@ -213,11 +222,12 @@ def _label(args: argparse.Namespace) -> int:
         )
     except ValidationError as e:
         raise ConfigError(f"label: {format_validation_error(e)}") from e
-    from flows.label_flow import LabellingFailed, label_corpus_flow, make_task_runner
+    from flows.label_flow import LabellingFailed, label_corpus_flow
+    from flows.runners import make_task_runner
     from sparse_distill.labelling import format_status
 
     start = time.perf_counter()
-    with _progress_bar(job.out):
+    with _progress_bar(job.out, "shards", "rows", "labelling"):
         try:
             status = label_corpus_flow.with_options(task_runner=make_task_runner(job.label))(job=job)
         except LabellingFailed as e:
@@ -227,14 +237,91 @@ def _label(args: argparse.Namespace) -> int:
     return 0
 
 
+def _vocab_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", help="A pipeline config: build its vocabulary in its run directory.")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
+    p.add_argument("--data-dir", help="With CONFIG: folder of the config's relative data paths.")
+    p.add_argument("--run-dir", help="With CONFIG: the run directory.")
+    g = p.add_argument_group("standalone counting")
+    g.add_argument("--input", nargs="+", help="Corpus files (Parquet, JSONL, CSV/TSV, text one doc per line); globs.")
+    g.add_argument("--out", help="Output directory: vocab.parquet (ngram, count), and the counts it resumes from.")
+    g.add_argument("--size", type=int, default=1_000_000, help="Keep the top V n-grams (default 1000000).")
+    g.add_argument("--ngram-max", type=int, default=4, help="Count n-grams for n = 1..N (default 4).")
+    g.add_argument("--min-count", type=int, default=1, help="Drop n-grams seen fewer times (default 1).")
+    g.add_argument(
+        "--tie-rule",
+        choices=["alphabetical", "sklearn"],
+        default="alphabetical",
+        help="Order among n-grams tied at the cut (default alphabetical; sklearn reads all counts).",
+    )
+    g.add_argument("--text-column", default="text", help="Column or JSON key of the text (default: text).")
+    g.add_argument("--runner", choices=["thread", "process", "dask"], default="thread", help="Task runner.")
+    g.add_argument("--workers", type=int, default=1, help="Shards or partitions at once (default 1).")
+    g.add_argument("--dask-address", help="Scheduler of an existing Dask cluster (implies --runner dask).")
+    g.add_argument("--shard-size", type=int, default=50_000, help="Documents per shard (default 50000).")
+    g.add_argument("--memory-mb", type=int, default=1024, help="Memory per worker before spilling (default 1024).")
+    g.add_argument("--partitions", type=int, default=64, help="Hash partitions of the counts (default 64).")
+    g.add_argument("--retries", type=int, default=2, help="Retries of a failing shard (default 2).")
+    g.add_argument("--limit", type=int, help="Only the first N documents of each file.")
+    g.add_argument("--keep-spills", action="store_true", help="Keep the per-shard spills after summing.")
+    g.add_argument("--replan", action="store_true", help="Discard counts in --out made for other inputs/settings.")
+
+
+def _vocab(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from sparse_distill.config import ConfigError, VocabJob, format_validation_error
+
+    missing = [f"--{k}" for k in ("input", "out") if not getattr(args, k)]
+    if missing:
+        raise ConfigError(f"vocab: give a pipeline CONFIG, or --input and --out (missing {missing})")
+    try:
+        job = VocabJob(
+            inputs=args.input,
+            out=args.out,
+            text_column=args.text_column,
+            limit=args.limit,
+            replan=args.replan,
+            keep_spills=args.keep_spills,
+            vocab={
+                "size": args.size,
+                "ngram_max": args.ngram_max,
+                "min_count": args.min_count,
+                "tie_rule": args.tie_rule,
+                "shard_size": args.shard_size,
+                "memory_mb": args.memory_mb,
+                "partitions": args.partitions,
+                "runner": "dask" if args.dask_address else args.runner,
+                "workers": args.workers,
+                "dask_address": args.dask_address,
+                "retries": args.retries,
+            },
+        )
+    except ValidationError as e:
+        raise ConfigError(f"vocab: {format_validation_error(e)}") from e
+    from flows.count_flow import count_ngrams_flow
+    from flows.runners import make_task_runner
+    from sparse_distill.counting import CountingFailed
+
+    with _progress_bar(job.out, "spills", "docs", "counting"):
+        try:
+            result = count_ngrams_flow.with_options(task_runner=make_task_runner(job.vocab))(job=job)
+        except CountingFailed as e:
+            sys.stderr.write(f"sparse-distill: {e}\n")
+            return 1
+    sys.stdout.write(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
 @contextmanager
-def _progress_bar(out: str, every: float = 0.5) -> Iterator[None]:
-    """A progress bar over the shard records appearing in `out` (works whatever runner labels them)."""
+def _progress_bar(out: str, records: str, key: str, desc: str, every: float = 0.5) -> Iterator[None]:
+    """A progress bar over the shard records (`out/records/*.json`, docs in `key`) appearing in `out`: it works
+    whatever runner does the shards."""
     import threading
 
     from tqdm import tqdm
 
-    from sparse_distill.labelling import MANIFEST, SHARDS
+    from sparse_distill.labelling import MANIFEST
 
     stop = threading.Event()
 
@@ -245,15 +332,15 @@ def _progress_bar(out: str, every: float = 0.5) -> Iterator[None]:
             if bar is None and manifest.exists():
                 total = sum(s["stop"] - s["start"] for s in json.loads(manifest.read_text())["shards"])
                 # disable=None: a bar on a terminal only; logs carry the progress elsewhere.
-                bar = tqdm(total=total, unit="doc", desc="labelling", dynamic_ncols=True, smoothing=0.1, disable=None)
+                bar = tqdm(total=total, unit="doc", desc=desc, dynamic_ncols=True, smoothing=0.1, disable=None)
             if bar is None:
                 continue
-            for rec in (Path(out) / SHARDS).glob("*.json"):
+            for rec in (Path(out) / records).glob("*.json"):
                 try:
                     mtime = rec.stat().st_mtime_ns
                     if seen.get(rec.name, (None, 0))[0] != mtime:
                         r = json.loads(rec.read_text())
-                        seen[rec.name] = (mtime, r["rows"] if r.get("status") == "done" else 0)
+                        seen[rec.name] = (mtime, r[key] if r.get("status") == "done" else 0)
                 except (OSError, json.JSONDecodeError, KeyError):
                     continue
             done = sum(rows for _, rows in seen.values())

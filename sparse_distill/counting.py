@@ -81,8 +81,9 @@ def ngram_hash(ngrams: pa.Array | pa.ChunkedArray) -> np.ndarray:
     if len(arr) == 0:
         return np.zeros(0, np.uint64)
     width = 8 if pa.types.is_large_string(arr.type) else 4
-    offs = np.frombuffer(arr.buffers()[1], dtype=np.int64 if width == 8 else np.int32, count=len(arr) + 1,
-                         offset=arr.offset * width).astype(np.int64)  # fmt: skip
+    offs = np.frombuffer(
+        arr.buffers()[1], dtype=np.int64 if width == 8 else np.int32, count=len(arr) + 1, offset=arr.offset * width
+    ).astype(np.int64)
     data = np.frombuffer(arr.buffers()[2], dtype=np.uint8) if arr.buffers()[2] is not None else np.zeros(0, np.uint8)
     padded = np.concatenate([np.zeros(8, np.uint8), data[: offs[-1]], np.zeros(8, np.uint8)])
     lens = np.diff(offs)
@@ -435,14 +436,14 @@ def job_settings(job: VocabJob) -> dict[str, Any]:
     }
 
 
-def open_count_plan(job: VocabJob) -> LabelManifest:
+def open_count_plan(job: VocabJob, sources: list[CorpusSource] | None = None) -> LabelManifest:
     """The plan for `job.out`: the existing one when the inputs and settings match, else a new one.
 
     Counts made from other inputs or settings are an error unless `job.replan` (then they are removed). When a file
     was edited in place (same row count), only the shards whose text changed are counted again.
     """
     out = Path(job.out)
-    plan = plan_shards(job_sources(job), job.vocab.shard_size)
+    plan = plan_shards(sources or job_sources(job), job.vocab.shard_size)
     settings = job_settings(job)
     try:
         old: LabelManifest | None = LabelManifest.load(out)
@@ -506,13 +507,14 @@ def _success(out: Path) -> dict[str, Any] | None:
         return None
 
 
-def prepare_count(job: VocabJob) -> dict[str, Any]:
+def prepare_count(job: VocabJob, sources: list[CorpusSource] | None = None) -> dict[str, Any]:
     """Plan (or reopen) the job's output and list the shards still to count; returns a small manifest.
 
-    Nothing is pending when every partition was already summed from the same inputs (spills may be gone then).
+    `sources` replaces the job's inputs when the files need their own row limits (the pipeline's train split and
+    corpus). Nothing is pending when every partition was already summed from the same inputs (spills may be gone).
     """
     out = Path(job.out)
-    plan = open_count_plan(job)
+    plan = open_count_plan(job, sources)
     records = [read_spill_record(out, s) for s in plan.shards]
     done = [r for r in records if r is not None and r.status == "done"]
     success = _success(out)
@@ -527,8 +529,14 @@ def prepare_count(job: VocabJob) -> dict[str, Any]:
     )
     todo = set(pending)
     docs_done = sum(s.size for s in plan.shards if s.index not in todo)
-    logger.info("%s: %d shards, %d to count (%d of %d docs done)", out, len(plan.shards), len(pending),
-                docs_done, plan.total_rows)  # fmt: skip
+    logger.info(
+        "%s: %d shards, %d to count (%d of %d docs done)",
+        out,
+        len(plan.shards),
+        len(pending),
+        docs_done,
+        plan.total_rows,
+    )
     return {
         "out": str(out.resolve()),
         "shards": len(plan.shards),
@@ -610,8 +618,12 @@ def finish_count(job: VocabJob, inputs: str, docs: int) -> dict[str, Any]:
         records.append(rec)
     start = time.perf_counter()
     kept, distinct = select_vocab(out, records, v.size, v.min_count, v.tie_rule)
-    write_vocab(kept, v.ngram_max, out, extra={"distinct_ngrams": distinct, "docs": docs, "min_count": v.min_count,
-                                               "tie_rule": v.tie_rule})  # fmt: skip
+    write_vocab(
+        kept,
+        v.ngram_max,
+        out,
+        extra={"distinct_ngrams": distinct, "docs": docs, "min_count": v.min_count, "tie_rule": v.tie_rule},
+    )
     atomic_write_text(
         out / COUNTS / SUCCESS,
         json.dumps({"inputs": inputs, "settings": job_settings(job), "spills_kept": job.keep_spills}),
@@ -619,8 +631,13 @@ def finish_count(job: VocabJob, inputs: str, docs: int) -> dict[str, Any]:
     if not job.keep_spills:
         for p in (out / SPILLS).glob("*.parquet"):
             p.unlink()
-    logger.info("%s: kept %d of %d distinct n-grams (%.1f s to select)", out, kept.num_rows, distinct,
-                time.perf_counter() - start)  # fmt: skip
+    logger.info(
+        "%s: kept %d of %d distinct n-grams (%.1f s to select)",
+        out,
+        kept.num_rows,
+        distinct,
+        time.perf_counter() - start,
+    )
     return {
         "out": str(out),
         "vocab": str(out / "vocab.parquet"),
@@ -641,13 +658,13 @@ def finish_without_reduce(job: VocabJob) -> dict[str, Any]:
     return finish_count(job, success["inputs"], docs)
 
 
-def run_count_job(job: VocabJob, progress: Any = None) -> dict[str, Any]:
+def run_count_job(job: VocabJob, progress: Any = None, sources: list[CorpusSource] | None = None) -> dict[str, Any]:
     """The whole job in this process, step after step (no Prefect): plan, count, sum, select.
 
     Raises `CountingFailed` naming the shards that failed (after being recorded); the others stay counted.
     `progress(docs_done, docs_total)` is called after each shard.
     """
-    prep = prepare_count(job)
+    prep = prepare_count(job, sources)
     if prep["summed"]:
         return finish_without_reduce(job)
     done = prep["docs_done"]

@@ -49,7 +49,8 @@ def _read(out: Path) -> tuple[list[str], np.ndarray]:
 
 
 def _flow(job: LabelJob):
-    from flows.label_flow import label_corpus_flow, make_task_runner
+    from flows.label_flow import label_corpus_flow
+    from flows.runners import make_task_runner
 
     return label_corpus_flow.with_options(task_runner=make_task_runner(job.label))(job=job, return_state=True)
 
