@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.context import get_run_context
 
+from flows.count_flow import count_ngrams_flow
 from flows.label_flow import label_corpus_flow
 from flows.runners import make_task_runner
 from sparse_distill.config import PipelineConfig, fingerprint
-from sparse_distill.pipeline import label_job, read_result, stage_fingerprints
+from sparse_distill.pipeline import label_job, read_result, stage_fingerprints, vocab_job, vocab_sources
 from sparse_distill.tracking import TrackingRef
 from tasks import stages
 from tasks.stages import needs_refresh
@@ -52,7 +54,8 @@ def pipeline_flow(config: PipelineConfig, run_dir: str | None = None) -> dict[st
     tracking = stages.start_tracking(config, run_dir, config_fp, _flow_run_id())
     args = {"config": config, "run_dir": run_dir, "fingerprints": fps, "tracking": tracking}
 
-    # The vocabulary needs no teacher: count while the teacher trains.
+    # The vocabulary needs no teacher: count while the teacher trains (or first, when counting fans out itself).
+    _count_vocab(config, run_dir, fps)
     vocab_f = _fresh(stages.build_vocab, run_dir, "vocab", fps).submit(**args)
     teacher = _fresh(stages.finetune_teacher, run_dir, "teacher", fps)(**args)
     labels = _label_stages(config, run_dir, fps, tracking, teacher)
@@ -84,6 +87,17 @@ def _label_stages(
             )
         out.append(_fresh(getattr(stages, stage), run_dir, stage, fps)(**args, teacher=teacher))
     return out
+
+
+def _count_vocab(config: PipelineConfig, run_dir: str, fps: dict[str, str]) -> None:
+    """With several workers or Dask, count the n-grams with the counting flow on that runner; the vocab stage then
+    only selects. With one thread, the stage counts by itself, alongside the teacher's training."""
+    v = config.vocab
+    if (v.runner == "thread" and v.workers == 1) or not needs_refresh(run_dir, "vocab", fps["vocab"]):
+        return
+    job = vocab_job(config, stages.stage_dir(run_dir, "vocab"))
+    sources = [asdict(s) for s in vocab_sources(config)]
+    count_ngrams_flow.with_options(name="count-vocab", task_runner=make_task_runner(v))(job=job, sources=sources)
 
 
 def _to_yaml(config: PipelineConfig) -> str:
@@ -120,6 +134,7 @@ def label_flow(config: PipelineConfig, run_dir: str | None = None) -> list[dict]
 def vocab_flow(config: PipelineConfig, run_dir: str | None = None) -> dict:
     """Build the n-gram vocabulary only."""
     a = _stage_args(config, run_dir)
+    _count_vocab(config, a["run_dir"], a["fingerprints"])
     return _fresh(stages.build_vocab, a["run_dir"], "vocab", a["fingerprints"])(**a)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from sparse_distill import __version__
-from sparse_distill.config import DataConfig, LabelConfig, LabelJob, PipelineConfig, fingerprint
+from sparse_distill.config import DataConfig, LabelConfig, LabelJob, PipelineConfig, VocabConfig, VocabJob, fingerprint
+from sparse_distill.counting import run_count_job
 from sparse_distill.data import (
     DataError,
     LabelMap,
@@ -30,11 +31,11 @@ from sparse_distill.data import (
 )
 from sparse_distill.evaluation import classification_metrics, measure_throughput, repeat_to
 from sparse_distill.inference import StudentPredictor
-from sparse_distill.labelling import CorpusSource, plan_shards, shard_texts
+from sparse_distill.labelling import CorpusSource
 from sparse_distill.student import load_student, save_student
 from sparse_distill.teacher import TeacherPredictor, finetune_teacher, teacher_fingerprint
 from sparse_distill.training import InMemoryBatches, SoftLabelStream, student_from_config, train_student
-from sparse_distill.vocab import NgramVocab, count_ngram_table_stream, vocab_from_table
+from sparse_distill.vocab import NgramVocab
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +114,8 @@ def stage_fingerprints(cfg: PipelineConfig) -> dict[str, str]:
     fp["label_corpus"] = fingerprint(
         "label_corpus", fp["teacher"], label_cfg, data_fingerprint(cfg.data, (), corpus=True)
     )
-    fp["vocab"] = fingerprint("vocab", cfg.vocab, data_fingerprint(cfg.data, ("train",), corpus=True))
+    vocab_cfg = cfg.vocab.model_dump(exclude=VocabConfig.RUNTIME_FIELDS)
+    fp["vocab"] = fingerprint("vocab", vocab_cfg, data_fingerprint(cfg.data, ("train",), corpus=True))
     uses = [fp["label_corpus"]] if cfg.data.corpus else []
     if cfg.label.include_train or not cfg.data.corpus:
         uses.append(fp["label_train"])
@@ -218,20 +220,32 @@ def finish_label_stage(cfg: PipelineConfig, which: str, teacher_dir: str, out_di
     }
 
 
-def iter_texts(sources: list[CorpusSource], chunk: int = 10_000) -> Iterator[str]:
-    """Stream the texts of several sources in chunks (memory bounded by the chunk)."""
-    plan = plan_shards(sources, chunk)
-    for shard in plan.shards:
-        yield from shard_texts(plan, shard)[0]
+def vocab_job(cfg: PipelineConfig, out_dir: str | Path) -> VocabJob:
+    """The counting job of the pipeline's vocab stage: train split + corpus into `out_dir`.
+
+    `replan`: when the data or n-gram settings changed, the stage's fingerprint changed too, so old counts are stale.
+    """
+    sources = vocab_sources(cfg)
+    return VocabJob(
+        inputs=[s.path for s in sources],
+        out=str(out_dir),
+        text_column=cfg.data.text_column,
+        replan=True,
+        vocab=cfg.vocab,
+    )
+
+
+def vocab_sources(cfg: PipelineConfig) -> list[CorpusSource]:
+    """What the vocabulary is counted over: the train split and the corpus, each with its row limit."""
+    return label_sources(cfg, "train") + label_sources(cfg, "corpus")
 
 
 def run_vocab(cfg: PipelineConfig, out_dir: str | Path) -> dict:
-    """Count n-grams over train + corpus and keep the top |V|."""
-    sources = label_sources(cfg, "train") + label_sources(cfg, "corpus")
-    counts = count_ngram_table_stream(iter_texts(sources), cfg.vocab.ngram_max)
-    vocab = vocab_from_table(counts, cfg.vocab.size, cfg.vocab.ngram_max, cfg.vocab.min_count, cfg.vocab.tie_rule)
-    vocab.save(out_dir)
-    return write_result(out_dir, {"vocab_dir": str(out_dir), "size": len(vocab), "distinct_ngrams": counts.num_rows})
+    """Count n-grams over train + corpus and keep the top |V| (only selects again if already counted)."""
+    res = run_count_job(vocab_job(cfg, out_dir), sources=vocab_sources(cfg))
+    return write_result(
+        out_dir, {"vocab_dir": str(out_dir), "size": res["size"], "distinct_ngrams": res["distinct_ngrams"]}
+    )
 
 
 def _train_stage(
