@@ -76,7 +76,7 @@ def main() -> None:
     p.add_argument("--runner", default="process")
     p.add_argument("--memory-mb", type=int, default=1024)
     p.add_argument("--partitions", type=int, default=64)
-    p.add_argument("--shard-size", type=int, default=50_000)
+    p.add_argument("--shard-size", type=int, default=10_000)
     p.add_argument("--sklearn-docs", type=int, nargs="*", default=None, help="Prefix sizes (default: all docs).")
     p.add_argument("--sklearn-max-mb", type=float, default=20_000)
     p.add_argument("--sklearn-timeout", type=float, default=1800)

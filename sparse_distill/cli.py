@@ -258,7 +258,7 @@ def _vocab_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--runner", choices=["thread", "process", "dask"], default="thread", help="Task runner.")
     g.add_argument("--workers", type=int, default=1, help="Shards or partitions at once (default 1).")
     g.add_argument("--dask-address", help="Scheduler of an existing Dask cluster (implies --runner dask).")
-    g.add_argument("--shard-size", type=int, default=50_000, help="Documents per shard (default 50000).")
+    g.add_argument("--shard-size", type=int, default=10_000, help="Documents per shard (default 10000).")
     g.add_argument("--memory-mb", type=int, default=1024, help="Memory per worker before spilling (default 1024).")
     g.add_argument("--partitions", type=int, default=64, help="Hash partitions of the counts (default 64).")
     g.add_argument("--retries", type=int, default=2, help="Retries of a failing shard (default 2).")

@@ -92,7 +92,7 @@ class VocabConfig(RunnerConfig):
         description="Order among n-grams tied at the cut (see sparse_distill.vocab); 'sklearn' holds all counts "
         "in memory at the final selection.",
     )
-    shard_size: int = Field(50_000, ge=1, description="Documents per counting shard (the unit of resume).")
+    shard_size: int = Field(10_000, ge=1, description="Documents per counting shard (the unit of resume).")
     memory_mb: int = Field(
         1024, ge=64, description="Memory per worker for counting and summing; partial counts spill to disk beyond it."
     )

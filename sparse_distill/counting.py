@@ -52,7 +52,7 @@ from sparse_distill.labelling import (
     plan_shards,
     read_shard,
 )
-from sparse_distill.vocab import TOKEN_PATTERN, _mix, count_ngram_table, select_top_table, write_vocab
+from sparse_distill.vocab import TOKEN_PATTERN, NgramVocab, _mix, count_ngram_table, select_top_table, write_vocab
 
 logger = logging.getLogger(__name__)
 
@@ -627,6 +627,7 @@ def finish_count(job: VocabJob, inputs: str, docs: int) -> dict[str, Any]:
         out,
         extra={"distinct_ngrams": distinct, "docs": docs, "min_count": v.min_count, "tie_rule": v.tie_rule},
     )
+    NgramVocab.load(out)  # checks what was written, and saves the n-gram -> row lookup next to it
     atomic_write_text(
         out / COUNTS / SUCCESS,
         json.dumps({"inputs": inputs, "settings": job_settings(job), "spills_kept": job.keep_spills}),

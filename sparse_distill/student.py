@@ -90,7 +90,9 @@ def save_student(model: DanStudent, label_map: LabelMap, vocab_dir: str | Path, 
     save_file(state, str(tmp / STUDENT_WEIGHTS))
     atomic_write_text(tmp / STUDENT_CONFIG, json.dumps(asdict(model.config), indent=2))
     label_map.save(tmp / LABEL_MAP)
-    for name in ("vocab.parquet", "vocab.json"):
+    for name in ("vocab.parquet", "vocab.json", "vocab.lookup.npz"):
+        if name.endswith(".npz") and not (Path(vocab_dir) / name).exists():
+            continue  # built on first load when missing
         shutil.copy2(Path(vocab_dir) / name, tmp / name)
     old = out_dir.with_name(f".{out_dir.name}.old")
     shutil.rmtree(old, ignore_errors=True)

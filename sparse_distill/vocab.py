@@ -16,12 +16,15 @@ Row order in `vocab.parquet` is the ranking (count descending), and row i is emb
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
+import os
 import re
+import tempfile
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -34,6 +37,8 @@ import pyarrow.parquet as pq
 from sparse_distill.data import atomic_write_parquet, atomic_write_text
 
 logger = logging.getLogger(__name__)
+
+LOOKUP = "vocab.lookup.npz"
 
 TOKEN_PATTERN = r"(?u)\b\w\w+\b"
 _token_re = re.compile(TOKEN_PATTERN)
@@ -204,13 +209,18 @@ class NgramVocab:
     ngrams: list[str]
     counts: np.ndarray
     ngram_max: int
+    saved_lookup: InitVar[tuple[list[str], np.ndarray, np.ndarray] | None] = None  # (words, keys, rows) from disk
     _words: pd.Index = field(init=False, repr=False)
     _keys: np.ndarray = field(init=False, repr=False)
     _rows: np.ndarray = field(init=False, repr=False)
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, saved_lookup: tuple[list[str], np.ndarray, np.ndarray] | None) -> None:
         self.counts = np.asarray(self.counts, dtype=np.int64)
-        self._build_lookup()
+        if saved_lookup is None:
+            self._build_lookup()
+        else:
+            words, self._keys, self._rows = saved_lookup
+            self._words = pd.Index(words, dtype=object)
 
     def __len__(self) -> int:
         return len(self.ngrams)
@@ -295,19 +305,48 @@ class NgramVocab:
     def save(self, out_dir: str | Path) -> Path:
         """Write `vocab.parquet` (ngram, count; row order = embedding row) and `vocab.json` (settings)."""
         table = pa.table({"ngram": pa.array(self.ngrams, pa.string()), "count": pa.array(self.counts, pa.int64())})
-        return write_vocab(table, self.ngram_max, out_dir)
+        path = write_vocab(table, self.ngram_max, out_dir)
+        self._save_lookup(Path(out_dir))
+        return path
+
+    def _save_lookup(self, out_dir: Path) -> None:
+        # Words are \w+ tokens, so a newline never occurs in one: one string holds them all, no pickling.
+        words = np.frombuffer("\n".join(self._words).encode(), dtype=np.uint8)
+        checksum = np.frombuffer(_file_sha256(out_dir / "vocab.parquet").encode(), dtype=np.uint8)
+        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{LOOKUP}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, words=words, keys=self._keys, rows=self._rows, vocab_sha256=checksum)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, out_dir / LOOKUP)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
     @classmethod
     def load(cls, out_dir: str | Path) -> NgramVocab:
-        """Load a vocabulary written by `save`."""
+        """Load a vocabulary written by `save` or by the counting job.
+
+        The n-gram -> row lookup is read from `vocab.lookup.npz` when it was made from this very `vocab.parquet`
+        (checked by its SHA-256); otherwise it is built and saved there for the next load (when the folder is
+        writable), so training, evaluation and inference share one lookup.
+        """
         out_dir = Path(out_dir)
         meta = json.loads((out_dir / "vocab.json").read_text())
         table = pq.read_table(out_dir / "vocab.parquet")
-        return cls(
+        lookup = _read_lookup(out_dir)
+        vocab = cls(
             ngrams=table.column("ngram").to_pylist(),
             counts=table.column("count").to_numpy(),
             ngram_max=int(meta["ngram_max"]),
+            saved_lookup=lookup,
         )
+        if lookup is None:
+            try:
+                vocab._save_lookup(out_dir)
+            except OSError as e:  # a read-only model folder: the lookup is simply rebuilt on each load
+                logger.debug("%s: could not save the lookup (%s)", out_dir, e)
+        return vocab
 
 
 def build_vocab(
@@ -336,3 +375,27 @@ def write_vocab(table: pa.Table, ngram_max: int, out_dir: str | Path, extra: dic
     meta = {"ngram_max": ngram_max, "size": table.num_rows, "token_pattern": TOKEN_PATTERN, "lowercase": True}
     atomic_write_text(out_dir / "vocab.json", json.dumps({**meta, **(extra or {})}, indent=2))
     return out_dir / "vocab.parquet"
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _read_lookup(out_dir: Path) -> tuple[list[str], np.ndarray, np.ndarray] | None:
+    """The saved lookup, if it belongs to this folder's `vocab.parquet`."""
+    path = out_dir / LOOKUP
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if z["vocab_sha256"].tobytes().decode() != _file_sha256(out_dir / "vocab.parquet"):
+                return None
+            raw = z["words"].tobytes().decode()
+            return (raw.split("\n") if raw else []), z["keys"], z["rows"]
+    except (OSError, ValueError, KeyError) as e:
+        logger.warning("%s: unreadable lookup, rebuilding it (%s)", path, e)
+        return None

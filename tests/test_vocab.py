@@ -117,3 +117,25 @@ def test_table_selection_equals_dict_selection_with_ties(tie_rule):
         ngrams, kept = select_top_table(table, size, 2, tie_rule)
         expected = select_top(counts, size, 2, tie_rule)
         assert list(zip(ngrams, kept.tolist(), strict=True)) == expected
+
+
+def test_saved_lookup_is_reused_and_rebuilt_when_the_vocabulary_changes(tmp_path):
+    from sparse_distill.vocab import LOOKUP
+
+    docs = ["a good film and a great plot", "bad film, dull plot", "good good plot"] * 5
+    vocab = build_vocab(docs, 30, 3)
+    vocab.save(tmp_path)
+    assert (tmp_path / LOOKUP).exists()
+    loaded = NgramVocab.load(tmp_path)
+    for got, want in zip(loaded.featurize(docs), vocab.featurize(docs), strict=True):
+        np.testing.assert_array_equal(got, want)
+    # A different vocab.parquet in the folder: the stale lookup is not used, and is replaced.
+    other = build_vocab(docs[1:2], 5, 2)
+    import pyarrow as pa
+
+    from sparse_distill.vocab import write_vocab
+
+    write_vocab(pa.table({"ngram": other.ngrams, "count": other.counts}), 2, tmp_path)
+    reloaded = NgramVocab.load(tmp_path)
+    np.testing.assert_array_equal(reloaded.lookup(other.ngrams), np.arange(len(other)))
+    assert np.all(reloaded.lookup(["great plot"]) == -1)
