@@ -8,7 +8,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: install demo demo-data test lint mlflow-ui sst2 imdb bench-label clean
+.PHONY: install demo demo-data test lint mlflow-ui sst2 imdb bench-label bench-vocab clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 1; }
@@ -51,6 +51,15 @@ TEACHER ?= runs/sst2/teacher/model
 bench-label: $(STAMP)
 	$(PY) benchmarks/label_throughput.py --teacher $(TEACHER) --corpus ../shared/data/imdb/unsup.parquet --docs 2000
 	$(PY) benchmarks/label_memory.py --sizes 100000 1000000
+
+# N-gram counting against CountVectorizer: IMDB train + unsup (75k reviews), then a 2M-document synthetic Zipf corpus.
+bench-vocab: $(STAMP)
+	$(PY) benchmarks/vocab_count.py --name imdb-75k --runner thread \
+		--input ../shared/data/imdb/train.parquet ../shared/data/imdb/unsup.parquet --size 1000000
+	test -f data/synthetic/zipf-2m.parquet || $(PY) benchmarks/make_synthetic_corpus.py --docs 2000000 --max-words 80 \
+		--out data/synthetic/zipf-2m.parquet
+	$(PY) benchmarks/vocab_count.py --name synthetic-2m --runner thread --input data/synthetic/zipf-2m.parquet \
+		--size 1000000 --sklearn-max-mb 18000 --sklearn-timeout 1500
 
 mlflow-ui: $(STAMP)
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000

@@ -4,11 +4,12 @@ Each side runs in its own process; peak memory is the sampled RSS of the whole p
 Prefect's temporary server and the worker processes). CountVectorizer runs on the first N documents for each N
 of --sklearn-docs (default: all of them), and is killed past --sklearn-max-mb or --sklearn-timeout.
 
-    python benchmarks/vocab_count.py --name imdb-75k \\
+    make bench-vocab   # runs both of these:
+    python benchmarks/vocab_count.py --name imdb-75k --runner thread \\
         --input ../shared/data/imdb/train.parquet ../shared/data/imdb/unsup.parquet --size 1000000
     python benchmarks/make_synthetic_corpus.py --docs 2000000 --max-words 80 --out data/synthetic/zipf-2m.parquet
-    python benchmarks/vocab_count.py --name synthetic-2m --input data/synthetic/zipf-2m.parquet --size 1000000 \\
-        --sklearn-docs 200000 500000
+    python benchmarks/vocab_count.py --name synthetic-2m --runner thread --input data/synthetic/zipf-2m.parquet \\
+        --size 1000000 --sklearn-max-mb 18000 --sklearn-timeout 1500
 """
 
 from __future__ import annotations
@@ -66,30 +67,8 @@ def compare(ours: Path, theirs: Path) -> dict:
     }
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--name", required=True, help="Results go to benchmarks/results/vocab_<name>.json")
-    p.add_argument("--input", nargs="+", required=True)
-    p.add_argument("--size", type=int, default=1_000_000)
-    p.add_argument("--ngram-max", type=int, default=4)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--runner", default="process")
-    p.add_argument("--memory-mb", type=int, default=1024)
-    p.add_argument("--partitions", type=int, default=64)
-    p.add_argument("--shard-size", type=int, default=10_000)
-    p.add_argument("--sklearn-docs", type=int, nargs="*", default=None, help="Prefix sizes (default: all docs).")
-    p.add_argument("--sklearn-max-mb", type=float, default=20_000)
-    p.add_argument("--sklearn-timeout", type=float, default=1800)
-    p.add_argument("--skip-sklearn", action="store_true")
-    p.add_argument("--work", default="data/bench-vocab")
-    a = p.parse_args()
-    if a.sklearn_docs is not None and len(a.sklearn_docs) == 0:
-        a.sklearn_docs = None
-
-    work = Path(a.work) / a.name
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    docs = sum(pq.ParquetFile(f).metadata.num_rows for f in a.input)
+def run_ours(a: argparse.Namespace, work: Path, docs: int) -> dict:
+    """`sparse-distill vocab` in its own process, measured."""
     cli = [str(Path(sys.executable).parent / "sparse-distill")]
     cmd = [
         *cli,
@@ -126,6 +105,34 @@ def main() -> None:
         }
     )
     print("ours:", json.dumps(ours), flush=True)
+    return ours
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--name", required=True, help="Results go to benchmarks/results/vocab_<name>.json")
+    p.add_argument("--input", nargs="+", required=True)
+    p.add_argument("--size", type=int, default=1_000_000)
+    p.add_argument("--ngram-max", type=int, default=4)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--runner", default="process")
+    p.add_argument("--memory-mb", type=int, default=1024)
+    p.add_argument("--partitions", type=int, default=64)
+    p.add_argument("--shard-size", type=int, default=10_000)
+    p.add_argument("--sklearn-docs", type=int, nargs="*", default=None, help="Prefix sizes (default: all docs).")
+    p.add_argument("--sklearn-max-mb", type=float, default=20_000)
+    p.add_argument("--sklearn-timeout", type=float, default=1800)
+    p.add_argument("--skip-sklearn", action="store_true")
+    p.add_argument("--work", default="data/bench-vocab")
+    a = p.parse_args()
+    if a.sklearn_docs is not None and len(a.sklearn_docs) == 0:
+        a.sklearn_docs = None
+
+    work = Path(a.work) / a.name
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    docs = sum(pq.ParquetFile(f).metadata.num_rows for f in a.input)
+    ours = None if a.skip_ours else run_ours(a, work, docs)
     results = {"name": a.name, "inputs": a.input, "size": a.size, "ngram_max": a.ngram_max, "ours": ours, "sklearn": []}
     for n in [None] if a.sklearn_docs is None else a.sklearn_docs:
         if a.skip_sklearn:
@@ -151,7 +158,7 @@ def main() -> None:
         res["docs"] = n or docs
         if res["rc"] == 0:
             res["docs_per_s"] = round(res["docs"] / res["seconds"], 1)
-            if n is None or n == docs:
+            if ours and ours["rc"] == 0 and (n is None or n == docs):
                 res["agreement"] = compare(work / "ours" / "vocab.parquet", out)
                 res["ours_speedup"] = round(res["seconds"] / ours["seconds"], 2)
                 res["ours_memory_share"] = round(ours["peak_rss_mb"] / res["peak_rss_mb"], 3)

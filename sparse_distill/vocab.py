@@ -184,6 +184,22 @@ def select_top(
     return items[:size]
 
 
+def _split_tokens(texts: list[str], exact_ngrams: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """All tokens of the texts in order (an object array) and each text's token count, split by Arrow with the
+    same rule as `tokenize` (no per-token Python loop); `exact_ngrams` splits on single spaces instead."""
+    if exact_ngrams:
+        parts = pc.split_pattern(pa.array(texts, pa.string()), " ")
+        tokens = parts.flatten()
+        lens = pc.list_value_length(parts).to_numpy(zero_copy_only=False).astype(np.int64)
+        return tokens.to_numpy(zero_copy_only=False), lens
+    parts = pc.split_pattern_regex(pa.array([t.lower() for t in texts], pa.string()), _non_word_pattern())
+    flat = parts.flatten()
+    keep = pc.greater_equal(pc.utf8_length(flat), 2)
+    doc = pc.filter(pc.list_parent_indices(parts), keep).to_numpy()
+    tokens = pc.filter(flat, keep).to_numpy(zero_copy_only=False)
+    return tokens, np.bincount(doc, minlength=len(texts)).astype(np.int64)
+
+
 def _mix(x: np.ndarray) -> np.ndarray:
     x = x ^ (x >> np.uint64(30))
     x = x * _M1
@@ -258,13 +274,10 @@ class NgramVocab:
         Each document contributes one id per occurrence of a kept n-gram (n = 1..ngram_max), so mean pooling weights
         n-grams by frequency, as a bag of n-grams should. With `exact_ngrams`, each text is taken as one whole n-gram.
         """
-        token_lists = [t.split(" ") for t in texts] if exact_ngrams else [tokenize(t) for t in texts]
-        lens = np.fromiter((len(t) for t in token_lists), dtype=np.int64, count=len(token_lists))
+        flat, lens = _split_tokens(texts, exact_ngrams)
         total = int(lens.sum())
         if total == 0:
             return np.zeros(0, np.int64), np.zeros(len(texts), np.int64)
-        flat = np.empty(total, dtype=object)
-        flat[:] = [tok for toks in token_lists for tok in toks]
         wid = self._words.get_indexer(flat).astype(np.int64)
         doc_of = np.repeat(np.arange(len(texts), dtype=np.int64), lens)
         doc_end = np.repeat(np.cumsum(lens), lens)
