@@ -123,6 +123,7 @@ def main() -> None:
     p.add_argument("--sklearn-max-mb", type=float, default=20_000)
     p.add_argument("--sklearn-timeout", type=float, default=1800)
     p.add_argument("--skip-sklearn", action="store_true")
+    p.add_argument("--skip-ours", action="store_true", help="Only CountVectorizer (e.g. on prefixes of a corpus).")
     p.add_argument("--work", default="data/bench-vocab")
     a = p.parse_args()
     if a.sklearn_docs is not None and len(a.sklearn_docs) == 0:
