@@ -102,3 +102,20 @@ def test_vocab_command_end_to_end(tmp_path, capsys):
     assert "memory_mb" in capsys.readouterr().err
     assert main(["vocab", "--input", str(tmp_path / "none.parquet"), "--out", str(out)]) == 2
     assert "none.parquet: no such file" in capsys.readouterr().err
+
+
+def test_pipeline_vocab_stage_fans_out_and_matches_the_in_process_stage(tiny_config, tmp_path):
+    from flows.pipeline_flow import vocab_flow
+
+    local = vocab_flow(config=tiny_config, run_dir=str(tmp_path / "one"))
+    fanned = tiny_config.model_copy(
+        update={"vocab": tiny_config.vocab.model_copy(update={"workers": 2, "partitions": 3, "shard_size": 50})}
+    )
+    spread = vocab_flow(config=fanned, run_dir=str(tmp_path / "two"))
+    # Runner, shard size and partitions never change the vocabulary, nor the stage's cache key.
+    assert spread["fingerprint"] == local["fingerprint"]
+    assert (spread["size"], spread["distinct_ngrams"]) == (local["size"], local["distinct_ngrams"])
+    one = pq.read_table(tmp_path / "one" / "vocab" / "vocab.parquet")
+    two = pq.read_table(tmp_path / "two" / "vocab" / "vocab.parquet")
+    assert one.equals(two)
+    assert len(list((tmp_path / "two" / "vocab" / "spills").glob("*.json"))) > 1
