@@ -139,3 +139,35 @@ def test_saved_lookup_is_reused_and_rebuilt_when_the_vocabulary_changes(tmp_path
     reloaded = NgramVocab.load(tmp_path)
     np.testing.assert_array_equal(reloaded.lookup(other.ngrams), np.arange(len(other)))
     assert np.all(reloaded.lookup(["great plot"]) == -1)
+
+
+def test_key_table_probes_past_collisions_and_round_trips():
+    from sparse_distill.vocab import KeyTable
+
+    # 40 keys on 64 slots, many sharing their home slot (same low bits): lookups must probe past each other.
+    keys = np.array([1 + 64 * i for i in range(20)] + [5 + 64 * i for i in range(20)], dtype=np.uint64)
+    rows = np.arange(40, dtype=np.int64) * 3
+    table = KeyTable(keys, rows)
+    assert len(table.keys) == 128
+    np.testing.assert_array_equal(table.get(keys), rows)
+    absent = np.array([2, 1 + 64 * 20, 5 + 64 * 99, 7], dtype=np.uint64)
+    np.testing.assert_array_equal(table.get(absent), [-1, -1, -1, -1])
+    again = KeyTable.from_arrays(table.keys, table.rows)
+    np.testing.assert_array_equal(again.get(np.concatenate([keys, absent])), np.concatenate([rows, [-1] * 4]))
+    with pytest.raises(ValueError):
+        KeyTable.from_arrays(table.keys[:100], table.rows[:100])
+
+
+def test_featurize_gives_the_same_ids_one_text_at_a_time_and_in_a_batch():
+    rng = random.Random(3)
+    words = ["good", "bad", "film", "plot", "Ünïcode", "x_y", "a", "the", "İstanbul", "ΣΟΦΙΑ"]
+    docs = [
+        " ".join(rng.choice(words) for _ in range(rng.randint(0, 30))) + rng.choice(["", "!", "."]) for _ in range(300)
+    ]
+    vocab = build_vocab(docs, 150, 3)
+    ids, offsets = vocab.featurize(docs)  # Arrow split, Arrow word lookup
+    bounds = np.append(offsets, len(ids))
+    for i, doc in enumerate(docs[:40]):  # Python split, pandas word lookup
+        one, off = vocab.featurize([doc])
+        np.testing.assert_array_equal(np.sort(one), np.sort(ids[bounds[i] : bounds[i + 1]]))
+        assert off.tolist() == [0]
