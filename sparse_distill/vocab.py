@@ -186,21 +186,25 @@ def select_top(
     return items[:size]
 
 
-_ARROW_SPLIT_MIN_TEXTS = 16
+_ARROW_SPLIT_MIN_TEXTS = 256
 
 
-def _split_tokens(texts: list[str], exact_ngrams: bool = False) -> tuple[pa.Array, np.ndarray]:
-    """All tokens of the texts in order (an Arrow array) and each text's token count, split by Arrow with the
-    same rule as `tokenize` (no per-token Python loop); `exact_ngrams` splits on single spaces instead."""
+def _split_tokens(texts: list[str], exact_ngrams: bool = False) -> tuple[pa.Array | np.ndarray, np.ndarray]:
+    """All tokens of the texts in order and each text's token count, with the rule of `tokenize`.
+
+    Big batches are split by Arrow (an Arrow array; no per-token Python loop); a few texts by Python's compiled
+    regex (an object array). `exact_ngrams` splits on single spaces instead."""
     if exact_ngrams:
         parts = pc.split_pattern(pa.array(texts, pa.string()), " ")
         lens = pc.list_value_length(parts).to_numpy(zero_copy_only=False).astype(np.int64)
         return parts.flatten(), lens
     if len(texts) < _ARROW_SPLIT_MIN_TEXTS:
-        # Arrow compiles its (large) split pattern on every call, ~1 ms: Python's compiled regex wins for a few texts.
+        # Arrow compiles its (large) split pattern on every call (~1 ms) and only wins on big batches (measured).
         lists = [tokenize(t) for t in texts]
         lens = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
-        return pa.array([tok for toks in lists for tok in toks], pa.string()), lens
+        flat = np.empty(int(lens.sum()), dtype=object)
+        flat[:] = [tok for toks in lists for tok in toks]
+        return flat, lens
     parts = pc.split_pattern_regex(pa.array([t.lower() for t in texts], pa.string()), _non_word_pattern())
     flat = parts.flatten()
     keep = pc.greater_equal(pc.utf8_length(flat), 2)
@@ -323,8 +327,10 @@ class NgramVocab:
             raise ValueError("two n-grams share a 64-bit key: report this as a bug")
         self._table = KeyTable(keys, np.arange(len(keys), dtype=np.int64))
 
-    def _word_ids(self, tokens: pa.Array) -> np.ndarray:
+    def _word_ids(self, tokens: pa.Array | np.ndarray) -> np.ndarray:
         """Each token's word id, -1 for words in no kept n-gram."""
+        if isinstance(tokens, np.ndarray):  # Python strings already: pandas' standing hash table
+            return self._words.get_indexer(tokens).astype(np.int64)
         if len(tokens) * 5 >= len(self._word_array):
             # A batch: Arrow's hash lookup (it hashes the word list on each call, ~3 ms per 50k words).
             return pc.index_in(tokens, value_set=self._word_array).fill_null(-1).to_numpy().astype(np.int64)
