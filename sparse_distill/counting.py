@@ -52,7 +52,15 @@ from sparse_distill.labelling import (
     plan_shards,
     read_shard,
 )
-from sparse_distill.vocab import TOKEN_PATTERN, NgramVocab, _mix, count_ngram_table, select_top_table, write_vocab
+from sparse_distill.vocab import (
+    TOKEN_PATTERN,
+    NgramVocab,
+    _mix,
+    count_ngram_table,
+    merge_count_tables,
+    select_top_table,
+    write_vocab,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -200,7 +208,7 @@ def count_shard(
             held.append(part)
             held_bytes += part.nbytes
             if held_bytes > hold_bytes:
-                merged = _sum_tables(held)
+                merged = merge_count_tables(held)
                 held = []
                 if merged.nbytes > hold_bytes // 2:
                     # Merging no longer shrinks the counts much (rare n-grams dominate): spill them.
@@ -209,7 +217,7 @@ def count_shard(
                 else:
                     held, held_bytes = [merged], merged.nbytes
         if held:
-            writer.spill(_sum_tables(held))
+            writer.spill(merge_count_tables(held))
         rec.spill_bytes = writer.close()
     except BaseException:
         writer.abort()
@@ -239,13 +247,6 @@ def _chunks_by_chars(texts: list[str], max_chars: int):
             batch, size = [], 0
     if batch:
         yield batch
-
-
-def _sum_tables(tables: list[pa.Table]) -> pa.Table:
-    if len(tables) == 1:
-        return tables[0]
-    merged = pa.concat_tables(tables).group_by("ngram").aggregate([("count", "sum")])
-    return pa.table({"ngram": merged.column("ngram"), "count": merged.column("count_sum")})
 
 
 def record_shard_failure(out_dir: str | Path, shard: ShardSpec, error: str) -> SpillRecord:
@@ -328,7 +329,7 @@ def reduce_partition(
                     h = ngram_hash(table.column("ngram")) // np.uint64(partitions)
                     table = table.filter(pa.array(h % np.uint64(passes) == np.uint64(k)))
                 tables.append(table)
-            summed = _sum_tables(tables) if tables else _SCHEMA.empty_table()
+            summed = merge_count_tables(tables) if tables else _SCHEMA.empty_table()
             del tables
             writer.write_table(summed)
             rows += summed.num_rows

@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 
 from sparse_distill.config import LabelJob
 from sparse_distill.corpus import index_rows, read_rows
-from sparse_distill.data import DataError, atomic_write_parquet, atomic_write_text
+from sparse_distill.data import DataError, atomic_write_parquet, atomic_write_text, file_checksum
 
 logger = logging.getLogger(__name__)
 
@@ -279,15 +279,6 @@ def collect_records(out_dir: str | Path, manifest: LabelManifest) -> LabelManife
 
 def _pending(shard: ShardSpec) -> ShardSpec:
     return ShardSpec(shard.index, shard.source, shard.start, shard.stop, shard.offset)
-
-
-def file_checksum(path: str | Path) -> str:
-    """SHA-256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def shard_texts(manifest: LabelManifest, shard: ShardSpec) -> tuple[list[str], list[str]]:

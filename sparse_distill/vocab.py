@@ -16,7 +16,6 @@ Row order in `vocab.parquet` is the ranking (count descending), and row i is emb
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
 import os
@@ -34,7 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from sparse_distill.data import atomic_write_parquet, atomic_write_text
+from sparse_distill.data import atomic_write_parquet, atomic_write_text, file_checksum
 
 logger = logging.getLogger(__name__)
 
@@ -400,7 +399,7 @@ class NgramVocab:
     def _save_lookup(self, out_dir: Path) -> None:
         # Words are \w+ tokens, so a newline never occurs in one: one string holds them all, no pickling.
         words = np.frombuffer("\n".join(self._words).encode(), dtype=np.uint8)
-        checksum = np.frombuffer(_file_sha256(out_dir / "vocab.parquet").encode(), dtype=np.uint8)
+        checksum = np.frombuffer(file_checksum(out_dir / "vocab.parquet").encode(), dtype=np.uint8)
         fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{LOOKUP}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as f:
@@ -472,14 +471,6 @@ def write_vocab(table: pa.Table, ngram_max: int, out_dir: str | Path, extra: dic
     return out_dir / "vocab.parquet"
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _read_lookup(out_dir: Path) -> tuple[list[str], np.ndarray, np.ndarray] | None:
     """The saved lookup, if it belongs to this folder's `vocab.parquet`."""
     path = out_dir / LOOKUP
@@ -489,7 +480,7 @@ def _read_lookup(out_dir: Path) -> tuple[list[str], np.ndarray, np.ndarray] | No
         with np.load(path, allow_pickle=False) as z:
             if "version" not in z or int(z["version"][0]) != _LOOKUP_VERSION:
                 return None
-            if z["vocab_sha256"].tobytes().decode() != _file_sha256(out_dir / "vocab.parquet"):
+            if z["vocab_sha256"].tobytes().decode() != file_checksum(out_dir / "vocab.parquet"):
                 return None
             raw = z["words"].tobytes().decode()
             return (raw.split("\n") if raw else []), z["keys"], z["rows"]
