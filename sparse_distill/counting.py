@@ -47,6 +47,7 @@ from sparse_distill.labelling import (
     MANIFEST,
     CorpusSource,
     LabelManifest,
+    ShardFiles,
     ShardSpec,
     input_checksum,
     plan_shards,
@@ -116,7 +117,7 @@ def partition_of(ngrams: pa.Array | pa.ChunkedArray, partitions: int) -> np.ndar
 
 
 @dataclass
-class SpillRecord:
+class SpillRecord(ShardFiles):
     """A counted shard: rows [start, stop) of one source, and where each partition's counts are in its spill."""
 
     index: int
@@ -132,14 +133,6 @@ class SpillRecord:
     # [partition, row group, rows, in-memory bytes] for every row group of the spill
     row_groups: list[list[int]] = field(default_factory=list)
     error: str | None = None
-
-    @property
-    def name(self) -> str:
-        return f"{self.index:05d}.parquet"
-
-    @property
-    def record_name(self) -> str:
-        return f"{self.index:05d}.json"
 
 
 _SCHEMA = pa.schema([("ngram", pa.string()), ("count", pa.int64())])

@@ -49,8 +49,22 @@ class CorpusSource:
     id_prefix: str | None = None  # prefix of derived ids (`<prefix>:<row>`); default: the file name
 
 
+class ShardFiles:
+    """The two files of shard `index`: its Parquet data and its JSON record."""
+
+    index: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.index:05d}.parquet"
+
+    @property
+    def record_name(self) -> str:
+        return f"{self.index:05d}.json"
+
+
 @dataclass
-class ShardSpec:
+class ShardSpec(ShardFiles):
     """A shard of the plan: rows [start, stop) of one source, and its state once labelled or failed."""
 
     index: int
@@ -65,14 +79,6 @@ class ShardSpec:
     input_checksum: str | None = None  # of the shard's ids and texts: which input the labels belong to
     seconds: float = 0.0
     error: str | None = None
-
-    @property
-    def name(self) -> str:
-        return f"{self.index:05d}.parquet"
-
-    @property
-    def record_name(self) -> str:
-        return f"{self.index:05d}.json"
 
     @property
     def size(self) -> int:
