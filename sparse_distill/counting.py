@@ -50,8 +50,10 @@ from sparse_distill.labelling import (
     ShardFiles,
     ShardSpec,
     input_checksum,
+    input_unchanged,
     plan_shards,
     read_shard,
+    remove_temporaries,
 )
 from sparse_distill.vocab import (
     TOKEN_PATTERN,
@@ -465,8 +467,7 @@ def open_count_plan(job: VocabJob, sources: list[CorpusSource] | None = None) ->
         (out / SETTINGS).unlink(missing_ok=True)
     for sub in (SPILLS, COUNTS):
         (out / sub).mkdir(parents=True, exist_ok=True)
-        for p in (out / sub).glob(".*.tmp"):  # left by a killed process; only renamed files count
-            p.unlink(missing_ok=True)
+        remove_temporaries(out / sub)
     atomic_write_text(out / SETTINGS, json.dumps(settings, indent=2))
     plan.save(out)
     return plan
@@ -476,16 +477,10 @@ def _forget_changed_shards(out: Path, plan: LabelManifest) -> None:
     redo = 0
     for shard in plan.shards:
         rec = read_spill_record(out, shard)
-        if rec is None or rec.status != "done":
-            continue
-        try:
-            texts, ids = read_shard(plan.sources[shard.source], shard)
-            same = input_checksum(ids, texts) == rec.input_checksum
-        except DataError:
-            same = False
-        if not same:
-            (out / SPILLS / rec.record_name).unlink(missing_ok=True)
-            redo += 1
+        if rec is not None and rec.status == "done":
+            if not input_unchanged(plan.sources[shard.source], shard, rec.input_checksum):
+                (out / SPILLS / rec.record_name).unlink(missing_ok=True)
+                redo += 1
     logger.warning("%s: a corpus file changed since planning; %d counted shards will be counted again", out, redo)
 
 
@@ -619,16 +614,16 @@ def finish_count(job: VocabJob, inputs: str, docs: int) -> dict[str, Any]:
         kept,
         v.ngram_max,
         out,
-        extra={"distinct_ngrams": distinct, "docs": docs, "min_count": v.min_count, "tie_rule": v.tie_rule},
+        extra={
+            "distinct_ngrams": distinct,
+            "docs": docs,
+            "min_count": v.min_count,
+            "tie_rule": v.tie_rule,
+            "selection": _selection(job, inputs),
+        },
     )
     NgramVocab.load(out)  # checks what was written, and saves the n-gram -> row lookup next to it
-    atomic_write_text(
-        out / COUNTS / SUCCESS,
-        json.dumps({"inputs": inputs, "settings": job_settings(job), "spills_kept": job.keep_spills}),
-    )
-    if not job.keep_spills:
-        for p in (out / SPILLS).glob("*.parquet"):
-            p.unlink()
+    _mark_summed(job, inputs)
     logger.info(
         "%s: kept %d of %d distinct n-grams (%.1f s to select)",
         out,
@@ -636,13 +631,35 @@ def finish_count(job: VocabJob, inputs: str, docs: int) -> dict[str, Any]:
         distinct,
         time.perf_counter() - start,
     )
+    return _result(out, kept.column("count"), distinct, docs)
+
+
+def _mark_summed(job: VocabJob, inputs: str) -> None:
+    """Record that every partition is summed from `inputs`; then the spills can go (unless kept)."""
+    out = Path(job.out)
+    atomic_write_text(
+        out / COUNTS / SUCCESS,
+        json.dumps({"inputs": inputs, "settings": job_settings(job), "spills_kept": job.keep_spills}),
+    )
+    if not job.keep_spills:
+        for p in (out / SPILLS).glob("*.parquet"):
+            p.unlink()
+
+
+def _selection(job: VocabJob, inputs: str) -> dict[str, Any]:
+    """What a selection depends on: the summed inputs and the choice of size, min count and tie rule."""
+    v = job.vocab
+    return {"inputs": inputs, "size": v.size, "min_count": v.min_count, "tie_rule": v.tie_rule}
+
+
+def _result(out: Path, counts: pa.ChunkedArray | pa.Array, distinct: int, docs: int) -> dict[str, Any]:
     return {
         "out": str(out),
         "vocab": str(out / "vocab.parquet"),
-        "size": kept.num_rows,
+        "size": len(counts),
         "distinct_ngrams": distinct,
         "docs": docs,
-        "min_kept_count": int(pc.min(kept.column("count")).as_py()) if kept.num_rows else None,
+        "min_kept_count": int(pc.min(counts).as_py()) if len(counts) else None,
     }
 
 
@@ -650,6 +667,15 @@ def finish_without_reduce(job: VocabJob) -> dict[str, Any]:
     """Every partition is already summed from these inputs: only select again (a new --size or --min-count)."""
     out = Path(job.out)
     success = _success(out) or {}
+    try:
+        meta = json.loads((out / "vocab.json").read_text())
+        if meta.get("selection") == _selection(job, success["inputs"]) and (out / "vocab.parquet").exists():
+            # Already selected just so (the pipeline's stage after its counting flow): nothing to do again.
+            counts = pq.read_table(out / "vocab.parquet", columns=["count"]).column("count")
+            _mark_summed(job, success["inputs"])
+            return _result(out, counts, meta["distinct_ngrams"], meta["docs"])
+    except (OSError, json.JSONDecodeError, KeyError):
+        pass
     plan = LabelManifest.load(out)
     records = [read_spill_record(out, s) for s in plan.shards]
     docs = sum(r.docs for r in records if r is not None)

@@ -221,7 +221,7 @@ def open_plan(out_dir: str | Path, sources: list[CorpusSource], shard_size: int,
         for p in (out_dir / SHARDS).glob("*"):
             p.unlink()
     (out_dir / SHARDS).mkdir(parents=True, exist_ok=True)
-    _remove_temporaries(out_dir)
+    remove_temporaries(out_dir / SHARDS)
     collect_records(out_dir, plan)
     plan.save(out_dir)
     return plan
@@ -238,29 +238,31 @@ def input_checksum(ids: list[str], texts: list[str]) -> str:
     return h.hexdigest()
 
 
+def input_unchanged(source: CorpusSource, shard: ShardSpec, checksum: str | None) -> bool:
+    """Whether the shard's rows, read now, still have the input checksum recorded when it was done."""
+    try:
+        texts, ids = read_shard(source, shard)
+    except DataError:
+        return False
+    return input_checksum(ids, texts) == checksum
+
+
+def remove_temporaries(folder: Path) -> None:
+    """Delete the temporary files a killed process left in `folder`: never read, since only renamed files count."""
+    for p in folder.glob(".*.tmp"):
+        p.unlink(missing_ok=True)
+
+
 def _forget_changed_shards(out_dir: Path, old: LabelManifest, new: LabelManifest) -> None:
     # Read each shard's rows as the new plan finds them (byte offsets move when a line's length changes).
     redo = 0
     for shard, now in zip(old.shards, new.shards, strict=True):
-        if shard.status != "done":
-            continue
-        try:
-            texts, ids = shard_texts(new, now)
-            same = input_checksum(ids, texts) == shard.input_checksum
-        except DataError:
-            same = False
-        if not same:
+        if shard.status == "done" and not input_unchanged(new.sources[now.source], now, shard.input_checksum):
             (out_dir / SHARDS / shard.record_name).unlink(missing_ok=True)
             redo += 1
     logger.warning(
         "%s: a corpus file changed since planning; %d done shards have new input and will be redone", out_dir, redo
     )
-
-
-def _remove_temporaries(out_dir: Path) -> None:
-    # Left behind by a process killed mid-write; never read, since only renamed files count.
-    for p in (out_dir / SHARDS).glob(".*.tmp"):
-        p.unlink(missing_ok=True)
 
 
 def collect_records(out_dir: str | Path, manifest: LabelManifest) -> LabelManifest:
