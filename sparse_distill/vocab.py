@@ -16,6 +16,7 @@ Row order in `vocab.parquet` is the ranking (count descending), and row i is emb
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import logging
 import os
@@ -39,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 LOOKUP = "vocab.lookup.npz"
 # Format of the saved lookup; a file of another version is rebuilt.
-_LOOKUP_VERSION = 2
+_LOOKUP_VERSION = 3
 
 TOKEN_PATTERN = r"(?u)\b\w\w+\b"
 _token_re = re.compile(TOKEN_PATTERN)
@@ -185,25 +186,14 @@ def select_top(
     return items[:size]
 
 
+# From this many texts on, Arrow splits and looks up the tokens; below it, Python's regex and a dict are faster
+# (Arrow compiles its large split pattern on every call, ~1 ms; measured).
 _ARROW_SPLIT_MIN_TEXTS = 256
 
 
-def _split_tokens(texts: list[str], exact_ngrams: bool = False) -> tuple[pa.Array | np.ndarray, np.ndarray]:
-    """All tokens of the texts in order and each text's token count, with the rule of `tokenize`.
-
-    Big batches are split by Arrow (an Arrow array; no per-token Python loop); a few texts by Python's compiled
-    regex (an object array). `exact_ngrams` splits on single spaces instead."""
-    if exact_ngrams:
-        parts = pc.split_pattern(pa.array(texts, pa.string()), " ")
-        lens = pc.list_value_length(parts).to_numpy(zero_copy_only=False).astype(np.int64)
-        return parts.flatten(), lens
-    if len(texts) < _ARROW_SPLIT_MIN_TEXTS:
-        # Arrow compiles its (large) split pattern on every call (~1 ms) and only wins on big batches (measured).
-        lists = [tokenize(t) for t in texts]
-        lens = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
-        flat = np.empty(int(lens.sum()), dtype=object)
-        flat[:] = [tok for toks in lists for tok in toks]
-        return flat, lens
+def _split_tokens(texts: list[str]) -> tuple[pa.Array, np.ndarray]:
+    """All tokens of the texts in order (an Arrow array) and each text's token count, with the rule of `tokenize`,
+    split by Arrow with no per-token Python loop."""
     parts = pc.split_pattern_regex(pa.array([t.lower() for t in texts], pa.string()), _non_word_pattern())
     flat = parts.flatten()
     keep = pc.greater_equal(pc.utf8_length(flat), 2)
@@ -272,14 +262,19 @@ def _mix(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
-def _ngram_keys(word_ids: list[np.ndarray]) -> np.ndarray:
-    """64-bit keys of n-grams given as n aligned arrays of word ids (one per position)."""
-    n = len(word_ids)
+def _word_keys(n_words: int) -> np.ndarray:
+    """A pseudo-random 64-bit key per word id (0..n_words-1)."""
     with np.errstate(over="ignore"):
-        h = np.full(word_ids[0].shape, np.uint64(n) * _GOLDEN, dtype=np.uint64)
-        for w in word_ids:
-            h = _mix(h ^ (w.astype(np.uint64) + np.uint64(1)))
-    return h
+        return _mix((np.arange(n_words, dtype=np.uint64) + np.uint64(1)) * _GOLDEN)
+
+
+def _extend_keys(keys: np.ndarray, next_word_keys: np.ndarray) -> np.ndarray:
+    """Keys of n-grams one word longer: key(w1..wn) = mix(key(w1..wn-1) ^ wordkey(wn)), key() = _GOLDEN.
+
+    Built left to right, so one pass over a text yields the keys of all its n-grams for n = 1..N with N mixes per
+    position, and the unigram keys are a table lookup."""
+    with np.errstate(over="ignore"):
+        return _mix(keys ^ next_word_keys)
 
 
 @dataclass
@@ -289,21 +284,29 @@ class NgramVocab:
     ngrams: list[str]
     counts: np.ndarray
     ngram_max: int
-    # (words, table keys, table rows) read from disk, instead of building them
-    saved_lookup: InitVar[tuple[list[str], np.ndarray, np.ndarray] | None] = None
+    # (words, table keys, table rows, prefix_closed) read from disk, instead of building them
+    saved_lookup: InitVar[tuple[list[str], np.ndarray, np.ndarray, bool] | None] = None
     _words: pd.Index = field(init=False, repr=False)
     _table: KeyTable = field(init=False, repr=False)
     _word_array: pa.Array = field(init=False, repr=False)
+    # Every kept n-gram's (n-1)-word prefix is kept too (true of any top-|V| cut with the alphabetical tie rule,
+    # since a prefix occurs at least as often and sorts first): featurising then extends only the n-grams it found.
+    _prefix_closed: bool = field(init=False, repr=False, default=False)
+    _index: dict[str, int] | None = field(init=False, repr=False, default=None)
 
-    def __post_init__(self, saved_lookup: tuple[list[str], np.ndarray, np.ndarray] | None) -> None:
+    def __post_init__(self, saved_lookup: tuple[list[str], np.ndarray, np.ndarray, bool] | None) -> None:
         self.counts = np.asarray(self.counts, dtype=np.int64)
         if saved_lookup is None:
             self._build_lookup()
         else:
-            words, table_keys, table_rows = saved_lookup
+            words, table_keys, table_rows, self._prefix_closed = saved_lookup
             self._words = pd.Index(words, dtype=object)
             self._table = KeyTable.from_arrays(table_keys, table_rows)
         self._word_array = pa.array(self._words.to_numpy(), pa.string())
+        self._wkeys = _word_keys(len(self._words))
+        self._unigram_keys = _extend_keys(np.full(len(self._words), _GOLDEN, np.uint64), self._wkeys)
+        # Each word's own row (-1 when the word is kept only inside longer n-grams): unigrams need no table probe.
+        self._unigram_rows = self._table.get(self._unigram_keys)
 
     def __len__(self) -> int:
         return len(self.ngrams)
@@ -317,14 +320,22 @@ class NgramVocab:
         lengths = pc.list_value_length(parts).to_numpy(zero_copy_only=False).astype(np.int64)
         self._words = pd.Index(pd.unique(flat)) if len(flat) else pd.Index([], dtype=object)
         wid = self._words.get_indexer(flat).astype(np.int64)
+        wkeys = _word_keys(len(self._words))
         starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if len(lengths) else np.zeros(0, np.int64)
         keys = np.zeros(len(self.ngrams), dtype=np.uint64)
+        prefix_keys = []
         for n in np.unique(lengths):
             sel = np.nonzero(lengths == n)[0]
-            keys[sel] = _ngram_keys([wid[starts[sel] + j] for j in range(int(n))])
+            h = np.full(len(sel), _GOLDEN, np.uint64)
+            for j in range(int(n)):
+                if j == n - 1 and n > 1:
+                    prefix_keys.append(h)
+                h = _extend_keys(h, wkeys[wid[starts[sel] + j]])
+            keys[sel] = h
         if len(np.unique(keys)) != len(keys):
             raise ValueError("two n-grams share a 64-bit key: report this as a bug")
         self._table = KeyTable(keys, np.arange(len(keys), dtype=np.int64))
+        self._prefix_closed = all(bool(np.all(self._table.get(k) >= 0)) for k in prefix_keys)
 
     def _word_ids(self, tokens: pa.Array | np.ndarray) -> np.ndarray:
         """Each token's word id, -1 for words in no kept n-gram."""
@@ -336,54 +347,72 @@ class NgramVocab:
         # A few texts: pandas' standing hash table is cheaper than building one.
         return self._words.get_indexer(tokens.to_numpy(zero_copy_only=False)).astype(np.int64)
 
+    def _text_word_ids(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """The word id of every token of the texts (-1 for unknown words), and each text's token count."""
+        if len(texts) >= _ARROW_SPLIT_MIN_TEXTS:
+            flat, lens = _split_tokens(texts)
+            return self._word_ids(flat), lens
+        # A few texts: Python's compiled regex and a dict, in one pass (Arrow's split pays ~1 ms per call to compile
+        # its pattern; pandas' indexer pays a type check per call).
+        if self._index is None:
+            self._index = dict(zip(self._words, range(len(self._words)), strict=True))
+        findall = _token_re.findall
+        tokens = [findall(text.lower()) for text in texts]
+        lens = np.fromiter(map(len, tokens), dtype=np.int64, count=len(tokens))
+        ids = map(self._index.get, itertools.chain.from_iterable(tokens), itertools.repeat(-1))
+        return np.fromiter(ids, dtype=np.int64, count=int(lens.sum())), lens
+
     def lookup(self, ngrams: list[str]) -> np.ndarray:
-        """Row ids of n-grams given as strings; -1 where not in the vocabulary."""
-        ids, offsets = self.featurize(ngrams, exact_ngrams=True)
+        """Row ids of n-grams given as strings (words joined by one space); -1 where not in the vocabulary."""
+        parts = pc.split_pattern(pa.array(ngrams, pa.string()), " ")
+        lens = pc.list_value_length(parts).to_numpy(zero_copy_only=False).astype(np.int64)
+        wid = self._word_ids(parts.flatten())
         out = np.full(len(ngrams), -1, dtype=np.int64)
-        lengths = np.diff(np.append(offsets, len(ids)))
-        out[lengths > 0] = ids[offsets[lengths > 0]]
+        starts = np.cumsum(lens) - lens
+        todo = np.flatnonzero((lens >= 1) & (lens <= self.ngram_max))
+        h = np.full(len(todo), _GOLDEN, np.uint64)
+        for j in range(int(lens.max(initial=0))):
+            todo, h = todo[lens[todo] > j], h[lens[todo] > j]
+            w = wid[starts[todo] + j]
+            todo, h = todo[w >= 0], _extend_keys(h[w >= 0], self._wkeys[w[w >= 0]])
+            done = lens[todo] == j + 1
+            out[todo[done]] = self._table.get(h[done])
         return out
 
-    def featurize(self, texts: list[str], exact_ngrams: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    def featurize(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """Embedding-bag inputs for documents: flat row ids and per-document start offsets (int64).
 
         Each document contributes one id per occurrence of a kept n-gram (n = 1..ngram_max), so mean pooling weights
-        n-grams by frequency, as a bag of n-grams should. With `exact_ngrams`, each text is taken as one whole n-gram.
+        n-grams by frequency, as a bag of n-grams should.
         """
-        flat, lens = _split_tokens(texts, exact_ngrams)
-        total = int(lens.sum())
-        if total == 0:
-            return np.zeros(0, np.int64), np.zeros(len(texts), np.int64)
-        wid = self._word_ids(flat)
+        wid, lens = self._text_word_ids(texts)
+        ends = np.cumsum(lens)
         doc_of = np.repeat(np.arange(len(texts), dtype=np.int64), lens)
-        doc_end = np.repeat(np.cumsum(lens), lens)
-        pos = np.arange(total, dtype=np.int64)
-        ns = range(1, self.ngram_max + 1)
-        if exact_ngrams:
-            # One n-gram per text: its length is the text's token count.
-            starts = np.cumsum(lens) - lens
-            ns = [n for n in np.unique(lens) if 0 < n <= self.ngram_max]
+        # Tokens from each position to the end of its document: an n-gram starting there fits when this is >= n.
+        room = np.repeat(ends, lens) - np.arange(len(wid), dtype=np.int64)
+        pos = np.flatnonzero(wid >= 0)
+        keys = self._unigram_keys[wid[pos]]
         doc_parts, row_parts = [], []
-        for n in ns:
-            if exact_ngrams:
-                sel = starts[(lens == n)]
-            else:
-                sel = pos[pos + n <= doc_end]
-            if len(sel) == 0:
-                continue
-            windows = [wid[sel + j] for j in range(int(n))]
-            known = np.all(np.stack(windows) >= 0, axis=0)
-            sel = sel[known]
-            if len(sel) == 0:
-                continue
-            found = self._table.get(_ngram_keys([w[known] for w in windows]))
+        for n in range(1, self.ngram_max + 1):
+            if n > 1:
+                nxt = pos[room[pos] >= n]
+                keys = keys[room[pos] >= n]
+                w = wid[nxt + n - 1]
+                pos, keys = nxt[w >= 0], _extend_keys(keys[w >= 0], self._wkeys[w[w >= 0]])
+            if len(pos) == 0:
+                break
+            found = self._unigram_rows[wid[pos]] if n == 1 else self._table.get(keys)
             hit = found >= 0
-            doc_parts.append(doc_of[sel[hit]])
+            doc_parts.append(doc_of[pos[hit]])
             row_parts.append(found[hit])
+            if self._prefix_closed:
+                # No longer n-gram starts where this one is missing.
+                pos, keys = pos[hit], keys[hit]
         if not doc_parts:
             return np.zeros(0, np.int64), np.zeros(len(texts), np.int64)
         docs = np.concatenate(doc_parts)
         rows = np.concatenate(row_parts)
+        # Each part is in document order: a stable sort merges them so that every bag is contiguous.
         order = np.argsort(docs, kind="stable")
         per_doc = np.bincount(docs, minlength=len(texts))
         offsets = np.concatenate([[0], np.cumsum(per_doc)[:-1]]).astype(np.int64)
@@ -408,6 +437,7 @@ class NgramVocab:
                     words=words,
                     keys=self._table.keys,
                     rows=self._table.rows,
+                    prefix_closed=np.array([self._prefix_closed]),
                     vocab_sha256=checksum,
                     version=np.array([_LOOKUP_VERSION]),
                 )
@@ -471,7 +501,7 @@ def write_vocab(table: pa.Table, ngram_max: int, out_dir: str | Path, extra: dic
     return out_dir / "vocab.parquet"
 
 
-def _read_lookup(out_dir: Path) -> tuple[list[str], np.ndarray, np.ndarray] | None:
+def _read_lookup(out_dir: Path) -> tuple[list[str], np.ndarray, np.ndarray, bool] | None:
     """The saved lookup, if it belongs to this folder's `vocab.parquet`."""
     path = out_dir / LOOKUP
     if not path.exists():
@@ -483,7 +513,7 @@ def _read_lookup(out_dir: Path) -> tuple[list[str], np.ndarray, np.ndarray] | No
             if z["vocab_sha256"].tobytes().decode() != file_checksum(out_dir / "vocab.parquet"):
                 return None
             raw = z["words"].tobytes().decode()
-            return (raw.split("\n") if raw else []), z["keys"], z["rows"]
+            return (raw.split("\n") if raw else []), z["keys"], z["rows"], bool(z["prefix_closed"][0])
     except (OSError, ValueError, KeyError) as e:
         logger.warning("%s: unreadable lookup, rebuilding it (%s)", path, e)
         return None

@@ -171,3 +171,34 @@ def test_featurize_gives_the_same_ids_one_text_at_a_time_and_in_a_batch():
         one, off = vocab.featurize([doc])
         np.testing.assert_array_equal(np.sort(one), np.sort(ids[bounds[i] : bounds[i + 1]]))
         assert off.tolist() == [0]
+
+
+def test_a_vocabulary_that_is_not_prefix_closed_still_featurises_every_kept_ngram():
+    # "good film" and "not good film" without "not" or "not good": featurising must not skip n-grams whose prefix is
+    # missing. A top-|V| cut with the alphabetical rule is prefix-closed, and then it may.
+    odd = NgramVocab(ngrams=["good film", "not good film", "film", "bad"], counts=[4, 3, 2, 1], ngram_max=3)
+    assert not odd._prefix_closed
+    ids, offsets = odd.featurize(["Not good film, bad film", "not good", ""])
+    assert offsets.tolist() == [0, 5, 5]
+    assert sorted(odd.ngrams[i] for i in ids) == ["bad", "film", "film", "good film", "not good film"]
+    docs = _docs(300, 40, seed=5)
+    assert build_vocab(docs, 500, 4)._prefix_closed
+
+
+def test_featurize_on_a_prefix_closed_vocabulary_equals_the_full_reference():
+    docs = _docs(400, 25, seed=21)
+    vocab = build_vocab(docs, 2000, 4)
+    assert vocab._prefix_closed
+    row = {g: i for i, g in enumerate(vocab.ngrams)}
+    for batch in (docs, docs[:20]):  # the Arrow path and the Python path
+        ids, offsets = vocab.featurize(batch)
+        bounds = np.append(offsets, len(ids))
+        for i, doc in enumerate(batch):
+            expected = sorted(row[g] for g in iter_ngrams(tokenize(doc), 4) if g in row)
+            assert sorted(ids[bounds[i] : bounds[i + 1]].tolist()) == expected
+
+
+def test_lookup_maps_ngram_strings_to_rows():
+    vocab = NgramVocab(ngrams=["good film", "film", "not good film", "bad"], counts=[4, 3, 2, 1], ngram_max=3)
+    got = vocab.lookup(["film", "not good film", "good", "good film", "a b c d", "", "bad film"])
+    assert got.tolist() == [1, 2, -1, 0, -1, -1, -1]
