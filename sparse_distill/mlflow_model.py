@@ -77,9 +77,9 @@ def _as_texts(model_input: Any) -> list[str]:
     return values
 
 
-def predictions_frame(predictor: StudentPredictor, texts: list[str]) -> pd.DataFrame:
+def predictions_frame(predictor: StudentPredictor, texts: list[str], batch_size: int = 1024) -> pd.DataFrame:
     """The pyfunc output for texts: column `label` (label values as in the train set) and `prob_<label>` per class."""
-    probs = predictor.predict_proba(texts).astype(np.float64)
+    probs = predictor.predict_proba(texts, batch_size).astype(np.float64)
     labels = predictor.labels
     predicted = [labels[i] for i in probs.argmax(axis=1)] if len(texts) else []
     label_dtype = object if any(isinstance(v, str) for v in labels) else None

@@ -166,8 +166,10 @@ def finetune_teacher(
         label2id={v: k for k, v in id2label.items()},
         ignore_mismatched_sizes=True,  # a checkpoint fine-tuned on another task brings a head of another size
     ).to(device)
-    if config.max_train_samples is not None:
-        train_texts, train_labels = train_texts[: config.max_train_samples], train_labels[: config.max_train_samples]
+    if config.max_train_samples is not None and config.max_train_samples < len(train_texts):
+        # A seeded random sample, not the first rows: train files are often sorted by label (IMDB's is).
+        keep = sorted(random.Random(config.seed).sample(range(len(train_texts)), config.max_train_samples))
+        train_texts, train_labels = [train_texts[i] for i in keep], [train_labels[i] for i in keep]
     start = time.perf_counter()
     best_dir = out_dir / "model"
     if config.skip_finetune:

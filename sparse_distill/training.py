@@ -40,6 +40,8 @@ def kl_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperatu
 
 def make_optimizers(model: DanStudent, lr: float) -> list[torch.optim.Optimizer]:
     """SparseAdam for the embedding table, Adam for the dense layers (the paper's set-up)."""
+    if model.config.table_dtype != "float32":
+        raise ValueError(f"a {model.config.table_dtype} table is for inference only: train the float32 student")
     return [
         torch.optim.SparseAdam([model.embedding.weight], lr=lr),
         torch.optim.Adam(model.dense_parameters(), lr=lr),

@@ -94,3 +94,20 @@ def test_label_status_text_and_json(tiny_teacher, tmp_path, capsys):
     assert main(["label-status", str(out), "--json"]) == 1
     status = json.loads(capsys.readouterr().out)
     assert status["rows_written"] == 2 and status["failed_shards"][0]["rows"] == "0-2"
+
+
+def test_quantize_reports_sizes_and_accuracy_change(model_dir, tmp_path, capsys):
+    labels = ["pos" if i % 2 else "neg" for i in range(len(TEXTS))]
+    pq.write_table(pa.table({"text": TEXTS, "label": labels}), tmp_path / "eval.parquet")
+    out = tmp_path / "int8"
+    argv = ["quantize", "--model", str(model_dir), "--dtype", "int8", "--out", str(out)]
+    assert main([*argv, "--eval", str(tmp_path / "eval.parquet")]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report["accuracy"]) == {"float32", "int8"}
+    assert report["accuracy_change"] == round(report["accuracy"]["int8"] - report["accuracy"]["float32"], 4)
+    assert report["weights_mb"]["int8"] <= report["weights_mb"]["float32"]
+    assert _predict(out, "--input", str(tmp_path / "eval.parquet"), "--threads", "2", "--batch-size", "2") == 0
+    assert len(capsys.readouterr().out.splitlines()) == len(TEXTS)
+    pq.write_table(pa.table({"text": TEXTS}), tmp_path / "nolabel.parquet")
+    assert main([*argv, "--eval", str(tmp_path / "nolabel.parquet")]) == 2
+    assert "column 'label' not found" in capsys.readouterr().err

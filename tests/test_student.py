@@ -9,8 +9,8 @@ import torch
 from sparse_distill.config import StudentConfig
 from sparse_distill.data import LabelMap
 from sparse_distill.inference import StudentPredictor
-from sparse_distill.student import load_student, save_student
-from sparse_distill.training import student_from_config
+from sparse_distill.student import Int8EmbeddingBag, load_student, quantize_student, save_student
+from sparse_distill.training import make_optimizers, student_from_config
 from sparse_distill.vocab import build_vocab
 
 TEXTS = ["a great and moving film", "dull, tedious and long", "", "unknownword only", "great great great"]
@@ -42,3 +42,73 @@ def test_overwrite_is_atomic_and_load_errors(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "v"]
     with pytest.raises(FileNotFoundError, match="not a student model folder"):
         load_student(tmp_path / "v")
+
+
+@pytest.mark.parametrize("table_dtype", ["float16", "int8"])
+def test_quantized_tables_predict_close_to_float32_and_are_smaller(tmp_path, table_dtype):
+    docs = [f"w{i % 37} w{(i * 7) % 41} good film w{i % 5}" for i in range(200)] + TEXTS
+    vocab = build_vocab(docs, 400, 2)
+    vocab.save(tmp_path / "vocab")
+    torch.manual_seed(0)
+    model = student_from_config(len(vocab), 2, StudentConfig(dim=64, hidden=16))
+    save_student(model, LabelMap.from_values(["neg", "pos"]), tmp_path / "vocab", tmp_path / "fp32")
+    quantize_student(tmp_path / "fp32", tmp_path / "q", table_dtype)
+    full, small = StudentPredictor.load(tmp_path / "fp32"), StudentPredictor.load(tmp_path / "q")
+    assert small.model.config.table_dtype == table_dtype
+    tolerance = 2e-3 if table_dtype == "float16" else 2e-2
+    np.testing.assert_allclose(small.predict_proba(docs), full.predict_proba(docs), atol=tolerance)
+    np.testing.assert_allclose(small.predict_one(docs[3]), full.predict_proba(docs[3:4])[0], atol=tolerance)
+    ratio = {"float16": 0.5, "int8": 0.25 + 8 / 64}[table_dtype]
+    table_bytes = (tmp_path / "q/student.safetensors").stat().st_size
+    assert table_bytes < (tmp_path / "fp32/student.safetensors").stat().st_size * (ratio + 0.05)
+    with pytest.raises(ValueError, match="already"):
+        quantize_student(tmp_path / "q", tmp_path / "again", "int8")
+    with pytest.raises(ValueError, match="inference only"):
+        make_optimizers(small.model, 1e-3)
+
+
+def test_int8_rows_round_trip_within_their_step_and_empty_bags_stay_zero():
+    torch.manual_seed(0)
+    weight = torch.randn(50, 16)
+    table = Int8EmbeddingBag.from_float(weight)
+    step = (weight.max(1).values - weight.min(1).values) / 255
+    assert torch.all((table.dequantize() - weight).abs() <= step[:, None] / 2 + 1e-6)
+    pooled = table(torch.tensor([1, 2, 3]), torch.tensor([0, 0, 2]))
+    assert torch.all(pooled[0] == 0)
+    torch.testing.assert_close(pooled[1], table.dequantize()[[1, 2]].mean(0))
+    with pytest.raises(ValueError, match="max"):
+        Int8EmbeddingBag.from_float(weight, mode="max")
+
+
+def test_max_pooling_student_cannot_be_int8(tmp_path):
+    vocab = build_vocab(TEXTS, 50, 2)
+    vocab.save(tmp_path / "v")
+    model = student_from_config(len(vocab), 2, StudentConfig(dim=4, hidden=4, pooling="max"))
+    save_student(model, LabelMap.from_values([0, 1]), tmp_path / "v", tmp_path / "m")
+    with pytest.raises(ValueError, match="max"):
+        quantize_student(tmp_path / "m", tmp_path / "q", "int8")
+    quantize_student(tmp_path / "m", tmp_path / "h", "float16")
+    np.testing.assert_allclose(
+        StudentPredictor.load(tmp_path / "h").predict_proba(TEXTS),
+        StudentPredictor.load(tmp_path / "m").predict_proba(TEXTS),
+        atol=2e-3,
+    )
+
+
+def test_threads_give_the_same_predictions_and_bad_settings_are_refused(tmp_path):
+    docs = [f"w{i % 37} w{(i * 7) % 41} good film" for i in range(300)]
+    vocab = build_vocab(docs, 300, 3)
+    model = student_from_config(len(vocab), 2, StudentConfig(dim=8, hidden=4))
+    lm = LabelMap.from_values([0, 1])
+    one = StudentPredictor(model, vocab, lm).predict_proba(docs, batch_size=7)
+    threads = torch.get_num_threads()
+    try:
+        many = StudentPredictor(model, vocab, lm, threads=3)
+        np.testing.assert_array_equal(many.predict_proba(docs, batch_size=7), one)
+        many.close()
+    finally:
+        torch.set_num_threads(threads)
+    with pytest.raises(ValueError, match="threads"):
+        StudentPredictor(model, vocab, lm, threads=0)
+    with pytest.raises(ValueError, match="batch_size"):
+        StudentPredictor(model, vocab, lm).predict_proba(docs, batch_size=0)
