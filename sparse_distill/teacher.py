@@ -141,6 +141,15 @@ class TeacherResult:
     seconds: float
 
 
+def sample_rows(n_rows: int, size: int, seed: int) -> list[int]:
+    """Row numbers of a seeded random sample of `size` rows (all rows when there are fewer), in file order.
+
+    A sample, not the first rows: train files are often sorted by label (IMDB's is)."""
+    if size >= n_rows:
+        return list(range(n_rows))
+    return sorted(random.Random(seed).sample(range(n_rows), size))
+
+
 def finetune_teacher(
     config: TeacherConfig,
     train_texts: list[str],
@@ -166,9 +175,8 @@ def finetune_teacher(
         label2id={v: k for k, v in id2label.items()},
         ignore_mismatched_sizes=True,  # a checkpoint fine-tuned on another task brings a head of another size
     ).to(device)
-    if config.max_train_samples is not None and config.max_train_samples < len(train_texts):
-        # A seeded random sample, not the first rows: train files are often sorted by label (IMDB's is).
-        keep = sorted(random.Random(config.seed).sample(range(len(train_texts)), config.max_train_samples))
+    if config.max_train_samples is not None:
+        keep = sample_rows(len(train_texts), config.max_train_samples, config.seed)
         train_texts, train_labels = [train_texts[i] for i in keep], [train_labels[i] for i in keep]
     start = time.perf_counter()
     best_dir = out_dir / "model"
