@@ -157,3 +157,74 @@ def test_loads_without_sparse_distill_installed(tmp_path: Path, mlflow_env: str,
     if done.stdout.strip() == "SKIP":
         pytest.skip("sparse_distill is installed non-editable: cannot hide it from a subprocess")
     assert done.stdout.strip().splitlines()[-1] == StudentPredictor.load(student_dir).predict(["the film was great"])[0]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_mlflow_models_serve_answers_rest_requests(tmp_path: Path, mlflow_env: str, student_dir: Path) -> None:
+    """`mlflow models serve --env-manager local` on a loopback port predicts like the library."""
+    import json
+    import time
+    import urllib.error
+    import urllib.request
+
+    eid = ensure_experiment("students", mlflow_env, tmp_path / "artifacts")
+    run_id = mlflow.MlflowClient(mlflow_env).create_run(eid).info.run_id
+    uri = log_student_model(student_dir, run_id, tracking_uri=mlflow_env)
+    port = _free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_env}
+    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager", "local"]
+    server = subprocess.Popen(
+        [*cmd, "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, f"mlflow models serve exited: {server.stdout.read()}"
+            try:
+                with urllib.request.urlopen(f"{base}/ping", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError):
+                pass
+            assert time.monotonic() < deadline, "mlflow models serve did not answer /ping within 120 s"
+            time.sleep(0.5)
+
+        def post(payload: dict) -> tuple[int, dict]:
+            request = urllib.request.Request(
+                f"{base}/invocations", json.dumps(payload).encode(), {"Content-Type": "application/json"}
+            )
+            try:
+                with urllib.request.urlopen(request, timeout=30) as r:
+                    return r.status, json.loads(r.read())
+            except urllib.error.HTTPError as e:
+                return e.code, json.loads(e.read())
+
+        status, body = post({"dataframe_split": {"columns": ["text"], "data": [[t] for t in TEXTS]}})
+        assert status == 200, body
+        reference = StudentPredictor.load(student_dir)
+        rows = body["predictions"]
+        assert [r["label"] for r in rows] == reference.predict(TEXTS)
+        got = np.array([[r["prob_neg"], r["prob_pos"]] for r in rows])
+        np.testing.assert_allclose(got, reference.predict_proba(TEXTS), atol=1e-6)
+        status, body = post({"inputs": {"text": TEXTS[:2]}})
+        assert status == 200 and len(body["predictions"]) == 2
+        status, body = post({"dataframe_split": {"columns": ["review"], "data": [[1]]}})
+        assert 400 <= status < 500, body
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
