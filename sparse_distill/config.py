@@ -141,6 +141,15 @@ class TrackingConfig(_Strict):
     tracking_uri: str | None = Field(None, description="MLflow tracking URI (default: sqlite ./mlflow.db).")
     experiment: str = Field("sparse-distill", description="MLflow experiment name.")
     log_model: bool = Field(True, description="Log the student as an MLflow pyfunc model.")
+    registered_model: str | None = Field(
+        None,
+        min_length=1,
+        description="Register the logged student under this MLflow Model Registry name and apply the quality gate "
+        "(None: do not register).",
+    )
+    min_retention: float = Field(
+        0.9, gt=0, le=1.5, description="Share of the teacher's test accuracy the student must keep to become champion."
+    )
 
 
 class LabelJob(_Strict):

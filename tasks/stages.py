@@ -236,6 +236,31 @@ def evaluate(
     return _done("evaluate", fingerprints, {**res, "out_dir": str(out)})
 
 
+def _register(config: PipelineConfig, tracking: TrackingRef, model_uri: str, evaluation: dict, split: str) -> dict:
+    """Register the logged student and apply the quality gate on `split` (test, or dev without one)."""
+    from dataclasses import asdict
+
+    from sparse_distill.registry import register_student
+
+    data = pipeline.load_task_data(config.data)
+    gate_split = data.test if split == "test" and data.test is not None else data.dev
+    decision = register_student(
+        tracking.tracking_uri,
+        model_uri,
+        config.tracking.registered_model,
+        tracking.parent_run_id,
+        gate_split.texts,
+        gate_split.labels or [],
+        evaluation["metrics"]["teacher"][split]["accuracy"],
+        config.tracking.min_retention,
+        split_name=split,
+    )
+    get_run_logger().info(
+        "registry: %r v%s is the %s (%s)", decision.name, decision.version, decision.alias, decision.reason
+    )
+    return {**asdict(decision), "model_uri": decision.model_uri}
+
+
 @task(name="publish-results")
 def publish_results(
     config: PipelineConfig,
@@ -280,6 +305,8 @@ def publish_results(
     table = pipeline.results_table(summary)
     if tracking:
         summary["mlflow_model_uri"] = log_student_model(model_dirs[best], tracking.parent_run_id, tracking.tracking_uri)
+        if config.tracking.registered_model:
+            summary["registry"] = _register(config, tracking, summary["mlflow_model_uri"], evaluation, split)
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(tracking.tracking_uri)
@@ -291,6 +318,8 @@ def publish_results(
         client.log_artifact(tracking.parent_run_id, str(Path(model_dirs[best]) / "label_map.json"))
         client.log_text(tracking.parent_run_id, table, "results.md")
         end_run(tracking.tracking_uri, tracking.parent_run_id)
+    elif config.tracking.registered_model:
+        logger.warning("tracking is off: the student is not registered as %r", config.tracking.registered_model)
     atomic_write_text(run_path / "summary.json", json.dumps(summary, indent=2))
     atomic_write_text(run_path / "results.md", table + "\n")
     create_markdown_artifact(table, key="sparse-distill-results", description=f"Results of run {config.name}")
