@@ -8,7 +8,8 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: install demo demo-data test lint mlflow-ui sst2 imdb bench-label bench-vocab clean
+.PHONY: install demo demo-data test lint mlflow-ui sst2 imdb bench-label bench-vocab bench-inference server worker stop \
+	status deploy clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 1; }
@@ -61,8 +62,35 @@ bench-vocab: $(STAMP)
 	$(PY) benchmarks/vocab_count.py --name synthetic-2m --runner thread --input data/synthetic/zipf-2m.parquet \
 		--size 1000000 --sklearn-max-mb 18000 --sklearn-timeout 1500
 
+# Real servers on 127.0.0.1 (README, "For platform teams"): pids, logs and env.sh under .servers/.
+# PREFECT_PORT, MLFLOW_PORT, PREFECT_DB, MLFLOW_BACKEND_STORE_URI (e.g. postgresql://...), POOL, CRON, LABEL_SLOTS.
+PREFECT_PORT ?= 4200
+MLFLOW_PORT ?= 5000
+POOL ?= sparse-distill
+server: $(STAMP)
+	$(PY) deployments/servers.py start --prefect-port $(PREFECT_PORT) --mlflow-port $(MLFLOW_PORT)
+
+worker: $(STAMP)
+	$(PY) deployments/servers.py worker --pool $(POOL)
+
+stop:
+	$(PY) deployments/servers.py stop
+
+status:
+	$(PY) deployments/servers.py status
+
+# Writes deployments/prefect.yaml from the config files (validated) and applies it to the server of `make server`.
+DEPLOY_CONFIG ?= configs/demo.yaml
+deploy: $(STAMP)
+	. .servers/env.sh && $(PY) deployments/deploy.py --config $(DEPLOY_CONFIG) --pool $(POOL)
+
+# The student, the teacher and fastText from raw text (README, "Inference"): needs the runs it names.
+bench-inference: $(STAMP)
+	$(PY) -m pip install -q -e ".[bench]"
+	$(PY) benchmarks/inference_bench.py benchmarks/inference_bench.yaml
+
 mlflow-ui: $(STAMP)
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
 
 clean:
-	rm -rf .prefect runs mlflow.db mlartifacts .pytest_state
+	rm -rf .prefect runs mlflow.db mlartifacts .pytest_state .servers

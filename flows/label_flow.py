@@ -33,10 +33,10 @@ def _tracking_run(job: LabelJob, tracking: TrackingRef | None, run_name: str):
     if tracking is None and job.tracking is not None:
         from pathlib import Path
 
-        from sparse_distill.mlflow_model import ensure_experiment, tracking_uri_default
+        from sparse_distill.mlflow_model import ensure_experiment, resolve_tracking_uri
         from sparse_distill.tracking import start_parent_run
 
-        uri = job.tracking.tracking_uri or tracking_uri_default(Path.cwd())
+        uri = resolve_tracking_uri(job.tracking.tracking_uri, Path.cwd())
         exp = ensure_experiment(job.tracking.experiment, uri, Path.cwd() / "mlartifacts")
         parent = start_parent_run(uri, exp, f"label {Path(job.out).name}", {}, {"sparse_distill.out": job.out})
         tracking = TrackingRef(uri, exp, parent)

@@ -173,16 +173,16 @@ def evaluate_flow(config: PipelineConfig, run_dir: str | None = None) -> dict:
 
 
 @flow(name="sparse-distill-retrain")
-def retrain_flow(
-    config_path: str = "configs/demo.yaml", overrides: list[str] | None = None, runs_root: str = "runs"
-) -> dict:
-    """Scheduled retraining: load and validate a config file, then run the pipeline in a fresh run directory.
+def retrain_flow(config: PipelineConfig, runs_root: str = "runs") -> dict:
+    """Scheduled retraining: the whole pipeline in a fresh run directory.
 
-    Each flow run gets its own directory (`<runs_root>/<name>/<flow-run-name>`), so two runs never write the same one.
+    `config` is the typed pipeline config (a deployment's parameters are validated against it before the run starts).
+    Each flow run gets its own directory (`<runs_root>/<name>/<flow-run-id>`), so two runs never write the same one.
     """
-    from sparse_distill.config import load_config
-
-    config = load_config(config_path, overrides or [])
     run_id = _flow_run_id() or "manual"
     run_dir = Path(runs_root) / config.name / run_id
-    return pipeline_flow(config=config, run_dir=str(run_dir))
+    summary = pipeline_flow(config=config, run_dir=str(run_dir))
+    if summary.get("mlflow_run_id") and run_id != "manual":
+        # The pipeline's own (sub)flow run id is already a tag; this one leads to the deployment's run.
+        stages.tag_mlflow_run(config, summary["mlflow_run_id"], {"prefect.root_flow_run_id": run_id})
+    return summary

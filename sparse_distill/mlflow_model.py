@@ -12,6 +12,7 @@ process-global in MLflow: passing `tracking_uri` sets it for the whole process.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from importlib import metadata
 from pathlib import Path
@@ -136,19 +137,34 @@ def tracking_uri_default(project_dir: str | Path) -> str:
     return f"sqlite:///{Path(project_dir).resolve() / 'mlflow.db'}"
 
 
+def resolve_tracking_uri(configured: str | None, project_dir: str | Path) -> str:
+    """The tracking URI to use: the config's, else MLFLOW_TRACKING_URI (set by `make server`'s env.sh), else the
+    project's sqlite file."""
+    return configured or os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri_default(project_dir)
+
+
+def _is_local_store(tracking_uri: str) -> bool:
+    return tracking_uri.startswith(("sqlite:", "file:")) or "://" not in tracking_uri
+
+
 def ensure_experiment(name: str, tracking_uri: str, artifact_root: str | Path) -> str:
     """The id of experiment `name`, created with `artifact_root` (absolute file URI) as its artifact location if new.
 
     A deleted experiment of that name is restored. Call it once before fanning out: sqlite locks under parallel writers.
+    Against a tracking server (http, https, databricks...) the server's own artifact store is used instead, so
+    clients need no disk in common with it.
     """
     client = MlflowClient(tracking_uri)
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
-        location = Path(artifact_root).resolve()
-        location.mkdir(parents=True, exist_ok=True)
+        artifact_location = None
+        if _is_local_store(tracking_uri):
+            location = Path(artifact_root).resolve()
+            location.mkdir(parents=True, exist_ok=True)
+            artifact_location = location.as_uri()
         try:
-            experiment_id = client.create_experiment(name, artifact_location=location.as_uri())
-            logger.info("created MLflow experiment %r (id %s), artifacts in %s", name, experiment_id, location)
+            experiment_id = client.create_experiment(name, artifact_location=artifact_location)
+            logger.info("created MLflow experiment %r (id %s), artifacts in %s", name, experiment_id, artifact_location)
             return experiment_id
         except MlflowException:
             experiment = client.get_experiment_by_name(name)  # created meanwhile by another process

@@ -31,7 +31,12 @@ def plan_labelling(job: LabelJob) -> dict[str, Any]:
     return prep
 
 
-@task(name="label-shard", cache_policy=NO_CACHE, retry_delay_seconds=2)
+# Against a Prefect server, a tag concurrency limit on LABELLING_TAG (`make deploy` creates it) caps the shards that
+# label at once across all flow runs, so concurrent runs do not oversubscribe the GPUs or cores.
+LABELLING_TAG = "sparse-distill-labelling"
+
+
+@task(name="label-shard", cache_policy=NO_CACHE, retry_delay_seconds=2, tags=[LABELLING_TAG])
 def label_shard(
     job: LabelJob, work: dict[str, Any], teacher_fp: str, torch_threads: int | None = None
 ) -> dict[str, Any]:

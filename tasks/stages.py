@@ -13,12 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
 
 from sparse_distill import pipeline
 from sparse_distill.config import PipelineConfig
 from sparse_distill.data import atomic_write_text
-from sparse_distill.mlflow_model import ensure_experiment, log_student_model, tracking_uri_default
+from sparse_distill.mlflow_model import ensure_experiment, log_student_model, resolve_tracking_uri
 from sparse_distill.tracking import TrackingRef, end_run, stage_run, start_parent_run
 
 # Stage name -> folder under the run directory.
@@ -80,7 +81,7 @@ def _done(stage: str, fps: dict[str, str], result: dict) -> dict:
 @task(name="start-tracking")
 def start_tracking(config: PipelineConfig, run_dir: str, config_fp: str, flow_run_id: str | None) -> TrackingRef:
     """Create (once) the experiment and the pipeline's parent MLflow run."""
-    uri = config.tracking.tracking_uri or tracking_uri_default(Path.cwd())
+    uri = resolve_tracking_uri(config.tracking.tracking_uri, Path.cwd())
     exp_id = ensure_experiment(config.tracking.experiment, uri, Path.cwd() / "mlartifacts")
     tags = {"sparse_distill.run_dir": str(Path(run_dir).resolve()), "sparse_distill.config_fingerprint": config_fp}
     if flow_run_id:
@@ -261,6 +262,38 @@ def _register(config: PipelineConfig, tracking: TrackingRef, model_uri: str, eva
     return {**asdict(decision), "model_uri": decision.model_uri}
 
 
+@task(name="tag-mlflow-run", cache_policy=NO_CACHE)
+def tag_mlflow_run(config: PipelineConfig, run_id: str, tags: dict[str, str]) -> None:
+    """Set tags on a finished MLflow run (e.g. the id of the Prefect flow run that scheduled it)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(resolve_tracking_uri(config.tracking.tracking_uri, Path.cwd()))
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+
+
+def mlflow_run_url(tracking: TrackingRef) -> str:
+    """The run's page in the MLflow UI (for a sqlite store, where `make mlflow-ui` serves it)."""
+    base = (
+        tracking.tracking_uri if tracking.tracking_uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    )
+    return f"{base.rstrip('/')}/#/experiments/{tracking.experiment_id}/runs/{tracking.parent_run_id}"
+
+
+def _links_markdown(tracking: TrackingRef | None, registry: dict | None) -> str:
+    if tracking is None:
+        return ""
+    lines = [
+        f"\n\nMLflow run: [{tracking.parent_run_id}]({mlflow_run_url(tracking)}) (store `{tracking.tracking_uri}`)"
+    ]
+    if registry:
+        lines.append(
+            f"Registry: `{registry['name']}` version {registry['version']} is the **{registry['alias']}**: "
+            f"{registry['reason']}"
+        )
+    return "\n\n".join(lines) + "\n"
+
+
 @task(name="publish-results")
 def publish_results(
     config: PipelineConfig,
@@ -322,6 +355,14 @@ def publish_results(
         logger.warning("tracking is off: the student is not registered as %r", config.tracking.registered_model)
     atomic_write_text(run_path / "summary.json", json.dumps(summary, indent=2))
     atomic_write_text(run_path / "results.md", table + "\n")
-    create_markdown_artifact(table, key="sparse-distill-results", description=f"Results of run {config.name}")
+    create_markdown_artifact(
+        table + _links_markdown(tracking, summary.get("registry")),
+        key="sparse-distill-results",
+        description=f"Results of run {config.name}",
+    )
+    if tracking and tracking.tracking_uri.startswith(("http://", "https://")):
+        create_link_artifact(
+            mlflow_run_url(tracking), link_text=f"MLflow run {tracking.parent_run_id}", key="mlflow-run"
+        )
     logger.info("results:\n%s", table)
     return summary
