@@ -117,8 +117,14 @@ def main() -> int:
     p.add_argument("--check", action="store_true", help="Exit 1 if prefect.yaml is not what these configs give.")
     a = p.parse_args()
 
-    config = load_config(a.config, a.overrides)
-    job = load_label_job(a.label_job)
+    from sparse_distill.config import ConfigError
+
+    try:
+        config = load_config(a.config, a.overrides)
+        job = load_label_job(a.label_job)
+    except ConfigError as e:
+        print(f"deploy.py: error: {e}", file=sys.stderr)
+        return 2
     text = render(
         prefect_yaml(config, a.config, job, a.label_job, a.cron, a.pool, runs_root=a.runs_root), a.config, a.label_job
     )

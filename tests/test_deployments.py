@@ -137,3 +137,18 @@ def test_scheduled_retraining_registers_a_champion_and_a_worse_run_leaves_it(ser
     assert challenger.version == "2"
     reason = client.get_run(challenger.run_id).data.tags["sparse_distill.registry.reason"]
     assert "champion" in reason or "retention" in reason
+
+
+def test_committed_prefect_yaml_matches_the_config_files_and_bad_configs_are_refused(tmp_path):
+    deploy = [sys.executable, str(ROOT / "deployments/deploy.py")]
+    assert subprocess.run([*deploy, "--check"], cwd=ROOT, timeout=120).returncode == 0
+    (tmp_path / "bad.yaml").write_text("teacher: t\ncorpus: [c.parquet]\nout: o\nlabel: {shard_size: 0}\n")
+    bad = subprocess.run(
+        [*deploy, "--label-job", str(tmp_path / "bad.yaml"), "--write-only", "--out", str(tmp_path / "p.yaml")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode == 2 and "bad.yaml: label.shard_size" in bad.stderr
+    assert not (tmp_path / "p.yaml").exists()
