@@ -339,7 +339,11 @@ def publish_results(
     if tracking:
         summary["mlflow_model_uri"] = log_student_model(model_dirs[best], tracking.parent_run_id, tracking.tracking_uri)
         if config.tracking.registered_model:
-            summary["registry"] = _register(config, tracking, summary["mlflow_model_uri"], evaluation, split)
+            try:
+                summary["registry"] = _register(config, tracking, summary["mlflow_model_uri"], evaluation, split)
+            except Exception:
+                end_run(tracking.tracking_uri, tracking.parent_run_id, status="FAILED")
+                raise
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(tracking.tracking_uri)
