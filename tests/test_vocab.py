@@ -144,11 +144,11 @@ def test_saved_lookup_is_reused_and_rebuilt_when_the_vocabulary_changes(tmp_path
 def test_key_table_probes_past_collisions_and_round_trips():
     from sparse_distill.vocab import KeyTable
 
-    # 40 keys on 64 slots, many sharing their home slot (same low bits): lookups must probe past each other.
+    # 40 keys on 256 slots (load <= 1/4), many sharing a home slot (same low bits): lookups must probe past each other.
     keys = np.array([1 + 64 * i for i in range(20)] + [5 + 64 * i for i in range(20)], dtype=np.uint64)
     rows = np.arange(40, dtype=np.int64) * 3
     table = KeyTable(keys, rows)
-    assert len(table.keys) == 128
+    assert len(table.keys) == 256
     np.testing.assert_array_equal(table.get(keys), rows)
     absent = np.array([2, 1 + 64 * 20, 5 + 64 * 99, 7], dtype=np.uint64)
     np.testing.assert_array_equal(table.get(absent), [-1, -1, -1, -1])
