@@ -333,6 +333,47 @@ def targets(models: dict[str, dict]) -> dict:
     return out
 
 
+def markdown(results: dict) -> str:
+    """The results as README tables: one row per model and task, then the breakdowns."""
+    fmt = lambda v: "-" if v is None or v != v else (f"{v:,.0f}" if v >= 100 else f"{v:.3g}")  # noqa: E731
+    lines = [
+        "| task | model | accuracy | docs/s 1 thread, batch 32 | docs/s 1 thread, best | docs/s 2 threads, best "
+        "| p50 / p99 one text (ms) | peak RSS (MB) | size (MB) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for task, res in results["tasks"].items():
+        for model, r in res["models"].items():
+            if r["kind"] == "teacher":
+                one, best1, best2 = "-", "-", fmt(best_speed(r))
+                best2 += f" ({r['threads']} threads, batch 32, {r['max_length']} tokens)"
+                acc = f"{r['accuracy']:.4f} ({r['accuracy_docs']} docs)"
+            else:
+                one, best1 = fmt(best_speed(r, threads=1, batch=32)), fmt(best_speed(r, threads=1))
+                best2 = fmt(best_speed(r, threads=2)) if r["kind"] == "student" else "-"
+                acc = f"{r['accuracy']:.4f}"
+            lat = r["latency_one_text"]
+            lines.append(
+                f"| {task} | {model} | {acc} | {one} | {best1} | {best2} | {lat['p50_ms']:.2f} / {lat['p99_ms']:.2f} "
+                f"| {r['peak_rss_mb']:,} | {r['size_mb']:,.0f} |"
+            )
+    lines += [
+        "",
+        "| task | model | batch | tokenise + word ids | n-gram keys + lookup | gather + pool | dense "
+        "| total (s) | gather / bandwidth floor |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for task, res in results["tasks"].items():
+        for model, r in res["models"].items():
+            for b in r.get("breakdown", []):
+                sec = b["seconds"]
+                lines.append(
+                    f"| {task} | {model} | {b['batch']} | {sec['tokenise_and_word_ids']:.3f} "
+                    f"| {sec['ngram_keys_and_lookup']:.3f} | {sec['gather_and_pool']:.3f} | {sec['dense']:.4f} "
+                    f"| {sec['total']:.3f} | {b['gather_vs_bandwidth_floor']}x |"
+                )
+    return "\n".join(lines) + "\n"
+
+
 def log_to_mlflow(results: dict, out_dir: Path, pngs: list[Path]) -> str:
     import mlflow
 
@@ -352,6 +393,7 @@ def log_to_mlflow(results: dict, out_dir: Path, pngs: list[Path]) -> str:
         for metric, value in res["targets"].items():
             client.log_metric(run_id, f"{task}.target.{metric}", float(value))
     client.log_artifact(run_id, str(out_dir / "inference.json"))
+    client.log_artifact(run_id, str(out_dir / "inference.md"))
     for png in pngs:
         client.log_artifact(run_id, str(png))
     client.set_terminated(run_id)
@@ -392,6 +434,7 @@ def main() -> None:
     tmp = out_dir / "inference.json.tmp"
     tmp.write_text(json.dumps(results, indent=2) + "\n")
     tmp.replace(out_dir / "inference.json")
+    (out_dir / "inference.md").write_text(markdown(results))
     pngs = []
     for name, res in results["tasks"].items():
         points = [{"name": m, "accuracy": r["accuracy"], "docs_per_s": best_speed(r)} for m, r in res["models"].items()]
