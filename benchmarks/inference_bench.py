@@ -276,12 +276,16 @@ def run_task(name: str, task: dict, spec: dict, cores: int, quant_root: Path) ->
     common = {"test": task["test"], "label_column": task.get("label_column", "label"), "cores": cores}
     common |= {k: spec[k] for k in ("threads", "batches", "speed_docs", "latency_docs", "copy_bandwidth_gbs")}
     models: dict[str, dict] = {}
-    for label, model in task["students"].items():
+    # Students are measured with their quantised copies too; baselines (e.g. the DAN from scratch) as they are.
+    entries = [(label, model, True) for label, model in task["students"].items()]
+    entries += [(label, model, False) for label, model in task.get("baselines", {}).items()]
+    for label, model, quantize in entries:
         if not (ROOT / model).exists():
             print(f"[{name}] {label}: {model} not found, skipped", flush=True)
             continue
         variants = [(label, model)] + [
-            (f"{label} {dtype}", quantized_copy(model, dtype, quant_root)) for dtype in spec.get("quantize", [])
+            (f"{label} {dtype}", quantized_copy(model, dtype, quant_root))
+            for dtype in (spec.get("quantize", []) if quantize else [])
         ]
         for variant, path in variants:
             models[variant] = measure({**common, "kind": "student", "model": path})
