@@ -178,7 +178,9 @@ def test_mlflow_models_serve_answers_rest_requests(tmp_path: Path, mlflow_env: s
     run_id = mlflow.MlflowClient(mlflow_env).create_run(eid).info.run_id
     uri = log_student_model(student_dir, run_id, tracking_uri=mlflow_env)
     port = _free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_env}
+    # The server execs `uvicorn` by name: the environment's bin folder must be on PATH (as in an activated venv).
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_env, "PATH": path}
     cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager", "local"]
     server = subprocess.Popen(
         [*cmd, "--host", "127.0.0.1", "--port", str(port)],
