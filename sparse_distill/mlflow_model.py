@@ -7,16 +7,22 @@ Thread safety: the fluent "active run" is thread-local, and `mlflow.start_run(ru
 `log_student_model` never touches the active-run stack: it creates the LoggedModel with an `MlflowClient` in the run's
 own experiment and hands its id and the run id to `mlflow.models.Model.log`. The tracking URI, however, is
 process-global in MLflow: passing `tracking_uri` sets it for the whole process.
+
+`log_cascade_model` logs the student/teacher cascade (`sparse_distill.cascade`) the same way: both model folders and
+a cascade.json (threshold, metric, teacher max_length) as artifacts; its output adds a boolean `deferred` column.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import tempfile
 import time
+from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlflow
 import numpy as np
@@ -27,14 +33,24 @@ from mlflow.tracking import MlflowClient
 
 from sparse_distill.inference import StudentPredictor
 
+if TYPE_CHECKING:
+    from sparse_distill.cascade import CascadePredictor
+
 logger = logging.getLogger(__name__)
 
 TEXT_COLUMN = "text"
 LABEL_COLUMN = "label"
 PROB_PREFIX = "prob_"
 MODEL_DIR_ARTIFACT = "model_dir"
+DEFERRED_COLUMN = "deferred"
+# The cascade's artifacts: both model folders and its settings.
+STUDENT_DIR_ARTIFACT = "student_dir"
+TEACHER_DIR_ARTIFACT = "teacher_dir"
+CASCADE_CONFIG_ARTIFACT = "cascade_config"
+CASCADE_CONFIG_FILE = "cascade.json"
 # Distributions the logged model needs at load time (pinned to the installed versions, local suffixes stripped).
 REQUIRED_DISTRIBUTIONS = ("mlflow", "torch", "numpy", "pandas", "pyarrow", "safetensors", "cloudpickle")
+CASCADE_EXTRA_DISTRIBUTIONS = ("transformers", "tokenizers")
 _EXAMPLE_TEXTS = [
     "a gripping, beautifully acted film",
     "dull and far too long",
@@ -80,9 +96,20 @@ def _as_texts(model_input: Any) -> list[str]:
 
 def predictions_frame(predictor: StudentPredictor, texts: list[str], batch_size: int = 1024) -> pd.DataFrame:
     """The pyfunc output for texts: column `label` (label values as in the train set) and `prob_<label>` per class."""
-    probs = predictor.predict_proba(texts, batch_size).astype(np.float64)
-    labels = predictor.labels
-    predicted = [labels[i] for i in probs.argmax(axis=1)] if len(texts) else []
+    return _frame(predictor.predict_proba(texts, batch_size), predictor.labels)
+
+
+def cascade_predictions_frame(predictor: CascadePredictor, texts: list[str], batch_size: int = 1024) -> pd.DataFrame:
+    """`predictions_frame` of a cascade, plus a boolean column `deferred`: whether the teacher answered the text."""
+    probs, deferred = predictor.predict_with_route(texts, batch_size)
+    frame = _frame(probs, predictor.labels)
+    frame[DEFERRED_COLUMN] = pd.Series(deferred, dtype=bool)
+    return frame
+
+
+def _frame(probs: np.ndarray, labels: list) -> pd.DataFrame:
+    probs = probs.astype(np.float64)
+    predicted = [labels[i] for i in probs.argmax(axis=1)] if len(probs) else []
     label_dtype = object if any(isinstance(v, str) for v in labels) else None
     frame = {LABEL_COLUMN: pd.Series(predicted, dtype=label_dtype)}
     for j, label in enumerate(labels):
@@ -118,10 +145,43 @@ class StudentPyfunc(mlflow.pyfunc.PythonModel):
         return predictions_frame(self._predictor, _as_texts(model_input))
 
 
-def pip_requirements() -> list[str]:
-    """Pinned requirements for the logged model, from the installed versions (local suffixes like +cpu stripped)."""
+class CascadePyfunc(mlflow.pyfunc.PythonModel):
+    """The student/teacher cascade served through MLflow's pyfunc interface (see `sparse_distill.cascade`)."""
+
+    def __init__(self) -> None:
+        self._predictor: CascadePredictor | None = None
+
+    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+        """Load both models from the `student_dir` and `teacher_dir` artifacts, with the settings of cascade.json."""
+        from sparse_distill.cascade import CascadePredictor
+
+        settings = json.loads(Path(context.artifacts[CASCADE_CONFIG_ARTIFACT]).read_text())
+        self._predictor = CascadePredictor.load(
+            context.artifacts[STUDENT_DIR_ARTIFACT],
+            context.artifacts[TEACHER_DIR_ARTIFACT],
+            threshold=settings["threshold"],
+            metric=settings["metric"],
+            max_length=settings.get("max_length"),
+        )
+
+    def predict(
+        self,
+        context: mlflow.pyfunc.PythonModelContext | None,
+        model_input: pd.DataFrame,
+        params: dict[str, Any] | None = None,
+    ) -> pd.DataFrame:
+        """Label, class probabilities and `deferred` for each text; inputs as for `StudentPyfunc.predict`."""
+        if self._predictor is None:
+            self.load_context(context)
+        return cascade_predictions_frame(self._predictor, _as_texts(model_input))
+
+
+def pip_requirements(extra: Sequence[str] = ()) -> list[str]:
+    """Pinned requirements for the logged model, from the installed versions (local suffixes like +cpu stripped).
+
+    `extra`: distributions needed beyond REQUIRED_DISTRIBUTIONS (the cascade's teacher needs transformers)."""
     reqs = []
-    for dist in REQUIRED_DISTRIBUTIONS:
+    for dist in (*REQUIRED_DISTRIBUTIONS, *extra):
         try:
             version = metadata.version(dist).split("+", 1)[0]
         except metadata.PackageNotFoundError:
@@ -191,21 +251,113 @@ def log_student_model(
     """
     started = time.perf_counter()
     model_dir = Path(model_dir).resolve()
+
+    def example_output(texts: list[str]) -> pd.DataFrame:
+        return predictions_frame(StudentPredictor.load(model_dir), texts)
+
+    uri = _log_pyfunc(
+        run_id,
+        tracking_uri,
+        artifact_path,
+        registered_model_name,
+        python_model=StudentPyfunc(),
+        artifacts={MODEL_DIR_ARTIFACT: str(model_dir)},
+        example_output=example_output,
+        model_tag="dan_student",
+        requirements=pip_requirements(),
+    )
+    logger.info("logged student %s into run %s as %s in %.1f s", model_dir, run_id, uri, time.perf_counter() - started)
+    return uri
+
+
+def log_cascade_model(
+    student_dir: str | Path,
+    teacher_dir: str | Path,
+    threshold: float,
+    metric: str,
+    run_id: str,
+    tracking_uri: str | None = None,
+    artifact_path: str = "cascade",
+    registered_model_name: str | None = None,
+    max_length: int | None = None,
+) -> str:
+    """Log the student/teacher cascade as a pyfunc model into the existing run `run_id`; return the model URI.
+
+    As `log_student_model` (any thread, the run never ended), with both folders as artifacts and a cascade.json holding
+    `threshold`, `metric` and the teacher's `max_length` (default: what the teacher folder records, else 128). The
+    model's output is `predictions_frame`'s plus a boolean `deferred` column. The folders are checked first: the
+    threshold, the metric and the shared label order (a ValueError naming both folders).
+    """
+    from sparse_distill.cascade import CascadePredictor, teacher_max_length
+
+    started = time.perf_counter()
+    student_dir, teacher_dir = Path(student_dir).resolve(), Path(teacher_dir).resolve()
+    max_length = max_length or teacher_max_length(teacher_dir)
+    # Loaded here, before anything is logged: a bad threshold, metric or label order fails without a half-logged model.
+    predictor = CascadePredictor.load(student_dir, teacher_dir, threshold, metric, max_length=max_length)
+    settings = {"threshold": predictor.threshold, "metric": predictor.metric, "max_length": max_length}
+    with tempfile.TemporaryDirectory(prefix="sparse-distill-cascade-") as tmp:
+        config_path = Path(tmp) / CASCADE_CONFIG_FILE
+        config_path.write_text(json.dumps(settings, indent=2))
+        uri = _log_pyfunc(
+            run_id,
+            tracking_uri,
+            artifact_path,
+            registered_model_name,
+            python_model=CascadePyfunc(),
+            artifacts={
+                STUDENT_DIR_ARTIFACT: str(student_dir),
+                TEACHER_DIR_ARTIFACT: str(teacher_dir),
+                CASCADE_CONFIG_ARTIFACT: str(config_path),
+            },
+            example_output=lambda texts: cascade_predictions_frame(predictor, texts),
+            model_tag="cascade",
+            # The teacher needs transformers and its tokenizer library at load time too.
+            requirements=pip_requirements(CASCADE_EXTRA_DISTRIBUTIONS),
+        )
+    logger.info(
+        "logged cascade (student %s, teacher %s, %s >= %s) into run %s as %s in %.1f s",
+        student_dir,
+        teacher_dir,
+        metric,
+        threshold,
+        run_id,
+        uri,
+        time.perf_counter() - started,
+    )
+    return uri
+
+
+def _log_pyfunc(
+    run_id: str,
+    tracking_uri: str | None,
+    artifact_path: str,
+    registered_model_name: str | None,
+    *,
+    python_model: mlflow.pyfunc.PythonModel,
+    artifacts: dict[str, str],
+    example_output: Callable[[list[str]], pd.DataFrame],
+    model_tag: str,
+    requirements: list[str],
+) -> str:
+    """Log `python_model` into run `run_id` as a LoggedModel (no active run needed); return its model URI.
+
+    The signature is inferred from the example texts and `example_output` of them.
+    """
     if tracking_uri is not None and mlflow.get_tracking_uri() != tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri)
     run = client.get_run(run_id)
 
-    predictor = StudentPredictor.load(model_dir)
     example = pd.DataFrame({TEXT_COLUMN: pd.Series(_EXAMPLE_TEXTS, dtype=object)})
-    signature = infer_signature(example, predictions_frame(predictor, _EXAMPLE_TEXTS))
+    signature = infer_signature(example, example_output(_EXAMPLE_TEXTS))
 
     logged = client.create_logged_model(
         experiment_id=run.info.experiment_id,
         name=artifact_path,
         source_run_id=run_id,
         params={k: str(v) for k, v in run.data.params.items()},
-        tags={"mlflow.modelFlavor": "python_function", "sparse_distill.model": "dan_student"},
+        tags={"mlflow.modelFlavor": "python_function", "sparse_distill.model": model_tag},
     )
     info = Model.log(
         artifact_path=None,
@@ -214,18 +366,11 @@ def log_student_model(
         run_id=run_id,
         model_id=logged.model_id,
         registered_model_name=registered_model_name,
-        python_model=StudentPyfunc(),
-        artifacts={MODEL_DIR_ARTIFACT: str(model_dir)},
+        python_model=python_model,
+        artifacts=artifacts,
         code_paths=[str(Path(__file__).resolve().parent)],
         signature=signature,
         input_example=example,
-        pip_requirements=pip_requirements(),
-    )
-    logger.info(
-        "logged student %s into run %s as %s in %.1f s",
-        model_dir,
-        run_id,
-        info.model_uri,
-        time.perf_counter() - started,
+        pip_requirements=requirements,
     )
     return info.model_uri
