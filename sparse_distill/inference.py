@@ -38,22 +38,31 @@ class StudentPredictor:
     thread, since the batches already keep the cores busy (this is process-wide in PyTorch).
     """
 
-    def __init__(self, model: DanStudent, vocab: NgramVocab, label_map: LabelMap, threads: int = 1) -> None:
+    def __init__(
+        self,
+        model: DanStudent,
+        vocab: NgramVocab,
+        label_map: LabelMap,
+        threads: int = 1,
+        max_order: int | None = None,
+    ) -> None:
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
         self.model = model.eval()
         self.vocab = vocab
         self.label_map = label_map
         self.threads = threads
+        # Use only n-grams up to this length (the n-gram-order ablation); None: all the vocabulary has.
+        self.max_order = max_order
         self._pool: ThreadPoolExecutor | None = None
         if threads > 1:
             torch.set_num_threads(1)
 
     @classmethod
-    def load(cls, model_dir: str | Path, threads: int = 1) -> StudentPredictor:
+    def load(cls, model_dir: str | Path, threads: int = 1, max_order: int | None = None) -> StudentPredictor:
         """Load a model folder written by `save_student` (the table memory-mapped, so processes share its pages)."""
         model, label_map = load_student(model_dir)
-        return cls(model, NgramVocab.load(model_dir), label_map, threads=threads)
+        return cls(model, NgramVocab.load(model_dir), label_map, threads=threads, max_order=max_order)
 
     @property
     def labels(self) -> list:
@@ -65,7 +74,7 @@ class StudentPredictor:
 
     @torch.inference_mode()
     def _logits(self, texts: list[str]) -> np.ndarray:
-        ids, offsets = self.vocab.featurize(texts)
+        ids, offsets = self.vocab.featurize(texts, self.max_order)
         return self.model(torch.from_numpy(ids), torch.from_numpy(offsets)).numpy()
 
     def predict_logits(self, texts: list[str], batch_size: int = 1024) -> np.ndarray:

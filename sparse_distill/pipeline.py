@@ -102,6 +102,17 @@ def data_fingerprint(data: DataConfig, splits: tuple[str, ...] = ("train", "dev"
     return fingerprint(files, cols)
 
 
+# Fields added after runs were cached, with their default: left out of the key at that default, so the old runs stay
+# valid (they were trained with exactly that behaviour).
+_ADDED_STUDENT_FIELDS = {"layers": 1}
+
+
+def student_key(cfg: PipelineConfig) -> dict[str, Any]:
+    """The student section as it enters cache keys."""
+    dumped = cfg.student.model_dump(mode="json")
+    return {k: v for k, v in dumped.items() if _ADDED_STUDENT_FIELDS.get(k, object()) != v}
+
+
 def stage_fingerprints(cfg: PipelineConfig) -> dict[str, str]:
     """Cache keys of every stage: its own config, its inputs' fingerprints and the library version.
 
@@ -120,11 +131,11 @@ def stage_fingerprints(cfg: PipelineConfig) -> dict[str, str]:
     if cfg.label.include_train or not cfg.data.corpus:
         uses.append(fp["label_train"])
     fp["distill"] = fingerprint(
-        "distill", fp["vocab"], uses, cfg.student, cfg.distill, data_fingerprint(cfg.data, ("dev",))
+        "distill", fp["vocab"], uses, student_key(cfg), cfg.distill, data_fingerprint(cfg.data, ("dev",))
     )
     fp["kdft"] = fingerprint("kdft", fp["distill"], cfg.finetune, data_fingerprint(cfg.data, ("train", "dev")))
     fp["scratch"] = fingerprint(
-        "scratch", fp["vocab"], cfg.student, cfg.scratch, data_fingerprint(cfg.data, ("train", "dev"))
+        "scratch", fp["vocab"], student_key(cfg), cfg.scratch, data_fingerprint(cfg.data, ("train", "dev"))
     )
     fp["evaluate"] = fingerprint(
         "evaluate", fp["teacher"], fp["scratch"], fp["distill"], fp["kdft"], cfg.evaluate, data_fingerprint(cfg.data)

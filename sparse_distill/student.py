@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -32,6 +33,8 @@ class DanConfig:
     dim: int = 100
     hidden: int = 256
     pooling: Literal["mean", "max", "sum"] = "mean"
+    # Dense hidden layers between the pooled vector and the output (the paper's DAN has one).
+    layers: int = 1
     dropout: float = 0.0
     init_std: float = 0.1
     # How the n-gram table is stored: training always uses float32; `quantize_student` writes the smaller forms.
@@ -87,6 +90,8 @@ class DanStudent(nn.Module):
 
     def __init__(self, config: DanConfig) -> None:
         super().__init__()
+        if config.layers < 1:
+            raise ValueError(f"layers must be >= 1, got {config.layers}")
         self.config = config
         # sparse=True: the backward pass yields gradients for the looked-up rows only, which SparseAdam consumes.
         # EmbeddingBag has no sparse max mode: max pooling gathers rows sparsely and reduces them itself.
@@ -100,6 +105,8 @@ class DanStudent(nn.Module):
             nn.init.normal_(self.embedding.weight, std=config.init_std)
         self.dropout = nn.Dropout(config.dropout)
         self.fc1 = nn.Linear(config.dim, config.hidden)
+        # Extra hidden layers (for the depth ablation) sit between fc1 and fc2, so one-layer students keep their keys.
+        self.extra = nn.ModuleList(nn.Linear(config.hidden, config.hidden) for _ in range(config.layers - 1))
         self.fc2 = nn.Linear(config.hidden, config.num_classes)
 
     def forward(self, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -108,7 +115,10 @@ class DanStudent(nn.Module):
             pooled = self._max_pool(ids, offsets)
         else:
             pooled = self.embedding(ids, offsets)
-        return self.fc2(torch.relu(self.fc1(self.dropout(pooled.float()))))
+        hidden = torch.relu(self.fc1(self.dropout(pooled.float())))
+        for layer in self.extra:
+            hidden = torch.relu(layer(hidden))
+        return self.fc2(hidden)
 
     def _max_pool(self, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         vectors = F.embedding(ids, self.embedding.weight, sparse=True).float()
@@ -199,3 +209,26 @@ def quantize_student(model_dir: str | Path, out_dir: str | Path, table_dtype: st
     out.load_state_dict(state, assign=True)
     logger.info("%s: table stored as %s -> %s", model_dir, table_dtype, out_dir)
     return save_student(out.eval(), label_map, model_dir, out_dir)
+
+
+def init_table_from_vectors(model: DanStudent, vectors: np.ndarray) -> None:
+    """Initialise the n-gram table from one vector per row (e.g. each n-gram's text encoded by the teacher).
+
+    Vectors wider than the table are projected onto their top principal components; every column is then scaled to
+    the table's init std, so the dense layers see inputs of the usual size.
+    """
+    if model.config.table_dtype != "float32":
+        raise ValueError("only a float32 table can be initialised")
+    rows, dim = model.embedding.weight.shape
+    if vectors.shape[0] != rows:
+        raise ValueError(f"{vectors.shape[0]} vectors for a table of {rows} rows")
+    x = torch.from_numpy(np.asarray(vectors, np.float32))
+    x = x - x.mean(0, keepdim=True)
+    if x.shape[1] > dim:
+        _, _, v = torch.pca_lowrank(x, q=dim, center=False)
+        x = x @ v[:, :dim]
+    elif x.shape[1] < dim:
+        raise ValueError(f"vectors have {x.shape[1]} columns, fewer than the table's {dim}")
+    x = x / x.std(0, keepdim=True).clamp_min(1e-8) * model.config.init_std
+    with torch.no_grad():
+        model.embedding.weight.copy_(x)

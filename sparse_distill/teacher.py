@@ -97,6 +97,27 @@ class TeacherPredictor:
         """Class probabilities in input order."""
         return torch.softmax(torch.from_numpy(self.predict_logits(texts, batch_size)), dim=-1).numpy()
 
+    @torch.inference_mode()
+    def encode(self, texts: list[str], batch_size: int = 256, progress_every: int = 100_000) -> np.ndarray:
+        """Each text's mean-pooled last hidden state from the teacher's encoder (no classifier head).
+
+        Used to initialise the student's n-gram table from the teacher: every n-gram's text is encoded on its own.
+        """
+        encoder = self.model.base_model
+        out = np.zeros((len(texts), int(self.model.config.hidden_size)), np.float32)
+        done = 0
+        for start in range(0, len(texts), batch_size):
+            chunk = texts[start : start + batch_size]
+            enc = self.tokenizer(chunk, truncation=True, max_length=self.max_length, padding=True, return_tensors="pt")
+            enc = {k: v.to(self.device) for k, v in enc.items()}
+            hidden = encoder(**enc).last_hidden_state.float()
+            mask = enc["attention_mask"].unsqueeze(-1).float()
+            out[start : start + len(chunk)] = ((hidden * mask).sum(1) / mask.sum(1).clamp_min(1)).cpu().numpy()
+            done += len(chunk)
+            if done // progress_every != (done - len(chunk)) // progress_every:
+                logger.info("encoded %d of %d texts with the teacher", done, len(texts))
+        return out
+
 
 def _autocast_dtype(precision: str, device: str) -> torch.dtype | None:
     on_gpu = device.startswith("cuda")
@@ -182,7 +203,9 @@ def finetune_teacher(
     best_dir = out_dir / "model"
     if config.skip_finetune:
         acc = _dev_accuracy(model, tokenizer, dev_texts, dev_labels, config, device)
-        _save_checkpoint(model, tokenizer, best_dir, label_map, {"dev_accuracy": acc, "step": 0})
+        _save_checkpoint(
+            model, tokenizer, best_dir, label_map, {"dev_accuracy": acc, "step": 0, "max_length": config.max_length}
+        )
         return TeacherResult(str(best_dir), acc, 0, 0, time.perf_counter() - start)
 
     # Length-grouped batches, shuffled as whole batches: far less padding, still a random order per epoch.
@@ -229,7 +252,13 @@ def finetune_teacher(
                     on_metrics(step, {"teacher_dev_accuracy": acc})
                 if acc > best_acc:
                     best_acc, best_step = acc, step
-                    _save_checkpoint(model, tokenizer, best_dir, label_map, {"dev_accuracy": acc, "step": step})
+                    _save_checkpoint(
+                        model,
+                        tokenizer,
+                        best_dir,
+                        label_map,
+                        {"dev_accuracy": acc, "step": step, "max_length": config.max_length},
+                    )
     return TeacherResult(str(best_dir), best_acc, best_step, step, time.perf_counter() - start)
 
 

@@ -224,6 +224,7 @@ def student_from_config(vocab_size: int, num_classes: int, student_cfg) -> DanSt
             dim=student_cfg.dim,
             hidden=student_cfg.hidden,
             pooling=student_cfg.pooling,
+            layers=student_cfg.layers,
             dropout=student_cfg.dropout,
             init_std=student_cfg.init_std,
         )

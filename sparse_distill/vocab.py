@@ -380,12 +380,16 @@ class NgramVocab:
             out[todo[done]] = self._table.get(h[done])
         return out
 
-    def featurize(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    def featurize(self, texts: list[str], max_order: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Embedding-bag inputs for documents: flat row ids and per-document start offsets (int64).
 
         Each document contributes one id per occurrence of a kept n-gram (n = 1..ngram_max), so mean pooling weights
-        n-grams by frequency, as a bag of n-grams should.
+        n-grams by frequency, as a bag of n-grams should. `max_order` uses only n-grams up to that length (the
+        n-gram-order ablation: a student trained on 4-grams evaluated on 1- and 2-grams).
         """
+        top = self.ngram_max if max_order is None else min(max_order, self.ngram_max)
+        if top < 1:
+            raise ValueError(f"max_order must be >= 1, got {max_order}")
         wid, lens = self._text_word_ids(texts)
         ends = np.cumsum(lens)
         doc_of = np.repeat(np.arange(len(texts), dtype=np.int64), lens)
@@ -394,7 +398,7 @@ class NgramVocab:
         pos = np.flatnonzero(wid >= 0)
         keys = self._unigram_keys[wid[pos]]
         doc_parts, row_parts = [], []
-        for n in range(1, self.ngram_max + 1):
+        for n in range(1, top + 1):
             if n > 1:
                 nxt = pos[room[pos] >= n]
                 keys = keys[room[pos] >= n]
@@ -418,6 +422,14 @@ class NgramVocab:
         per_doc = np.bincount(docs, minlength=len(texts))
         offsets = np.concatenate([[0], np.cumsum(per_doc)[:-1]]).astype(np.int64)
         return rows[order], offsets
+
+    def top(self, size: int) -> NgramVocab:
+        """The vocabulary cut to its first `size` rows (the most frequent n-grams): row i keeps its id."""
+        if size < 1:
+            raise ValueError(f"size must be >= 1, got {size}")
+        if size >= len(self):
+            return self
+        return NgramVocab(ngrams=self.ngrams[:size], counts=self.counts[:size], ngram_max=self.ngram_max)
 
     def save(self, out_dir: str | Path) -> Path:
         """Write `vocab.parquet` (ngram, count; row order = embedding row) and `vocab.json` (settings)."""

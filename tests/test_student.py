@@ -112,3 +112,41 @@ def test_threads_give_the_same_predictions_and_bad_settings_are_refused(tmp_path
         StudentPredictor(model, vocab, lm, threads=0)
     with pytest.raises(ValueError, match="batch_size"):
         StudentPredictor(model, vocab, lm).predict_proba(docs, batch_size=0)
+
+
+def test_extra_dense_layers_save_load_and_one_layer_keeps_its_keys(tmp_path):
+    vocab = build_vocab(TEXTS, 50, 3)
+    vocab.save(tmp_path / "vocab")
+    one = student_from_config(len(vocab), 2, StudentConfig(dim=8, hidden=6))
+    assert not any(k.startswith("extra.") for k in one.state_dict())
+    torch.manual_seed(0)
+    three = student_from_config(len(vocab), 2, StudentConfig(dim=8, hidden=6, layers=3))
+    assert three.param_counts()["dense"] == one.param_counts()["dense"] + 2 * (6 * 6 + 6)
+    label_map = LabelMap.from_values(["neg", "pos"])
+    before = StudentPredictor(three, vocab, label_map).predict_proba(TEXTS)
+    save_student(three, label_map, tmp_path / "vocab", tmp_path / "model")
+    loaded = StudentPredictor.load(tmp_path / "model")
+    assert loaded.model.config.layers == 3
+    np.testing.assert_array_equal(loaded.predict_proba(TEXTS), before)
+
+
+def test_table_initialised_from_wider_vectors_keeps_their_leading_structure():
+    from sparse_distill.student import init_table_from_vectors
+
+    rng = np.random.default_rng(0)
+    # 200 rows in 32 dims whose variance lies mostly in 4 directions: PCA to d = 4 keeps them.
+    basis = rng.normal(size=(4, 32))
+    vectors = rng.normal(size=(200, 4)) * [5, 4, 3, 2] @ basis + 0.01 * rng.normal(size=(200, 32))
+    model = student_from_config(200, 2, StudentConfig(dim=4, hidden=6, init_std=0.1))
+    init_table_from_vectors(model, vectors.astype(np.float32))
+    table = model.embedding.weight.detach().numpy()
+    np.testing.assert_allclose(table.std(0, ddof=1), 0.1, rtol=1e-3)
+    # The table spans the vectors' leading directions: it predicts them almost perfectly by least squares.
+    orig = vectors - vectors.mean(0)
+    coef, *_ = np.linalg.lstsq(table, orig, rcond=None)
+    explained = 1 - ((orig - table @ coef) ** 2).sum() / (orig**2).sum()
+    assert explained > 0.99
+    with pytest.raises(ValueError, match="vectors for a table"):
+        init_table_from_vectors(model, vectors[:10])
+    with pytest.raises(ValueError, match="fewer than"):
+        init_table_from_vectors(student_from_config(200, 2, StudentConfig(dim=64)), vectors)

@@ -12,3 +12,28 @@ def test_a_train_sample_of_a_label_sorted_file_holds_every_label_and_is_seeded()
     assert 30 < sum(labels[i] == "pos" for i in rows) < 70
     assert rows == sample_rows(len(labels), 100, seed=13) != sample_rows(len(labels), 100, seed=14)
     assert sample_rows(10, 50, seed=1) == list(range(10))
+
+
+def test_encode_gives_one_mean_pooled_vector_per_text(tiny_teacher):
+    import numpy as np
+
+    from sparse_distill.teacher import TeacherPredictor
+
+    teacher = TeacherPredictor(tiny_teacher, max_length=16)
+    texts = ["great film", "dull", "great film", "a boring plot and weak actors"]
+    vectors = teacher.encode(texts, batch_size=3)
+    assert vectors.shape == (4, teacher.model.config.hidden_size)
+    np.testing.assert_allclose(vectors[0], vectors[2], atol=1e-5)  # padding in another batch changes nothing
+    assert not np.allclose(vectors[0], vectors[1])
+    np.testing.assert_allclose(teacher.encode(texts[:1], batch_size=1)[0], vectors[0], atol=1e-5)
+
+
+def test_adding_the_layers_field_keeps_old_cache_keys(tiny_config):
+    from sparse_distill.pipeline import stage_fingerprints
+
+    fps = stage_fingerprints(tiny_config)
+    deeper = tiny_config.model_copy(update={"student": tiny_config.student.model_copy(update={"layers": 2})})
+    assert "layers" not in __import__("sparse_distill.pipeline").pipeline.student_key(tiny_config)
+    changed = stage_fingerprints(deeper)
+    assert changed["distill"] != fps["distill"] and changed["scratch"] != fps["scratch"]
+    assert changed["teacher"] == fps["teacher"] and changed["vocab"] == fps["vocab"]

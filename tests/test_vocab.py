@@ -202,3 +202,23 @@ def test_lookup_maps_ngram_strings_to_rows():
     vocab = NgramVocab(ngrams=["good film", "film", "not good film", "bad"], counts=[4, 3, 2, 1], ngram_max=3)
     got = vocab.lookup(["film", "not good film", "good", "good film", "a b c d", "", "bad film"])
     assert got.tolist() == [1, 2, -1, 0, -1, -1, -1]
+
+
+def test_max_order_keeps_only_short_ngrams_and_top_keeps_row_ids():
+    docs = _docs(60, 30, 7)
+    vocab = build_vocab(docs, 400, 3)
+    lengths = np.array([len(g.split()) for g in vocab.ngrams])
+    ids_all, _ = vocab.featurize(docs)
+    for order in (1, 2, 3):
+        ids, offsets = vocab.featurize(docs, max_order=order)
+        assert lengths[ids].max() <= order
+        # The same n-grams of length <= order as the full featurisation, document by document.
+        assert sorted(ids.tolist()) == sorted(i for i in ids_all.tolist() if lengths[i] <= order)
+        assert len(offsets) == len(docs)
+    with pytest.raises(ValueError, match="max_order"):
+        vocab.featurize(docs, max_order=0)
+    small = vocab.top(50)
+    assert small.ngrams == vocab.ngrams[:50]
+    ids_small, _ = small.featurize(docs)
+    assert sorted(ids_small.tolist()) == sorted(i for i in ids_all.tolist() if i < 50)
+    assert vocab.top(10_000) is vocab

@@ -1,0 +1,108 @@
+"""Text perturbations: augmenting a train set when there is no unlabelled corpus, and shuffling words to measure a
+task's sensitivity to word order.
+
+Augmentation follows EDA (Wei & Zou 2019) without a thesaurus (none ships offline): random word replacement by a word
+drawn from the train set's own vocabulary, random deletion and random swap; and n-gram sampling (Tang et al. 2019):
+a random contiguous span of the text. The augmented texts carry no gold label; the teacher labels them.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Sequence
+from typing import Literal
+
+logger = logging.getLogger(__name__)
+
+AugmentMethod = Literal["eda", "ngram"]
+EDA_OPS = ("replace", "delete", "swap")
+
+
+def _words(text: str) -> list[str]:
+    return text.split()
+
+
+def eda(text: str, rng: random.Random, pool: Sequence[str], alpha: float = 0.1) -> str:
+    """One EDA edit of the text: replace, delete or swap about `alpha` of its words (at least one).
+
+    `pool` is the word list replacements are drawn from (e.g. the train set's words, by frequency).
+    """
+    words = _words(text)
+    if len(words) < 2:
+        return text
+    n = max(1, round(alpha * len(words)))
+    op = rng.choice(EDA_OPS)
+    if op == "replace" and pool:
+        for i in rng.sample(range(len(words)), min(n, len(words))):
+            words[i] = rng.choice(pool)
+    elif op == "delete":
+        drop = set(rng.sample(range(len(words)), min(n, len(words) - 1)))
+        words = [w for i, w in enumerate(words) if i not in drop]
+    else:
+        for _ in range(n):
+            i, j = rng.randrange(len(words)), rng.randrange(len(words))
+            words[i], words[j] = words[j], words[i]
+    return " ".join(words)
+
+
+def ngram_sample(text: str, rng: random.Random, min_words: int = 1, max_words: int | None = None) -> str:
+    """A random contiguous span of the text, `min_words` to `max_words` long (default: up to the whole text)."""
+    words = _words(text)
+    if len(words) <= min_words:
+        return text
+    top = len(words) if max_words is None else min(max_words, len(words))
+    size = rng.randint(min_words, max(min_words, top))
+    start = rng.randrange(len(words) - size + 1)
+    return " ".join(words[start : start + size])
+
+
+def augment_texts(
+    texts: Sequence[str],
+    per_text: int,
+    method: AugmentMethod,
+    seed: int = 13,
+    alpha: float = 0.1,
+    pool_size: int = 10_000,
+) -> list[str]:
+    """`per_text` augmented copies of every text, in order, with `method` ("eda" or "ngram").
+
+    Copies identical to their source are kept (they are rare and harmless): the output always has
+    `per_text * len(texts)` texts, so runs are the same size from seed to seed.
+    """
+    if per_text < 1:
+        raise ValueError(f"per_text must be >= 1, got {per_text}")
+    rng = random.Random(seed)
+    pool: list[str] = []
+    if method == "eda":
+        # Replacement words come from the texts themselves, weighted by frequency (a sample keeps it cheap).
+        for text in rng.sample(list(texts), min(len(texts), pool_size)):
+            pool.extend(_words(text))
+    out = []
+    for text in texts:
+        for _ in range(per_text):
+            if method == "eda":
+                out.append(eda(text, rng, pool, alpha))
+            elif method == "ngram":
+                out.append(ngram_sample(text, rng))
+            else:
+                raise ValueError(f"unknown augmentation method {method!r} (eda, ngram)")
+    logger.info("augmented %d texts into %d (%s)", len(texts), len(out), method)
+    return out
+
+
+def shuffle_words(texts: Sequence[str], seed: int = 13) -> list[str]:
+    """Each text with its words in a random order (the word-order-sensitivity probe)."""
+    rng = random.Random(seed)
+    out = []
+    for text in texts:
+        words = _words(text)
+        rng.shuffle(words)
+        out.append(" ".join(words))
+    return out
+
+
+def word_order_sensitivity(accuracy_shuffled: float) -> float:
+    """WOS = (100 - p) / 50, with p the teacher's accuracy (in %) on shuffled texts ("The unreasonable effectiveness
+    of distillation"): 0 when shuffling costs nothing, 1 when a binary task falls to chance."""
+    return (100.0 - 100.0 * accuracy_shuffled) / 50.0
