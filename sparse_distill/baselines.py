@@ -1,0 +1,538 @@
+"""Baselines beside the DAN student: word-level neural students (MLP, BiLSTM, Kim CNN) and TF-IDF + logistic regression.
+
+The neural students read word ids from a `WordVocab` (the same tokenisation as the n-gram vocabulary: lowercase,
+`(?u)\\b\\w\\w+\\b`), are trained with the same KL loss as the DAN (teacher soft labels or one-hot gold labels), and
+are timed end to end from raw text through `WordStudentPredictor.predict_proba`.
+
+Id 0 is padding and id 1 the unknown word. Every student masks padding with the true lengths, so a document's
+logits do not depend on the other documents of its batch.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from itertools import chain
+from pathlib import Path
+from typing import Any, Literal
+
+import joblib
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from sklearn.feature_extraction.text import TfidfVectorizer
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import Pipeline
+from torch import nn
+from torch.nn import functional as F
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from sparse_distill.config import TrainConfig
+from sparse_distill.data import atomic_write_text
+from sparse_distill.training import MetricsCallback, TrainResult, kl_loss
+from sparse_distill.vocab import TOKEN_PATTERN, tokenize
+
+logger = logging.getLogger(__name__)
+
+PAD_ID = 0
+UNK_ID = 1
+WORD_VOCAB = "word_vocab.json"
+WORD_STUDENT_WEIGHTS = "word_student.safetensors"
+WORD_STUDENT_CONFIG = "word_student.json"
+_VOCAB_FORMAT = "sparse-distill-word-vocab"
+
+StudentKind = Literal["mlp", "bilstm", "cnn"]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Word vocabulary
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class WordVocab:
+    """Words to ids: 0 = padding, 1 = unknown, then the kept words from the most frequent down."""
+
+    def __init__(self, words: Sequence[str]) -> None:
+        self.words = list(words)
+        self.index = {w: i + 2 for i, w in enumerate(self.words)}
+        if len(self.index) != len(self.words):
+            raise ValueError("duplicate words in the vocabulary")
+
+    def __len__(self) -> int:
+        return len(self.words) + 2
+
+    @classmethod
+    def build(cls, texts: Iterable[str], size: int) -> WordVocab:
+        """The top `size` words by count (ties alphabetically, so the result is the same on every machine).
+
+        `size` counts words only: the vocabulary has `size + 2` ids with padding and unknown.
+        """
+        if size < 0:
+            raise ValueError(f"size must be >= 0, got {size}")
+        counts: Counter[str] = Counter()
+        for text in texts:
+            counts.update(tokenize(text))
+        ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:size]
+        logger.info("word vocabulary: %d of %d distinct words kept", len(ranked), len(counts))
+        return cls([w for w, _ in ranked])
+
+    def encode_ragged(self, texts: Sequence[str], max_len: int) -> tuple[np.ndarray, np.ndarray]:
+        """Ids of all texts back to back (int64) and each text's length (its first `max_len` words)."""
+        if max_len < 1:
+            raise ValueError(f"max_len must be >= 1, got {max_len}")
+        get = self.index.get
+        tokens = [tokenize(t)[:max_len] for t in texts]
+        lengths = np.fromiter(map(len, tokens), dtype=np.int64, count=len(tokens))
+        flat = np.fromiter((get(w, UNK_ID) for w in chain.from_iterable(tokens)), np.int64, int(lengths.sum()))
+        return flat, lengths
+
+    def encode(self, texts: Sequence[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Padded ids [B, L] (L = the longest text in the batch, at least 1; 0 = padding) and lengths [B]."""
+        flat, lengths = self.encode_ragged(texts, max_len)
+        ids = _pad(flat, _offsets(lengths), lengths, np.arange(len(lengths)))
+        return torch.from_numpy(ids), torch.from_numpy(lengths)
+
+    def save(self, path: str | Path) -> None:
+        """Write the vocabulary as JSON (atomically)."""
+        blob = {"format": _VOCAB_FORMAT, "version": 1, "pad_id": PAD_ID, "unk_id": UNK_ID, "words": self.words}
+        atomic_write_text(path, json.dumps(blob, ensure_ascii=False))
+
+    @classmethod
+    def load(cls, path: str | Path) -> WordVocab:
+        blob = json.loads(Path(path).read_text())
+        if blob.get("format") != _VOCAB_FORMAT:
+            raise ValueError(f"{path}: not a word vocabulary")
+        return cls(blob["words"])
+
+
+def _pad(flat: np.ndarray, offsets: np.ndarray, lengths: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Gather the chosen rows of a ragged id array into a zero-padded [len(rows), L] int64 matrix, without a loop."""
+    lens = lengths[rows]
+    width = max(int(lens.max()) if len(lens) else 0, 1)
+    cols = np.arange(width)
+    mask = cols[None, :] < lens[:, None]
+    # Clip positions past a row's end to a valid index; the mask zeroes them afterwards.
+    src = np.minimum(offsets[rows][:, None] + cols[None, :], max(len(flat) - 1, 0))
+    source = flat if len(flat) else np.zeros(1, np.int64)
+    return np.where(mask, source[src], PAD_ID).astype(np.int64, copy=False)
+
+
+def _offsets(lengths: np.ndarray) -> np.ndarray:
+    """Start of each text in the ragged id array."""
+    return np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64) if len(lengths) else lengths
+
+
+def _length_mask(lengths: torch.Tensor, width: int) -> torch.Tensor:
+    """[B, width] True where a position holds a word."""
+    return torch.arange(width, device=lengths.device)[None, :] < lengths[:, None]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Word-level students
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class _WordStudent(nn.Module):
+    """Shared parts: the word embedding (row 0 = padding, kept at zero) and parameter counts."""
+
+    embedding: nn.Embedding
+
+    def __init__(self, vocab_size: int, num_classes: int, dim: int) -> None:
+        super().__init__()
+        self.vocab_size, self.num_classes, self.dim = vocab_size, num_classes, dim
+        self.embedding = nn.Embedding(vocab_size, dim, padding_idx=PAD_ID)
+
+    def param_counts(self) -> dict[str, int]:
+        """Total, sparse (embedding table) and dense parameter counts, as `DanStudent.param_counts`."""
+        sparse = self.embedding.weight.numel()
+        dense = sum(p.numel() for n, p in self.named_parameters() if not n.startswith("embedding."))
+        return {"total": sparse + dense, "sparse": sparse, "dense": dense}
+
+
+class WordMlpStudent(_WordStudent):
+    """Mean of the word embeddings (padding excluded), one hidden ReLU layer, the output layer."""
+
+    def __init__(self, vocab_size: int, num_classes: int, dim: int = 16, hidden: int = 64, dropout: float = 0.0):
+        super().__init__(vocab_size, num_classes, dim)
+        self.dropout = nn.Dropout(dropout)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, num_classes)
+
+    def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        mask = _length_mask(lengths, ids.shape[1]).unsqueeze(-1)
+        summed = (self.embedding(ids) * mask).sum(1)
+        # An empty text averages to the zero vector rather than dividing by zero.
+        pooled = summed / lengths.clamp(min=1).unsqueeze(1).to(summed.dtype)
+        return self.fc2(torch.relu(self.fc1(self.dropout(pooled))))
+
+
+class BiLstmStudent(_WordStudent):
+    """Embedding, a one-layer bidirectional LSTM over packed sequences, max-pool over time, a linear layer."""
+
+    def __init__(self, vocab_size: int, num_classes: int, dim: int = 100, hidden: int = 128, dropout: float = 0.0):
+        super().__init__(vocab_size, num_classes, dim)
+        self.lstm = nn.LSTM(dim, hidden, num_layers=1, batch_first=True, bidirectional=True)
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(2 * hidden, num_classes)
+
+    def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        # Packing needs every length >= 1: an empty text is read as one padding step (a zero vector).
+        lengths = lengths.clamp(min=1)
+        width = ids.shape[1]
+        # Packed sequences let the backward direction start at each text's last word, not at the batch's padding.
+        packed = pack_padded_sequence(self.embedding(ids), lengths.cpu(), batch_first=True, enforce_sorted=False)
+        out, _ = self.lstm(packed)
+        out, _ = pad_packed_sequence(out, batch_first=True, total_length=width)
+        # LSTM outputs can be negative, so padded steps must be -inf (not 0) to stay out of the max.
+        out = out.masked_fill(~_length_mask(lengths, width).unsqueeze(-1), float("-inf"))
+        return self.fc(self.dropout(out.max(1).values))
+
+
+class CnnStudent(_WordStudent):
+    """Kim (2014)'s CNN: one conv1d per filter width, ReLU, max-pool over time (masked), concatenation, linear."""
+
+    def __init__(
+        self,
+        vocab_size: int,
+        num_classes: int,
+        dim: int = 100,
+        filters: int = 100,
+        widths: Sequence[int] = (3, 4, 5),
+        dropout: float = 0.0,
+    ):
+        super().__init__(vocab_size, num_classes, dim)
+        self.widths = tuple(int(w) for w in widths)
+        if not self.widths or min(self.widths) < 1:
+            raise ValueError(f"widths must be positive, got {widths}")
+        self.convs = nn.ModuleList(nn.Conv1d(dim, filters, w) for w in self.widths)
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(filters * len(self.widths), num_classes)
+
+    def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        # Pad to the widest filter so every width has at least one window; padding embeds to zeros.
+        width = max(ids.shape[1], max(self.widths))
+        x = self.embedding(ids) * _length_mask(lengths, ids.shape[1]).unsqueeze(-1)
+        x = F.pad(x, (0, 0, 0, width - ids.shape[1])).transpose(1, 2)  # [B, dim, width]
+        pooled = []
+        for w, conv in zip(self.widths, self.convs, strict=True):
+            h = torch.relu(conv(x))  # [B, filters, width - w + 1]
+            # Windows that start inside the text and fit in it; a text shorter than w keeps its one padded window,
+            # which sees the same zeros whatever the batch's width, so the result does not depend on the batch.
+            valid = (lengths - w + 1).clamp(min=1)
+            # After ReLU every value is >= 0, so filling invalid windows with 0 cannot win the max over valid ones.
+            h = h.masked_fill(~_length_mask(valid, h.shape[2]).unsqueeze(1), 0.0)
+            pooled.append(h.max(2).values)
+        return self.fc(self.dropout(torch.cat(pooled, 1)))
+
+
+STUDENT_KINDS: dict[str, type[_WordStudent]] = {"mlp": WordMlpStudent, "bilstm": BiLstmStudent, "cnn": CnnStudent}
+
+
+def make_word_student(kind: StudentKind, vocab_size: int, num_classes: int, **kwargs: Any) -> nn.Module:
+    """A fresh word-level student of the given kind; `kwargs` are its shape (dim, hidden, filters, widths, dropout)."""
+    if kind not in STUDENT_KINDS:
+        raise ValueError(f"unknown student kind {kind!r}; expected one of {sorted(STUDENT_KINDS)}")
+    return STUDENT_KINDS[kind](vocab_size, num_classes, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def _logits_in_batches(
+    model: nn.Module,
+    flat: np.ndarray,
+    offsets: np.ndarray,
+    lengths: np.ndarray,
+    batch_size: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """Logits of pre-encoded texts, in batches (a BiLSTM over a whole dev set at once would need a lot of memory)."""
+    model.eval()
+    out = []
+    for i in range(0, len(lengths), batch_size):
+        rows = np.arange(i, min(i + batch_size, len(lengths)))
+        ids = torch.from_numpy(_pad(flat, offsets, lengths, rows)).to(device)
+        out.append(model(ids, torch.from_numpy(lengths[rows]).to(device)).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0, 0)
+
+
+def train_word_student(
+    model: nn.Module,
+    vocab: WordVocab,
+    train_texts: list[str],
+    train_targets: np.ndarray,
+    dev_texts: list[str],
+    dev_labels: Sequence[int],
+    config: TrainConfig,
+    max_len: int = 256,
+    on_metrics: MetricsCallback | None = None,
+    metric_prefix: str = "",
+    device: str | torch.device = "cpu",
+) -> tuple[TrainResult, nn.Module]:
+    """Train a word-level student with KL to the targets (teacher soft labels, or one-hot gold labels).
+
+    Adam over all parameters; batches reshuffled each epoch (seeded by `config.seed`); dev accuracy every
+    `config.eval_every` steps and at the end. Stops at `config.max_steps` (else `config.epochs`) or after
+    `config.patience` evaluations without improvement. The best-dev weights are loaded back into the model, which is
+    returned with the result. `config.temperature` softens the KL as in the DAN's distillation.
+    """
+    if not train_texts:
+        raise ValueError("no training texts")
+    targets = np.asarray(train_targets, np.float32)
+    if targets.ndim != 2 or len(targets) != len(train_texts):
+        raise ValueError(f"train_targets must be [{len(train_texts)}, num_classes], got {targets.shape}")
+    device = torch.device(device)
+    torch.manual_seed(config.seed)
+    model.to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+
+    # Tokenise once: each step then only gathers and pads its rows' ids.
+    flat, lengths = vocab.encode_ragged(train_texts, max_len)
+    offsets = _offsets(lengths)
+    num_docs = len(train_texts)
+    dev_flat, dev_lengths = vocab.encode_ragged(dev_texts, max_len)
+    dev_offsets, dev_y = _offsets(dev_lengths), np.asarray(dev_labels)
+
+    total = config.max_steps or max(1, math.ceil(config.epochs * num_docs / config.batch_size))
+    best_acc, best_step, step, epoch, stale = -1.0, 0, 0, 0, 0
+    best_state = copy.deepcopy(model.state_dict())
+    history: list[dict[str, float]] = []
+    start = time.perf_counter()
+    kind = type(model).__name__
+    logger.info("%s%s: %d docs, %d steps of %d", metric_prefix, kind, num_docs, total, config.batch_size)
+
+    def evaluate() -> bool:
+        nonlocal best_acc, best_step, stale, best_state
+        logits = _logits_in_batches(model, dev_flat, dev_offsets, dev_lengths, 512, device)
+        acc = float((logits.argmax(-1).numpy() == dev_y).mean()) if len(dev_y) else 0.0
+        history.append({"step": step, "dev_accuracy": acc})
+        if on_metrics:
+            on_metrics(step, {f"{metric_prefix}dev_accuracy": acc})
+        logger.info("%s%s step %d/%d: dev accuracy %.4f", metric_prefix, kind, step, total, acc)
+        if acc > best_acc:
+            # In memory: a baseline is small, and the caller decides whether to save it.
+            best_acc, best_step, stale = acc, step, 0
+            best_state = copy.deepcopy(model.state_dict())
+            return False
+        stale += 1
+        return config.patience is not None and stale >= config.patience
+
+    stop = False
+    while step < total and not stop:
+        # The same per-epoch shuffle as training.InMemoryBatches, over row positions.
+        order = np.random.default_rng(config.seed + epoch).permutation(num_docs)
+        for i in range(0, num_docs, config.batch_size):
+            rows = order[i : i + config.batch_size]
+            model.train()
+            ids = torch.from_numpy(_pad(flat, offsets, lengths, rows)).to(device)
+            logits = model(ids, torch.from_numpy(lengths[rows]).to(device))
+            loss = kl_loss(logits, torch.from_numpy(targets[rows]).to(device), config.temperature)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            if on_metrics and (step % 10 == 0 or step == 1):
+                on_metrics(step, {f"{metric_prefix}train_loss": loss.item()})
+            if step % config.eval_every == 0 or step == total:
+                stop = evaluate()
+            if step >= total or stop:
+                break
+        epoch += 1
+    if not history or history[-1]["step"] != step:
+        evaluate()
+    model.load_state_dict(best_state)
+    model.eval()
+    seconds = time.perf_counter() - start
+    logger.info("%s%s: best dev accuracy %.4f at step %d (%.1fs)", metric_prefix, kind, best_acc, best_step, seconds)
+    return TrainResult(best_acc, best_step, step, seconds, history), model
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Inference, saving and loading
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class WordStudentPredictor:
+    """Raw text in, class probabilities out: tokenisation included, so timings are end to end."""
+
+    def __init__(self, model: nn.Module, vocab: WordVocab, max_len: int = 256) -> None:
+        self.model = model.eval()
+        self.vocab = vocab
+        self.max_len = max_len
+
+    @torch.inference_mode()
+    def predict_proba(self, texts: list[str], batch_size: int = 256) -> np.ndarray:
+        """[N, num_classes] float32 probabilities."""
+        device = next(self.model.parameters()).device
+        out = [np.zeros((0, self.model.num_classes), np.float32)]
+        for i in range(0, len(texts), batch_size):
+            ids, lengths = self.vocab.encode(texts[i : i + batch_size], self.max_len)
+            logits = self.model(ids.to(device), lengths.to(device))
+            out.append(torch.softmax(logits.float(), -1).cpu().numpy())
+        return np.concatenate(out)
+
+    def predict(self, texts: list[str], batch_size: int = 256) -> np.ndarray:
+        """Class indices."""
+        return self.predict_proba(texts, batch_size).argmax(-1)
+
+
+def _write_dir_atomically(out_dir: Path, write: Callable[[Path], None]) -> Path:
+    """Fill a temporary sibling folder, then rename it into place (as `student.save_student` does)."""
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    old = out_dir.with_name(f".{out_dir.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out_dir.exists():
+        out_dir.rename(old)
+    tmp.rename(out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    return out_dir
+
+
+def save_word_student(
+    model: nn.Module,
+    vocab: WordVocab,
+    kind: StudentKind,
+    kwargs: dict[str, Any],
+    out_dir: str | Path,
+    max_len: int = 256,
+) -> Path:
+    """Write a model folder: weights (safetensors), kind + shape + max_len (JSON) and the vocabulary (JSON)."""
+    if kind not in STUDENT_KINDS or not isinstance(model, STUDENT_KINDS[kind]):
+        raise ValueError(f"a {type(model).__name__} is not a {kind!r} student")
+    config = {
+        "kind": kind,
+        "vocab_size": model.vocab_size,
+        "num_classes": model.num_classes,
+        "kwargs": {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()},
+        "max_len": max_len,
+    }
+
+    def write(tmp: Path) -> None:
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / WORD_STUDENT_WEIGHTS))
+        atomic_write_text(tmp / WORD_STUDENT_CONFIG, json.dumps(config, indent=2))
+        vocab.save(tmp / WORD_VOCAB)
+
+    return _write_dir_atomically(Path(out_dir), write)
+
+
+def load_word_student(out_dir: str | Path) -> WordStudentPredictor:
+    """Load a folder written by `save_word_student`; the predictor holds `.model`, `.vocab` and `.max_len`."""
+    out_dir = Path(out_dir)
+    if not (out_dir / WORD_STUDENT_WEIGHTS).exists():
+        raise FileNotFoundError(f"{out_dir}: not a word student folder (no {WORD_STUDENT_WEIGHTS})")
+    config = json.loads((out_dir / WORD_STUDENT_CONFIG).read_text())
+    model = make_word_student(config["kind"], config["vocab_size"], config["num_classes"], **config["kwargs"])
+    model.load_state_dict(load_file(str(out_dir / WORD_STUDENT_WEIGHTS)))
+    return WordStudentPredictor(model, WordVocab.load(out_dir / WORD_VOCAB), config["max_len"])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# TF-IDF + logistic regression
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class TfidfLogReg:
+    """TF-IDF n-grams (our tokenisation) into a logistic regression: the classic linear baseline."""
+
+    def __init__(
+        self,
+        ngram_range: tuple[int, int] = (1, 2),
+        min_df: int | float = 2,
+        C: float = 1.0,
+        max_iter: int = 1000,
+    ) -> None:
+        self.pipeline = Pipeline(
+            [
+                (
+                    "tfidf",
+                    TfidfVectorizer(
+                        lowercase=True,
+                        token_pattern=TOKEN_PATTERN,
+                        ngram_range=tuple(ngram_range),
+                        min_df=min_df,
+                        sublinear_tf=True,
+                    ),
+                ),
+                ("lr", LogisticRegression(C=C, max_iter=max_iter)),
+            ]
+        )
+        self.num_classes: int | None = None
+
+    def fit(
+        self,
+        texts: list[str],
+        labels: Sequence[int],
+        sample_weight: np.ndarray | None = None,
+        num_classes: int | None = None,
+    ) -> TfidfLogReg:
+        """Fit on gold class indices (optionally weighted); `num_classes` defaults to max(label) + 1."""
+        y = np.asarray(labels, np.int64)
+        self.num_classes = num_classes or int(y.max()) + 1
+        params = {} if sample_weight is None else {"lr__sample_weight": np.asarray(sample_weight, np.float64)}
+        self.pipeline.fit(texts, y, **params)
+        logger.info("tf-idf + LR: %d docs, %d features", len(texts), len(self.pipeline["tfidf"].vocabulary_))
+        return self
+
+    def fit_soft(self, texts: list[str], soft_targets: np.ndarray) -> TfidfLogReg:
+        """Distil soft labels into the LR as well as it allows.
+
+        scikit-learn's LogisticRegression has no soft-label (cross-entropy to a distribution) loss, so this fits the
+        teacher's argmax class, each document weighted by the teacher's confidence in it (its max probability).
+        Weights are scaled to mean 1 so that C keeps the meaning it has in `fit`.
+        """
+        probs = np.asarray(soft_targets, np.float64)
+        weights = probs.max(1)
+        return self.fit(texts, probs.argmax(1), weights / weights.mean(), num_classes=probs.shape[1])
+
+    def predict_proba(self, texts: list[str]) -> np.ndarray:
+        """[N, num_classes] float32 probabilities; a class absent from training gets probability 0."""
+        if self.num_classes is None:
+            raise RuntimeError("fit the model first")
+        proba = self.pipeline.predict_proba(texts)
+        out = np.zeros((len(texts), self.num_classes), np.float32)
+        out[:, self.pipeline["lr"].classes_] = proba
+        return out
+
+    def predict(self, texts: list[str]) -> np.ndarray:
+        return self.predict_proba(texts).argmax(-1)
+
+    def param_count(self) -> int:
+        """Coefficients plus intercepts of the LR (the TF-IDF vocabulary and idf weights are not counted)."""
+        lr = self.pipeline["lr"]
+        return int(lr.coef_.size + lr.intercept_.size)
+
+    def save(self, path: str | Path) -> None:
+        """Pickle with joblib through a temporary sibling and a rename (readers never see half a file)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            joblib.dump(self, tmp)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @staticmethod
+    def load(path: str | Path) -> TfidfLogReg:
+        model = joblib.load(path)
+        if not isinstance(model, TfidfLogReg):
+            raise TypeError(f"{path}: holds a {type(model).__name__}, not a TfidfLogReg")
+        return model
