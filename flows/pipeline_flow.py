@@ -53,7 +53,16 @@ def pipeline_flow(config: PipelineConfig, run_dir: str | None = None) -> dict[st
     get_run_logger().info("run dir %s, config fingerprint %s", run_dir, config_fp)
     tracking = stages.start_tracking(config, run_dir, config_fp, _flow_run_id())
     args = {"config": config, "run_dir": run_dir, "fingerprints": fps, "tracking": tracking}
+    teacher, students = _training_stages(config, run_dir, fps, tracking)
+    evaluation = _fresh(stages.evaluate, run_dir, "evaluate", fps)(**args, teacher=teacher, students=students)
+    return stages.publish_results(config, run_dir, config_fp, tracking, evaluation, students)
 
+
+def _training_stages(
+    config: PipelineConfig, run_dir: str, fps: dict[str, str], tracking: TrackingRef | None
+) -> tuple[dict, dict[str, dict]]:
+    """Teacher, labels, vocabulary, KD, KD+FT and the baseline: each served from cache when already done."""
+    args = {"config": config, "run_dir": run_dir, "fingerprints": fps, "tracking": tracking}
     # The vocabulary needs no teacher: count while the teacher trains (or first, when counting fans out itself).
     _count_vocab(config, run_dir, fps)
     vocab_f = _fresh(stages.build_vocab, run_dir, "vocab", fps).submit(**args)
@@ -63,9 +72,16 @@ def pipeline_flow(config: PipelineConfig, run_dir: str | None = None) -> dict[st
     scratch_f = _fresh(stages.train_scratch, run_dir, "scratch", fps).submit(**args, vocab=vocab)
     kd = _fresh(stages.distill_student, run_dir, "distill", fps)(**args, vocab=vocab, labels=labels)
     kdft = _fresh(stages.finetune_student, run_dir, "kdft", fps)(**args, vocab=vocab, distilled=kd)
-    students = {"scratch": scratch_f.result(), "kd": kd, "kdft": kdft}
-    evaluation = _fresh(stages.evaluate, run_dir, "evaluate", fps)(**args, teacher=teacher, students=students)
-    return stages.publish_results(config, run_dir, config_fp, tracking, evaluation, students)
+    return teacher, {"scratch": scratch_f.result(), "kd": kd, "kdft": kdft}
+
+
+@flow(name="base-stages")
+def base_stages_flow(config: PipelineConfig, run_dir: str | None = None) -> dict[str, Any]:
+    """The stages the experiments build on (all but evaluation and publishing), with no MLflow run of their own."""
+    run_dir = resolve_run_dir(config, run_dir)
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    teacher, students = _training_stages(config, run_dir, stage_fingerprints(config), None)
+    return {"run_dir": run_dir, "teacher": teacher, "students": students}
 
 
 def _label_stages(

@@ -489,15 +489,24 @@ class TfidfLogReg:
         return self
 
     def fit_soft(self, texts: list[str], soft_targets: np.ndarray) -> TfidfLogReg:
-        """Distil soft labels into the LR as well as it allows.
+        """Distil soft labels into the LR: cross-entropy to the teacher's distribution.
 
-        scikit-learn's LogisticRegression has no soft-label (cross-entropy to a distribution) loss, so this fits the
-        teacher's argmax class, each document weighted by the teacher's confidence in it (its max probability).
-        Weights are scaled to mean 1 so that C keeps the meaning it has in `fit`.
+        scikit-learn's LogisticRegression takes hard labels only, but sum_c p_c * -log q_c is its weighted log-loss
+        over C copies of each document, copy c labelled c with weight p_c. The TF-IDF is fitted on the documents
+        once; the copies share its rows. Weights sum to one per document, so C keeps the meaning it has in `fit`.
         """
         probs = np.asarray(soft_targets, np.float64)
-        weights = probs.max(1)
-        return self.fit(texts, probs.argmax(1), weights / weights.mean(), num_classes=probs.shape[1])
+        if probs.ndim != 2 or len(probs) != len(texts):
+            raise ValueError(f"soft_targets must have shape ({len(texts)}, num_classes); got {probs.shape}")
+        n, c = probs.shape
+        features = self.pipeline["tfidf"].fit_transform(texts)
+        keep = probs.reshape(-1) > 0
+        rows = np.repeat(np.arange(n), c)[keep]
+        labels = np.tile(np.arange(c), n)[keep]
+        self.num_classes = c
+        self.pipeline["lr"].fit(features[rows], labels, sample_weight=probs.reshape(-1)[keep])
+        logger.info("tf-idf + LR (soft): %d docs, %d features", n, len(self.pipeline["tfidf"].vocabulary_))
+        return self
 
     def predict_proba(self, texts: list[str]) -> np.ndarray:
         """[N, num_classes] float32 probabilities; a class absent from training gets probability 0."""

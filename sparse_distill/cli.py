@@ -115,6 +115,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-column", default="text", help="Text column of a tabular input.")
     p.add_argument("--batch-size", type=int, default=1024, help="Documents per batch.")
     p.add_argument("--threads", type=int, default=1, help="Batches predicted at once (a student folder only).")
+    g = p.add_argument_group(
+        "cascade", "The student answers when confident, the teacher answers the rest (output gains `deferred`)."
+    )
+    g.add_argument("--teacher", help="Teacher model folder: the cascade's fallback (with --cascade-threshold).")
+    g.add_argument(
+        "--cascade-threshold",
+        type=_unit_interval,
+        metavar="T",
+        help="Texts whose student confidence is below T (in [0, 1]) go to the teacher (with --teacher).",
+    )
+    g.add_argument(
+        "--cascade-metric",
+        choices=["max_prob", "margin"],
+        default="max_prob",
+        help="Student confidence: top probability, or top minus second (default max_prob).",
+    )
+    g.add_argument(
+        "--teacher-max-length",
+        type=int,
+        help="Teacher tokens per text (default: what the teacher folder records, else 128).",
+    )
     p = sub.add_parser(
         "quantize", help="Store a student's n-gram table as float16 or int8 (a new model folder), with its accuracy."
     )
@@ -124,13 +145,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval", help="Labelled texts (.parquet, .csv, .jsonl): report accuracy before and after.")
     p.add_argument("--text-column", default="text", help="Text column of --eval.")
     p.add_argument("--label-column", default="label", help="Gold label column of --eval.")
+    p = sub.add_parser(
+        "experiment",
+        help="Run an experiment of the paper or the blog over a base pipeline run; writes a markdown table.",
+    )
+    p.add_argument(
+        "name",
+        help="privacy, domain, ablations, baselines, wos, mlp, augment, cascade; several joined by commas, or all.",
+    )
+    p.add_argument("config", help="Experiment config (YAML), e.g. configs/experiments/sst2.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
+    p.add_argument("--keep-going", action="store_true", help="With several experiments, run the rest when one fails.")
     p = sub.add_parser("demo-data", help="Unpack the demo data and the pre-trained teacher from their packages.")
     p.add_argument("--out", default="data/demo", help="Output folder.")
     return parser
 
 
+def _unit_interval(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+    if not 0.0 <= number <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
+    return number
+
+
+def _is_mlflow_uri(model: str) -> bool:
+    return "://" in model or model.startswith(("models:/", "runs:/"))
+
+
+def _check_predict_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Cross-option checks of `predict` (argparse errors, exit status 2)."""
+    if args.cascade_threshold is not None and not args.teacher:
+        parser.error("predict: --cascade-threshold needs --teacher TEACHER_DIR (the teacher model folder)")
+    if args.teacher and args.cascade_threshold is None:
+        parser.error("predict: --teacher needs --cascade-threshold T (student confidence below T goes to the teacher)")
+    if args.teacher and _is_mlflow_uri(args.model):
+        parser.error(
+            "predict: a cascade (--teacher, --cascade-threshold) needs a student model folder as --model, "
+            f"not an MLflow URI ({args.model}); log the cascade with log_cascade_model to serve it from MLflow"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "predict":
+        _check_predict_args(parser, args)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -151,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
             return _label(args)
         if args.command == "vocab" and args.config is None:
             return _vocab(args)
+        if args.command == "experiment":
+            return _experiment(args)
         if args.command == "demo-data":
             from sparse_distill.demo import prepare_demo
 
@@ -189,6 +253,33 @@ def _run_flow(args: argparse.Namespace) -> int:
     result = getattr(flows, STAGES[args.command])(config=config, run_dir=args.run_dir)
     sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n")
     return 0
+
+
+def _experiment(args: argparse.Namespace) -> int:
+    from sparse_distill.config import EXPERIMENTS, ConfigError, load_experiment_config
+
+    names = list(EXPERIMENTS) if args.name == "all" else [n.strip() for n in args.name.split(",") if n.strip()]
+    unknown = [n for n in names if n not in EXPERIMENTS]
+    if unknown or not names:
+        raise ConfigError(f"experiment: unknown {unknown or args.name!r}; choose from {', '.join(EXPERIMENTS)} or all")
+    config = load_experiment_config(args.config, args.overrides)
+    from flows.experiment_flow import experiment_flow
+
+    failed = []
+    for name in names:
+        start = time.perf_counter()
+        try:
+            result = experiment_flow(name=name, config=config)
+        except Exception as e:
+            if not args.keep_going:
+                raise
+            failed.append(name)
+            sys.stderr.write(f"sparse-distill: experiment {name} failed: {type(e).__name__}: {e}\n")
+            continue
+        sys.stdout.write(
+            f"\n{result['table']}\n\n{Path(result['out_dir']) / 'results.md'} ({time.perf_counter() - start:.0f} s)\n"
+        )
+    return 1 if failed else 0
 
 
 def _label_status(args: argparse.Namespace) -> int:
@@ -388,10 +479,28 @@ def _predict(args: argparse.Namespace) -> int:
     import pandas as pd
 
     texts = _read_inputs(args.input, args.text_column)
-    if "://" in args.model or args.model.startswith(("models:/", "runs:/")):
+    if _is_mlflow_uri(args.model):
         import mlflow.pyfunc
 
         frame = mlflow.pyfunc.load_model(args.model).predict(pd.DataFrame({"text": texts}))
+    elif args.teacher:
+        from sparse_distill.cascade import CascadePredictor
+        from sparse_distill.config import ConfigError
+        from sparse_distill.mlflow_model import cascade_predictions_frame
+
+        try:
+            cascade = CascadePredictor.load(
+                args.model,
+                args.teacher,
+                args.cascade_threshold,
+                args.cascade_metric,
+                threads=args.threads,
+                max_length=args.teacher_max_length,
+            )
+        except ValueError as e:  # e.g. the two folders' labels differ: a usage error, not a crash
+            raise ConfigError(f"predict: {e}") from e
+        frame = cascade_predictions_frame(cascade, texts, args.batch_size)
+        logger.info("cascade: %d of %d texts deferred to the teacher", int(frame["deferred"].sum()), len(texts))
     else:
         from sparse_distill.inference import StudentPredictor
         from sparse_distill.mlflow_model import predictions_frame

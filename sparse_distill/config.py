@@ -108,6 +108,7 @@ class StudentConfig(_Strict):
     dim: int = Field(100, ge=1, description="Embedding dimension d of the n-gram table.")
     hidden: int = Field(256, ge=1, description="Hidden size of the dense layer.")
     pooling: Literal["mean", "max", "sum"] = Field("mean", description="How n-gram embeddings are pooled.")
+    layers: int = Field(1, ge=1, le=8, description="Dense hidden layers after pooling (the paper's DAN has 1).")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the pooled vector.")
     init_std: float = Field(0.1, gt=0, description="Std of the normal init of the embedding table.")
 
@@ -194,6 +195,150 @@ class PipelineConfig(_Strict):
     scratch: TrainConfig = Field(default_factory=lambda: TrainConfig(lr=1e-3, batch_size=256, epochs=5))
     evaluate: EvalConfig = Field(default_factory=EvalConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+
+# --- experiments (`sparse-distill experiment NAME CONFIG`) ---------------------------------------------------------
+
+EXPERIMENTS = ("privacy", "domain", "ablations", "baselines", "wos", "mlp", "augment", "cascade")
+
+
+class PrivacyConfig(_Strict):
+    """Distillation without the task's train data: KD on the corpus alone against KD on corpus + train."""
+
+    vocab_from_corpus: bool = Field(
+        True, description="Count the corpus-only student's vocabulary on the corpus alone (no train text at all)."
+    )
+
+
+class DomainConfig(_Strict):
+    """Domain adaptation: a teacher fine-tuned on a source task labels the target corpus; the student is then
+    fine-tuned on the target task, with and without re-initialising its dense layers."""
+
+    source_pipeline: str | None = Field(None, description="Pipeline config (YAML) of the source task, e.g. sst2.yaml.")
+    source_data_dir: str | None = Field(None, description="data.data_dir for the source pipeline.")
+    source_run_dir: str | None = Field(None, description="Run dir of the source pipeline (default runs/<its name>).")
+    corpus_limit: int | None = Field(10_000, ge=1, description="Target-corpus documents the source teacher labels.")
+    label_max_length: int | None = Field(
+        None, ge=8, description="Tokens per document when the source teacher labels (default: the source's)."
+    )
+    finetune: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(lr=2e-4, batch_size=512, epochs=2, eval_every=50),
+        description="Fine-tuning on the target train set.",
+    )
+
+
+class AblationConfig(_Strict):
+    """The paper's ablations, each a KD run with the experiment's training budget."""
+
+    poolings: list[Literal["mean", "max", "sum"]] = Field(["mean", "max", "sum"], description="Pooling variants.")
+    orders: list[int] = Field([1, 2, 3, 4], description="N-gram orders used at inference by the mean-pooled student.")
+    budgets: list[int] = Field([10_000_000], description="Table parameter budgets |V| x d of the grid.")
+    dims: list[int] = Field([10, 25, 50, 100], description="Dimensions d of the grid; |V| = budget / d.")
+    layers: list[int] = Field([1, 2, 3], description="Dense hidden layers after pooling.")
+    teacher_init_vocab: int | None = Field(
+        50_000, ge=1, description="|V| for the table initialised from the teacher (None: skip that ablation)."
+    )
+    teacher_init_batch_size: int = Field(512, ge=1, description="N-grams per teacher batch when encoding them.")
+
+
+class BaselineConfig(_Strict):
+    """Other students distilled from the same soft labels, and TF-IDF + logistic regression."""
+
+    kinds: list[Literal["tfidf", "bilstm", "cnn"]] = Field(["tfidf", "bilstm", "cnn"], description="Baselines.")
+    word_vocab: int = Field(30_000, ge=2, description="Word vocabulary of the Bi-LSTM and CNN students.")
+    max_len: int = Field(256, ge=1, description="Words per document for the Bi-LSTM and CNN.")
+    tfidf_c: float = Field(4.0, gt=0, description="Inverse regularisation C of the logistic regression.")
+    train: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(lr=1e-3, batch_size=64, epochs=1, eval_every=200),
+        description="Training of the Bi-LSTM and CNN students.",
+    )
+
+
+class WosConfig(_Strict):
+    """Word-order sensitivity of the task, measured with the teacher on shuffled dev texts."""
+
+    max_docs: int | None = Field(2000, ge=1, description="Dev documents used (a seeded sample when there are more).")
+    seeds: list[int] = Field([13, 14, 15], min_length=1, description="Shuffling seeds; WOS is averaged over them.")
+
+
+class MlpConfig(_Strict):
+    """The blog's small MLP student over words, with and without distillation."""
+
+    word_vocab: int = Field(5_000, ge=2, description="Word vocabulary size.")
+    dim: int = Field(16, ge=1, description="Word embedding size.")
+    hidden: int = Field(64, ge=1, description="Hidden layer size.")
+    max_len: int = Field(256, ge=1, description="Words per document.")
+    train: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(lr=3e-3, batch_size=128, epochs=5, eval_every=200),
+        description="Training of both MLP variants.",
+    )
+
+
+class AugmentConfig(_Strict):
+    """Distillation with no unlabelled corpus: the teacher labels augmented copies of train texts."""
+
+    sample: int | None = Field(5_000, ge=1, description="Train texts augmented (a seeded sample; None: all).")
+    per_text: int = Field(4, ge=1, description="Augmented copies per text and method.")
+    methods: list[Literal["eda", "ngram"]] = Field(["eda", "ngram"], min_length=1, description="Augmentations.")
+    alpha: float = Field(0.1, gt=0, le=1, description="EDA: share of words replaced, deleted or swapped.")
+
+
+class CascadeConfig(_Strict):
+    """The student answers when confident, the teacher takes the rest."""
+
+    metric: Literal["max_prob", "margin"] = Field("max_prob", description="The student's confidence measure.")
+    target_retention: float = Field(
+        0.99, gt=0, le=1.5, description="Target accuracy as a share of the teacher's dev accuracy."
+    )
+    target_accuracy: float | None = Field(None, gt=0, le=1, description="Absolute target (overrides retention).")
+    log_model: bool = Field(True, description="Log the cascade at the chosen threshold as an MLflow model.")
+
+
+class ExperimentConfig(_Strict):
+    """One experiment file: the base pipeline run the experiments build on, and a section per experiment."""
+
+    pipeline: str = Field(..., description="The base pipeline config (YAML), e.g. configs/sst2.yaml.")
+    pipeline_overrides: list[str] = Field(default_factory=list, description="key.path=value overrides of it.")
+    data_dir: str | None = Field(None, description="data.data_dir of the base pipeline.")
+    run_dir: str | None = Field(None, description="The base pipeline's run dir (default runs/<its name>).")
+    out_dir: str | None = Field(None, description="Where results go (default runs/experiments/<its name>).")
+    train: TrainConfig | None = Field(
+        None, description="Training budget of every DAN variant (default: the pipeline's distill section)."
+    )
+    teacher_eval_docs: int | None = Field(
+        2000, ge=1, description="Test documents the teacher is scored on (a seeded sample; students use all)."
+    )
+    speed_docs: int = Field(2000, ge=32, description="Documents timed per student (batch 32, one thread).")
+    teacher_speed_docs: int = Field(256, ge=32, description="Documents timed for the teacher (batch 32).")
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    domain: DomainConfig = Field(default_factory=DomainConfig)
+    ablations: AblationConfig = Field(default_factory=AblationConfig)
+    baselines: BaselineConfig = Field(default_factory=BaselineConfig)
+    wos: WosConfig = Field(default_factory=WosConfig)
+    mlp: MlpConfig = Field(default_factory=MlpConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    cascade: CascadeConfig = Field(default_factory=CascadeConfig)
+    tracking: TrackingConfig = Field(
+        default_factory=lambda: TrackingConfig(experiment="sparse-distill-experiments", log_model=False)
+    )
+
+
+def load_experiment_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Load an experiment file (unknown keys are errors); relative paths in it are taken from the working dir."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError as e:
+        raise ConfigError(f"{path}: config file not found") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(f"{path}: {format_validation_error(e)}") from e
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:

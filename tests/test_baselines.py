@@ -242,6 +242,18 @@ def test_tfidf_logreg_fit_and_fit_soft(toy, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["lr.joblib"]
 
 
+def test_tfidf_logreg_fit_soft_learns_from_a_teacher_that_always_prefers_one_class(toy):
+    # argmax is class 0 everywhere, so hard labels would hold one class; the distribution still separates them.
+    train_texts, train_y, dev_texts, dev_y = toy
+    targets = np.where(train_y[:, None] == 1, [0.55, 0.45], [0.95, 0.05])
+    distilled = TfidfLogReg(C=10.0).fit_soft(train_texts, targets)
+    p1 = distilled.predict_proba(dev_texts)[:, 1]
+    assert p1[dev_y == 1].mean() > p1[dev_y == 0].mean() + 0.2
+    assert 0.3 < p1[dev_y == 1].mean() < 0.6  # calibrated to the teacher's 0.45, not pushed to 1
+    with pytest.raises(ValueError, match="soft_targets must have shape"):
+        TfidfLogReg().fit_soft(train_texts, targets[:5])
+
+
 def test_tfidf_logreg_keeps_columns_of_unseen_classes():
     texts = ["good film", "good plot", "bad film", "bad plot"] * 3
     lr = TfidfLogReg(min_df=1).fit(texts, [0, 0, 2, 2] * 3, num_classes=3)
