@@ -918,7 +918,8 @@ def run_experiment(
         rows, info = run_cascade(ctx)
     else:
         rows = runners[name](ctx)
-    table = markdown_table(name, rows, base.config.name, ctx.eval_name, info)
+    split = "dev" if name == "wos" else ctx.eval_name  # WOS probes the teacher on dev texts
+    table = markdown_table(name, rows, base.config.name, split, info)
     result = ExperimentResult(name, rows, table, out, info)
     result.plots = _plots(result)
     atomic_write_text(out / "results.md", table + "\n")
@@ -946,7 +947,9 @@ def _plots(result: ExperimentResult) -> list[str]:
 # --- tables --------------------------------------------------------------------------------------------------------
 
 
-def _fmt(value: Any) -> str:
+def _fmt(value: Any, key: str = "") -> str:
+    if key in ("docs_per_s", "speedup_vs_teacher") and isinstance(value, float):
+        return f"{value:,.0f}" if value >= 100 else f"{value:.1f}"
     if value is None:
         return "-"
     if isinstance(value, bool):
@@ -957,7 +960,7 @@ def _fmt(value: Any) -> str:
         return f"{value:,.0f}" if value >= 100 else f"{value:.4f}"
     if isinstance(value, int):
         return f"{value:,}"
-    return str(value)
+    return str(value).replace("|", "\\|")  # a pipe would end the markdown cell
 
 
 _COLUMNS = {
@@ -999,7 +1002,7 @@ def markdown_table(name: str, rows: list[dict[str, Any]], task: str, eval_name: 
         "|" + "---|" * len(cols),
     ]
     for r in rows:
-        lines.append("| " + " | ".join(_fmt(r.get(k)) for k, _ in cols) + " |")
+        lines.append("| " + " | ".join(_fmt(r.get(k), k) for k, _ in cols) + " |")
     if name == "cascade":
         if info.get("threshold") is None:
             lines.append(f"\nNo threshold reaches the target accuracy {info['target_accuracy']:.4f} on dev.")
