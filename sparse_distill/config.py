@@ -5,12 +5,14 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sparse_distill import __version__
+
+_M = TypeVar("_M", bound=BaseModel)
 
 
 class ConfigError(ValueError):
@@ -325,20 +327,7 @@ class ExperimentConfig(_Strict):
 
 def load_experiment_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
     """Load an experiment file (unknown keys are errors); relative paths in it are taken from the working dir."""
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError as e:
-        raise ConfigError(f"{path}: config file not found") from e
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML: {e}") from e
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping")
-    raw = apply_overrides(raw, overrides or [])
-    try:
-        return ExperimentConfig.model_validate(raw)
-    except ValidationError as e:
-        raise ConfigError(f"{path}: {format_validation_error(e)}") from e
+    return _load_yaml_model(path, overrides, ExperimentConfig)
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:
@@ -366,6 +355,10 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
     """Load a pipeline config from YAML, apply overrides, validate (unknown keys are errors)."""
+    return _load_yaml_model(path, overrides, PipelineConfig)
+
+
+def _load_yaml_model(path: str | Path, overrides: list[str] | None, model: type[_M]) -> _M:
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
@@ -377,7 +370,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Pipelin
         raise ConfigError(f"{path}: the top level must be a mapping")
     raw = apply_overrides(raw, overrides or [])
     try:
-        return PipelineConfig.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(f"{path}: {format_validation_error(e)}") from e
 

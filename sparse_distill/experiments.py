@@ -40,6 +40,7 @@ from sparse_distill.evaluation import measure_throughput, repeat_to
 from sparse_distill.inference import StudentPredictor
 from sparse_distill.labelling import iter_soft_labels, read_manifest, run_label_job
 from sparse_distill.pipeline import (
+    STAGE_DIRS,
     TaskData,
     corpus_paths,
     label_sources,
@@ -56,18 +57,6 @@ logger = logging.getLogger(__name__)
 
 # (variant, step, metrics): training curves, for MLflow.
 VariantMetrics = Callable[[str, int, dict[str, float]], None]
-
-# Folders of a pipeline run's stages (as tasks/stages.py writes them).
-_STAGE_DIRS = {
-    "teacher": "teacher",
-    "label_train": "labels/train",
-    "label_corpus": "labels/corpus",
-    "vocab": "vocab",
-    "distill": "students/kd",
-    "kdft": "students/kdft",
-    "scratch": "students/scratch",
-}
-
 
 # --- the base run --------------------------------------------------------------------------------------------------
 
@@ -98,12 +87,12 @@ class BaseRun:
         fps = stage_fingerprints(config)
 
         def stage(name: str, required: bool = True) -> dict | None:
-            result = read_result(run_dir / _STAGE_DIRS[name])
+            result = read_result(run_dir / STAGE_DIRS[name])
             if result is None or result.get("fingerprint") != fps[name]:
                 if required:
                     state = "missing" if result is None else "made for another config"
                     raise DataError(
-                        f"{run_dir / _STAGE_DIRS[name]}: stage {name!r} is {state}; run "
+                        f"{run_dir / STAGE_DIRS[name]}: stage {name!r} is {state}; run "
                         f"`sparse-distill run {config.name}` (or the experiment flow, which runs it) first"
                     )
                 return None

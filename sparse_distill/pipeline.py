@@ -42,6 +42,18 @@ logger = logging.getLogger(__name__)
 MetricsCallback = Callable[[int, dict[str, float]], None]
 RESULT = "result.json"
 
+# Stage name -> folder under the run directory.
+STAGE_DIRS = {
+    "teacher": "teacher",
+    "label_train": "labels/train",
+    "label_corpus": "labels/corpus",
+    "vocab": "vocab",
+    "distill": "students/kd",
+    "kdft": "students/kdft",
+    "scratch": "students/scratch",
+    "evaluate": "evaluation",
+}
+
 
 @dataclass
 class TaskData:

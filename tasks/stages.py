@@ -22,17 +22,7 @@ from sparse_distill.data import atomic_write_text
 from sparse_distill.mlflow_model import ensure_experiment, log_student_model, resolve_tracking_uri
 from sparse_distill.tracking import TrackingRef, end_run, stage_run, start_parent_run
 
-# Stage name -> folder under the run directory.
-STAGE_DIRS = {
-    "teacher": "teacher",
-    "label_train": "labels/train",
-    "label_corpus": "labels/corpus",
-    "vocab": "vocab",
-    "distill": "students/kd",
-    "kdft": "students/kdft",
-    "scratch": "students/scratch",
-    "evaluate": "evaluation",
-}
+STAGE_DIRS = pipeline.STAGE_DIRS
 
 
 def stage_dir(run_dir: str, stage: str) -> Path:

@@ -73,33 +73,42 @@ def tiny_teacher(tmp_path_factory, tiny_data) -> Path:
     return make_tiny_teacher(tmp_path_factory.mktemp("teacher"), [t for t, _ in make_reviews(500, 9)])
 
 
+def tiny_pipeline(tiny_data: Path, tiny_teacher: Path, mlflow_uri: str, name: str = "tiny") -> dict:
+    """A pipeline config (as a dict) over the tiny data and teacher that runs in seconds."""
+    return {
+        "name": name,
+        "data": {
+            "data_dir": str(tiny_data),
+            "train": "train.parquet",
+            "dev": "dev.parquet",
+            "test": "test.parquet",
+            "corpus": ["corpus.parquet"],
+            "id_column": "id",
+        },
+        "teacher": {"model": str(tiny_teacher), "max_length": 32, "batch_size": 32, "lr": 3e-3, "epochs": 4},
+        "label": {"shard_size": 128, "batch_size": 64},
+        "vocab": {"size": 500, "ngram_max": 2},
+        "student": {"dim": 16, "hidden": 16},
+        "distill": {"lr": 1e-2, "batch_size": 64, "epochs": 6, "eval_every": 10, "shuffle_buffer": 200},
+        "finetune": {"lr": 1e-3, "batch_size": 64, "epochs": 1, "eval_every": 5},
+        "scratch": {"lr": 1e-2, "batch_size": 64, "epochs": 12, "eval_every": 10},
+        "evaluate": {"speed_docs": 64, "teacher_speed_docs": 32},
+        "tracking": {"tracking_uri": mlflow_uri, "experiment": name},
+    }
+
+
+@pytest.fixture(scope="session")
+def make_tiny_pipeline():
+    """`tiny_pipeline` for tests that write the config to a file of their own."""
+    return tiny_pipeline
+
+
 @pytest.fixture
 def tiny_config(tiny_data, tiny_teacher, tmp_path):
-    """A pipeline config over the tiny data and teacher that runs in seconds."""
+    """The tiny pipeline config, tracking into this test's own MLflow store."""
     from sparse_distill.config import PipelineConfig
 
-    return PipelineConfig.model_validate(
-        {
-            "name": "tiny",
-            "data": {
-                "data_dir": str(tiny_data),
-                "train": "train.parquet",
-                "dev": "dev.parquet",
-                "test": "test.parquet",
-                "corpus": ["corpus.parquet"],
-                "id_column": "id",
-            },
-            "teacher": {"model": str(tiny_teacher), "max_length": 32, "batch_size": 32, "lr": 3e-3, "epochs": 4},
-            "label": {"shard_size": 128, "batch_size": 64},
-            "vocab": {"size": 500, "ngram_max": 2},
-            "student": {"dim": 16, "hidden": 16},
-            "distill": {"lr": 1e-2, "batch_size": 64, "epochs": 6, "eval_every": 10, "shuffle_buffer": 200},
-            "finetune": {"lr": 1e-3, "batch_size": 64, "epochs": 1, "eval_every": 5},
-            "scratch": {"lr": 1e-2, "batch_size": 64, "epochs": 12, "eval_every": 10},
-            "evaluate": {"speed_docs": 64, "teacher_speed_docs": 32},
-            "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "tiny"},
-        }
-    )
+    return PipelineConfig.model_validate(tiny_pipeline(tiny_data, tiny_teacher, f"sqlite:///{tmp_path / 'mlflow.db'}"))
 
 
 @pytest.fixture(scope="session")

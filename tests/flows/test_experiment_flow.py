@@ -12,34 +12,11 @@ from mlflow.tracking import MlflowClient
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 
-def _pipeline(tiny_data: Path, tiny_teacher: Path, mlflow_uri: str) -> dict:
-    return {
-        "name": "tiny-exp",
-        "data": {
-            "data_dir": str(tiny_data),
-            "train": "train.parquet",
-            "dev": "dev.parquet",
-            "test": "test.parquet",
-            "corpus": ["corpus.parquet"],
-            "id_column": "id",
-        },
-        "teacher": {"model": str(tiny_teacher), "max_length": 32, "batch_size": 32, "lr": 3e-3, "epochs": 4},
-        "label": {"shard_size": 128, "batch_size": 64},
-        "vocab": {"size": 500, "ngram_max": 2},
-        "student": {"dim": 16, "hidden": 16},
-        "distill": {"lr": 1e-2, "batch_size": 64, "epochs": 6, "eval_every": 10, "shuffle_buffer": 200},
-        "finetune": {"lr": 1e-3, "batch_size": 64, "epochs": 1, "eval_every": 5},
-        "scratch": {"lr": 1e-2, "batch_size": 64, "epochs": 12, "eval_every": 10},
-        "evaluate": {"speed_docs": 64, "teacher_speed_docs": 32},
-        "tracking": {"tracking_uri": mlflow_uri, "experiment": "tiny-exp"},
-    }
-
-
 @pytest.fixture(scope="module")
-def experiment_file(tmp_path_factory, tiny_data, tiny_teacher) -> Path:
+def experiment_file(tmp_path_factory, tiny_data, tiny_teacher, make_tiny_pipeline) -> Path:
     d = tmp_path_factory.mktemp("experiments")
     uri = f"sqlite:///{d / 'mlflow.db'}"
-    (d / "pipeline.yaml").write_text(yaml.safe_dump(_pipeline(tiny_data, tiny_teacher, uri)))
+    (d / "pipeline.yaml").write_text(yaml.safe_dump(make_tiny_pipeline(tiny_data, tiny_teacher, uri, "tiny-exp")))
     fast = {"lr": 1e-2, "batch_size": 64, "epochs": 3, "eval_every": 10, "shuffle_buffer": 200}
     exp = {
         "pipeline": str(d / "pipeline.yaml"),
