@@ -15,11 +15,10 @@ import json
 import logging
 import math
 import os
-import shutil
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from itertools import chain
 from pathlib import Path
 from typing import Any, Literal
@@ -36,7 +35,7 @@ from torch.nn import functional as F
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from sparse_distill.config import TrainConfig
-from sparse_distill.data import atomic_write_text
+from sparse_distill.data import atomic_write_text, write_dir_atomically
 from sparse_distill.training import MetricsCallback, TrainResult, kl_loss
 from sparse_distill.vocab import TOKEN_PATTERN, tokenize
 
@@ -387,21 +386,6 @@ class WordStudentPredictor:
         return self.predict_proba(texts, batch_size).argmax(-1)
 
 
-def _write_dir_atomically(out_dir: Path, write: Callable[[Path], None]) -> Path:
-    """Fill a temporary sibling folder, then rename it into place (as `student.save_student` does)."""
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write(tmp)
-    old = out_dir.with_name(f".{out_dir.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out_dir.exists():
-        out_dir.rename(old)
-    tmp.rename(out_dir)
-    shutil.rmtree(old, ignore_errors=True)
-    return out_dir
-
-
 def save_word_student(
     model: nn.Module,
     vocab: WordVocab,
@@ -427,7 +411,7 @@ def save_word_student(
         atomic_write_text(tmp / WORD_STUDENT_CONFIG, json.dumps(config, indent=2))
         vocab.save(tmp / WORD_VOCAB)
 
-    return _write_dir_atomically(Path(out_dir), write)
+    return write_dir_atomically(out_dir, write)
 
 
 def load_word_student(out_dir: str | Path) -> WordStudentPredictor:

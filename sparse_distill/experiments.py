@@ -43,6 +43,7 @@ from sparse_distill.pipeline import (
     STAGE_DIRS,
     TaskData,
     corpus_paths,
+    file_fingerprint,
     label_sources,
     load_task_data,
     read_result,
@@ -302,7 +303,8 @@ def _row(model: str, r: dict[str, Any], **extra: Any) -> dict[str, Any]:
 def _teacher_row(ctx: Context, name: str = "Teacher", model_dir: str | None = None, max_length: int | None = None):
     """The teacher's accuracy on the sampled eval texts, and its docs/s at batch 32 (cached)."""
     teacher_dir = model_dir or ctx.base.teacher_dir
-    folder = ctx.out_dir / "teachers" / name.lower().replace(" ", "-").replace("(", "").replace(")", "")
+    # One folder per task, shared by its experiments: the teacher is scored once, not once per experiment.
+    folder = ctx.out_dir.parent / "teachers" / name.lower().replace(" ", "-").replace("(", "").replace(")", "")
     texts, labels = ctx.teacher_sample()
     fp = fingerprint(
         "teacher",
@@ -366,16 +368,11 @@ def _corpus_vocab(ctx: Context) -> str:
         inputs=corpus_paths(cfg.data), out=str(out), text_column=cfg.data.text_column, replan=False, vocab=cfg.vocab
     )
     result = read_result(out)
-    fp = fingerprint("corpus-vocab", job, [_file_id(p) for p in job.inputs])
+    fp = fingerprint("corpus-vocab", job, [file_fingerprint(p) for p in job.inputs])
     if result is None or result.get("fingerprint") != fp:
         res = run_count_job(job, sources=label_sources(cfg, "corpus"))
         atomic_write_text(out / "result.json", json.dumps({"fingerprint": fp, "size": res["size"]}))
     return str(out)
-
-
-def _file_id(path: str) -> dict[str, Any]:
-    st = Path(path).stat()
-    return {"path": str(Path(path).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
 # --- domain adaptation ---------------------------------------------------------------------------------------------
@@ -505,7 +502,7 @@ def run_ablations(ctx: Context) -> list[dict[str, Any]]:
             f"init-teacher-{size}",
             vocab_dir=vocab_dir,
             init=lambda m: init_table_from_vectors(m, np.load(vectors_path)),
-            init_fp=_file_id(vectors_path),
+            init_fp=file_fingerprint(str(vectors_path)),
         )
         rows.append(
             _row("initialised from the teacher", r, ablation=f"table init (|V| = {size:,})", V=size, d=student.dim)

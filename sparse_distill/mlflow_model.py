@@ -117,15 +117,14 @@ def _frame(probs: np.ndarray, labels: list) -> pd.DataFrame:
     return pd.DataFrame(frame)
 
 
-class StudentPyfunc(mlflow.pyfunc.PythonModel):
-    """A student model folder served through MLflow's pyfunc interface."""
+class _TextsPyfunc(mlflow.pyfunc.PythonModel):
+    """A pyfunc model over raw texts: loads its predictor once, then answers with a predictions frame."""
 
     def __init__(self) -> None:
-        self._predictor: StudentPredictor | None = None
+        self._predictor: Any = None
 
-    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
-        """Load the student from the `model_dir` artifact."""
-        self._predictor = StudentPredictor.load(context.artifacts[MODEL_DIR_ARTIFACT])
+    def _frame(self, texts: list[str]) -> pd.DataFrame:
+        raise NotImplementedError
 
     def predict(
         self,
@@ -133,7 +132,7 @@ class StudentPyfunc(mlflow.pyfunc.PythonModel):
         model_input: pd.DataFrame,
         params: dict[str, Any] | None = None,
     ) -> pd.DataFrame:
-        """Label and class probabilities for each text.
+        """Label and class probabilities for each text (and `deferred` for the cascade).
 
         `model_input`: a DataFrame with a `text` column (or a single column); called directly (`unwrap_python_model()`)
         it also takes a Series, a list or a numpy array of str. Through the pyfunc wrapper the signature applies: pass a
@@ -142,14 +141,22 @@ class StudentPyfunc(mlflow.pyfunc.PythonModel):
         """
         if self._predictor is None:
             self.load_context(context)
-        return predictions_frame(self._predictor, _as_texts(model_input))
+        return self._frame(_as_texts(model_input))
 
 
-class CascadePyfunc(mlflow.pyfunc.PythonModel):
+class StudentPyfunc(_TextsPyfunc):
+    """A student model folder served through MLflow's pyfunc interface."""
+
+    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+        """Load the student from the `model_dir` artifact."""
+        self._predictor = StudentPredictor.load(context.artifacts[MODEL_DIR_ARTIFACT])
+
+    def _frame(self, texts: list[str]) -> pd.DataFrame:
+        return predictions_frame(self._predictor, texts)
+
+
+class CascadePyfunc(_TextsPyfunc):
     """The student/teacher cascade served through MLflow's pyfunc interface (see `sparse_distill.cascade`)."""
-
-    def __init__(self) -> None:
-        self._predictor: CascadePredictor | None = None
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         """Load both models from the `student_dir` and `teacher_dir` artifacts, with the settings of cascade.json."""
@@ -164,16 +171,8 @@ class CascadePyfunc(mlflow.pyfunc.PythonModel):
             max_length=settings.get("max_length"),
         )
 
-    def predict(
-        self,
-        context: mlflow.pyfunc.PythonModelContext | None,
-        model_input: pd.DataFrame,
-        params: dict[str, Any] | None = None,
-    ) -> pd.DataFrame:
-        """Label, class probabilities and `deferred` for each text; inputs as for `StudentPyfunc.predict`."""
-        if self._predictor is None:
-            self.load_context(context)
-        return cascade_predictions_frame(self._predictor, _as_texts(model_input))
+    def _frame(self, texts: list[str]) -> pd.DataFrame:
+        return cascade_predictions_frame(self._predictor, texts)
 
 
 def pip_requirements(extra: Sequence[str] = ()) -> list[str]:

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
 
-from sparse_distill.data import LabelMap, atomic_write_text
+from sparse_distill.data import LabelMap, atomic_write_text, write_dir_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -143,25 +143,18 @@ def save_student(model: DanStudent, label_map: LabelMap, vocab_dir: str | Path, 
 
     The folder is written beside the target and renamed into place, so a reader never sees a half-written model.
     """
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp / STUDENT_WEIGHTS))
-    atomic_write_text(tmp / STUDENT_CONFIG, json.dumps(asdict(model.config), indent=2))
-    label_map.save(tmp / LABEL_MAP)
-    for name in ("vocab.parquet", "vocab.json", "vocab.lookup.npz"):
-        if name.endswith(".npz") and not (Path(vocab_dir) / name).exists():
-            continue  # built on first load when missing
-        shutil.copy2(Path(vocab_dir) / name, tmp / name)
-    old = out_dir.with_name(f".{out_dir.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out_dir.exists():
-        out_dir.rename(old)
-    tmp.rename(out_dir)
-    shutil.rmtree(old, ignore_errors=True)
-    return out_dir
+
+    def write(tmp: Path) -> None:
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / STUDENT_WEIGHTS))
+        atomic_write_text(tmp / STUDENT_CONFIG, json.dumps(asdict(model.config), indent=2))
+        label_map.save(tmp / LABEL_MAP)
+        for name in ("vocab.parquet", "vocab.json", "vocab.lookup.npz"):
+            if name.endswith(".npz") and not (Path(vocab_dir) / name).exists():
+                continue  # built on first load when missing
+            shutil.copy2(Path(vocab_dir) / name, tmp / name)
+
+    return write_dir_atomically(out_dir, write)
 
 
 def load_student(model_dir: str | Path, mmap: bool = True) -> tuple[DanStudent, LabelMap]:
