@@ -31,7 +31,7 @@ from inference_bench import breakdown, copy_bandwidth_gbs  # noqa: E402
 from sparse_distill.data import LabelMap  # noqa: E402
 from sparse_distill.inference import StudentPredictor  # noqa: E402
 from sparse_distill.student import DanConfig, DanStudent  # noqa: E402
-from sparse_distill.vocab import NgramVocab, _non_word_pattern  # noqa: E402
+from sparse_distill.vocab import NgramVocab  # noqa: E402
 
 
 def run_breakdown(vocab: NgramVocab, model: DanStudent, texts: list[str], batch: int, bandwidth: float) -> dict:
@@ -62,7 +62,6 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/student_speed.json"))
     a = p.parse_args()
 
-    _non_word_pattern()  # built once per process
     start = time.perf_counter()
     vocab = NgramVocab.load(a.vocab)
     load_s = time.perf_counter() - start

@@ -49,7 +49,7 @@ TEACHER_DIR_ARTIFACT = "teacher_dir"
 CASCADE_CONFIG_ARTIFACT = "cascade_config"
 CASCADE_CONFIG_FILE = "cascade.json"
 # Distributions the logged model needs at load time (pinned to the installed versions, local suffixes stripped).
-REQUIRED_DISTRIBUTIONS = ("mlflow", "torch", "numpy", "pandas", "pyarrow", "safetensors", "cloudpickle")
+REQUIRED_DISTRIBUTIONS = ("mlflow", "torch", "numpy", "numba", "pandas", "pyarrow", "safetensors", "cloudpickle")
 CASCADE_EXTRA_DISTRIBUTIONS = ("transformers", "tokenizers")
 _EXAMPLE_TEXTS = [
     "a gripping, beautifully acted film",

@@ -16,7 +16,6 @@ Row order in `vocab.parquet` is the ranking (count descending), and row i is emb
 from __future__ import annotations
 
 import functools
-import itertools
 import json
 import logging
 import os
@@ -29,26 +28,21 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from sparse_distill.data import atomic_write_parquet, atomic_write_text, file_checksum
+from sparse_distill.ngram_kernels import BYTE_FOLD, featurize_bytes, ngram_keys
 
 logger = logging.getLogger(__name__)
 
 LOOKUP = "vocab.lookup.npz"
 # Format of the saved lookup; a file of another version is rebuilt.
-_LOOKUP_VERSION = 4
+_LOOKUP_VERSION = 5
 
 TOKEN_PATTERN = r"(?u)\b\w\w+\b"
 _token_re = re.compile(TOKEN_PATTERN)
-
-# splitmix64 constants: a strong 64-bit mixer, so n-gram keys of small word ids do not collide in practice.
-_M1 = np.uint64(0xBF58476D1CE4E5B9)
-_M2 = np.uint64(0x94D049BB133111EB)
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
 def tokenize(text: str) -> list[str]:
@@ -187,20 +181,6 @@ def select_top(
 
 
 # From this many texts on, Arrow splits and looks up the tokens; below it, Python's regex and a dict are faster
-# (Arrow compiles its large split pattern on every call, ~1 ms; measured).
-_ARROW_SPLIT_MIN_TEXTS = 256
-
-
-def _split_tokens(texts: list[str]) -> tuple[pa.Array, np.ndarray]:
-    """All tokens of the texts in order (an Arrow array) and each text's token count, with the rule of `tokenize`,
-    split by Arrow with no per-token Python loop."""
-    parts = pc.split_pattern_regex(pa.array([t.lower() for t in texts], pa.string()), _non_word_pattern())
-    flat = parts.flatten()
-    keep = pc.greater_equal(pc.utf8_length(flat), 2)
-    doc = pc.filter(pc.list_parent_indices(parts), keep).to_numpy()
-    return pc.filter(flat, keep), np.bincount(doc, minlength=len(texts)).astype(np.int64)
-
-
 class KeyTable:
     """64-bit n-gram keys -> embedding rows: an open-addressing hash table (linear probing, load <= 1/4) with
     vectorised inserts and lookups. About 1.2 probes per lookup, where a binary search over 1M sorted keys takes 20
@@ -255,130 +235,46 @@ class KeyTable:
         return out
 
 
-def _mix(x: np.ndarray) -> np.ndarray:
-    x = x ^ (x >> np.uint64(30))
-    x = x * _M1
-    x = x ^ (x >> np.uint64(27))
-    x = x * _M2
-    return x ^ (x >> np.uint64(31))
-
-
-def _word_keys(n_words: int) -> np.ndarray:
-    """A pseudo-random 64-bit key per word id (0..n_words-1)."""
-    with np.errstate(over="ignore"):
-        return _mix((np.arange(n_words, dtype=np.uint64) + np.uint64(1)) * _GOLDEN)
-
-
-def _extend_keys(keys: np.ndarray, next_word_keys: np.ndarray) -> np.ndarray:
-    """Keys of n-grams one word longer: key(w1..wn) = mix(key(w1..wn-1) ^ wordkey(wn)), key() = _GOLDEN.
-
-    Built left to right, so one pass over a text yields the keys of all its n-grams for n = 1..N with N mixes per
-    position, and the unigram keys are a table lookup."""
-    with np.errstate(over="ignore"):
-        return _mix(keys ^ next_word_keys)
-
-
 @dataclass
 class NgramVocab:
-    """The kept n-grams (row i = embedding row i), their counts, and a vectorised n-gram -> row lookup."""
+    """The kept n-grams (row i = embedding row i), their counts, and the n-gram key -> row table that featurising
+    probes (see `ngram_kernels`)."""
 
     ngrams: list[str]
     counts: np.ndarray
     ngram_max: int
-    # (words, table keys, table rows, prefix_closed) read from disk, instead of building them
-    saved_lookup: InitVar[tuple[list[str], np.ndarray, np.ndarray, bool] | None] = None
-    _words: pd.Index = field(init=False, repr=False)
+    # (table keys, table rows, prefix_closed) read from disk, instead of building them
+    saved_lookup: InitVar[tuple[np.ndarray, np.ndarray, bool] | None] = None
     _table: KeyTable = field(init=False, repr=False)
-    _word_array: pa.Array = field(init=False, repr=False)
     # Every kept n-gram's (n-1)-word prefix is kept too (true of any top-|V| cut with the alphabetical tie rule,
     # since a prefix occurs at least as often and sorts first): featurising then extends only the n-grams it found.
     _prefix_closed: bool = field(init=False, repr=False, default=False)
-    _index: dict[str, int] | None = field(init=False, repr=False, default=None)
 
-    def __post_init__(self, saved_lookup: tuple[list[str], np.ndarray, np.ndarray, bool] | None) -> None:
+    def __post_init__(self, saved_lookup: tuple[np.ndarray, np.ndarray, bool] | None) -> None:
         self.counts = np.asarray(self.counts, dtype=np.int64)
         if saved_lookup is None:
             self._build_lookup()
         else:
-            words, table_keys, table_rows, self._prefix_closed = saved_lookup
-            self._words = pd.Index(words, dtype=object)
+            table_keys, table_rows, self._prefix_closed = saved_lookup
             self._table = KeyTable.from_arrays(table_keys, table_rows)
-        self._word_array = pa.array(self._words.to_numpy(), pa.string())
-        self._wkeys = _word_keys(len(self._words))
-        self._unigram_keys = _extend_keys(np.full(len(self._words), _GOLDEN, np.uint64), self._wkeys)
-        # Each word's own row (-1 when the word is kept only inside longer n-grams): unigrams need no table probe.
-        self._unigram_rows = self._table.get(self._unigram_keys)
 
     def __len__(self) -> int:
         return len(self.ngrams)
 
     def _build_lookup(self) -> None:
-        # Split every n-gram into words with Arrow (no per-n-gram Python loop), index the distinct words, then key
-        # each n-gram by a 64-bit hash of its word ids, held in a hash table.
-        arr = pa.array(self.ngrams, pa.string())
-        parts = pc.split_pattern(arr, " ")
-        flat = parts.flatten().to_numpy(zero_copy_only=False)
-        lengths = pc.list_value_length(parts).to_numpy(zero_copy_only=False).astype(np.int64)
-        self._words = pd.Index(pd.unique(flat)) if len(flat) else pd.Index([], dtype=object)
-        wid = self._words.get_indexer(flat).astype(np.int64)
-        wkeys = _word_keys(len(self._words))
-        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if len(lengths) else np.zeros(0, np.int64)
-        keys = np.zeros(len(self.ngrams), dtype=np.uint64)
-        prefix_keys = []
-        for n in np.unique(lengths):
-            sel = np.nonzero(lengths == n)[0]
-            h = np.full(len(sel), _GOLDEN, np.uint64)
-            for j in range(int(n)):
-                if j == n - 1 and n > 1:
-                    prefix_keys.append(h)
-                h = _extend_keys(h, wkeys[wid[starts[sel] + j]])
-            keys[sel] = h
+        # Key every n-gram by the hashes of its words' bytes (compiled, no per-n-gram Python loop) into a hash table.
+        keys, _, prefix = _string_keys(self.ngrams)
         if len(np.unique(keys)) != len(keys):
             raise ValueError("two n-grams share a 64-bit key: report this as a bug")
         self._table = KeyTable(keys, np.arange(len(keys), dtype=np.int64))
-        self._prefix_closed = all(bool(np.all(self._table.get(k) >= 0)) for k in prefix_keys)
-
-    def _word_ids(self, tokens: pa.Array | np.ndarray) -> np.ndarray:
-        """Each token's word id, -1 for words in no kept n-gram."""
-        if isinstance(tokens, np.ndarray):  # Python strings already: pandas' standing hash table
-            return self._words.get_indexer(tokens).astype(np.int64)
-        if len(tokens) * 5 >= len(self._word_array):
-            # A batch: Arrow's hash lookup (it hashes the word list on each call, ~3 ms per 50k words).
-            return pc.index_in(tokens, value_set=self._word_array).fill_null(-1).to_numpy().astype(np.int64)
-        # A few texts: pandas' standing hash table is cheaper than building one.
-        return self._words.get_indexer(tokens.to_numpy(zero_copy_only=False)).astype(np.int64)
-
-    def _text_word_ids(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """The word id of every token of the texts (-1 for unknown words), and each text's token count."""
-        if len(texts) >= _ARROW_SPLIT_MIN_TEXTS:
-            flat, lens = _split_tokens(texts)
-            return self._word_ids(flat), lens
-        # A few texts: Python's compiled regex and a dict, in one pass (Arrow's split pays ~1 ms per call to compile
-        # its pattern; pandas' indexer pays a type check per call).
-        if self._index is None:
-            self._index = dict(zip(self._words, range(len(self._words)), strict=True))
-        findall = _token_re.findall
-        tokens = [findall(text.lower()) for text in texts]
-        lens = np.fromiter(map(len, tokens), dtype=np.int64, count=len(tokens))
-        ids = map(self._index.get, itertools.chain.from_iterable(tokens), itertools.repeat(-1))
-        return np.fromiter(ids, dtype=np.int64, count=int(lens.sum())), lens
+        self._prefix_closed = bool(np.all(self._table.get(prefix[prefix != 0]) >= 0))
 
     def lookup(self, ngrams: list[str]) -> np.ndarray:
         """Row ids of n-grams given as strings (words joined by one space); -1 where not in the vocabulary."""
-        parts = pc.split_pattern(pa.array(ngrams, pa.string()), " ")
-        lens = pc.list_value_length(parts).to_numpy(zero_copy_only=False).astype(np.int64)
-        wid = self._word_ids(parts.flatten())
-        out = np.full(len(ngrams), -1, dtype=np.int64)
-        starts = np.cumsum(lens) - lens
-        todo = np.flatnonzero((lens >= 1) & (lens <= self.ngram_max))
-        h = np.full(len(todo), _GOLDEN, np.uint64)
-        for j in range(int(lens.max(initial=0))):
-            todo, h = todo[lens[todo] > j], h[lens[todo] > j]
-            w = wid[starts[todo] + j]
-            todo, h = todo[w >= 0], _extend_keys(h[w >= 0], self._wkeys[w[w >= 0]])
-            done = lens[todo] == j + 1
-            out[todo[done]] = self._table.get(h[done])
-        return out
+        keys, words, _ = _string_keys(ngrams)
+        rows = self._table.get(keys)
+        rows[words > self.ngram_max] = -1
+        return rows
 
     def featurize(self, texts: list[str], max_order: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Embedding-bag inputs for documents: flat row ids and per-document start offsets (int64).
@@ -386,42 +282,16 @@ class NgramVocab:
         Each document contributes one id per occurrence of a kept n-gram (n = 1..ngram_max), so mean pooling weights
         n-grams by frequency, as a bag of n-grams should. `max_order` uses only n-grams up to that length (the
         n-gram-order ablation: a student trained on 4-grams evaluated on 1- and 2-grams).
+
+        Tokens are `tokenize`'s. An ASCII text goes to the compiled kernel as it is (lowercasing ASCII and splitting
+        on non-word bytes is exactly `tokenize` there); any other text is tokenised by `tokenize` first and handed
+        over as its tokens joined by spaces, since Unicode's word characters are Python's to define.
         """
         top = self.ngram_max if max_order is None else min(max_order, self.ngram_max)
         if top < 1:
             raise ValueError(f"max_order must be >= 1, got {max_order}")
-        wid, lens = self._text_word_ids(texts)
-        ends = np.cumsum(lens)
-        doc_of = np.repeat(np.arange(len(texts), dtype=np.int64), lens)
-        # Tokens from each position to the end of its document: an n-gram starting there fits when this is >= n.
-        room = np.repeat(ends, lens) - np.arange(len(wid), dtype=np.int64)
-        pos = np.flatnonzero(wid >= 0)
-        keys = self._unigram_keys[wid[pos]]
-        doc_parts, row_parts = [], []
-        for n in range(1, top + 1):
-            if n > 1:
-                nxt = pos[room[pos] >= n]
-                keys = keys[room[pos] >= n]
-                w = wid[nxt + n - 1]
-                pos, keys = nxt[w >= 0], _extend_keys(keys[w >= 0], self._wkeys[w[w >= 0]])
-            if len(pos) == 0:
-                break
-            found = self._unigram_rows[wid[pos]] if n == 1 else self._table.get(keys)
-            hit = found >= 0
-            doc_parts.append(doc_of[pos[hit]])
-            row_parts.append(found[hit])
-            if self._prefix_closed:
-                # No longer n-gram starts where this one is missing.
-                pos, keys = pos[hit], keys[hit]
-        if not doc_parts:
-            return np.zeros(0, np.int64), np.zeros(len(texts), np.int64)
-        docs = np.concatenate(doc_parts)
-        rows = np.concatenate(row_parts)
-        # Each part is in document order: a stable sort merges them so that every bag is contiguous.
-        order = np.argsort(docs, kind="stable")
-        per_doc = np.bincount(docs, minlength=len(texts))
-        offsets = np.concatenate([[0], np.cumsum(per_doc)[:-1]]).astype(np.int64)
-        return rows[order], offsets
+        buf, ends = encode_texts(texts)
+        return featurize_bytes(buf, ends, BYTE_FOLD, self._table.keys, self._table.rows, top, self._prefix_closed)
 
     def top(self, size: int) -> NgramVocab:
         """The vocabulary cut to its first `size` rows (the most frequent n-grams): row i keeps its id."""
@@ -439,15 +309,12 @@ class NgramVocab:
         return path
 
     def _save_lookup(self, out_dir: Path) -> None:
-        # Words are \w+ tokens, so a newline never occurs in one: one string holds them all, no pickling.
-        words = np.frombuffer("\n".join(self._words).encode(), dtype=np.uint8)
         checksum = np.frombuffer(file_checksum(out_dir / "vocab.parquet").encode(), dtype=np.uint8)
         fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{LOOKUP}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as f:
                 np.savez(
                     f,
-                    words=words,
                     keys=self._table.keys,
                     rows=self._table.rows,
                     prefix_closed=np.array([self._prefix_closed]),
@@ -514,7 +381,23 @@ def write_vocab(table: pa.Table, ngram_max: int, out_dir: str | Path, extra: dic
     return out_dir / "vocab.parquet"
 
 
-def _read_lookup(out_dir: Path) -> tuple[list[str], np.ndarray, np.ndarray, bool] | None:
+def encode_texts(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The featuriser's input: the texts' UTF-8 bytes back to back and where each text ends. An ASCII text is passed
+    as it is; any other is replaced by its `tokenize` tokens joined by spaces (see `NgramVocab.featurize`)."""
+    findall = _token_re.findall
+    data = [(t if t.isascii() else " ".join(findall(t.lower()))).encode() for t in texts]
+    ends = np.cumsum(np.fromiter(map(len, data), np.int64, len(data)))
+    return np.frombuffer(b"".join(data), np.uint8), ends
+
+
+def _string_keys(ngrams: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Keys, word counts and prefix keys of n-gram strings (see `ngram_kernels.ngram_keys`)."""
+    data = [g.encode() for g in ngrams]
+    ends = np.cumsum(np.fromiter(map(len, data), np.int64, len(data)))
+    return ngram_keys(np.frombuffer(b"".join(data), np.uint8), ends)
+
+
+def _read_lookup(out_dir: Path) -> tuple[np.ndarray, np.ndarray, bool] | None:
     """The saved lookup, if it belongs to this folder's `vocab.parquet`."""
     path = out_dir / LOOKUP
     if not path.exists():
@@ -525,8 +408,7 @@ def _read_lookup(out_dir: Path) -> tuple[list[str], np.ndarray, np.ndarray, bool
                 return None
             if z["vocab_sha256"].tobytes().decode() != file_checksum(out_dir / "vocab.parquet"):
                 return None
-            raw = z["words"].tobytes().decode()
-            return (raw.split("\n") if raw else []), z["keys"], z["rows"], bool(z["prefix_closed"][0])
+            return z["keys"], z["rows"], bool(z["prefix_closed"][0])
     except (OSError, ValueError, KeyError) as e:
         logger.warning("%s: unreadable lookup, rebuilding it (%s)", path, e)
         return None

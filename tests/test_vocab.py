@@ -89,15 +89,22 @@ def test_min_count_and_bad_tie_rule():
         select_top({"a": 1}, 1, tie_rule="random")
 
 
+TRICKY = [
+    "Straße İstanbul cafe\u0301 x² ½ 中文 ٣٤ naïve ǅemal Ⅻ_roman a_b __ ÀÉÎ ΣΊΣΥΦΟΣ",
+    "\U00011f04\U00011f05ab ﬁne ﬂow Ωmega ℃ ① ⁴² ᾈ tab\tsep new\nline dots...and-dash 'q' 12 3",
+    "NUL\x00byte\x1fUNIT_sep DEL\x7fend ~tilde~ [brackets] {braces} @at #hash $100 50% a^b x|y back\\slash",
+    "ALL CAPS Film film FILM 007 a1 1a _ __init__ x y z",
+    "",
+    "a b c",
+]
+
+
 def test_vectorised_counting_equals_the_python_tokeniser_on_tricky_unicode():
     from sparse_distill.vocab import count_ngram_table, count_ngrams
 
-    texts = [
-        "Straße İstanbul cafe\u0301 x² ½ 中文 ٣٤ naïve ǅemal Ⅻ_roman a_b __ ÀÉÎ ΣΊΣΥΦΟΣ",
-        "\U00011f04\U00011f05ab ﬁne ﬂow Ωmega ℃ ① ⁴² ᾈ tab\tsep new\nline dots...and-dash 'q' 12 3",
-        "",
-        "a b c",
-    ] + [" ".join(random.Random(i).choices(["good", "bad", "film", "Film", "x", "é"], k=12)) for i in range(50)]
+    texts = TRICKY + [
+        " ".join(random.Random(i).choices(["good", "bad", "film", "Film", "x", "é"], k=12)) for i in range(50)
+    ]
     table = count_ngram_table(texts, 4)
     assert dict(zip(table.column("ngram").to_pylist(), table.column("count").to_pylist(), strict=True)) == dict(
         count_ngrams(texts, 4)
@@ -165,11 +172,11 @@ def test_featurize_gives_the_same_ids_one_text_at_a_time_and_in_a_batch():
         " ".join(rng.choice(words) for _ in range(rng.randint(0, 30))) + rng.choice(["", "!", "."]) for _ in range(300)
     ]
     vocab = build_vocab(docs, 150, 3)
-    ids, offsets = vocab.featurize(docs)  # Arrow split, Arrow word lookup
+    ids, offsets = vocab.featurize(docs)
     bounds = np.append(offsets, len(ids))
-    for i, doc in enumerate(docs[:40]):  # Python split, pandas word lookup
+    for i, doc in enumerate(docs[:40]):
         one, off = vocab.featurize([doc])
-        np.testing.assert_array_equal(np.sort(one), np.sort(ids[bounds[i] : bounds[i + 1]]))
+        np.testing.assert_array_equal(one, ids[bounds[i] : bounds[i + 1]])
         assert off.tolist() == [0]
 
 
@@ -190,12 +197,30 @@ def test_featurize_on_a_prefix_closed_vocabulary_equals_the_full_reference():
     vocab = build_vocab(docs, 2000, 4)
     assert vocab._prefix_closed
     row = {g: i for i, g in enumerate(vocab.ngrams)}
-    for batch in (docs, docs[:20]):  # the Arrow path and the Python path
+    for batch in (docs, docs[:20]):
         ids, offsets = vocab.featurize(batch)
         bounds = np.append(offsets, len(ids))
         for i, doc in enumerate(batch):
             expected = sorted(row[g] for g in iter_ngrams(tokenize(doc), 4) if g in row)
             assert sorted(ids[bounds[i] : bounds[i + 1]].tolist()) == expected
+
+
+def test_featurize_gives_every_kept_ngram_in_order_of_length_then_position():
+    # The exact order matters: pooling sums the rows in it, and training and inference must sum them alike.
+    docs = TRICKY + [
+        " ".join(random.Random(i).choices(["good", "Bad", "film", "x", "é", "ÉTÉ"], k=15)) for i in range(30)
+    ]
+    docs += _docs(100, 20, seed=4)
+    vocab = build_vocab(docs, 10_000, 4)  # keeps every n-gram: each occurrence must come out
+    assert vocab._prefix_closed
+    row = {g: i for i, g in enumerate(vocab.ngrams)}
+    for batch in (docs, docs[:7], docs[3:4]):
+        ids, offsets = vocab.featurize(batch)
+        bounds = np.append(offsets, len(ids))
+        for i, doc in enumerate(batch):
+            tokens = tokenize(doc)
+            expected = [row[" ".join(tokens[j : j + n])] for n in range(1, 5) for j in range(len(tokens) - n + 1)]
+            assert ids[bounds[i] : bounds[i + 1]].tolist() == expected, doc
 
 
 def test_lookup_maps_ngram_strings_to_rows():

@@ -1,0 +1,158 @@
+"""Compiled (numba) kernels of the featuriser: UTF-8 bytes in, embedding-row ids out, in one pass with no Python
+object per token or n-gram.
+
+A word's key is a hash of its UTF-8 bytes, so featurising needs no word table: FNV-1a over the bytes, then the
+splitmix64 finaliser. An n-gram's key is built left to right, key(w1..wn) = mix(key(w1..wn-1) ^ wordkey(wn)) with
+key() = GOLDEN, and looked up in an open-addressing table (linear probing) of the vocabulary's keys.
+
+The kernels release the GIL, so threads featurise batches side by side.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+_FNV_OFFSET = np.uint64(0xCBF29CE484222325)
+_FNV_PRIME = np.uint64(0x100000001B3)
+# splitmix64 constants: a strong 64-bit mixer, so keys do not collide in practice (collisions are checked on build).
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
+_ONE = np.uint64(1)
+
+
+def _byte_fold() -> np.ndarray:
+    """Byte -> folded byte: ASCII letters lowercased, ASCII digits and `_` kept, other ASCII bytes 0 (a separator).
+    Bytes >= 0x80 are kept: they belong to non-ASCII words of texts that were tokenised in Python first."""
+    fold = np.zeros(256, np.uint8)
+    for b in range(256):
+        c = chr(b)
+        if b >= 0x80 or c.isdigit() or c == "_" or "a" <= c <= "z":
+            fold[b] = b
+        elif "A" <= c <= "Z":
+            fold[b] = b + 32
+    return fold
+
+
+BYTE_FOLD = _byte_fold()
+
+
+@njit(inline="always")
+def _mix(x: np.uint64) -> np.uint64:
+    x = x ^ (x >> _S30)
+    x = x * _M1
+    x = x ^ (x >> _S27)
+    x = x * _M2
+    return x ^ (x >> _S31)
+
+
+@njit(inline="always")
+def _probe(key: np.uint64, table_keys: np.ndarray, table_rows: np.ndarray, mask: np.uint64) -> np.int64:
+    slot = key & mask
+    while True:
+        k = table_keys[slot]
+        if k == key:
+            return table_rows[slot]
+        if k == 0:  # an empty slot ends the probe chain
+            return np.int64(-1)
+        slot = (slot + _ONE) & mask
+
+
+@njit(nogil=True, cache=True)
+def ngram_keys(buf: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Keys of n-grams given as UTF-8 strings (words separated by one space), with each n-gram's word count and the
+    key of its first n-1 words (0 for unigrams). The bytes are hashed as they are: no lowercasing or splitting."""
+    n = len(ends)
+    keys = np.empty(n, np.uint64)
+    prefix = np.zeros(n, np.uint64)
+    words = np.zeros(n, np.int64)
+    start = 0
+    for i in range(n):
+        key = GOLDEN
+        h = _FNV_OFFSET
+        for j in range(start, ends[i]):
+            b = buf[j]
+            if b == 32:  # a space ends a word
+                key = _mix(key ^ _mix(h))
+                words[i] += 1
+                h = _FNV_OFFSET
+            else:
+                h = (h ^ np.uint64(b)) * _FNV_PRIME
+        prefix[i] = key if words[i] > 0 else np.uint64(0)
+        keys[i] = _mix(key ^ _mix(h))
+        words[i] += 1
+        start = ends[i]
+    return keys, words, prefix
+
+
+@njit(nogil=True, cache=True)
+def featurize_bytes(
+    buf: np.ndarray,
+    ends: np.ndarray,
+    fold: np.ndarray,
+    table_keys: np.ndarray,
+    table_rows: np.ndarray,
+    max_order: int,
+    prefix_closed: bool,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Row ids of every kept n-gram (n = 1..max_order) of each document and each document's start offset.
+
+    `buf` holds the documents' UTF-8 bytes back to back, document i ending at `ends[i]`. Tokens are runs of at least
+    two word bytes after `fold`. Within a document the ids come order by order (all unigrams in text order, then all
+    bigrams, ...). With a prefix-closed vocabulary an n-gram is tried only where its first n-1 words were found.
+    """
+    n_docs = len(ends)
+    offsets = np.empty(n_docs, np.int64)
+    mask = np.uint64(len(table_keys) - 1)
+    longest, start = 0, 0
+    for d in range(n_docs):
+        longest = max(longest, ends[d] - start)
+        start = ends[d]
+    # Per document and start position: the word's key, the current n-gram's key, whether it is worth extending.
+    wkeys = np.empty(longest // 2 + 1, np.uint64)
+    cur = np.empty(longest // 2 + 1, np.uint64)
+    alive = np.empty(longest // 2 + 1, np.bool_)
+    out = np.empty(max(1024, len(buf) // 2), np.int64)
+    n_out = 0
+    start = 0
+    for d in range(n_docs):
+        offsets[d] = n_out
+        # Tokenise and hash the words.
+        n_tok, length, h = 0, 0, _FNV_OFFSET
+        for i in range(start, ends[d] + 1):
+            c = fold[buf[i]] if i < ends[d] else np.uint8(0)
+            if c != 0:
+                h = (h ^ np.uint64(c)) * _FNV_PRIME
+                length += 1
+            elif length > 0:
+                if length >= 2:
+                    wkeys[n_tok] = _mix(h)
+                    n_tok += 1
+                h, length = _FNV_OFFSET, 0
+        start = ends[d]
+        if n_out + n_tok * max_order > len(out):  # grow the output (amortised doubling)
+            bigger = np.empty(max(2 * len(out), n_out + n_tok * max_order), np.int64)
+            bigger[:n_out] = out[:n_out]
+            out = bigger
+        for j in range(n_tok):
+            cur[j] = GOLDEN
+            alive[j] = True
+        # Order by order: the order the featuriser has always given, so that pooled sums stay bit-identical.
+        for n in range(1, max_order + 1):
+            found_any = False
+            for j in range(n_tok - n + 1):
+                if not alive[j]:
+                    continue
+                cur[j] = _mix(cur[j] ^ wkeys[j + n - 1])
+                row = _probe(cur[j], table_keys, table_rows, mask)
+                if row >= 0:
+                    out[n_out] = row
+                    n_out += 1
+                    found_any = True
+                elif prefix_closed:
+                    alive[j] = False
+            if prefix_closed and not found_any:
+                break
+    return out[:n_out].copy(), offsets
