@@ -1,9 +1,9 @@
 """The inference engine: raw texts in, class probabilities out, with the training-time featuriser.
 
-Featurising (tokenise, word ids, n-gram keys, hash-table lookup) is vectorised with Arrow and numpy; the model is an
-embedding-bag gather and two small dense layers. `threads` runs batches side by side on a thread pool sharing one
-model: Arrow, numpy and PyTorch release the GIL in their kernels, so big batches use several cores. One text at a time
-goes through `predict_one`, which skips the batching.
+Featurising (tokenise, hash the words, build n-gram keys, probe the hash table) is one compiled pass per batch
+(`ngram_kernels`); the model is an embedding-bag gather and two small dense layers. `threads` runs batches side by side
+on a thread pool sharing one model: the kernel and PyTorch release the GIL, so batches use several cores. One text at
+a time goes through `predict_one`, which skips the batching.
 """
 
 from __future__ import annotations
