@@ -58,7 +58,6 @@ from sparse_distill.labelling import (
 from sparse_distill.vocab import (
     TOKEN_PATTERN,
     NgramVocab,
-    _mix,
     count_ngram_table,
     merge_count_tables,
     select_top_table,
@@ -66,6 +65,19 @@ from sparse_distill.vocab import (
 )
 
 logger = logging.getLogger(__name__)
+
+# splitmix64's finaliser: spreads n-gram hashes evenly over the partitions.
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    x = x ^ (x >> np.uint64(30))
+    x = x * _M1
+    x = x ^ (x >> np.uint64(27))
+    x = x * _M2
+    return x ^ (x >> np.uint64(31))
+
 
 SETTINGS = "counting.json"
 SPILLS = "spills"
