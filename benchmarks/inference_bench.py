@@ -1,6 +1,7 @@
 """The student against its peers, end to end from raw text, in one run: accuracy, docs/s, latency, memory, size.
 
     python benchmarks/inference_bench.py benchmarks/inference_bench.yaml [--out benchmarks/results/inference]
+        [--tasks imdb]   # re-measure some tasks, keep the others' results
 
 For each task of the spec: the students (float32, and their float16 / int8 tables made with `quantize_student`), the
 teacher through transformers at batch 32, and fastText trained on the same train labels. Each model is measured in a
@@ -417,7 +418,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("spec", nargs="?", default=str(ROOT / "benchmarks/inference_bench.yaml"))
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/inference"))
-    p.add_argument("--tasks", nargs="*", help="Only these tasks of the spec.")
+    p.add_argument(
+        "--tasks",
+        nargs="*",
+        help="Only these tasks of the spec; the other tasks' results already in OUT/inference.json are kept.",
+    )
     p.add_argument("--no-mlflow", action="store_true")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
@@ -438,10 +443,17 @@ def main() -> None:
     # Measured here, once: the 1 GB of buffers would otherwise count in every worker's peak RSS.
     spec["copy_bandwidth_gbs"] = round(copy_bandwidth_gbs(), 1)
     results: dict = {"spec": spec, "cores": cores, "tasks": {}}
+    previous = out_dir / "inference.json"
+    if a.tasks and previous.exists():
+        # A partial run replaces its tasks and keeps the others, each with its own wall time and date.
+        results["tasks"] = json.loads(previous.read_text()).get("tasks", {})
     for name, task in spec["tasks"].items():
         if a.tasks and name not in a.tasks:
             continue
+        task_started = time.perf_counter()
         results["tasks"][name] = run_task(name, task, spec, cores, ROOT / "data/bench-inference")
+        results["tasks"][name]["wall_s"] = round(time.perf_counter() - task_started, 1)
+        results["tasks"][name]["date"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
         print(f"[{name}] targets: {json.dumps(results['tasks'][name]['targets'])}", flush=True)
     results["wall_s"] = round(time.perf_counter() - started, 1)
     tmp = out_dir / "inference.json.tmp"
