@@ -379,11 +379,13 @@ def markdown(results: dict) -> str:
     for task, res in results["tasks"].items():
         for model, r in res["models"].items():
             for b in r.get("breakdown", []):
-                sec = b["seconds"]
+                # Results kept from an older run may lack a column: shown as "-".
+                sec = {k: f"{v:.4f}" if k == "dense" else f"{v:.3f}" for k, v in b["seconds"].items()}
+                sec = {k: sec.get(k, "-") for k in ("prepare_bytes", "tokenise_and_hash", *b["seconds"])}
                 lines.append(
-                    f"| {task} | {model} | {b['batch']} | {sec['prepare_bytes']:.3f} | {sec['tokenise_and_hash']:.3f} "
-                    f"| {sec['ngram_keys_and_lookup']:.3f} | {sec['gather_and_pool']:.3f} | {sec['dense']:.4f} "
-                    f"| {sec['total']:.3f} | {b['gather_vs_bandwidth_floor']}x |"
+                    f"| {task} | {model} | {b['batch']} | {sec['prepare_bytes']} | {sec['tokenise_and_hash']} "
+                    f"| {sec['ngram_keys_and_lookup']} | {sec['gather_and_pool']} | {sec['dense']} "
+                    f"| {sec['total']} | {b['gather_vs_bandwidth_floor']}x |"
                 )
     return "\n".join(lines) + "\n"
 
