@@ -121,12 +121,13 @@ def student_worker(spec: dict) -> dict:
 
 
 def breakdown(predictor, texts: list[str], batch: int, bandwidth: float) -> dict:
-    """Seconds over all texts on one thread: preparing the bytes (Python), tokenising + hashing the words (kernel),
+    """Seconds over all texts on one thread: preparing the bytes (Python: encode, lowercase non-ASCII texts),
+    tokenising + hashing the words (kernel),
     n-gram keys + table probes (kernel), gather + pool, dense; and how the gather compares with reading its bytes at
     the copy bandwidth."""
     import torch
 
-    from sparse_distill.ngram_kernels import BYTE_FOLD, featurize_bytes
+    from sparse_distill.ngram_kernels import BYTE_FOLD, WORD_BITS, featurize_bytes
     from sparse_distill.vocab import encode_texts
 
     torch.set_num_threads(1)
@@ -136,7 +137,9 @@ def breakdown(predictor, texts: list[str], batch: int, bandwidth: float) -> dict
     prepare = best_of(lambda: [encode_texts(b) for b in batches])
     encoded = [encode_texts(b) for b in batches]
     # max_order 0: the kernel tokenises and hashes every word, and looks nothing up.
-    words = best_of(lambda: [featurize_bytes(*e, BYTE_FOLD, table.keys, table.rows, 0, True) for e in encoded])
+    words = best_of(
+        lambda: [featurize_bytes(*e, BYTE_FOLD, WORD_BITS, table.keys, table.rows, 0, True) for e in encoded]
+    )
     featurize = best_of(lambda: [vocab.featurize(b) for b in batches])
     feats = [tuple(map(torch.from_numpy, vocab.featurize(b))) for b in batches]
     with torch.inference_mode():

@@ -10,6 +10,8 @@ The kernels release the GIL, so threads featurise batches side by side.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 from numba import njit
 
@@ -24,19 +26,29 @@ _ONE = np.uint64(1)
 
 
 def _byte_fold() -> np.ndarray:
-    """Byte -> folded byte: ASCII letters lowercased, ASCII digits and `_` kept, other ASCII bytes 0 (a separator).
-    Bytes >= 0x80 are kept: they belong to non-ASCII words of texts that were tokenised in Python first."""
+    """ASCII byte -> folded byte: letters lowercased, digits and `_` kept, every other ASCII byte 0 (not a word
+    character). Bytes >= 0x80 are not looked up here: they start or continue a multi-byte character."""
     fold = np.zeros(256, np.uint8)
-    for b in range(256):
+    for b in range(128):
         c = chr(b)
-        if b >= 0x80 or c.isdigit() or c == "_" or "a" <= c <= "z":
+        if c.isdigit() or c == "_" or "a" <= c <= "z":
             fold[b] = b
         elif "A" <= c <= "Z":
             fold[b] = b + 32
     return fold
 
 
+def _word_bits() -> np.ndarray:
+    """One bit per code point (little-endian within each byte): set where Python's `(?u)\\w` matches it, found by
+    that very regex, so the kernel splits words exactly where `tokenize` does."""
+    every = np.arange(0x110000, dtype=np.uint32).tobytes().decode("utf-32-le", "surrogatepass")
+    word = np.zeros(0x110000, bool)
+    word[np.fromiter((m.start() for m in re.finditer(r"(?u)\w", every)), np.int64)] = True
+    return np.packbits(word, bitorder="little")
+
+
 BYTE_FOLD = _byte_fold()
+WORD_BITS = _word_bits()
 
 
 @njit(inline="always")
@@ -92,6 +104,7 @@ def featurize_bytes(
     buf: np.ndarray,
     ends: np.ndarray,
     fold: np.ndarray,
+    word_bits: np.ndarray,
     table_keys: np.ndarray,
     table_rows: np.ndarray,
     max_order: int,
@@ -99,8 +112,9 @@ def featurize_bytes(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Row ids of every kept n-gram (n = 1..max_order) of each document and each document's start offset.
 
-    `buf` holds the documents' UTF-8 bytes back to back, document i ending at `ends[i]`. Tokens are runs of at least
-    two word bytes after `fold`. Within a document the ids come order by order (all unigrams in text order, then all
+    `buf` holds the documents' UTF-8 bytes back to back, document i ending at `ends[i]`, lowercased already unless
+    ASCII (`fold` lowercases ASCII letters). Tokens are runs of at least two word characters: `fold` decides for ASCII,
+    `word_bits` for the others. Within a document the ids come order by order (all unigrams in text order, then all
     bigrams, ...). With a prefix-closed vocabulary an n-gram is tried only where its first n-1 words were found.
     """
     n_docs = len(ends)
@@ -119,18 +133,32 @@ def featurize_bytes(
     start = 0
     for d in range(n_docs):
         offsets[d] = n_out
-        # Tokenise and hash the words.
+        # Tokenise and hash the words: runs of at least two word characters, decoded from UTF-8.
         n_tok, length, h = 0, 0, _FNV_OFFSET
-        for i in range(start, ends[d] + 1):
-            c = fold[buf[i]] if i < ends[d] else np.uint8(0)
-            if c != 0:
-                h = (h ^ np.uint64(c)) * _FNV_PRIME
+        i = start
+        while i <= ends[d]:
+            size, word = 1, False
+            if i < ends[d]:
+                b = buf[i]
+                if b < 0x80:
+                    word = fold[b] != 0
+                else:
+                    # A multi-byte character: its code point decides (the bytes are valid UTF-8, from str.encode).
+                    size = 2 if b < 0xE0 else (3 if b < 0xF0 else 4)
+                    cp = np.int64(b & (0x3F >> (size - 1)))
+                    for k in range(1, size):
+                        cp = (cp << 6) | (buf[i + k] & 0x3F)
+                    word = (word_bits[cp >> 3] >> (cp & 7)) & 1 == 1
+            if word:
+                for k in range(size):
+                    h = (h ^ np.uint64(fold[buf[i]] if size == 1 else buf[i + k])) * _FNV_PRIME
                 length += 1
             elif length > 0:
                 if length >= 2:
                     wkeys[n_tok] = _mix(h)
                     n_tok += 1
                 h, length = _FNV_OFFSET, 0
+            i += size
         start = ends[d]
         if n_out + n_tok * max_order > len(out):  # grow the output (amortised doubling)
             bigger = np.empty(max(2 * len(out), n_out + n_tok * max_order), np.int64)

@@ -33,7 +33,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from sparse_distill.data import atomic_write_parquet, atomic_write_text, file_checksum
-from sparse_distill.ngram_kernels import BYTE_FOLD, featurize_bytes, ngram_keys
+from sparse_distill.ngram_kernels import BYTE_FOLD, WORD_BITS, featurize_bytes, ngram_keys
 
 logger = logging.getLogger(__name__)
 
@@ -283,15 +283,17 @@ class NgramVocab:
         n-grams by frequency, as a bag of n-grams should. `max_order` uses only n-grams up to that length (the
         n-gram-order ablation: a student trained on 4-grams evaluated on 1- and 2-grams).
 
-        Tokens are `tokenize`'s. An ASCII text goes to the compiled kernel as it is (lowercasing ASCII and splitting
-        on non-word bytes is exactly `tokenize` there); any other text is tokenised by `tokenize` first and handed
-        over as its tokens joined by spaces, since Unicode's word characters are Python's to define.
+        Tokens are `tokenize`'s, found by the compiled kernel in the texts' UTF-8 bytes: it lowercases ASCII letters
+        (other texts are lowercased by `str.lower` first) and tells word characters by a bitmap of the code points
+        that Python's `\\w` matches.
         """
         top = self.ngram_max if max_order is None else min(max_order, self.ngram_max)
         if top < 1:
             raise ValueError(f"max_order must be >= 1, got {max_order}")
         buf, ends = encode_texts(texts)
-        return featurize_bytes(buf, ends, BYTE_FOLD, self._table.keys, self._table.rows, top, self._prefix_closed)
+        return featurize_bytes(
+            buf, ends, BYTE_FOLD, WORD_BITS, self._table.keys, self._table.rows, top, self._prefix_closed
+        )
 
     def top(self, size: int) -> NgramVocab:
         """The vocabulary cut to its first `size` rows (the most frequent n-grams): row i keeps its id."""
@@ -382,10 +384,9 @@ def write_vocab(table: pa.Table, ngram_max: int, out_dir: str | Path, extra: dic
 
 
 def encode_texts(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """The featuriser's input: the texts' UTF-8 bytes back to back and where each text ends. An ASCII text is passed
-    as it is; any other is replaced by its `tokenize` tokens joined by spaces (see `NgramVocab.featurize`)."""
-    findall = _token_re.findall
-    data = [(t if t.isascii() else " ".join(findall(t.lower()))).encode() for t in texts]
+    """The featuriser's input: the texts' UTF-8 bytes back to back and where each text ends. Non-ASCII texts are
+    lowercased here by `str.lower` (Unicode case rules are Python's to define); the kernel lowercases ASCII itself."""
+    data = [t.encode() if t.isascii() else t.lower().encode("utf-8", "surrogatepass") for t in texts]
     ends = np.cumsum(np.fromiter(map(len, data), np.int64, len(data)))
     return np.frombuffer(b"".join(data), np.uint8), ends
 

@@ -211,7 +211,8 @@ def test_featurize_gives_every_kept_ngram_in_order_of_length_then_position():
         " ".join(random.Random(i).choices(["good", "Bad", "film", "x", "é", "ÉTÉ"], k=15)) for i in range(30)
     ]
     docs += _docs(100, 20, seed=4)
-    vocab = build_vocab(docs, 10_000, 4)  # keeps every n-gram: each occurrence must come out
+    vocab = build_vocab(docs, 10_000, 4)
+    docs.append("a lone \ud800surrogate ÉTÉ good film")  # str.encode would refuse it; its words still count  # keeps every n-gram: each occurrence must come out
     assert vocab._prefix_closed
     row = {g: i for i, g in enumerate(vocab.ngrams)}
     for batch in (docs, docs[:7], docs[3:4]):
