@@ -67,21 +67,19 @@ def count_ngrams(texts: Iterable[str], ngram_max: int, counts: Counter[str] | No
 
 @functools.cache
 def _non_word_pattern() -> str:
-    """An RE2 class matching what Python's `(?u)\\w` does not, built from Python's own definition of a word character
-    (`str.isalnum()` or `_`), so Arrow splits exactly where `tokenize` does (RE2's Unicode tables are newer)."""
-    ranges, start, prev = [], None, None
-    for cp in range(0x110000):
-        c = chr(cp)
-        if c.isalnum() or c == "_":
-            if start is None:
-                start = cp
-            prev = cp
-        elif start is not None:
-            ranges.append((start, prev))
-            start = None
-    if start is not None:
-        ranges.append((start, prev))
-    return "[^" + "".join(f"\\x{{{a:x}}}-\\x{{{b:x}}}" if a != b else f"\\x{{{a:x}}}" for a, b in ranges) + "]+"
+    """An RE2 class matching what Python's `(?u)\\w` does not, built from the code points that Python's regex calls
+    word characters (`ngram_kernels.WORD_BITS`), so Arrow splits exactly where `tokenize` does (RE2's Unicode tables
+    are newer)."""
+    word = np.flatnonzero(np.unpackbits(WORD_BITS, bitorder="little"))
+    gaps = np.flatnonzero(np.diff(word) != 1)
+    starts, stops = np.append(word[0], word[gaps + 1]), np.append(word[gaps], word[-1])
+    return (
+        "[^"
+        + "".join(
+            f"\\x{{{a:x}}}-\\x{{{b:x}}}" if a != b else f"\\x{{{a:x}}}" for a, b in zip(starts, stops, strict=True)
+        )
+        + "]+"
+    )
 
 
 def count_ngram_table(texts: list[str], ngram_max: int) -> pa.Table:
