@@ -60,12 +60,11 @@ imdb: demo-data $(IMDB_SPLIT)/train.parquet
 # IMDB: 1024 documents per step (2048 needs more than 24 GB with SparseAdam), then KD+FT; scratch.max_steps=1 because
 # the finetune-student stage also trains the from-scratch baseline, which the benchmark takes from the d = 100 run.
 D1000 := --set student.dim=1000
+IMDB_D1000 := $(IMDB) --run-dir runs/imdb-d1000 $(D1000) --set distill.batch_size=1024 --set distill.epochs=5
 imdb-d1000: $(IMDB_SPLIT)/train.parquet
 	mkdir -p runs/imdb-d1000 && cp -r runs/imdb/teacher runs/imdb/labels runs/imdb/vocab runs/imdb-d1000/
-	$(VENV)/bin/sparse-distill distill $(IMDB) --run-dir runs/imdb-d1000 $(D1000) --set distill.batch_size=1024 \
-		--set distill.epochs=5
-	$(VENV)/bin/sparse-distill finetune-student $(IMDB) --run-dir runs/imdb-d1000 $(D1000) --set distill.batch_size=1024 \
-		--set distill.epochs=5 --set scratch.max_steps=1
+	$(VENV)/bin/sparse-distill distill $(IMDB_D1000)
+	$(VENV)/bin/sparse-distill finetune-student $(IMDB_D1000) --set scratch.max_steps=1
 
 sst2-d1000: $(SST2_CORPUS)
 	mkdir -p runs/sst2-d1000 && cp -r runs/sst2/teacher runs/sst2/labels runs/sst2/vocab runs/sst2-d1000/

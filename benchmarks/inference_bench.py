@@ -122,24 +122,19 @@ def student_worker(spec: dict) -> dict:
 
 def breakdown(predictor, texts: list[str], batch: int, bandwidth: float) -> dict:
     """Seconds over all texts on one thread: preparing the bytes (Python: encode, lowercase non-ASCII texts),
-    tokenising + hashing the words (kernel),
-    n-gram keys + table probes (kernel), gather + pool, dense; and how the gather compares with reading its bytes at
-    the copy bandwidth."""
+    tokenising + hashing the words (kernel), n-gram keys + table probes (kernel), gather + pool, dense; and how the
+    gather compares with reading its bytes at the copy bandwidth."""
     import torch
 
-    from sparse_distill.ngram_kernels import BYTE_FOLD, WORD_BITS, featurize_bytes
     from sparse_distill.vocab import encode_texts
 
     torch.set_num_threads(1)
     vocab, model = predictor.vocab, predictor.model
-    table = vocab._table
     batches = [texts[i : i + batch] for i in range(0, len(texts), batch)]
     prepare = best_of(lambda: [encode_texts(b) for b in batches])
     encoded = [encode_texts(b) for b in batches]
     # max_order 0: the kernel tokenises and hashes every word, and looks nothing up.
-    words = best_of(
-        lambda: [featurize_bytes(*e, BYTE_FOLD, WORD_BITS, table.keys, table.rows, 0, True) for e in encoded]
-    )
+    words = best_of(lambda: [vocab._featurize_encoded(*e, max_order=0) for e in encoded])
     featurize = best_of(lambda: [vocab.featurize(b) for b in batches])
     feats = [tuple(map(torch.from_numpy, vocab.featurize(b))) for b in batches]
     with torch.inference_mode():
@@ -383,8 +378,8 @@ def markdown(results: dict) -> str:
         for model, r in res["models"].items():
             for b in r.get("breakdown", []):
                 # Results kept from an older run may lack a column: shown as "-".
-                sec = {k: f"{v:.4f}" if k == "dense" else f"{v:.3f}" for k, v in b["seconds"].items()}
-                sec = {k: sec.get(k, "-") for k in ("prepare_bytes", "tokenise_and_hash", *b["seconds"])}
+                sec = {k: "-" for k in ("prepare_bytes", "tokenise_and_hash")}
+                sec |= {k: f"{v:.4f}" if k == "dense" else f"{v:.3f}" for k, v in b["seconds"].items()}
                 lines.append(
                     f"| {task} | {model} | {b['batch']} | {sec['prepare_bytes']} | {sec['tokenise_and_hash']} "
                     f"| {sec['ngram_keys_and_lookup']} | {sec['gather_and_pool']} | {sec['dense']} "

@@ -55,6 +55,7 @@ from sparse_distill.labelling import (
     read_shard,
     remove_temporaries,
 )
+from sparse_distill.ngram_kernels import mix
 from sparse_distill.vocab import (
     TOKEN_PATTERN,
     NgramVocab,
@@ -65,19 +66,6 @@ from sparse_distill.vocab import (
 )
 
 logger = logging.getLogger(__name__)
-
-# splitmix64's finaliser: spreads n-gram hashes evenly over the partitions.
-_M1 = np.uint64(0xBF58476D1CE4E5B9)
-_M2 = np.uint64(0x94D049BB133111EB)
-
-
-def _mix(x: np.ndarray) -> np.ndarray:
-    x = x ^ (x >> np.uint64(30))
-    x = x * _M1
-    x = x ^ (x >> np.uint64(27))
-    x = x * _M2
-    return x ^ (x >> np.uint64(31))
-
 
 SETTINGS = "counting.json"
 SPILLS = "spills"
@@ -119,7 +107,7 @@ def ngram_hash(ngrams: pa.Array | pa.ChunkedArray) -> np.ndarray:
     a = np.ascontiguousarray(head).view(np.uint64).ravel()
     b = np.ascontiguousarray(tail).view(np.uint64).ravel()
     with np.errstate(over="ignore"):
-        return _mix(_mix(a ^ lens.astype(np.uint64)) ^ b)
+        return mix(mix(a ^ lens.astype(np.uint64)) ^ b)
 
 
 def partition_of(ngrams: pa.Array | pa.ChunkedArray, partitions: int) -> np.ndarray:

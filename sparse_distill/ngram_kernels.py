@@ -10,6 +10,7 @@ The kernels release the GIL, so threads featurise batches side by side.
 
 from __future__ import annotations
 
+import functools
 import re
 
 import numpy as np
@@ -38,7 +39,8 @@ def _byte_fold() -> np.ndarray:
     return fold
 
 
-def _word_bits() -> np.ndarray:
+@functools.cache
+def word_bits() -> np.ndarray:
     """One bit per code point (little-endian within each byte): set where Python's `(?u)\\w` matches it, found by
     that very regex, so the kernel splits words exactly where `tokenize` does."""
     every = np.arange(0x110000, dtype=np.uint32).tobytes().decode("utf-32-le", "surrogatepass")
@@ -48,11 +50,11 @@ def _word_bits() -> np.ndarray:
 
 
 BYTE_FOLD = _byte_fold()
-WORD_BITS = _word_bits()
 
 
-@njit(inline="always")
-def _mix(x: np.uint64) -> np.uint64:
+@njit(inline="always", cache=True)
+def mix(x: np.uint64) -> np.uint64:
+    """splitmix64's finaliser, of one key or (called from Python) of an array of keys."""
     x = x ^ (x >> _S30)
     x = x * _M1
     x = x ^ (x >> _S27)
@@ -87,13 +89,13 @@ def ngram_keys(buf: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarra
         for j in range(start, ends[i]):
             b = buf[j]
             if b == 32:  # a space ends a word
-                key = _mix(key ^ _mix(h))
+                key = mix(key ^ mix(h))
                 words[i] += 1
                 h = _FNV_OFFSET
             else:
                 h = (h ^ np.uint64(b)) * _FNV_PRIME
         prefix[i] = key if words[i] > 0 else np.uint64(0)
-        keys[i] = _mix(key ^ _mix(h))
+        keys[i] = mix(key ^ mix(h))
         words[i] += 1
         start = ends[i]
     return keys, words, prefix
@@ -155,7 +157,7 @@ def featurize_bytes(
                 length += 1
             elif length > 0:
                 if length >= 2:
-                    wkeys[n_tok] = _mix(h)
+                    wkeys[n_tok] = mix(h)
                     n_tok += 1
                 h, length = _FNV_OFFSET, 0
             i += size
@@ -173,7 +175,7 @@ def featurize_bytes(
             for j in range(n_tok - n + 1):
                 if not alive[j]:
                     continue
-                cur[j] = _mix(cur[j] ^ wkeys[j + n - 1])
+                cur[j] = mix(cur[j] ^ wkeys[j + n - 1])
                 row = _probe(cur[j], table_keys, table_rows, mask)
                 if row >= 0:
                     out[n_out] = row

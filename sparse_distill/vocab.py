@@ -33,7 +33,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from sparse_distill.data import atomic_write_parquet, atomic_write_text, file_checksum
-from sparse_distill.ngram_kernels import BYTE_FOLD, WORD_BITS, featurize_bytes, ngram_keys
+from sparse_distill.ngram_kernels import BYTE_FOLD, featurize_bytes, ngram_keys, word_bits
 
 logger = logging.getLogger(__name__)
 
@@ -68,9 +68,9 @@ def count_ngrams(texts: Iterable[str], ngram_max: int, counts: Counter[str] | No
 @functools.cache
 def _non_word_pattern() -> str:
     """An RE2 class matching what Python's `(?u)\\w` does not, built from the code points that Python's regex calls
-    word characters (`ngram_kernels.WORD_BITS`), so Arrow splits exactly where `tokenize` does (RE2's Unicode tables
+    word characters (`ngram_kernels.word_bits`), so Arrow splits exactly where `tokenize` does (RE2's Unicode tables
     are newer)."""
-    word = np.flatnonzero(np.unpackbits(WORD_BITS, bitorder="little"))
+    word = np.flatnonzero(np.unpackbits(word_bits(), bitorder="little"))
     gaps = np.flatnonzero(np.diff(word) != 1)
     starts, stops = np.append(word[0], word[gaps + 1]), np.append(word[gaps], word[-1])
     return (
@@ -288,9 +288,13 @@ class NgramVocab:
         top = self.ngram_max if max_order is None else min(max_order, self.ngram_max)
         if top < 1:
             raise ValueError(f"max_order must be >= 1, got {max_order}")
-        buf, ends = encode_texts(texts)
+        return self._featurize_encoded(*encode_texts(texts), top)
+
+    def _featurize_encoded(self, buf: np.ndarray, ends: np.ndarray, max_order: int) -> tuple[np.ndarray, np.ndarray]:
+        """`featurize` of texts already encoded by `encode_texts` (max_order 0 only tokenises and hashes)."""
+        table = self._table
         return featurize_bytes(
-            buf, ends, BYTE_FOLD, WORD_BITS, self._table.keys, self._table.rows, top, self._prefix_closed
+            buf, ends, BYTE_FOLD, word_bits(), table.keys, table.rows, max_order, self._prefix_closed
         )
 
     def top(self, size: int) -> NgramVocab:
