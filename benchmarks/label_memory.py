@@ -31,7 +31,7 @@ def tiny_teacher(out: Path) -> Path:
 
 def one(teacher: str, corpus: str, out: str) -> None:
     """Run the CLI in this process and print its peak RSS as JSON."""
-    from sparse_distill.cli import main
+    from flows.cli import main
 
     start = time.perf_counter()
     rc = main(

@@ -56,7 +56,7 @@ def ours_probs(
 def cli_label(teacher: str, corpus: Path, out: Path, args: list[str]) -> float:
     """The `sparse-distill label` command end to end (plan, shards, Parquet, manifest), wall seconds."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "sparse_distill.cli", "label", "--teacher", teacher, "--corpus", str(corpus)]
+    cmd = [sys.executable, "-m", "flows.cli", "label", "--teacher", teacher, "--corpus", str(corpus)]
     cmd += ["--out", str(out), "--no-tracking", *args]
     start = time.perf_counter()
     subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

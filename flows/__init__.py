@@ -1,1 +1,1 @@
-"""Prefect flows: compositions of the tasks in tasks/, no maths."""
+"""Prefect flows: compositions of the tasks in tasks/, no maths; and the `sparse-distill` console script (cli.py)."""

@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
+from flows.cli import main
 from sparse_distill.cascade import (
     CascadePredictor,
     cascade_curve,
@@ -21,7 +22,6 @@ from sparse_distill.cascade import (
     pick_threshold,
     teacher_max_length,
 )
-from sparse_distill.cli import main
 from sparse_distill.data import LabelMap
 from sparse_distill.mlflow_model import ensure_experiment, log_cascade_model, tracking_uri_default
 from sparse_distill.student import DanConfig, DanStudent, save_student

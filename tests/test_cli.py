@@ -9,8 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from sparse_distill.cli import main
-from sparse_distill.config import StudentConfig
+from flows.cli import main
+from sparse_distill.config import ConfigError, StudentConfig
 from sparse_distill.data import LabelMap
 from sparse_distill.inference import StudentPredictor
 from sparse_distill.student import save_student
@@ -111,3 +111,34 @@ def test_quantize_reports_sizes_and_accuracy_change(model_dir, tmp_path, capsys)
     pq.write_table(pa.table({"text": TEXTS}), tmp_path / "nolabel.parquet")
     assert main([*argv, "--eval", str(tmp_path / "nolabel.parquet")]) == 2
     assert "column 'label' not found" in capsys.readouterr().err
+
+
+def test_every_stage_command_has_its_flow():
+    from flows.cli import STAGES, build_parser, stage_flows
+
+    flows = stage_flows()
+    assert tuple(flows) == STAGES
+    assert {f.name for f in flows.values()} == set(STAGES)  # each flow is named after its command
+    commands = {a.dest: a for a in build_parser()._actions}["command"].choices
+    assert set(STAGES) <= set(commands)
+
+
+def test_standalone_flags_fill_the_job():
+    from flows.cli import build_parser
+    from sparse_distill.commands import job_from_flags
+
+    parse = build_parser().parse_args
+    argv = ["label", "--teacher", "t", "--corpus", "a.txt", "b.txt", "--out", "o", "--int8", "--no-tracking"]
+    job = job_from_flags("label", vars(parse([*argv, "--dask-address", "tcp://h:8786", "--shard-size", "7"])))
+    assert (job.teacher, job.corpus, job.out, job.tracking) == ("t", ["a.txt", "b.txt"], "o", None)
+    assert (job.label.runner, job.label.dask_address, job.label.shard_size) == ("dask", "tcp://h:8786", 7)
+    assert job.label.quantize_int8 and job.label.max_length == 128
+    job = job_from_flags("label", vars(parse(argv[:-1] + ["--tracking-uri", "sqlite:///x.db"])))
+    assert job.tracking.tracking_uri == "sqlite:///x.db" and job.label.runner == "thread"
+
+    argv = ["vocab", "--input", "c.parquet", "--out", "v", "--size", "9", "--tie-rule", "sklearn", "--keep-spills"]
+    job = job_from_flags("vocab", vars(parse([*argv, "--runner", "process", "--workers", "2", "--limit", "5"])))
+    assert (job.inputs, job.out, job.keep_spills, job.limit) == (["c.parquet"], "v", True, 5)
+    assert (job.vocab.size, job.vocab.tie_rule, job.vocab.runner, job.vocab.workers) == (9, "sklearn", "process", 2)
+    with pytest.raises(ConfigError, match=r"--input and --out \(missing \['--out'\]\)"):
+        job_from_flags("vocab", vars(parse(["vocab", "--input", "c.parquet"])))

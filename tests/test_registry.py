@@ -168,7 +168,7 @@ def test_registration_failure_names_the_model(mlflow_env: str, students: Path) -
 def test_predict_by_champion_alias(
     tmp_path: Path, mlflow_env: str, students: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from sparse_distill.cli import main
+    from flows.cli import main
 
     _register(mlflow_env, students, "right", name="shipped")
     mlflow.set_tracking_uri(None)  # only the environment variable tells the CLI where the registry is

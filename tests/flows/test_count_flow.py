@@ -82,7 +82,7 @@ def test_poison_shard_fails_alone_and_a_rerun_counts_only_it(tmp_path, monkeypat
 
 
 def test_vocab_command_end_to_end(tmp_path, capsys):
-    from sparse_distill.cli import main
+    from flows.cli import main
 
     corpus = _corpus(tmp_path / "corpus.parquet", 1200, seed=2)
     out = tmp_path / "v"

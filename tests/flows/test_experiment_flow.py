@@ -59,7 +59,7 @@ def _results(exp_file: Path, name: str) -> dict:
 
 
 def test_every_experiment_runs_over_one_base_run_and_logs_to_mlflow(experiment_file, capsys):
-    from sparse_distill.cli import main
+    from flows.cli import main
 
     assert main(["experiment", "all", str(experiment_file)]) == 0
     printed = capsys.readouterr().out
@@ -148,7 +148,7 @@ def test_a_rerun_reads_every_variant_back(experiment_file, monkeypatch):
 
 
 def test_bad_names_and_stale_base_runs_are_clear_errors(experiment_file, capsys):
-    from sparse_distill.cli import main
+    from flows.cli import main
     from sparse_distill.config import load_experiment_config
     from sparse_distill.data import DataError
     from sparse_distill.experiments import BaseRun, load_base_config

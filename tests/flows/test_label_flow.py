@@ -119,7 +119,7 @@ def _cli(*args: str, **kw) -> subprocess.Popen:
     env = {**os.environ, "PREFECT_HOME": str(kw.pop("home")), "PYTHONPATH": str(ROOT)}
     env.pop("PREFECT_API_URL", None)
     return subprocess.Popen(
-        [sys.executable, "-m", "sparse_distill.cli", *args],
+        [sys.executable, "-m", "flows.cli", *args],
         cwd=kw.pop("cwd"),
         env=env,
         stdout=subprocess.PIPE,
@@ -152,7 +152,7 @@ def test_kill_9_mid_run_then_rerun_yields_every_id_once(tiny_teacher, tmp_path):
     assert not list((out / "shards").glob(".*.tmp"))
 
     status = subprocess.run(
-        [sys.executable, "-m", "sparse_distill.cli", "label-status", str(out), "--json"],
+        [sys.executable, "-m", "flows.cli", "label-status", str(out), "--json"],
         capture_output=True,
         text=True,
         env={**os.environ, "PYTHONPATH": str(ROOT)},

@@ -1,0 +1,293 @@
+"""The library side of the command line: flags to typed jobs, prediction I/O, the quantisation report, progress.
+
+`flows/cli.py` (the `sparse-distill` console script) parses the arguments and starts flows; everything here is plain
+library code that it calls, so this module never imports Prefect, `flows` or `tasks`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sparse_distill.config import EXPERIMENTS, ConfigError, LabelJob, VocabJob, format_validation_error
+from sparse_distill.data import DataError
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+logger = logging.getLogger(__name__)
+
+# A job field's value: the name of the flag (argparse dest) it comes from, or a function of all the flags.
+FlagSource = str | Callable[[Mapping[str, Any]], Any]
+
+
+def _runner(flags: Mapping[str, Any]) -> str:
+    # --dask-address names a cluster: it implies the Dask runner whatever --runner says.
+    return "dask" if flags["dask_address"] else flags["runner"]
+
+
+def _label_tracking(flags: Mapping[str, Any]) -> dict[str, Any] | None:
+    if flags["no_tracking"]:
+        return None
+    return {"tracking_uri": flags["tracking_uri"], "experiment": "sparse-distill-labelling"}
+
+
+@dataclass(frozen=True)
+class JobFlags:
+    """How a standalone command's flags fill its job: `fields` at the job's top level, `section` its runner config."""
+
+    job: type[LabelJob] | type[VocabJob]
+    required: tuple[str, ...]
+    fields: dict[str, FlagSource]
+    section: str
+    section_fields: dict[str, FlagSource] = field(default_factory=dict)
+
+
+# Flags every standalone job has, and the runner flags of its section (the same names in both commands).
+_JOB_COMMON: dict[str, FlagSource] = {"out": "out", "text_column": "text_column", "limit": "limit", "replan": "replan"}
+_RUNNER_COMMON: dict[str, FlagSource] = {
+    "shard_size": "shard_size",
+    "runner": _runner,
+    "workers": "workers",
+    "dask_address": "dask_address",
+    "retries": "retries",
+}
+
+# The one place where the flags of `sparse-distill label` and `sparse-distill vocab` map onto their jobs.
+JOB_FLAGS: dict[str, JobFlags] = {
+    "label": JobFlags(
+        job=LabelJob,
+        required=("teacher", "corpus", "out"),
+        fields={
+            "teacher": "teacher",
+            "corpus": "corpus",
+            "id_column": "id_column",
+            "tracking": _label_tracking,
+            **_JOB_COMMON,
+        },
+        section="label",
+        section_fields={
+            "batch_size": "batch_size",
+            "max_length": "max_length",
+            "precision": "precision",
+            "quantize_int8": "int8",
+            **_RUNNER_COMMON,
+        },
+    ),
+    "vocab": JobFlags(
+        job=VocabJob,
+        required=("input", "out"),
+        fields={"inputs": "input", "keep_spills": "keep_spills", **_JOB_COMMON},
+        section="vocab",
+        section_fields={
+            "size": "size",
+            "ngram_max": "ngram_max",
+            "min_count": "min_count",
+            "tie_rule": "tie_rule",
+            "memory_mb": "memory_mb",
+            "partitions": "partitions",
+            **_RUNNER_COMMON,
+        },
+    ),
+}
+
+
+def _flag_list(flags: list[str]) -> str:
+    """`--a and --b`, or `all of --a, --b and --c`."""
+    names = [f"--{f.replace('_', '-')}" for f in flags]
+    joined = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+    return f"all of {joined}" if len(names) > 2 else joined
+
+
+def job_from_flags(command: str, flags: Mapping[str, Any]) -> LabelJob | VocabJob:
+    """The typed job of a standalone `label` or `vocab` command from its parsed flags (`vars(args)`).
+
+    Raises ConfigError naming the missing flags, or the job's invalid key path (e.g. `label.shard_size`).
+    """
+    from pydantic import ValidationError
+
+    spec = JOB_FLAGS[command]
+    missing = [f"--{k.replace('_', '-')}" for k in spec.required if not flags.get(k)]
+    if missing:
+        raise ConfigError(
+            f"{command}: give a pipeline CONFIG, or {_flag_list(list(spec.required))} (missing {missing})"
+        )
+
+    def value(source: FlagSource) -> Any:
+        return source(flags) if callable(source) else flags[source]
+
+    raw = {name: value(source) for name, source in spec.fields.items()}
+    raw[spec.section] = {name: value(source) for name, source in spec.section_fields.items()}
+    try:
+        return spec.job(**raw)
+    except ValidationError as e:
+        raise ConfigError(f"{command}: {format_validation_error(e)}") from e
+
+
+def experiment_names(spec: str) -> list[str]:
+    """`privacy`, `privacy,domain` or `all` as a list of experiment names; ConfigError on an unknown one."""
+    names = list(EXPERIMENTS) if spec == "all" else [n.strip() for n in spec.split(",") if n.strip()]
+    unknown = [n for n in names if n not in EXPERIMENTS]
+    if unknown or not names:
+        raise ConfigError(f"experiment: unknown {unknown or spec!r}; choose from {', '.join(EXPERIMENTS)} or all")
+    return names
+
+
+def is_mlflow_uri(model: str) -> bool:
+    """Whether `--model` names an MLflow model (runs:/, models:/, a URI) rather than a student folder."""
+    return "://" in model or model.startswith(("models:/", "runs:/"))
+
+
+def read_texts(path: str | None, text_column: str) -> list[str]:
+    """Texts to predict: stdin lines (path None), a .txt file (one per line), or a column of a table file."""
+    from sparse_distill.data import check_texts, read_table
+
+    if path is None:
+        return [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    table = read_table(path)
+    column = "text" if path.endswith(".txt") else text_column
+    if column not in table.column_names:
+        raise DataError(f"{path}: column {column!r} not found (columns: {table.column_names}); use --text-column")
+    return check_texts(table.column(column).to_pylist(), path, column)
+
+
+def predict_texts(
+    model: str,
+    texts: list[str],
+    *,
+    batch_size: int = 1024,
+    threads: int = 1,
+    teacher: str | None = None,
+    cascade_threshold: float | None = None,
+    cascade_metric: str = "max_prob",
+    teacher_max_length: int | None = None,
+) -> pd.DataFrame:
+    """Predictions (label, prob_<label> per class, and `deferred` for a cascade) of a student folder, an MLflow
+    model URI, or a student + teacher cascade (with `teacher` and `cascade_threshold`)."""
+    import pandas as pd
+
+    if is_mlflow_uri(model):
+        import mlflow.pyfunc
+
+        return mlflow.pyfunc.load_model(model).predict(pd.DataFrame({"text": texts}))
+    if teacher:
+        from sparse_distill.cascade import CascadePredictor
+        from sparse_distill.mlflow_model import cascade_predictions_frame
+
+        try:
+            cascade = CascadePredictor.load(
+                model, teacher, cascade_threshold, cascade_metric, threads=threads, max_length=teacher_max_length
+            )
+        except ValueError as e:  # e.g. the two folders' labels differ: a usage error, not a crash
+            raise ConfigError(f"predict: {e}") from e
+        frame = cascade_predictions_frame(cascade, texts, batch_size)
+        logger.info("cascade: %d of %d texts deferred to the teacher", int(frame["deferred"].sum()), len(texts))
+        return frame
+    from sparse_distill.inference import StudentPredictor
+    from sparse_distill.mlflow_model import predictions_frame
+
+    return predictions_frame(StudentPredictor.load(model, threads=threads), texts, batch_size)
+
+
+def write_predictions(frame: pd.DataFrame, out: str | None) -> None:
+    """Predictions as JSONL on stdout (out None), or to a .parquet, .csv or (otherwise) JSONL file."""
+    if out is None:
+        frame.to_json(sys.stdout, orient="records", lines=True)
+    elif out.endswith(".parquet"):
+        frame.to_parquet(out, index=False)
+    elif out.endswith(".csv"):
+        frame.to_csv(out, index=False)
+    else:
+        frame.to_json(out, orient="records", lines=True)
+
+
+def quantize_report(
+    model: str,
+    out: str,
+    dtype: str,
+    eval_path: str | None = None,
+    text_column: str = "text",
+    label_column: str = "label",
+) -> dict[str, Any]:
+    """Write `model` with its n-gram table stored as `dtype` into `out`; report both weight sizes and, with a
+    labelled `eval_path`, the accuracy before and after."""
+    import numpy as np
+
+    from sparse_distill.data import read_table
+    from sparse_distill.inference import StudentPredictor
+    from sparse_distill.student import STUDENT_WEIGHTS, quantize_student
+
+    quantize_student(model, out, dtype)
+    report: dict[str, Any] = {
+        "model": model,
+        "out": out,
+        "table_dtype": dtype,
+        "weights_mb": {
+            "float32": round((Path(model) / STUDENT_WEIGHTS).stat().st_size / 2**20, 1),
+            dtype: round((Path(out) / STUDENT_WEIGHTS).stat().st_size / 2**20, 1),
+        },
+    }
+    if eval_path:
+        texts = read_texts(eval_path, text_column)
+        table = read_table(eval_path)
+        if label_column not in table.column_names:
+            raise DataError(f"{eval_path}: column {label_column!r} not found (columns: {table.column_names})")
+        report["eval"] = eval_path
+        report["accuracy"] = {}
+        for name, folder in (("float32", model), (dtype, out)):
+            predictor = StudentPredictor.load(folder)
+            gold = np.array(predictor.label_map.encode(table.column(label_column).to_pylist(), eval_path))
+            predicted = predictor.predict_logits(texts).argmax(axis=1)
+            report["accuracy"][name] = round(float((predicted == gold).mean()), 4)
+        report["accuracy_change"] = round(report["accuracy"][dtype] - report["accuracy"]["float32"], 4)
+    return report
+
+
+@contextmanager
+def progress_bar(out: str, records: str, key: str, desc: str, every: float = 0.5) -> Iterator[None]:
+    """A progress bar over the shard records (`out/records/*.json`, docs in `key`) appearing in `out`: it works
+    whatever runner does the shards, since it only watches the files."""
+    from tqdm import tqdm
+
+    from sparse_distill.labelling import MANIFEST
+
+    stop = threading.Event()
+
+    def watch() -> None:
+        bar, seen = None, {}
+        while not stop.wait(every):
+            manifest = Path(out) / MANIFEST
+            if bar is None and manifest.exists():
+                total = sum(s["stop"] - s["start"] for s in json.loads(manifest.read_text())["shards"])
+                # disable=None: a bar on a terminal only; logs carry the progress elsewhere.
+                bar = tqdm(total=total, unit="doc", desc=desc, dynamic_ncols=True, smoothing=0.1, disable=None)
+            if bar is None:
+                continue
+            for rec in (Path(out) / records).glob("*.json"):
+                try:
+                    mtime = rec.stat().st_mtime_ns
+                    if seen.get(rec.name, (None, 0))[0] != mtime:
+                        r = json.loads(rec.read_text())
+                        seen[rec.name] = (mtime, r[key] if r.get("status") == "done" else 0)
+                except (OSError, json.JSONDecodeError, KeyError):
+                    continue
+            done = sum(rows for _, rows in seen.values())
+            if done != bar.n:
+                bar.update(done - bar.n)
+        if bar is not None:
+            bar.close()
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
