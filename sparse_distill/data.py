@@ -9,7 +9,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -296,9 +296,3 @@ def read_parquet_rows(path: str, start: int, stop: int, columns: list[str]) -> p
 def ids_for_rows(prefix: str, start: int, n: int) -> list[str]:
     """Stable ids for rows without an id column: `<file>:<row>`, the same on every run."""
     return [f"{prefix}:{start + i}" for i in range(n)]
-
-
-def iter_batches(items: list[Any], size: int) -> Iterator[list[Any]]:
-    """Consecutive slices of at most `size` items."""
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
