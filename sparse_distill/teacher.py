@@ -6,7 +6,6 @@ import json
 import logging
 import math
 import random
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from sparse_distill.config import TeacherConfig
-from sparse_distill.data import LabelMap, atomic_write_text
+from sparse_distill.data import LabelMap, atomic_write_text, write_dir_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -289,12 +288,11 @@ def _dev_accuracy(model, tokenizer, texts: list[str], labels: list[int], config:
 
 
 def _save_checkpoint(model, tokenizer, out_dir: Path, label_map: LabelMap, info: dict) -> None:
-    # Written beside the target and renamed into place: the best checkpoint is never half-written.
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    tokenizer.save_pretrained(str(tmp))
-    label_map.save(tmp / "label_map.json")
-    atomic_write_text(tmp / "training_info.json", json.dumps(info, indent=2))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
+    # Replaced as a whole folder: a crash at any moment leaves the previous best checkpoint or this one, never neither.
+    def write(tmp: Path) -> None:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        label_map.save(tmp / "label_map.json")
+        atomic_write_text(tmp / "training_info.json", json.dumps(info, indent=2))
+
+    write_dir_atomically(out_dir, write)

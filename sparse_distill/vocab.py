@@ -18,9 +18,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 import re
-import tempfile
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import InitVar, dataclass, field
@@ -32,7 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from sparse_distill.data import atomic_write_parquet, atomic_write_text, file_checksum
+from sparse_distill.data import atomic_write, atomic_write_parquet, atomic_write_text, file_checksum
 from sparse_distill.ngram_kernels import BYTE_FOLD, featurize_bytes, ngram_keys, word_bits
 
 logger = logging.getLogger(__name__)
@@ -178,6 +176,48 @@ def select_top(
     return items[:size]
 
 
+def cut_count(histogram: dict[int, int], size: int, min_count: int) -> tuple[int, int, int]:
+    """From a histogram {count: n-grams}: the count at the cut, how many n-grams above it are kept, and how many of
+    those tied at it. When fewer than `size` n-grams reach `min_count`, all of them are kept."""
+    above = 0
+    for c in sorted((c for c in histogram if c >= min_count), reverse=True):
+        n = histogram[c]
+        if above + n >= size:
+            return c, above, size - above
+        above += n
+    return min_count, above, 0  # everything eligible is kept: no cut
+
+
+def select_top_files(
+    paths: list[Path], histogram: dict[int, int], size: int, min_count: int = 1, tie_rule: TieRule = "alphabetical"
+) -> pa.Table:
+    """`select_top` over (ngram, count) Parquet files that each hold distinct n-grams, given the histogram of all
+    their counts: the kept (ngram, count) table in rank order, without holding every count in memory.
+
+    "alphabetical" reads only the n-grams at or above the cut, and keeps at most `size` of the tied ones at a time.
+    "sklearn" reproduces CountVectorizer's unstable tie order, which depends on every count, so it reads them all.
+    """
+    if tie_rule == "sklearn":
+        table = pa.concat_tables([pq.read_table(p, filters=[("count", ">=", min_count)]) for p in paths])
+        ngrams, kept = select_top_table(table, size, min_count, "sklearn")
+        return pa.table({"ngram": pa.array(ngrams, pa.string()), "count": pa.array(kept, pa.int64())})
+    cut, _, tied_wanted = cut_count(histogram, size, min_count)
+    above_parts: list[pa.Table] = []
+    tied = pa.table({"ngram": pa.array([], pa.string()), "count": pa.array([], pa.int64())})
+    for path in paths:
+        table = pq.read_table(path, filters=[("count", ">=", cut)])
+        if tied_wanted == 0:
+            above_parts.append(table)
+            continue
+        c = table.column("count")
+        above_parts.append(table.filter(pc.greater(c, cut)))
+        # Ties at the cut: keep the alphabetically first `tied_wanted` seen so far (bounded by |V|).
+        tied = pa.concat_tables([tied, table.filter(pc.equal(c, cut))])
+        tied = tied.take(pc.sort_indices(tied, [("ngram", "ascending")])[:tied_wanted])
+    kept = pa.concat_tables([*above_parts, tied]).combine_chunks()
+    return kept.take(pc.sort_indices(kept, [("count", "descending"), ("ngram", "ascending")]))
+
+
 class KeyTable:
     """64-bit n-gram keys -> embedding rows: an open-addressing hash table (linear probing, load <= 1/4) with
     vectorised (numpy) inserts and lookups; the featuriser's compiled kernel probes the same two arrays. About 1.2
@@ -314,22 +354,15 @@ class NgramVocab:
 
     def _save_lookup(self, out_dir: Path) -> None:
         checksum = np.frombuffer(file_checksum(out_dir / "vocab.parquet").encode(), dtype=np.uint8)
-        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{LOOKUP}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(
-                    f,
-                    keys=self._table.keys,
-                    rows=self._table.rows,
-                    prefix_closed=np.array([self._prefix_closed]),
-                    vocab_sha256=checksum,
-                    version=np.array([_LOOKUP_VERSION]),
-                )
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, out_dir / LOOKUP)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        arrays = {
+            "keys": self._table.keys,
+            "rows": self._table.rows,
+            "prefix_closed": np.array([self._prefix_closed]),
+            "vocab_sha256": checksum,
+            "version": np.array([_LOOKUP_VERSION]),
+        }
+        # The temporary name ends in .npz too: np.savez would add it otherwise.
+        atomic_write(out_dir / LOOKUP, lambda tmp: np.savez(tmp, **arrays), suffix=".npz")
 
     @classmethod
     def load(cls, out_dir: str | Path) -> NgramVocab:
