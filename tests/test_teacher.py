@@ -1,4 +1,4 @@
-"""The teacher's train sample."""
+"""The teacher: its train sample, and its mean-pooled encoder."""
 
 from __future__ import annotations
 
@@ -26,14 +26,3 @@ def test_encode_gives_one_mean_pooled_vector_per_text(tiny_teacher):
     np.testing.assert_allclose(vectors[0], vectors[2], atol=1e-5)  # padding in another batch changes nothing
     assert not np.allclose(vectors[0], vectors[1])
     np.testing.assert_allclose(teacher.encode(texts[:1], batch_size=1)[0], vectors[0], atol=1e-5)
-
-
-def test_adding_the_layers_field_keeps_old_cache_keys(tiny_config):
-    from sparse_distill.pipeline import stage_fingerprints
-
-    fps = stage_fingerprints(tiny_config)
-    deeper = tiny_config.model_copy(update={"student": tiny_config.student.model_copy(update={"layers": 2})})
-    assert "layers" not in __import__("sparse_distill.pipeline").pipeline.student_key(tiny_config)
-    changed = stage_fingerprints(deeper)
-    assert changed["distill"] != fps["distill"] and changed["scratch"] != fps["scratch"]
-    assert changed["teacher"] == fps["teacher"] and changed["vocab"] == fps["vocab"]

@@ -1,0 +1,71 @@
+"""Stage cache keys (`pipeline.stage_fingerprints`): a config change reaches its stage and the stages after it, and
+nothing else; runtime settings and old runs' defaults stay out of the keys; input files are part of them."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+from sparse_distill.pipeline import stage_fingerprints, student_key
+
+STAGES = {"teacher", "label_train", "label_corpus", "vocab", "distill", "kdft", "scratch", "evaluate"}
+
+
+def _with(cfg, section: str, **update):
+    return cfg.model_copy(update={section: getattr(cfg, section).model_copy(update=update)})
+
+
+def _changed(before: dict[str, str], after: dict[str, str]) -> set[str]:
+    assert set(before) == set(after) == STAGES
+    return {stage for stage in before if before[stage] != after[stage]}
+
+
+def test_keys_are_stable(tiny_config):
+    assert stage_fingerprints(tiny_config) == stage_fingerprints(tiny_config.model_copy(deep=True))
+    assert len(set(stage_fingerprints(tiny_config).values())) == len(STAGES)
+
+
+def test_adding_the_layers_field_keeps_old_cache_keys(tiny_config):
+    fps = stage_fingerprints(tiny_config)
+    deeper = _with(tiny_config, "student", layers=2)
+    assert "layers" not in student_key(tiny_config)
+    changed = stage_fingerprints(deeper)
+    assert changed["distill"] != fps["distill"] and changed["scratch"] != fps["scratch"]
+    assert changed["teacher"] == fps["teacher"] and changed["vocab"] == fps["vocab"]
+
+
+def test_a_config_change_recomputes_its_stage_and_its_dependants_only(tiny_config):
+    fps = stage_fingerprints(tiny_config)
+    # the README's example: a new fine-tuning lr reruns KD+FT and evaluation, not the teacher, labels, vocab or KD
+    assert _changed(fps, stage_fingerprints(_with(tiny_config, "finetune", lr=1e-4))) == {"kdft", "evaluate"}
+    assert _changed(fps, stage_fingerprints(_with(tiny_config, "vocab", size=400))) == {
+        "vocab",
+        "distill",
+        "kdft",
+        "scratch",
+        "evaluate",
+    }
+    assert _changed(fps, stage_fingerprints(_with(tiny_config, "teacher", lr=1e-3))) == STAGES - {"vocab", "scratch"}
+    assert _changed(fps, stage_fingerprints(_with(tiny_config, "scratch", lr=1e-4))) == {"scratch", "evaluate"}
+    assert _changed(fps, stage_fingerprints(_with(tiny_config, "evaluate", speed_docs=128))) == {"evaluate"}
+
+
+def test_how_the_work_is_spread_stays_out_of_the_keys(tiny_config):
+    fps = stage_fingerprints(tiny_config)
+    spread = _with(tiny_config, "label", runner="process", workers=4, retries=5)
+    spread = _with(spread, "vocab", runner="dask", workers=2, shard_size=7, partitions=3, memory_mb=64)
+    assert stage_fingerprints(spread) == fps
+    # ... but what the labels are does count
+    assert _changed(fps, stage_fingerprints(_with(tiny_config, "label", shard_size=64))) >= {"label_corpus", "distill"}
+
+
+def test_touching_an_input_file_changes_the_stages_that_read_it(tiny_config, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_config.data.data_dir, data)
+    cfg = _with(tiny_config, "data", data_dir=str(data))
+    fps = stage_fingerprints(cfg)
+    corpus = data / tiny_config.data.corpus[0]
+    st = corpus.stat()
+    os.utime(corpus, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    # the corpus feeds the corpus labels and the vocabulary, then everything trained on them
+    assert _changed(fps, stage_fingerprints(cfg)) == STAGES - {"teacher", "label_train"}
