@@ -8,8 +8,8 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: install demo demo-data test lint mlflow-ui sst2 imdb bench-label bench-vocab bench-inference server worker stop \
-	status deploy clean imdb-d1000 sst2-d1000
+.PHONY: install demo demo-data test test-fast lint mlflow-ui sst2 imdb bench-label bench-vocab bench-inference server \
+	worker stop status deploy clean imdb-d1000 sst2-d1000
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 1; }
@@ -31,6 +31,10 @@ demo: demo-data
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The quick loop: everything but the tests marked slow (servers, Dask clusters, serving, whole flows end to end).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -68,6 +68,7 @@ def servers(tmp_path):
         assert not pids, f"left running: {pids}"
 
 
+@pytest.mark.slow
 def test_scheduled_retraining_registers_a_champion_and_a_worse_run_leaves_it(servers, tiny_config, tmp_path):
     script, env = servers
     cfg = tiny_config.model_dump(mode="json")

@@ -130,6 +130,7 @@ def test_log_and_load_matches_predictor(tmp_path: Path, mlflow_env: str, student
             raw.predict(None, bad)
 
 
+@pytest.mark.slow
 def test_loads_without_sparse_distill_installed(tmp_path: Path, mlflow_env: str, student_dir: Path) -> None:
     """code_paths ship the package: a fresh interpreter outside the repo loads and runs the model."""
     eid = ensure_experiment("students", mlflow_env, tmp_path / "artifacts")
@@ -167,6 +168,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_mlflow_models_serve_answers_rest_requests(tmp_path: Path, mlflow_env: str, student_dir: Path) -> None:
     """`mlflow models serve --env-manager local` on a loopback port predicts like the library."""
     import json

@@ -39,6 +39,7 @@ def _flow(job: VocabJob):
     return count_ngrams_flow.with_options(task_runner=make_task_runner(job.vocab))(job=job, return_state=True)
 
 
+@pytest.mark.slow
 def test_dask_cluster_of_two_workers_equals_the_in_process_job(tmp_path):
     corpus = _corpus(tmp_path / "corpus.parquet", 3000)
     local = run_count_job(_job(corpus, tmp_path / "local"))

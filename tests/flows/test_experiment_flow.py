@@ -58,6 +58,7 @@ def _results(exp_file: Path, name: str) -> dict:
     return json.loads((out / "results.json").read_text())
 
 
+@pytest.mark.slow
 def test_every_experiment_runs_over_one_base_run_and_logs_to_mlflow(experiment_file, capsys):
     from flows.cli import main
 
@@ -130,6 +131,7 @@ def test_every_experiment_runs_over_one_base_run_and_logs_to_mlflow(experiment_f
     assert {"pool-mean", "pool-max"} <= {r.info.run_name for r in nested}
 
 
+@pytest.mark.slow
 def test_a_rerun_reads_every_variant_back(experiment_file, monkeypatch):
     import sparse_distill.experiments as ex
     from flows.experiment_flow import experiment_flow
@@ -147,6 +149,7 @@ def test_a_rerun_reads_every_variant_back(experiment_file, monkeypatch):
     assert before.splitlines()[:4] == after.splitlines()[:4]
 
 
+@pytest.mark.slow
 def test_bad_names_and_stale_base_runs_are_clear_errors(experiment_file, capsys):
     from flows.cli import main
     from sparse_distill.config import load_experiment_config

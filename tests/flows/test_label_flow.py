@@ -55,6 +55,7 @@ def _flow(job: LabelJob):
     return label_corpus_flow.with_options(task_runner=make_task_runner(job.label))(job=job, return_state=True)
 
 
+@pytest.mark.slow
 def test_dask_cluster_of_two_workers_equals_one_thread(tiny_teacher, tmp_path):
     corpus = _corpus(tmp_path / "corpus.parquet", 3000)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -129,6 +130,7 @@ def _cli(*args: str, **kw) -> subprocess.Popen:
     )
 
 
+@pytest.mark.slow
 def test_kill_9_mid_run_then_rerun_yields_every_id_once(tiny_teacher, tmp_path):
     corpus = _corpus(tmp_path / "corpus.parquet", 20_000)
     out = tmp_path / "out"

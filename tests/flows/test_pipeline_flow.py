@@ -46,6 +46,7 @@ def _task_states(flow_state) -> dict[str, str]:
     return anyio.run(fetch)
 
 
+@pytest.mark.slow
 def test_pipeline_runs_then_serves_from_cache(tiny_config, tmp_path):
     from flows.pipeline_flow import pipeline_flow
 
