@@ -32,7 +32,7 @@ demo: demo-data
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# The quick loop: everything but the tests marked slow (servers, Dask clusters, serving, whole flows end to end).
+# The quick loop: all but the tests marked slow (servers, incl. the flow tests' Prefect harness; Dask; serving).
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 

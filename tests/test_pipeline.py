@@ -16,13 +16,15 @@ def _with(cfg, section: str, **update):
 
 
 def _changed(before: dict[str, str], after: dict[str, str]) -> set[str]:
-    assert set(before) == set(after) == STAGES
-    return {stage for stage in before if before[stage] != after[stage]}
+    """The stages of STAGES whose key changed (stages added later are checked by their own tests)."""
+    assert set(before) == set(after) >= STAGES
+    return {stage for stage in STAGES if before[stage] != after[stage]}
 
 
 def test_keys_are_stable(tiny_config):
-    assert stage_fingerprints(tiny_config) == stage_fingerprints(tiny_config.model_copy(deep=True))
-    assert len(set(stage_fingerprints(tiny_config).values())) == len(STAGES)
+    fps = stage_fingerprints(tiny_config)
+    assert fps == stage_fingerprints(tiny_config.model_copy(deep=True))
+    assert set(fps) >= STAGES and len(set(fps.values())) == len(fps)  # no two stages share a key
 
 
 def test_adding_the_layers_field_keeps_old_cache_keys(tiny_config):

@@ -53,6 +53,7 @@ def test_dask_cluster_of_two_workers_equals_the_in_process_job(tmp_path):
     }
 
 
+@pytest.mark.slow
 def test_poison_shard_fails_alone_and_a_rerun_counts_only_it(tmp_path, monkeypatch):
     from sparse_distill import counting
 
@@ -82,6 +83,7 @@ def test_poison_shard_fails_alone_and_a_rerun_counts_only_it(tmp_path, monkeypat
     assert pq.read_table(tmp_path / "out" / "vocab.parquet").num_rows == 2000
 
 
+@pytest.mark.slow
 def test_vocab_command_end_to_end(tmp_path, capsys):
     from flows.cli import main
 
@@ -105,6 +107,7 @@ def test_vocab_command_end_to_end(tmp_path, capsys):
     assert "none.parquet: no such file" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_pipeline_vocab_stage_fans_out_and_matches_the_in_process_stage(tiny_config, tmp_path):
     from flows.pipeline_flow import vocab_flow
 

@@ -81,6 +81,7 @@ def test_dask_cluster_of_two_workers_equals_one_thread(tiny_teacher, tmp_path):
     assert len(client.get_metric_history(stage.info.run_id, "docs_per_s")) == 12
 
 
+@pytest.mark.slow
 def test_poison_shard_fails_alone_and_a_rerun_labels_only_it(tiny_teacher, tmp_path, monkeypatch):
     from sparse_distill import labelling
 
