@@ -6,11 +6,12 @@ import time
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
-from prefect.futures import as_completed
+from prefect.artifacts import create_markdown_artifact
 
+from flows.fanout import Progress, fan_out
 from sparse_distill.config import VocabJob
 from sparse_distill.counting import CountingFailed
+from sparse_distill.shard_plan import work_rows
 from tasks import counting as t
 
 
@@ -44,48 +45,27 @@ def count_ngrams_flow(job: VocabJob, sources: list[dict[str, Any]] | None = None
 
 
 def _count_shards(job: VocabJob, prep: dict[str, Any]) -> None:
-    logger = get_run_logger()
-    done, total = prep["docs_done"], prep["docs_total"]
-    artifact = create_progress_artifact(100.0 * done / max(total, 1), description=f"Counting n-grams into {job.out}")
-    shard_task = t.count_shard.with_options(retries=job.vocab.retries)
-    futures = {}
-    for work in prep["work"]:
-        fut = shard_task.submit(job, work)
-        futures[fut.task_run_id] = (fut, work)
-    failed = 0
-    for fut in as_completed([f for f, _ in futures.values()]):
-        work = futures[fut.task_run_id][1]
-        try:
-            record = fut.result()
-        except Exception as e:  # noqa: BLE001 - recorded; plan_reduce then fails naming every failed shard
-            t.record_failed_shard(job, work, f"{type(e).__name__}: {e}")
-            failed += 1
-            continue
-        done += record["docs"]
-        update_progress_artifact(artifact, 100.0 * done / max(total, 1))
-        logger.info("counted %d/%d docs (%.1f%%)", done, total, 100.0 * done / max(total, 1))
-    if failed:
-        logger.error("%d shards failed; the others are counted", failed)
+    progress = Progress(f"Counting n-grams into {job.out}", prep["rows_done"], prep["rows_total"], "counted", "docs")
+    failures = fan_out(
+        t.count_shard.with_options(retries=job.vocab.retries),
+        prep["work"],
+        lambda work: (job, work),
+        progress,
+        weight=work_rows,
+        # Recorded; plan_reduce then fails naming every failed shard.
+        on_failure=lambda work, error: t.record_failed_shard(job, work, error),
+    )
+    if failures:
+        get_run_logger().error("%d shards failed; the others are counted", len(failures))
 
 
 def _sum_partitions(job: VocabJob, red: dict[str, Any]) -> None:
-    logger = get_run_logger()
     n = red["partitions"]
-    done = n - len(red["pending"])
-    artifact = create_progress_artifact(100.0 * done / n, description=f"Summing partitions of {job.out}")
+    progress = Progress(f"Summing partitions of {job.out}", n - len(red["pending"]), n, "summed", "partitions")
     part_task = t.sum_partition.with_options(retries=job.vocab.retries)
-    futures = [part_task.submit(job, work, red["inputs"]) for work in red["work"]]
-    errors = []
-    for fut in as_completed(futures):
-        try:
-            fut.result()
-        except Exception as e:  # noqa: BLE001 - every partition gets its chance; the error names them all
-            errors.append(f"{type(e).__name__}: {e}")
-            continue
-        done += 1
-        update_progress_artifact(artifact, 100.0 * done / n)
-        logger.info("summed %d/%d partitions", done, n)
-    if errors:
+    failures = fan_out(part_task, red["work"], lambda work: (job, work, red["inputs"]), progress)
+    if failures:
         raise CountingFailed(
-            f"{len(errors)} of {n} partitions failed ({errors[0]}); the others are summed. Re-run the same command."
+            f"{len(failures)} of {n} partitions failed ({failures[0][1]}); the others are summed. "
+            "Re-run the same command."
         )

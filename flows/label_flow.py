@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
-from prefect.futures import as_completed
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact
 
+from flows.fanout import Progress, fan_out
 from sparse_distill.config import LabelConfig, LabelJob
 from sparse_distill.labelling import format_status
+from sparse_distill.shard_plan import work_rows
 from sparse_distill.tracking import TrackingRef
 from tasks import labelling as t
 
@@ -50,34 +51,28 @@ def label_corpus_flow(job: LabelJob, tracking: TrackingRef | None = None, run_na
     Shards run on this flow's task runner (see `make_task_runner`). A shard that still fails after its retries is
     recorded with its error and the others go on; the flow then ends Failed, naming the shards.
     """
-    logger = get_run_logger()
     prep = t.plan_labelling(job)
-    fp, total = prep["teacher_fingerprint"], prep["rows_total"]
-    done = prep["rows_done"]
-    artifact = create_progress_artifact(100.0 * done / max(total, 1), description=f"Labelling into {job.out}")
+    fp = prep["teacher_fingerprint"]
+    progress = Progress(f"Labelling into {job.out}", prep["rows_done"], prep["rows_total"], "labelled", "docs")
     shard_task = t.label_shard.with_options(retries=job.label.retries)
     threads = _torch_threads(job.label)
-    futures = {}
-    for work in prep["work"]:
-        fut = shard_task.submit(job, work, fp, threads)
-        futures[fut.task_run_id] = (fut, work)
-    failed: list[int] = []
     run_ctx, ref = _tracking_run(job, tracking, run_name)
     with run_ctx as sr:
-        for fut in as_completed([f for f, _ in futures.values()]):
-            work = futures[fut.task_run_id][1]
-            index = work["shard"]["index"]
-            try:
-                record = fut.result()
-            except Exception as e:  # noqa: BLE001 - recorded, and the flow fails at the end
-                t.record_failed_shard(job, work, f"{type(e).__name__}: {e}")
-                failed.append(index)
-                continue
-            done += record["rows"]
-            update_progress_artifact(artifact, 100.0 * done / max(total, 1))
-            logger.info("labelled %d/%d docs (%.1f%%)", done, total, 100.0 * done / max(total, 1))
+
+        def log_speed(work: dict[str, Any], record: dict[str, Any]) -> None:
             if sr:
-                sr.log_metrics(index, {"docs_per_s": record["rows"] / max(record["seconds"], 1e-9)})
+                sr.log_metrics(record["index"], {"docs_per_s": record["rows"] / max(record["seconds"], 1e-9)})
+
+        failures = fan_out(
+            shard_task,
+            prep["work"],
+            lambda work: (job, work, fp, threads),
+            progress,
+            weight=work_rows,
+            on_success=log_speed,
+            on_failure=lambda work, error: t.record_failed_shard(job, work, error),
+        )
+        failed = [work["shard"]["index"] for work, _ in failures]
         status = t.collect_labels(job)
         if sr:
             sr.log_metrics(0, {"rows_written": status["rows_written"], "shards_failed": status["failed"]})

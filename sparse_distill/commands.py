@@ -256,7 +256,7 @@ def progress_bar(out: str, records: str, key: str, desc: str, every: float = 0.5
     whatever runner does the shards, since it only watches the files."""
     from tqdm import tqdm
 
-    from sparse_distill.labelling import MANIFEST
+    from sparse_distill.shard_plan import MANIFEST
 
     stop = threading.Event()
 

@@ -8,7 +8,7 @@ No step holds all distinct n-grams, and each step's memory is bounded by `memory
 - reduce: each partition sums its row groups from every shard; a partition too big for the budget is summed in
   several passes, each over a disjoint slice of the hash space.
 - select: a histogram of counts from every partition gives the count at the cut; then only n-grams at or above it
-  are read, and the ties at the cut are resolved by the tie rule of `sparse_distill.vocab`.
+  are read, and the ties at the cut are resolved by the tie rule (`sparse_distill.vocab.select_top_files`).
 
 Layout of OUT (resumable: a re-run redoes only what is missing or stale):
     OUT/manifest.json          the plan: corpus files, shard row ranges, file sizes and mtimes
@@ -28,8 +28,6 @@ import hashlib
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -42,26 +40,30 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from sparse_distill.config import VocabJob
-from sparse_distill.data import DataError, atomic_write_text, expand_paths
-from sparse_distill.labelling import (
-    MANIFEST,
+from sparse_distill.data import DataError, atomic_path, atomic_write_text, expand_paths
+from sparse_distill.ngram_kernels import mix
+from sparse_distill.shard_plan import (
     CorpusSource,
-    LabelManifest,
-    ShardFiles,
+    PlanKind,
+    ShardPlan,
+    ShardRecord,
     ShardSpec,
     input_checksum,
-    input_unchanged,
-    plan_shards,
+    open_plan,
+    pending_work,
+    read_record,
     read_shard,
-    remove_temporaries,
+    record_failure,
+    run_pending,
+    work_item,
+    write_record,
 )
-from sparse_distill.ngram_kernels import mix
 from sparse_distill.vocab import (
     TOKEN_PATTERN,
     NgramVocab,
     count_ngram_table,
     merge_count_tables,
-    select_top_table,
+    select_top_files,
     write_vocab,
 )
 
@@ -119,40 +121,34 @@ def partition_of(ngrams: pa.Array | pa.ChunkedArray, partitions: int) -> np.ndar
 
 
 @dataclass
-class SpillRecord(ShardFiles):
-    """A counted shard: rows [start, stop) of one source, and where each partition's counts are in its spill."""
+class SpillRecord(ShardRecord):
+    """A counted shard: where each partition's counts are in its spill."""
 
-    index: int
-    source: int
-    start: int
-    stop: int
-    status: str = "done"
     docs: int = 0
-    input_checksum: str | None = None
     spill_bytes: int = 0
     distinct: int = 0  # rows spilled (an n-gram spilled twice counts twice)
-    seconds: float = 0.0
     # [partition, row group, rows, in-memory bytes] for every row group of the spill
     row_groups: list[list[int]] = field(default_factory=list)
-    error: str | None = None
 
 
+# The counting folder's plan: its shards' spills and records in spills/, the partition sums in counts/.
+COUNTING = PlanKind(
+    name="counting",
+    outputs="counts",
+    records=SPILLS,
+    record_type=SpillRecord,
+    more_folders=(COUNTS,),
+    settings_file=SETTINGS,
+)
 _SCHEMA = pa.schema([("ngram", pa.string()), ("count", pa.int64())])
-
-
-def _tmp_path(path: Path) -> Path:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    return Path(tmp)
 
 
 class _SpillWriter:
     """Appends count tables to one Parquet file, one row group per partition per spill."""
 
     def __init__(self, path: Path, partitions: int) -> None:
-        self.path, self.partitions = path, partitions
-        self.tmp = _tmp_path(path)
-        self.writer = pq.ParquetWriter(self.tmp, _SCHEMA, compression="lz4")
+        self.partitions = partitions
+        self.writer = pq.ParquetWriter(path, _SCHEMA, compression="lz4")
         self.row_groups: list[list[int]] = []
 
     def spill(self, table: pa.Table) -> None:
@@ -165,15 +161,8 @@ class _SpillWriter:
             self.writer.write_table(piece, row_group_size=piece.num_rows)  # exactly one row group
             self.row_groups.append([int(p), len(self.row_groups), piece.num_rows, piece.nbytes])
 
-    def close(self) -> int:
+    def close(self) -> None:
         self.writer.close()
-        os.chmod(self.tmp, 0o644)
-        os.replace(self.tmp, self.path)
-        return self.path.stat().st_size
-
-    def abort(self) -> None:
-        self.writer.close()
-        self.tmp.unlink(missing_ok=True)
 
 
 def count_shard(
@@ -191,32 +180,31 @@ def count_shard(
     budget = memory_mb * 2**20
     chunk_chars = max(min(budget // (4 * _BYTES_PER_CHAR), _MAX_CHUNK_CHARS), 1 << 16)
     hold_bytes = min(budget // (4 * _MERGE_FACTOR), _MAX_HOLD_BYTES)
-    spill_dir = Path(out_dir) / SPILLS
-    spill_dir.mkdir(parents=True, exist_ok=True)
-    rec = SpillRecord(shard.index, shard.source, shard.start, shard.stop, docs=len(texts), input_checksum=in_sum)
-    writer = _SpillWriter(spill_dir / rec.name, partitions)
-    try:
-        held: list[pa.Table] = []
-        held_bytes = 0
-        for chunk in _chunks_by_chars(texts, chunk_chars):
-            part = count_ngram_table(chunk, ngram_max)
-            held.append(part)
-            held_bytes += part.nbytes
-            if held_bytes > hold_bytes:
-                merged = merge_count_tables(held)
-                held = []
-                if merged.nbytes > hold_bytes // 2:
-                    # Merging no longer shrinks the counts much (rare n-grams dominate): spill them.
-                    writer.spill(merged)
-                    held_bytes = 0
-                else:
-                    held, held_bytes = [merged], merged.nbytes
-        if held:
-            writer.spill(merge_count_tables(held))
-        rec.spill_bytes = writer.close()
-    except BaseException:
-        writer.abort()
-        raise
+    rec = SpillRecord(**asdict(shard.spec()), status="done", docs=len(texts), input_checksum=in_sum)
+    path = Path(out_dir) / SPILLS / rec.name
+    with atomic_path(path) as tmp:
+        writer = _SpillWriter(tmp, partitions)
+        try:
+            held: list[pa.Table] = []
+            held_bytes = 0
+            for chunk in _chunks_by_chars(texts, chunk_chars):
+                part = count_ngram_table(chunk, ngram_max)
+                held.append(part)
+                held_bytes += part.nbytes
+                if held_bytes > hold_bytes:
+                    merged = merge_count_tables(held)
+                    held = []
+                    if merged.nbytes > hold_bytes // 2:
+                        # Merging no longer shrinks the counts much (rare n-grams dominate): spill them.
+                        writer.spill(merged)
+                        held_bytes = 0
+                    else:
+                        held, held_bytes = [merged], merged.nbytes
+            if held:
+                writer.spill(merge_count_tables(held))
+        finally:
+            writer.close()
+    rec.spill_bytes = path.stat().st_size
     rec.row_groups = writer.row_groups
     rec.distinct = sum(rg[2] for rg in writer.row_groups)
     rec.seconds = round(time.perf_counter() - start, 3)
@@ -228,7 +216,7 @@ def count_shard(
         rec.seconds,
         rec.docs / max(rec.seconds, 1e-9),
     )
-    atomic_write_text(spill_dir / rec.record_name, json.dumps(asdict(rec)))
+    write_record(out_dir, COUNTING, rec)
     return rec
 
 
@@ -242,25 +230,6 @@ def _chunks_by_chars(texts: list[str], max_chars: int):
             batch, size = [], 0
     if batch:
         yield batch
-
-
-def record_shard_failure(out_dir: str | Path, shard: ShardSpec, error: str) -> SpillRecord:
-    """Record a shard that failed after its retries, with its error."""
-    rec = SpillRecord(shard.index, shard.source, shard.start, shard.stop, status="failed", error=error)
-    atomic_write_text(Path(out_dir) / SPILLS / rec.record_name, json.dumps(asdict(rec)))
-    return rec
-
-
-def read_spill_record(out_dir: str | Path, shard: ShardSpec) -> SpillRecord | None:
-    """The shard's record if it is readable and belongs to this shard of the plan, else None."""
-    path = Path(out_dir) / SPILLS / f"{shard.index:05d}.json"
-    try:
-        rec = SpillRecord(**json.loads(path.read_text()))
-    except (OSError, json.JSONDecodeError, TypeError):
-        return None
-    if (rec.index, rec.source, rec.start, rec.stop) != (shard.index, shard.source, shard.start, shard.stop):
-        return None
-    return rec
 
 
 def spill_is_complete(out_dir: str | Path, rec: SpillRecord | None) -> bool:
@@ -307,36 +276,31 @@ def reduce_partition(
     counts_dir = out_dir / COUNTS
     counts_dir.mkdir(parents=True, exist_ok=True)
     path = counts_dir / f"{part:05d}.parquet"
-    tmp = _tmp_path(path)
-    writer = pq.ParquetWriter(tmp, _SCHEMA, compression="zstd")
     histogram: Counter[int] = Counter()
     rows = 0
-    try:
-        files: dict[int, pq.ParquetFile] = {}
-        for k in range(passes):
-            tables = []
-            for shard, rg, _, _ in pieces:
-                if shard not in files:
-                    files[shard] = pq.ParquetFile(out_dir / SPILLS / f"{shard:05d}.parquet")
-                table = files[shard].read_row_group(rg)
-                if passes > 1:
-                    # The hash's bits above the partition number pick the pass.
-                    h = ngram_hash(table.column("ngram")) // np.uint64(partitions)
-                    table = table.filter(pa.array(h % np.uint64(passes) == np.uint64(k)))
-                tables.append(table)
-            summed = merge_count_tables(tables) if tables else _SCHEMA.empty_table()
-            del tables
-            writer.write_table(summed)
-            rows += summed.num_rows
-            values, freq = np.unique(summed.column("count").to_numpy(), return_counts=True)
-            histogram.update(dict(zip(values.tolist(), freq.tolist(), strict=True)))
-        writer.close()
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        writer = pq.ParquetWriter(tmp, _SCHEMA, compression="zstd")
+        try:
+            files: dict[int, pq.ParquetFile] = {}
+            for k in range(passes):
+                tables = []
+                for shard, rg, _, _ in pieces:
+                    if shard not in files:
+                        files[shard] = pq.ParquetFile(out_dir / SPILLS / f"{shard:05d}.parquet")
+                    table = files[shard].read_row_group(rg)
+                    if passes > 1:
+                        # The hash's bits above the partition number pick the pass.
+                        h = ngram_hash(table.column("ngram")) // np.uint64(partitions)
+                        table = table.filter(pa.array(h % np.uint64(passes) == np.uint64(k)))
+                    tables.append(table)
+                summed = merge_count_tables(tables) if tables else _SCHEMA.empty_table()
+                del tables
+                writer.write_table(summed)
+                rows += summed.num_rows
+                values, freq = np.unique(summed.column("count").to_numpy(), return_counts=True)
+                histogram.update(dict(zip(values.tolist(), freq.tolist(), strict=True)))
+        finally:
+            writer.close()
     rec = PartitionRecord(
         part=part,
         inputs=inputs,
@@ -364,58 +328,6 @@ def read_partition_record(out_dir: str | Path, part: int, inputs: str) -> Partit
     return rec
 
 
-# --- select: the global top |V| -------------------------------------------------------------------------------------
-
-
-def cut_count(histogram: dict[int, int], size: int, min_count: int) -> tuple[int, int, int]:
-    """From the corpus-wide histogram {count: n-grams}: the count at the cut, how many n-grams above it are kept,
-    and how many of those tied at it. When fewer than `size` n-grams reach `min_count`, all of them are kept."""
-    above = 0
-    for c in sorted((c for c in histogram if c >= min_count), reverse=True):
-        n = histogram[c]
-        if above + n >= size:
-            return c, above, size - above
-        above += n
-    return min_count, above, 0  # everything eligible is kept: no cut
-
-
-def select_vocab(
-    out_dir: str | Path, records: list[PartitionRecord], size: int, min_count: int, tie_rule: str
-) -> tuple[pa.Table, int]:
-    """The kept n-grams (ngram, count), in rank order, and the number of distinct n-grams counted.
-
-    "alphabetical" reads only the n-grams at or above the cut, and keeps at most `size` of the tied ones at a time.
-    "sklearn" reproduces CountVectorizer's unstable tie order, which depends on every count, so it reads them all.
-    """
-    counts_dir = Path(out_dir) / COUNTS
-    histogram: Counter[int] = Counter()
-    for rec in records:
-        histogram.update({c: n for c, n in rec.histogram})
-    distinct = sum(histogram.values())
-    if tie_rule == "sklearn":
-        table = pa.concat_tables(
-            [pq.read_table(counts_dir / r.name, filters=[("count", ">=", min_count)]) for r in records]
-        )
-        ngrams, kept = select_top_table(table, size, min_count, "sklearn")
-        return pa.table({"ngram": pa.array(ngrams, pa.string()), "count": pa.array(kept, pa.int64())}), distinct
-    cut, _, tied_wanted = cut_count(histogram, size, min_count)
-    above_parts: list[pa.Table] = []
-    tied = _SCHEMA.empty_table()
-    for rec in records:
-        table = pq.read_table(counts_dir / rec.name, filters=[("count", ">=", cut)])
-        if tied_wanted == 0:
-            above_parts.append(table)
-            continue
-        c = table.column("count")
-        above_parts.append(table.filter(pc.greater(c, cut)))
-        # Ties at the cut: keep the alphabetically first `tied_wanted` seen so far (bounded by |V|).
-        tied = pa.concat_tables([tied, table.filter(pc.equal(c, cut))])
-        tied = tied.take(pc.sort_indices(tied, [("ngram", "ascending")])[:tied_wanted])
-    kept = pa.concat_tables([*above_parts, tied]).combine_chunks()
-    kept = kept.take(pc.sort_indices(kept, [("count", "descending"), ("ngram", "ascending")]))
-    return kept, distinct
-
-
 # --- the plan and a whole job: what the CLI, the flow and the pipeline share ----------------------------------------
 
 
@@ -433,55 +345,6 @@ def job_settings(job: VocabJob) -> dict[str, Any]:
         "token_pattern": TOKEN_PATTERN,
         "lowercase": True,
     }
-
-
-def open_count_plan(job: VocabJob, sources: list[CorpusSource] | None = None) -> LabelManifest:
-    """The plan for `job.out`: the existing one when the inputs and settings match, else a new one.
-
-    Counts made from other inputs or settings are an error unless `job.replan` (then they are removed). When a file
-    was edited in place (same row count), only the shards whose text changed are counted again.
-    """
-    out = Path(job.out)
-    plan = plan_shards(sources or job_sources(job), job.vocab.shard_size)
-    settings = job_settings(job)
-    try:
-        old: LabelManifest | None = LabelManifest.load(out)
-        old_settings = json.loads((out / SETTINGS).read_text())
-    except FileNotFoundError:
-        old, old_settings = None, None
-    if old is not None and old_settings == settings and old.same_plan(plan):
-        plan = old
-    elif old is not None and old_settings == settings and old.same_ranges(plan):
-        _forget_changed_shards(out, plan)
-    elif old is not None:
-        if not job.replan:
-            raise DataError(
-                f"{out / MANIFEST}: this directory holds counts of other inputs or settings "
-                f"({[s.path for s in old.sources]}, shard size {old.shard_size}, {old_settings}). "
-                "Use a new --out, or --replan to discard those counts."
-            )
-        logger.warning("%s: the inputs or settings changed; discarding the old counts", out)
-        for sub in (SPILLS, COUNTS):
-            for p in (out / sub).glob("*"):
-                p.unlink()
-        (out / SETTINGS).unlink(missing_ok=True)
-    for sub in (SPILLS, COUNTS):
-        (out / sub).mkdir(parents=True, exist_ok=True)
-        remove_temporaries(out / sub)
-    atomic_write_text(out / SETTINGS, json.dumps(settings, indent=2))
-    plan.save(out)
-    return plan
-
-
-def _forget_changed_shards(out: Path, plan: LabelManifest) -> None:
-    redo = 0
-    for shard in plan.shards:
-        rec = read_spill_record(out, shard)
-        if rec is not None and rec.status == "done":
-            if not input_unchanged(plan.sources[shard.source], shard, rec.input_checksum):
-                (out / SPILLS / rec.record_name).unlink(missing_ok=True)
-                redo += 1
-    logger.warning("%s: a corpus file changed since planning; %d counted shards will be counted again", out, redo)
 
 
 def inputs_fingerprint(records: list[SpillRecord]) -> str:
@@ -504,10 +367,11 @@ def prepare_count(job: VocabJob, sources: list[CorpusSource] | None = None) -> d
 
     `sources` replaces the job's inputs when the files need their own row limits (the pipeline's train split and
     corpus). Nothing is pending when every partition was already summed from the same inputs (spills may be gone).
+    Counts made from other inputs or settings are an error unless `job.replan` (then they are removed).
     """
     out = Path(job.out)
-    plan = open_count_plan(job, sources)
-    records = [read_spill_record(out, s) for s in plan.shards]
+    plan = open_plan(out, COUNTING, sources or job_sources(job), job.vocab.shard_size, job.replan, job_settings(job))
+    records = [read_record(out, COUNTING, s) for s in plan.shards]
     done = [r for r in records if r is not None and r.status == "done"]
     success = _success(out)
     summed = (
@@ -519,39 +383,19 @@ def prepare_count(job: VocabJob, sources: list[CorpusSource] | None = None) -> d
     pending = (
         [] if summed else [s.index for s, r in zip(plan.shards, records, strict=True) if not spill_is_complete(out, r)]
     )
-    todo = set(pending)
-    docs_done = sum(s.size for s in plan.shards if s.index not in todo)
-    logger.info(
-        "%s: %d shards, %d to count (%d of %d docs done)",
-        out,
-        len(plan.shards),
-        len(pending),
-        docs_done,
-        plan.total_rows,
-    )
-    return {
-        "out": str(out.resolve()),
-        "shards": len(plan.shards),
-        "pending": pending,
-        "work": [
-            {"shard": asdict(plan.shards[i]), "source": asdict(plan.sources[plan.shards[i].source])} for i in pending
-        ],
-        "docs_total": plan.total_rows,
-        "docs_done": docs_done,
-        "summed": summed,
-    }
+    return {**pending_work(out, plan, pending), "summed": summed}
 
 
 def count_job_shard(job: VocabJob, work: dict[str, Any]) -> dict[str, Any]:
     """Count one pending shard (an item of `prepare_count`'s `work`); returns its record."""
-    shard, source = ShardSpec(**work["shard"]), CorpusSource(**work["source"])
+    source, shard = work_item(work)
     v = job.vocab
     return asdict(count_shard(source, shard, job.out, v.ngram_max, v.partitions, v.memory_mb))
 
 
 def fail_count_shard(job: VocabJob, work: dict[str, Any], error: str) -> dict[str, Any]:
     """Record a pending shard (an item of `prepare_count`'s `work`) as failed with its error."""
-    return asdict(record_shard_failure(job.out, ShardSpec(**work["shard"]), error))
+    return asdict(record_failure(job.out, COUNTING, work_item(work)[1], error))
 
 
 class CountingFailed(DataError):
@@ -561,8 +405,8 @@ class CountingFailed(DataError):
 def prepare_reduce(job: VocabJob) -> dict[str, Any]:
     """Check every shard is counted and list the partitions still to sum, each with its row groups."""
     out = Path(job.out)
-    plan = LabelManifest.load(out)
-    records = [read_spill_record(out, s) for s in plan.shards]
+    plan = ShardPlan.load(out, COUNTING)
+    records = [read_record(out, COUNTING, s) for s in plan.shards]
     failed = [(s, r) for s, r in zip(plan.shards, records, strict=True) if r is not None and r.status == "failed"]
     if failed:
         lines = "; ".join(
@@ -609,7 +453,11 @@ def finish_count(job: VocabJob, inputs: str, docs: int) -> dict[str, Any]:
             raise CountingFailed(f"{out / COUNTS}: partition {p:05d} is missing or stale; re-run the same command")
         records.append(rec)
     start = time.perf_counter()
-    kept, distinct = select_vocab(out, records, v.size, v.min_count, v.tie_rule)
+    histogram: Counter[int] = Counter()
+    for rec in records:
+        histogram.update({c: n for c, n in rec.histogram})
+    distinct = sum(histogram.values())
+    kept = select_top_files([out / COUNTS / r.name for r in records], histogram, v.size, v.min_count, v.tie_rule)
     write_vocab(
         kept,
         v.ngram_max,
@@ -676,9 +524,9 @@ def finish_without_reduce(job: VocabJob) -> dict[str, Any]:
             return _result(out, counts, meta["distinct_ngrams"], meta["docs"])
     except (OSError, json.JSONDecodeError, KeyError):
         pass
-    plan = LabelManifest.load(out)
-    records = [read_spill_record(out, s) for s in plan.shards]
-    docs = sum(r.docs for r in records if r is not None)
+    plan = ShardPlan.load(out, COUNTING)
+    records = [read_record(out, COUNTING, s) for s in plan.shards]
+    docs = sum(r.docs for r in records if isinstance(r, SpillRecord))
     return finish_count(job, success["inputs"], docs)
 
 
@@ -686,20 +534,12 @@ def run_count_job(job: VocabJob, progress: Any = None, sources: list[CorpusSourc
     """The whole job in this process, step after step (no Prefect): plan, count, sum, select.
 
     Raises `CountingFailed` naming the shards that failed (after being recorded); the others stay counted.
-    `progress(docs_done, docs_total)` is called after each shard.
+    `progress(rows_done, rows_total)` is called after each shard.
     """
     prep = prepare_count(job, sources)
     if prep["summed"]:
         return finish_without_reduce(job)
-    done = prep["docs_done"]
-    for work in prep["work"]:
-        try:
-            done += count_job_shard(job, work)["docs"]
-        except Exception as e:  # noqa: BLE001 - a bad shard is recorded, the others go on
-            logger.error("shard %05d failed: %s", work["shard"]["index"], e)
-            fail_count_shard(job, work, f"{type(e).__name__}: {e}")
-        if progress:
-            progress(done, prep["docs_total"])
+    run_pending(prep, lambda w: count_job_shard(job, w), lambda w, e: fail_count_shard(job, w, e), progress)
     red = prepare_reduce(job)
     for work in red["work"]:
         reduce_job_partition(job, work, red["inputs"])

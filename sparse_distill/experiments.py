@@ -38,7 +38,7 @@ from sparse_distill.config import (
 from sparse_distill.data import DataError, atomic_write_parquet, atomic_write_text
 from sparse_distill.evaluation import measure_throughput, repeat_to
 from sparse_distill.inference import StudentPredictor
-from sparse_distill.labelling import iter_soft_labels, read_manifest, run_label_job
+from sparse_distill.labelling import run_label_job
 from sparse_distill.pipeline import (
     STAGE_DIRS,
     TaskData,
@@ -49,6 +49,7 @@ from sparse_distill.pipeline import (
     read_result,
     stage_fingerprints,
 )
+from sparse_distill.soft_labels import iter_soft_labels, read_manifest
 from sparse_distill.student import DanStudent, init_table_from_vectors, load_student, save_student
 from sparse_distill.teacher import TeacherPredictor
 from sparse_distill.training import BatchSource, InMemoryBatches, SoftLabelStream, student_from_config, train_student

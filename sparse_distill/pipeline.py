@@ -31,7 +31,7 @@ from sparse_distill.data import (
 )
 from sparse_distill.evaluation import classification_metrics, measure_throughput, repeat_to
 from sparse_distill.inference import StudentPredictor
-from sparse_distill.labelling import CorpusSource
+from sparse_distill.shard_plan import CorpusSource
 from sparse_distill.student import load_student, save_student
 from sparse_distill.teacher import TeacherPredictor, finetune_teacher, teacher_fingerprint
 from sparse_distill.training import InMemoryBatches, SoftLabelStream, student_from_config, train_student

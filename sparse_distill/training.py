@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from sparse_distill.config import TrainConfig
-from sparse_distill.labelling import iter_soft_labels, read_manifest
+from sparse_distill.soft_labels import iter_soft_labels, read_manifest
 from sparse_distill.student import DanStudent
 from sparse_distill.vocab import NgramVocab
 

@@ -14,7 +14,7 @@ from prefect.cache_policies import NO_CACHE
 
 from sparse_distill import counting
 from sparse_distill.config import VocabJob
-from sparse_distill.labelling import CorpusSource
+from sparse_distill.shard_plan import CorpusSource
 
 
 @task(name="plan-counting", cache_policy=NO_CACHE)
@@ -26,8 +26,8 @@ def plan_counting(job: VocabJob, sources: list[dict[str, Any]] | None = None) ->
         prep["out"],
         prep["shards"],
         len(prep["pending"]),
-        prep["docs_done"],
-        prep["docs_total"],
+        prep["rows_done"],
+        prep["rows_total"],
     )
     return prep
 

@@ -19,13 +19,12 @@ from sparse_distill.counting import (
     SPILLS,
     CountingFailed,
     count_shard,
-    cut_count,
     partition_of,
     reduce_partition,
     run_count_job,
 )
-from sparse_distill.labelling import CorpusSource, ShardSpec
-from sparse_distill.vocab import NgramVocab, count_ngrams, select_top
+from sparse_distill.shard_plan import CorpusSource, ShardSpec
+from sparse_distill.vocab import NgramVocab, count_ngrams, cut_count, select_top
 
 
 def _docs(n: int, seed: int = 0) -> list[str]:

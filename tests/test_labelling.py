@@ -12,15 +12,9 @@ import pytest
 
 from sparse_distill.config import LabelJob
 from sparse_distill.data import DataError
-from sparse_distill.labelling import (
-    CorpusSource,
-    LabelManifest,
-    iter_soft_labels,
-    label_status,
-    plan_shards,
-    prepare_job,
-    run_label_job,
-)
+from sparse_distill.labelling import label_status, prepare_job, run_label_job
+from sparse_distill.shard_plan import CorpusSource, ShardPlan, plan_shards
+from sparse_distill.soft_labels import LABELLING, iter_soft_labels
 from sparse_distill.teacher import TeacherPredictor
 
 
@@ -55,7 +49,7 @@ def test_plan_is_deterministic_and_written_before_any_work(tiny_teacher, corpus,
     assert a.to_json() == b.to_json()
     prep = prepare_job(_job(tiny_teacher, corpus, tmp_path / "out"))
     assert prep["pending"] == [0, 1, 2] and prep["rows_total"] == 250
-    assert LabelManifest.load(tmp_path / "out").to_json()["shards"] == a.to_json()["shards"]
+    assert ShardPlan.load(tmp_path / "out", LABELLING).to_json()["shards"] == a.to_json()["shards"]
     assert not list((tmp_path / "out" / "shards").iterdir())
 
 
@@ -157,7 +151,7 @@ def test_unfinished_shard_blocks_distillation_with_a_clear_error(corpus, tmp_pat
     plan_shards([CorpusSource(str(corpus))], 100).save(out)
     with pytest.raises(DataError, match="shard 00000.parquet is pending"):
         next(iter_soft_labels(out))
-    assert LabelManifest.load(out).total_rows == 250
+    assert ShardPlan.load(out, LABELLING).total_rows == 250
 
 
 def test_soft_labels_join_back_to_an_edited_text_file(tiny_teacher, tmp_path):
