@@ -13,7 +13,14 @@ from flows.count_flow import count_ngrams_flow
 from flows.label_flow import label_corpus_flow
 from flows.runners import make_task_runner
 from sparse_distill.config import PipelineConfig, fingerprint
-from sparse_distill.pipeline import label_job, read_result, stage_fingerprints, vocab_job, vocab_sources
+from sparse_distill.pipeline import (
+    label_job,
+    read_result,
+    stage_fingerprints,
+    transfer_job,
+    vocab_job,
+    vocab_sources,
+)
 from sparse_distill.tracking import TrackingRef
 from tasks import stages
 from tasks.stages import needs_refresh
@@ -96,13 +103,31 @@ def _label_stages(
     for w in which:
         stage = f"label_{w}"
         if needs_refresh(run_dir, stage, fps[stage]):
-            job = label_job(config, w, teacher["model_dir"], stages.stage_dir(run_dir, stage))
-            runner = make_task_runner(config.label)
-            label_corpus_flow.with_options(name=f"label-{w}", task_runner=runner)(
-                job=job, tracking=tracking, run_name=f"label-{w}"
+            _run_labelling(
+                config, label_job(config, w, teacher["model_dir"], stages.stage_dir(run_dir, stage)), w, tracking
             )
-        out.append(_fresh(getattr(stages, stage), run_dir, stage, fps)(**args, teacher=teacher))
+        out.append(_fresh(LABEL_TASKS[stage], run_dir, stage, fps)(**args, teacher=teacher))
+    if config.transfer.size != 0:
+        # The transfer set: made from the train texts, then labelled like a corpus (skipped when it came out empty).
+        transfer = _fresh(stages.make_transfer_set, run_dir, "transfer", fps)(**args)
+        if transfer["rows"]:
+            if needs_refresh(run_dir, "label_transfer", fps["label_transfer"]):
+                out_dir = stages.stage_dir(run_dir, "label_transfer")
+                _run_labelling(
+                    config, transfer_job(config, transfer["path"], teacher["model_dir"], out_dir), "transfer", tracking
+                )
+            out.append(_fresh(stages.label_transfer, run_dir, "label_transfer", fps)(**args, teacher=teacher))
     return out
+
+
+LABEL_TASKS = {"label_train": stages.label_train, "label_corpus": stages.label_corpus}
+
+
+def _run_labelling(config: PipelineConfig, job, which: str, tracking: TrackingRef | None) -> None:
+    runner = make_task_runner(config.label)
+    label_corpus_flow.with_options(name=f"label-{which}", task_runner=runner)(
+        job=job, tracking=tracking, run_name=f"label-{which}"
+    )
 
 
 def _count_vocab(config: PipelineConfig, run_dir: str, fps: dict[str, str]) -> None:
@@ -160,7 +185,7 @@ def distill_flow(config: PipelineConfig, run_dir: str | None = None) -> dict:
     a = _stage_args(config, run_dir)
     labels = [
         _upstream(a["run_dir"], s)
-        for s in ("label_corpus", "label_train")
+        for s in ("label_corpus", "label_train", "label_transfer")
         if read_result(stages.stage_dir(a["run_dir"], s))
     ]
     vocab = _upstream(a["run_dir"], "vocab")

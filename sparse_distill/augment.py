@@ -16,6 +16,8 @@ from typing import Literal
 logger = logging.getLogger(__name__)
 
 AugmentMethod = Literal["eda", "ngram"]
+TransferMethod = Literal["eda", "ngram", "dropout", "mix"]
+TRANSFER_METHODS: tuple[str, ...] = ("eda", "ngram", "dropout", "mix")
 EDA_OPS = ("replace", "delete", "swap")
 
 
@@ -55,6 +57,68 @@ def ngram_sample(text: str, rng: random.Random, min_words: int = 1, max_words: i
     size = rng.randint(min_words, max(min_words, top))
     start = rng.randrange(len(words) - size + 1)
     return " ".join(words[start : start + size])
+
+
+def word_dropout(text: str, rng: random.Random, rate: float = 0.2) -> str:
+    """The text with each word dropped with probability `rate` (at least one word kept)."""
+    words = _words(text)
+    kept = [w for w in words if rng.random() >= rate]
+    return " ".join(kept or [rng.choice(words)]) if words else text
+
+
+def mix_texts(first: str, second: str, rng: random.Random) -> str:
+    """A leading span of one text joined to a trailing span of another (sentence mixing): the teacher's label of the
+    mix is a blend, which teaches the student how evidence from different texts combines."""
+    a, b = _words(first), _words(second)
+    if not a or not b:
+        return first or second
+    return " ".join(a[: rng.randint(1, len(a))] + b[rng.randrange(len(b)) :])
+
+
+def make_transfer_set(
+    texts: Sequence[str],
+    size: int,
+    methods: Sequence[str] = TRANSFER_METHODS,
+    seed: int = 13,
+    alpha: float = 0.1,
+    dropout: float = 0.2,
+    pool_size: int = 10_000,
+) -> list[str]:
+    """`size` new texts made from the train texts for the teacher to label (a transfer set, when the corpus is small).
+
+    Source texts are taken in a seeded shuffled order, cycling through them all before any repeats; each copy is made
+    by one method drawn at random from `methods`: EDA without a thesaurus, an n-gram span (Tang et al. 2019), word
+    dropout, or a mix of two texts. Copies that equal their source are kept (rare); the output has exactly `size`
+    texts, so a seed gives the same set every time.
+    """
+    unknown = sorted(set(methods) - set(TRANSFER_METHODS))
+    if unknown or not methods:
+        raise ValueError(f"unknown transfer methods {unknown} (choose from {', '.join(TRANSFER_METHODS)})")
+    if size < 0:
+        raise ValueError(f"size must be >= 0, got {size}")
+    sources = [t for t in texts if t.strip()]
+    if not sources or size == 0:
+        return []
+    rng = random.Random(seed)
+    pool = [w for t in rng.sample(sources, min(len(sources), pool_size)) for w in _words(t)]
+    out: list[str] = []
+    order: list[int] = []
+    while len(out) < size:
+        if not order:
+            order = list(range(len(sources)))
+            rng.shuffle(order)
+        text = sources[order.pop()]
+        method = rng.choice(list(methods))
+        if method == "eda":
+            out.append(eda(text, rng, pool, alpha))
+        elif method == "ngram":
+            out.append(ngram_sample(text, rng))
+        elif method == "dropout":
+            out.append(word_dropout(text, rng, dropout))
+        else:
+            out.append(mix_texts(text, sources[rng.randrange(len(sources))], rng))
+    logger.info("transfer set: %d texts from %d train texts (%s)", len(out), len(sources), ", ".join(methods))
+    return out
 
 
 def augment_texts(

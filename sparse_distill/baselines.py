@@ -13,10 +13,8 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import os
 import tempfile
-import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from itertools import chain
@@ -36,7 +34,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from sparse_distill.config import TrainConfig
 from sparse_distill.data import atomic_write_text, write_dir_atomically
-from sparse_distill.training import MetricsCallback, TrainResult, kl_loss
+from sparse_distill.training import MetricsCallback, TrainResult, fit, kl_loss
 from sparse_distill.vocab import TOKEN_PATTERN, tokenize
 
 logger = logging.getLogger(__name__)
@@ -303,58 +301,49 @@ def train_word_student(
     dev_flat, dev_lengths = vocab.encode_ragged(dev_texts, max_len)
     dev_offsets, dev_y = _offsets(dev_lengths), np.asarray(dev_labels)
 
-    total = config.max_steps or max(1, math.ceil(config.epochs * num_docs / config.batch_size))
-    best_acc, best_step, step, epoch, stale = -1.0, 0, 0, 0, 0
     best_state = copy.deepcopy(model.state_dict())
-    history: list[dict[str, float]] = []
-    start = time.perf_counter()
-    kind = type(model).__name__
-    logger.info("%s%s: %d docs, %d steps of %d", metric_prefix, kind, num_docs, total, config.batch_size)
 
-    def evaluate() -> bool:
-        nonlocal best_acc, best_step, stale, best_state
+    def evaluate() -> float:
         logits = _logits_in_batches(model, dev_flat, dev_offsets, dev_lengths, 512, device)
-        acc = float((logits.argmax(-1).numpy() == dev_y).mean()) if len(dev_y) else 0.0
-        history.append({"step": step, "dev_accuracy": acc})
-        if on_metrics:
-            on_metrics(step, {f"{metric_prefix}dev_accuracy": acc})
-        logger.info("%s%s step %d/%d: dev accuracy %.4f", metric_prefix, kind, step, total, acc)
-        if acc > best_acc:
-            # In memory: a baseline is small, and the caller decides whether to save it.
-            best_acc, best_step, stale = acc, step, 0
-            best_state = copy.deepcopy(model.state_dict())
-            return False
-        stale += 1
-        return config.patience is not None and stale >= config.patience
+        return float((logits.argmax(-1).numpy() == dev_y).mean()) if len(dev_y) else 0.0
 
-    stop = False
-    while step < total and not stop:
-        # The same per-epoch shuffle as training.InMemoryBatches, over row positions.
-        order = np.random.default_rng(config.seed + epoch).permutation(num_docs)
-        for i in range(0, num_docs, config.batch_size):
-            rows = order[i : i + config.batch_size]
-            model.train()
-            ids = torch.from_numpy(_pad(flat, offsets, lengths, rows)).to(device)
-            logits = model(ids, torch.from_numpy(lengths[rows]).to(device))
-            loss = kl_loss(logits, torch.from_numpy(targets[rows]).to(device), config.temperature)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            if on_metrics and (step % 10 == 0 or step == 1):
-                on_metrics(step, {f"{metric_prefix}train_loss": loss.item()})
-            if step % config.eval_every == 0 or step == total:
-                stop = evaluate()
-            if step >= total or stop:
-                break
-        epoch += 1
-    if not history or history[-1]["step"] != step:
-        evaluate()
+    def save_best() -> None:
+        # In memory: a baseline is small, and the caller decides whether to save it.
+        nonlocal best_state
+        best_state = copy.deepcopy(model.state_dict())
+
+    def train_step(rows: np.ndarray) -> torch.Tensor:
+        model.train()
+        ids = torch.from_numpy(_pad(flat, offsets, lengths, rows)).to(device)
+        logits = model(ids, torch.from_numpy(lengths[rows]).to(device))
+        return kl_loss(logits, torch.from_numpy(targets[rows]).to(device), config.temperature)
+
+    result = fit(
+        [optimizer],
+        train_step,
+        evaluate,
+        save_best,
+        _RowBatches(num_docs, config.seed),
+        config,
+        on_metrics,
+        metric_prefix,
+        name=type(model).__name__,
+    )
     model.load_state_dict(best_state)
     model.eval()
-    seconds = time.perf_counter() - start
-    logger.info("%s%s: best dev accuracy %.4f at step %d (%.1fs)", metric_prefix, kind, best_acc, best_step, seconds)
-    return TrainResult(best_acc, best_step, step, seconds, history), model
+    return result, model
+
+
+class _RowBatches:
+    """Row positions of a pre-encoded train set, reshuffled each epoch (seeded as training.InMemoryBatches)."""
+
+    def __init__(self, num_docs: int, seed: int) -> None:
+        self.num_docs, self.seed = num_docs, seed
+
+    def epoch(self, epoch: int, batch_size: int):
+        order = np.random.default_rng(self.seed + epoch).permutation(self.num_docs)
+        for i in range(0, self.num_docs, batch_size):
+            yield order[i : i + batch_size]
 
 
 # --------------------------------------------------------------------------------------------------------------------

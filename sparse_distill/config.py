@@ -104,6 +104,29 @@ class VocabConfig(RunnerConfig):
     RUNTIME_FIELDS: ClassVar[set[str]] = RunnerConfig.RUNTIME_FIELDS | {"shard_size", "memory_mb", "partitions"}
 
 
+class TransferConfig(_Strict):
+    """A transfer set: new texts made from the train texts (see sparse_distill.augment.make_transfer_set), labelled
+    by the teacher like a corpus. It gives distillation data when the task has little or no unlabelled corpus."""
+
+    size: int | None = Field(
+        None,
+        ge=0,
+        description="Texts to generate; None: auto (copies_per_text x train rows, at most max_size, and none when the "
+        "corpus already has min_corpus documents); 0: no transfer set.",
+    )
+    copies_per_text: int = Field(8, ge=1, description="Auto size: generated texts per train text.")
+    max_size: int = Field(200_000, ge=1, description="Auto size: at most this many texts.")
+    min_corpus: int = Field(
+        200_000, ge=0, description="Auto size: no transfer set when the corpus holds at least this many documents."
+    )
+    methods: list[Literal["eda", "ngram", "dropout", "mix"]] = Field(
+        ["eda", "ngram", "dropout", "mix"], min_length=1, description="Ways of making a text; one drawn per text."
+    )
+    alpha: float = Field(0.1, gt=0, le=1, description="EDA: share of words replaced, deleted or swapped.")
+    dropout: float = Field(0.2, gt=0, lt=1, description="Word dropout: probability of dropping each word.")
+    seed: int = Field(13, description="Random seed of the generator.")
+
+
 class StudentConfig(_Strict):
     """The Deep Averaging Network."""
 
@@ -118,14 +141,27 @@ class StudentConfig(_Strict):
 class TrainConfig(_Strict):
     """One student training stage: distillation, fine-tuning, or the from-scratch baseline."""
 
-    lr: float = Field(5e-4, gt=0, description="Learning rate (SparseAdam for the table, Adam for dense layers).")
-    batch_size: int = Field(2048, ge=1, description="Documents per step.")
-    epochs: float = Field(1.0, gt=0, description="Passes over the training data.")
+    lr: float = Field(1e-3, gt=0, description="Learning rate of the dense layers (Adam).")
+    table_lr: float | None = Field(
+        None, gt=0, description="Learning rate of the n-gram table (SparseAdam); None: the same as `lr`."
+    )
+    batch_size: int = Field(256, ge=1, description="Documents per step.")
+    epochs: float | None = Field(
+        None, gt=0, description="Passes over the training data; None: a budget derived from the data size."
+    )
     max_steps: int | None = Field(None, ge=1, description="Stop after N steps whatever the epochs.")
-    eval_every: int = Field(200, ge=1, description="Evaluate on dev every N steps; the best dev checkpoint is kept.")
+    eval_every: int | None = Field(
+        None, ge=1, description="Evaluate on dev every N steps (None: about 40 times per budget, at most once a pass)."
+    )
+    patience: int | None = Field(
+        8, ge=1, description="Stop after N evaluations without a dev improvement (None: train the whole budget)."
+    )
+    schedule: Literal["constant", "linear", "cosine"] = Field(
+        "linear", description="Learning-rate decay over the step budget, after the warm-up."
+    )
+    warmup_ratio: float = Field(0.02, ge=0, lt=1, description="Share of the step budget with a linear warm-up.")
     temperature: float = Field(1.0, gt=0, description="Softmax temperature of the KL loss (distillation only).")
     shuffle_buffer: int = Field(100_000, ge=1, description="Documents held in the streaming shuffle buffer.")
-    patience: int | None = Field(None, ge=1, description="Stop after N evaluations without a dev improvement.")
     seed: int = Field(13, description="Random seed.")
 
 
@@ -186,15 +222,17 @@ class PipelineConfig(_Strict):
     """The whole pipeline: one section per stage."""
 
     name: str = Field("run", description="Run name; outputs go to runs/<name>/ unless --run-dir is given.")
-    seed: int = Field(13, description="Global seed.")
     data: DataConfig
     teacher: TeacherConfig
     label: LabelConfig = Field(default_factory=LabelConfig)
     vocab: VocabConfig = Field(default_factory=VocabConfig)
+    transfer: TransferConfig = Field(default_factory=TransferConfig)
     student: StudentConfig = Field(default_factory=StudentConfig)
     distill: TrainConfig = Field(default_factory=TrainConfig)
-    finetune: TrainConfig = Field(default_factory=lambda: TrainConfig(lr=1e-4, batch_size=256, epochs=2))
-    scratch: TrainConfig = Field(default_factory=lambda: TrainConfig(lr=1e-3, batch_size=256, epochs=5))
+    finetune: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(lr=2e-4), description="KD+FT: the distilled student on the gold labels."
+    )
+    scratch: TrainConfig = Field(default_factory=TrainConfig, description="The baseline: the DAN on gold labels only.")
     evaluate: EvalConfig = Field(default_factory=EvalConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
@@ -364,6 +402,8 @@ def _load_yaml_model(path: str | Path, overrides: list[str] | None, model: type[
         raw = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError as e:
         raise ConfigError(f"{path}: config file not found") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a UTF-8 text file (is it a YAML config?)") from e
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML: {e}") from e
     if not isinstance(raw, dict):

@@ -50,9 +50,10 @@ from sparse_distill.pipeline import (
     stage_fingerprints,
 )
 from sparse_distill.soft_labels import iter_soft_labels, read_manifest
-from sparse_distill.student import DanStudent, init_table_from_vectors, load_student, save_student
+from sparse_distill.student import DanStudent, init_table_from_vectors, load_student
 from sparse_distill.teacher import TeacherPredictor
-from sparse_distill.training import BatchSource, InMemoryBatches, SoftLabelStream, student_from_config, train_student
+from sparse_distill.training import BatchSource, InMemoryBatches, SoftLabelStream
+from sparse_distill.training import train_dan as train_dan_into
 from sparse_distill.vocab import NgramVocab
 
 logger = logging.getLogger(__name__)
@@ -246,29 +247,24 @@ def train_dan(
     fp = fingerprint("dan", name, source_fp, vocab_dir, student, train, init_fp)
 
     def run() -> dict[str, Any]:
-        vocab = NgramVocab.load(vocab_dir)
-        torch.manual_seed(train.seed)
-        model = student_from_config(len(vocab), ctx.data.label_map.num_classes, student)
-        if init is not None:
-            init(model)
-        model_dir = folder / "model"
-        res = train_student(
-            model,
-            vocab,
+        res = train_dan_into(
+            folder,
+            vocab_dir,
             source(),
             ctx.data.dev.texts,
             ctx.data.encoded(ctx.data.dev),
+            ctx.data.label_map,
+            student,
             train,
-            save_best=lambda m: save_student(m, ctx.data.label_map, vocab_dir, model_dir),
+            init=init,
             on_metrics=ctx.metrics_for(name),
-            temperature=train.temperature,
         )
         return {
             "variant": name,
-            "model_dir": str(model_dir),
-            "dev_accuracy": res.best_dev_accuracy,
-            "steps": res.steps,
-            **score_student(ctx, model_dir),
+            "model_dir": res["model_dir"],
+            "dev_accuracy": res["dev_accuracy"],
+            "steps": res["steps"],
+            **score_student(ctx, res["model_dir"]),
             **(extra or {}),
         }
 

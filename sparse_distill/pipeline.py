@@ -15,15 +15,26 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
+import pyarrow as pa
 
 from sparse_distill import __version__
-from sparse_distill.config import DataConfig, LabelConfig, LabelJob, PipelineConfig, VocabConfig, VocabJob, fingerprint
+from sparse_distill.augment import make_transfer_set
+from sparse_distill.config import (
+    DataConfig,
+    LabelConfig,
+    LabelJob,
+    PipelineConfig,
+    TrainConfig,
+    VocabConfig,
+    VocabJob,
+    fingerprint,
+)
 from sparse_distill.counting import run_count_job
 from sparse_distill.data import (
     DataError,
     LabelMap,
     TextSplit,
+    atomic_write_parquet,
     atomic_write_text,
     expand_paths,
     load_split,
@@ -31,11 +42,9 @@ from sparse_distill.data import (
 )
 from sparse_distill.evaluation import classification_metrics, measure_throughput, repeat_to
 from sparse_distill.inference import StudentPredictor
-from sparse_distill.shard_plan import CorpusSource
-from sparse_distill.student import load_student, save_student
+from sparse_distill.shard_plan import CorpusSource, plan_shards
 from sparse_distill.teacher import TeacherPredictor, finetune_teacher, teacher_fingerprint
-from sparse_distill.training import InMemoryBatches, SoftLabelStream, student_from_config, train_student
-from sparse_distill.vocab import NgramVocab
+from sparse_distill.training import BatchSource, InMemoryBatches, SoftLabelStream, train_dan
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +57,8 @@ STAGE_DIRS = {
     "label_train": "labels/train",
     "label_corpus": "labels/corpus",
     "vocab": "vocab",
+    "transfer": "transfer",
+    "label_transfer": "labels/transfer",
     "distill": "students/kd",
     "kdft": "students/kdft",
     "scratch": "students/scratch",
@@ -139,9 +150,13 @@ def stage_fingerprints(cfg: PipelineConfig) -> dict[str, str]:
     )
     vocab_cfg = cfg.vocab.model_dump(exclude=VocabConfig.RUNTIME_FIELDS)
     fp["vocab"] = fingerprint("vocab", vocab_cfg, data_fingerprint(cfg.data, ("train",), corpus=True))
+    fp["transfer"] = fingerprint("transfer", cfg.transfer, data_fingerprint(cfg.data, ("train",), corpus=True))
+    fp["label_transfer"] = fingerprint("label_transfer", fp["teacher"], label_cfg, fp["transfer"])
     uses = [fp["label_corpus"]] if cfg.data.corpus else []
     if cfg.label.include_train or not cfg.data.corpus:
         uses.append(fp["label_train"])
+    if cfg.transfer.size != 0:
+        uses.append(fp["label_transfer"])
     fp["distill"] = fingerprint(
         "distill", fp["vocab"], uses, student_key(cfg), cfg.distill, data_fingerprint(cfg.data, ("dev",))
     )
@@ -204,6 +219,20 @@ def label_sources(cfg: PipelineConfig, which: str) -> list[CorpusSource]:
     return [CorpusSource(p, d.text_column, d.id_column, d.max_corpus_samples) for p in corpus_paths(d)]
 
 
+def transfer_job(cfg: PipelineConfig, transfer_file: str, teacher_dir: str, out_dir: str | Path) -> LabelJob:
+    """The labelling job of the transfer set: its one Parquet file, labelled like a corpus."""
+    return LabelJob(
+        teacher=teacher_dir,
+        corpus=[transfer_file],
+        out=str(out_dir),
+        text_column="text",
+        id_column="id",
+        max_length=cfg.teacher.max_length,
+        replan=True,
+        label=cfg.label,
+    )
+
+
 def label_job(cfg: PipelineConfig, which: str, teacher_dir: str, out_dir: str | Path) -> LabelJob:
     """The labelling job of a pipeline stage: the train split or the corpus files, into `out_dir`.
 
@@ -225,7 +254,7 @@ def label_job(cfg: PipelineConfig, which: str, teacher_dir: str, out_dir: str | 
     )
 
 
-def finish_label_stage(cfg: PipelineConfig, which: str, teacher_dir: str, out_dir: str | Path) -> dict:
+def finish_label_dir(teacher_dir: str, out_dir: str | Path) -> dict:
     """Check that every shard of a labelling stage is done for this teacher; returns the stage's record."""
     from sparse_distill.labelling import label_status, pending_shards, read_manifest
 
@@ -271,47 +300,68 @@ def run_vocab(cfg: PipelineConfig, out_dir: str | Path) -> dict:
     )
 
 
+TRANSFER_FILE = "transfer.parquet"
+
+
+def transfer_size(cfg: PipelineConfig, train_rows: int, corpus_rows: int) -> tuple[int, str]:
+    """How many transfer texts to make, and why (an explicit `transfer.size` wins)."""
+    t = cfg.transfer
+    if t.size is not None:
+        return t.size, "transfer.size set"
+    if corpus_rows >= t.min_corpus:
+        return 0, f"auto: the corpus has {corpus_rows:,} documents (>= transfer.min_corpus {t.min_corpus:,})"
+    size = min(t.max_size, t.copies_per_text * train_rows)
+    return size, (
+        f"auto: the corpus has {corpus_rows:,} documents (< transfer.min_corpus {t.min_corpus:,}), so "
+        f"{t.copies_per_text} texts per train row (at most transfer.max_size {t.max_size:,})"
+    )
+
+
+def run_transfer(cfg: PipelineConfig, out_dir: str | Path) -> dict:
+    """Make the transfer set (`transfer.parquet`: id, text) from the train texts; empty when none is needed."""
+    train = load_split(split_path(cfg.data, "train"), cfg.data.text_column, None, None, cfg.data.max_train_samples)
+    sources = label_sources(cfg, "corpus")
+    corpus_rows = plan_shards(sources, 1 << 30).total_rows if sources else 0
+    size, reason = transfer_size(cfg, len(train.texts), corpus_rows)
+    t = cfg.transfer
+    texts = make_transfer_set(train.texts, size, t.methods, t.seed, t.alpha, t.dropout)
+    table = pa.table({"id": [f"transfer:{i}" for i in range(len(texts))], "text": texts})
+    atomic_write_parquet(table, Path(out_dir) / TRANSFER_FILE)
+    logger.info("transfer set: %d texts (%s)", len(texts), reason)
+    return write_result(out_dir, {"path": str(Path(out_dir) / TRANSFER_FILE), "rows": len(texts), "reason": reason})
+
+
 def _train_stage(
     cfg: PipelineConfig,
     vocab_dir: str,
     out_dir: str | Path,
-    data_source,
-    train_cfg,
+    data_source: Callable[[TaskData], BatchSource],
+    train_cfg: TrainConfig,
     init_model: str | None,
     on_metrics: MetricsCallback | None,
     prefix: str,
-    temperature: float = 1.0,
 ) -> dict:
     data = load_task_data(cfg.data)
-    vocab = NgramVocab.load(vocab_dir)
-    if init_model:
-        model, _ = load_student(init_model, mmap=False)
-    else:
-        torch.manual_seed(train_cfg.seed)
-        model = student_from_config(len(vocab), data.label_map.num_classes, cfg.student)
-    model_dir = Path(out_dir) / "model"
-    res = train_student(
-        model,
-        vocab,
+    res = train_dan(
+        out_dir,
+        vocab_dir,
         data_source(data),
         data.dev.texts,
         data.encoded(data.dev),
+        data.label_map,
+        cfg.student,
         train_cfg,
-        save_best=lambda m: save_student(m, data.label_map, vocab_dir, model_dir),
+        init_model=init_model,
         on_metrics=on_metrics,
         metric_prefix=prefix,
-        temperature=temperature,
     )
-    return write_result(
-        out_dir,
-        {
-            "model_dir": str(model_dir),
-            "dev_accuracy": res.best_dev_accuracy,
-            "best_step": res.best_step,
-            "steps": res.steps,
-            "seconds": res.seconds,
-            "params": model.param_counts(),
-        },
+    return write_result(out_dir, res)
+
+
+def _gold(train_cfg: TrainConfig) -> Callable[[TaskData], BatchSource]:
+    """The train set's gold labels as one-hot targets, shuffled with the stage's seed."""
+    return lambda d: InMemoryBatches.from_labels(
+        d.train.texts, d.encoded(d.train), d.label_map.num_classes, train_cfg.seed
     )
 
 
@@ -324,23 +374,21 @@ def run_distill(
 ) -> dict:
     """Distil the teacher's soft labels into a fresh DAN (streamed from the label shards)."""
     stream = lambda _d: SoftLabelStream(label_dirs, cfg.distill.shuffle_buffer, cfg.distill.seed)  # noqa: E731
-    return _train_stage(cfg, vocab_dir, out_dir, stream, cfg.distill, None, on_metrics, "kd_", cfg.distill.temperature)
+    return _train_stage(cfg, vocab_dir, out_dir, stream, cfg.distill, None, on_metrics, "kd_")
 
 
 def run_finetune_student(
     cfg: PipelineConfig, vocab_dir: str, init_model: str, out_dir: str | Path, on_metrics: MetricsCallback | None = None
 ) -> dict:
     """KD+FT: fine-tune the distilled student on the train set's gold labels."""
-    gold = lambda d: InMemoryBatches.from_labels(d.train.texts, d.encoded(d.train), d.label_map.num_classes)  # noqa: E731
-    return _train_stage(cfg, vocab_dir, out_dir, gold, cfg.finetune, init_model, on_metrics, "kdft_")
+    return _train_stage(cfg, vocab_dir, out_dir, _gold(cfg.finetune), cfg.finetune, init_model, on_metrics, "kdft_")
 
 
 def run_scratch(
     cfg: PipelineConfig, vocab_dir: str, out_dir: str | Path, on_metrics: MetricsCallback | None = None
 ) -> dict:
     """The baseline: the same DAN trained on the train set alone."""
-    gold = lambda d: InMemoryBatches.from_labels(d.train.texts, d.encoded(d.train), d.label_map.num_classes)  # noqa: E731
-    return _train_stage(cfg, vocab_dir, out_dir, gold, cfg.scratch, None, on_metrics, "scratch_")
+    return _train_stage(cfg, vocab_dir, out_dir, _gold(cfg.scratch), cfg.scratch, None, on_metrics, "scratch_")
 
 
 def run_evaluate(cfg: PipelineConfig, teacher_dir: str, students: dict[str, str], out_dir: str | Path) -> dict:

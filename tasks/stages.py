@@ -99,7 +99,7 @@ def _label(config: PipelineConfig, run_dir: str, fingerprints: dict[str, str], t
     # The shards were labelled by `label_corpus_flow` just before; this records the finished stage.
     stage = f"label_{which}"
     out = stage_dir(run_dir, stage)
-    res = pipeline.finish_label_stage(config, which, teacher["model_dir"], out)
+    res = pipeline.finish_label_dir(teacher["model_dir"], out)
     get_run_logger().info("labels (%s): %d docs in %d shards", which, res["rows"], res["shards"])
     return _done(stage, fingerprints, {**res, "out_dir": str(out)})
 
@@ -118,6 +118,31 @@ def label_corpus(
 ) -> dict:
     """Record the corpus's soft labels (labelled by the labelling flow)."""
     return _label(config, run_dir, fingerprints, teacher, "corpus")
+
+
+@_stage_task("transfer")
+def make_transfer_set(
+    config: PipelineConfig, run_dir: str, fingerprints: dict[str, str], tracking: TrackingRef | None
+) -> dict:
+    """Make the transfer set from the train texts (empty when the corpus is large enough)."""
+    out = stage_dir(run_dir, "transfer")
+    with stage_run(tracking, "transfer", {"transfer": config.transfer.model_dump(mode="json")}) as sr:
+        res = pipeline.run_transfer(config, out)
+        if sr:
+            sr.log_metrics(0, {"transfer_rows": res["rows"]})
+    get_run_logger().info("transfer set: %d texts (%s)", res["rows"], res["reason"])
+    return _done("transfer", fingerprints, {**res, "out_dir": str(out)})
+
+
+@_stage_task("label_transfer")
+def label_transfer(
+    config: PipelineConfig, run_dir: str, fingerprints: dict[str, str], tracking: TrackingRef | None, teacher: dict
+) -> dict:
+    """Record the transfer set's soft labels (labelled by the labelling flow)."""
+    out = stage_dir(run_dir, "label_transfer")
+    res = pipeline.finish_label_dir(teacher["model_dir"], out)
+    get_run_logger().info("labels (transfer): %d docs in %d shards", res["rows"], res["shards"])
+    return _done("label_transfer", fingerprints, {**res, "out_dir": str(out)})
 
 
 @_stage_task("vocab")
@@ -327,7 +352,10 @@ def publish_results(
     pngs.append(plot_accuracy_vs_speed(points, plots_dir / "accuracy_vs_speed.png"))
     table = pipeline.results_table(summary)
     if tracking:
-        summary["mlflow_model_uri"] = log_student_model(model_dirs[best], tracking.parent_run_id, tracking.tracking_uri)
+        if config.tracking.log_model or config.tracking.registered_model:
+            # Registering needs the logged model, so a registered_model logs it whatever log_model says.
+            uri = log_student_model(model_dirs[best], tracking.parent_run_id, tracking.tracking_uri)
+            summary["mlflow_model_uri"] = uri
         if config.tracking.registered_model:
             try:
                 summary["registry"] = _register(config, tracking, summary["mlflow_model_uri"], evaluation, split)

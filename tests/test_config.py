@@ -116,12 +116,6 @@ def test_invalid_yaml_and_a_missing_file_are_named(tmp_path):
         load_config(tmp_path / "nowhere.yaml")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=UnicodeDecodeError,
-    reason="config._load_yaml_model reads with read_text() and lets UnicodeDecodeError escape; catch it there and "
-    "raise ConfigError naming the file, then drop this marker",
-)
 def test_a_binary_file_is_a_config_error_naming_the_file(tmp_path):
     path = tmp_path / "model.safetensors"
     path.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)))

@@ -142,7 +142,7 @@ def test_a_rerun_reads_every_variant_back(experiment_file, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError("a finished variant was trained again")
 
-    monkeypatch.setattr(ex, "train_student", no_training)
+    monkeypatch.setattr(ex, "train_dan_into", no_training)
     result = experiment_flow(name="ablations", config=load_experiment_config(experiment_file))
     # Same accuracies and sizes; docs/s of the order rows are re-measured (they are scored, not trained).
     after = result["table"]
