@@ -1,14 +1,36 @@
-"""The KL loss, the optimisers (SparseAdam touches only the batch's rows) and a learning sanity check."""
+"""The KL loss, the optimisers (SparseAdam touches only the batch's rows), a learning sanity check, the step budget,
+the learning-rate schedule, the training loop (early stopping, best checkpoint, evaluate_first) and train_dan."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
 from sparse_distill.config import StudentConfig, TrainConfig
-from sparse_distill.training import InMemoryBatches, kl_loss, make_optimizers, student_from_config, train_student
-from sparse_distill.vocab import build_vocab
+from sparse_distill.data import LabelMap
+from sparse_distill.student import load_student
+from sparse_distill.training import (
+    AUTO_DOCS_SEEN,
+    AUTO_EVALS,
+    AUTO_MAX_EPOCHS,
+    AUTO_MIN_EPOCHS,
+    InMemoryBatches,
+    accuracy,
+    fit,
+    kl_loss,
+    lr_scale,
+    make_optimizers,
+    plan_budget,
+    student_from_config,
+    to_tensors,
+    train_dan,
+    train_student,
+)
+from sparse_distill.vocab import NgramVocab, build_vocab
 
 
 def test_kl_loss_is_zero_at_the_teacher_and_matches_the_definition():
@@ -74,3 +96,318 @@ def test_training_learns_a_bag_of_words_task():
         saved.append,
     )
     assert res.best_dev_accuracy == 1.0 and saved
+
+
+# --- the step budget and the learning-rate schedule ------------------------------------------------------------------
+
+
+def test_plan_budget_max_steps_wins_over_epochs_and_epochs_over_auto():
+    b = plan_budget(1000, TrainConfig(batch_size=10, epochs=3.0, max_steps=7))
+    assert b.steps == 7 and "max_steps" in b.reason
+    b = plan_budget(1000, TrainConfig(batch_size=8, epochs=2.5))
+    assert b.steps == math.ceil(2.5 * 1000 / 8) == 313 and "epochs" in b.reason
+    assert b.epochs == pytest.approx(313 / 125)  # steps over batches per pass
+    assert plan_budget(3, TrainConfig(batch_size=8, epochs=0.1)).steps == 1  # never 0 steps
+
+
+@pytest.mark.parametrize("num_docs", [10, 1_000, 50_000, 100_000, 2_000_000])
+def test_plan_budget_auto_passes_and_docs_seen(num_docs):
+    batch = 64
+    b = plan_budget(num_docs, TrainConfig(batch_size=batch))
+    assert b.reason.startswith("auto")
+    passes = b.steps * batch / num_docs  # documents seen over the data size
+    assert AUTO_MIN_EPOCHS <= passes <= AUTO_MAX_EPOCHS + batch / num_docs  # ceil adds at most one batch
+    if AUTO_MIN_EPOCHS * num_docs < AUTO_DOCS_SEEN < AUTO_MAX_EPOCHS * num_docs:
+        assert b.steps * batch == pytest.approx(AUTO_DOCS_SEEN, abs=batch)  # in between: about the target docs
+    elif num_docs < AUTO_DOCS_SEEN / AUTO_MAX_EPOCHS:
+        assert passes == pytest.approx(AUTO_MAX_EPOCHS, abs=batch / num_docs)  # small data: the most passes
+    else:
+        assert passes == pytest.approx(AUTO_MIN_EPOCHS, abs=batch / num_docs)  # big data: the fewest passes
+    assert f"{num_docs:,}" in b.reason
+
+
+def test_plan_budget_auto_grows_with_the_data_until_docs_seen_caps_it():
+    steps = [plan_budget(n, TrainConfig(batch_size=100)).steps for n in (1_000, 10_000, 100_000, 1_000_000)]
+    assert steps[0] < steps[1] < steps[2] < steps[3]
+    assert steps[1] == steps[0] * 10  # both at AUTO_MAX_EPOCHS passes
+    assert steps[2] == math.ceil(AUTO_DOCS_SEEN / 100)  # 15 passes: the docs-seen target
+    assert steps[3] == math.ceil(AUTO_MIN_EPOCHS * 1_000_000 / 100)  # 1.5 passes would be too few
+
+
+def test_plan_budget_eval_every_default_and_explicit():
+    # Big data: about AUTO_EVALS evaluations over the budget, well within one pass.
+    b = plan_budget(1_000_000, TrainConfig(batch_size=100, max_steps=4000))
+    assert b.eval_every == 4000 // AUTO_EVALS and b.steps / b.eval_every == pytest.approx(AUTO_EVALS, abs=1)
+    # Small data: at most one pass between evaluations (here fewer than AUTO_EVALS evaluations would be needed).
+    b = plan_budget(50, TrainConfig(batch_size=10, max_steps=4000))
+    assert b.eval_every == 5  # one pass of 5 batches
+    b = plan_budget(1000, TrainConfig(batch_size=10, epochs=100))  # 10_000 steps, 100 per pass
+    assert b.eval_every == min(100, math.ceil(10_000 / AUTO_EVALS)) == 100
+    assert plan_budget(10, TrainConfig(batch_size=10, max_steps=3)).eval_every == 1
+    # An explicit eval_every wins, even over one pass.
+    assert plan_budget(50, TrainConfig(batch_size=10, max_steps=4000, eval_every=123)).eval_every == 123
+
+
+def test_lr_scale_warmup_is_linear_up_to_one():
+    scales = [lr_scale(s, 100, "linear", 10) for s in range(10)]
+    assert scales == pytest.approx([(s + 1) / 10 for s in range(10)])
+    assert lr_scale(10, 100, "linear", 10) == 1.0  # the first step after warm-up: full rate
+    assert lr_scale(0, 100, "constant", 0) == 1.0  # no warm-up: full rate at once
+
+
+@pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
+def test_lr_scale_after_warmup_is_non_increasing(schedule):
+    total, warmup = 210, 10
+    scales = [lr_scale(s, total, schedule, warmup) for s in range(warmup, total + 1)]
+    assert all(a >= b for a, b in zip(scales, scales[1:], strict=False))
+    assert scales[0] == pytest.approx(1.0) and all(0.0 <= s <= 1.0 for s in scales)
+    if schedule == "constant":
+        assert set(scales) == {1.0}
+    else:
+        assert lr_scale(total - 1, total, schedule, warmup) < 0.01  # the last step: ~0
+        assert lr_scale(total, total, schedule, warmup) == pytest.approx(0.0, abs=1e-12)
+        assert scales[50] < 1.0  # decays in between
+    if schedule == "cosine":
+        assert lr_scale(warmup + 100, total, "cosine", warmup) == pytest.approx(0.5)  # half-way through the decay
+        assert lr_scale(warmup + 50, total, "cosine", warmup) > lr_scale(warmup + 50, total, "linear", warmup)
+    if schedule == "linear":
+        assert lr_scale(warmup + 100, total, "linear", warmup) == pytest.approx(0.5)
+        assert lr_scale(warmup + 150, total, "linear", warmup) == pytest.approx(0.25)
+
+
+# --- the training loop ----------------------------------------------------------------------------------------------
+
+
+class CountingBatches:
+    """`num_docs` fake documents in batches; the loop sees only the number of batches."""
+
+    def __init__(self, num_docs: int):
+        self.num_docs = num_docs
+
+    def epoch(self, epoch: int, batch_size: int):
+        for i in range(0, self.num_docs, batch_size):
+            n = min(batch_size, self.num_docs - i)
+            yield [f"doc {j}" for j in range(i, i + n)], np.zeros((n, 2), np.float32)
+
+
+def _scripted_fit(accuracies, config, evaluate_first=False):
+    """fit over a one-parameter model with a scripted dev accuracy; returns the result, save and eval steps."""
+    w = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([w], lr=0.1)
+    state = {"step": 0}
+    saved, evaluated = [], []
+
+    def train_step(_batch):
+        state["step"] += 1
+        return (w - 1.0).pow(2).sum()
+
+    def evaluate():
+        evaluated.append(state["step"])
+        return accuracies[len(evaluated) - 1]
+
+    res = fit(
+        [opt],
+        train_step,
+        evaluate,
+        lambda: saved.append(state["step"]),
+        CountingBatches(100),
+        config,
+        evaluate_first=evaluate_first,
+    )
+    return res, saved, evaluated
+
+
+def test_fit_stops_after_patience_evaluations_without_improvement():
+    accs = [0.5, 0.6, 0.6, 0.55, 0.6, 0.9, 0.9, 0.9]
+    res, saved, evaluated = _scripted_fit(accs, TrainConfig(batch_size=10, max_steps=100, eval_every=2, patience=3))
+    assert evaluated == [2, 4, 6, 8, 10]  # 0.6 at step 4, then three evaluations that do not beat it
+    assert res.steps == 10 and len(res.history) == 5 and res.budget["early_stopped"] is True
+    assert [h["step"] for h in res.history] == evaluated
+    assert saved == [2, 4]  # save_best exactly when dev improves (a tie is no improvement)
+    assert res.best_step == 4 and res.best_dev_accuracy == 0.6
+    assert res.budget["steps"] == 100 and res.budget["eval_every"] == 2
+
+
+def test_fit_without_patience_trains_the_whole_budget():
+    accs = [0.5, 0.4, 0.4, 0.4, 0.4, 0.7]
+    res, saved, evaluated = _scripted_fit(accs, TrainConfig(batch_size=10, max_steps=28, eval_every=5, patience=None))
+    assert evaluated == [5, 10, 15, 20, 25, 28]  # and once more at the last step
+    assert res.steps == 28 and res.budget["early_stopped"] is False
+    assert saved == [5, 28] and res.best_step == 28 and res.best_dev_accuracy == 0.7
+
+
+def test_fit_improvement_resets_patience():
+    accs = [0.1, 0.1, 0.2, 0.2, 0.3, 0.3, 0.3]
+    res, saved, _ = _scripted_fit(accs, TrainConfig(batch_size=10, max_steps=100, eval_every=1, patience=2))
+    assert res.steps == 7 and saved == [1, 3, 5] and res.budget["early_stopped"] is True
+
+
+def test_fit_evaluate_first_scores_the_starting_model():
+    accs = [0.8, 0.7, 0.75, 0.8]
+    res, saved, evaluated = _scripted_fit(
+        accs, TrainConfig(batch_size=10, max_steps=3, eval_every=1, patience=None), evaluate_first=True
+    )
+    assert evaluated == [0, 1, 2, 3] and saved == [0]  # 0.8 at the end only ties the start
+    assert res.best_step == 0 and res.best_dev_accuracy == 0.8 and res.history[0] == {"step": 0, "dev_accuracy": 0.8}
+
+
+def _separable(n=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 2, generator=g)
+    y = (x[:, 0] > 0).long()
+    return x, y
+
+
+@pytest.mark.parametrize("evaluate_first", [True, False])
+def test_fit_keeps_the_starting_model_when_training_only_makes_it_worse(evaluate_first):
+    x, y = _separable()
+    model = torch.nn.Linear(2, 2)
+    with torch.no_grad():  # a perfect starting model
+        model.weight.copy_(torch.tensor([[-5.0, 0.0], [5.0, 0.0]]))
+        model.bias.zero_()
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    best = {}
+
+    def evaluate():
+        with torch.no_grad():
+            return float((model(x).argmax(-1) == y).float().mean())
+
+    def train_step(_batch):
+        return model.weight[1, 0] - model.weight[0, 0]  # the margin of the right class: minimising it unlearns
+
+    res = fit(
+        [torch.optim.SGD(model.parameters(), lr=5.0)],
+        train_step,
+        evaluate,
+        lambda: best.update({k: v.clone() for k, v in model.state_dict().items()}),
+        CountingBatches(40),
+        TrainConfig(batch_size=10, max_steps=8, eval_every=2, patience=None, schedule="constant", warmup_ratio=0),
+        evaluate_first=evaluate_first,
+    )
+    assert evaluate() < 1.0  # training did make it worse
+    if evaluate_first:
+        assert res.best_step == 0 and res.best_dev_accuracy == 1.0
+        assert all(torch.equal(best[k], start[k]) for k in start)
+    else:  # without the first look, the worse model is the best one seen
+        assert res.best_step > 0 and res.best_dev_accuracy < 1.0
+
+
+@pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
+def test_fit_sets_each_group_lr_by_the_schedule_and_table_lr_reaches_sparse_adam(schedule):
+    torch.manual_seed(0)
+    model = student_from_config(30, 2, StudentConfig(dim=4, hidden=4))
+    optimizers = make_optimizers(model, lr=0.01, table_lr=0.5)
+    assert optimizers[0].param_groups[0]["lr"] == 0.5 and optimizers[1].param_groups[0]["lr"] == 0.01
+    seen = []
+    ids, offsets = torch.tensor([1, 2, 3]), torch.tensor([0, 2])
+
+    def train_step(_batch):
+        seen.append((optimizers[0].param_groups[0]["lr"], optimizers[1].param_groups[0]["lr"]))
+        return kl_loss(model(ids, offsets), torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+
+    config = TrainConfig(batch_size=10, max_steps=40, eval_every=40, schedule=schedule, warmup_ratio=0.1)
+    res = fit(optimizers, train_step, lambda: 0.5, lambda: None, CountingBatches(35), config)
+    assert res.steps == 40 and len(seen) == 40
+    for step, (table, dense) in enumerate(seen):
+        scale = lr_scale(step, 40, schedule, 4)
+        assert table == pytest.approx(0.5 * scale) and dense == pytest.approx(0.01 * scale)
+    assert seen[0][1] == pytest.approx(0.01 / 4) and seen[3][1] == pytest.approx(0.01)  # warm-up of 4 steps
+
+
+def test_make_optimizers_table_lr_defaults_to_lr():
+    model = student_from_config(30, 2, StudentConfig(dim=4, hidden=4))
+    sparse, dense = make_optimizers(model, lr=0.02)
+    assert sparse.param_groups[0]["lr"] == 0.02 and dense.param_groups[0]["lr"] == 0.02
+
+
+def test_train_student_passes_table_lr_to_the_optimizers(monkeypatch):
+    from sparse_distill import training
+
+    calls = []
+    real = training.make_optimizers
+
+    def spy(model, lr, table_lr=None):
+        calls.append((lr, table_lr))
+        return real(model, lr, table_lr)
+
+    monkeypatch.setattr(training, "make_optimizers", spy)
+    texts, labels = ["good fine", "bad awful"] * 4, [1, 0] * 4
+    vocab = build_vocab(texts, 50, 1)
+    model = student_from_config(len(vocab), 2, StudentConfig(dim=4, hidden=4))
+    cfg = TrainConfig(lr=0.003, table_lr=0.3, batch_size=4, max_steps=2)
+    train_student(model, vocab, InMemoryBatches.from_labels(texts, labels, 2), texts, labels, cfg, lambda m: None)
+    assert calls == [(0.003, 0.3)]
+
+
+# --- train_dan: a model folder and its record -------------------------------------------------------------------------
+
+
+POS_WORDS, NEG_WORDS = ["good", "fine", "great"], ["bad", "awful", "poor"]
+
+
+def _easy_task(tmp_path):
+    rng = np.random.default_rng(0)
+    texts, labels = [], []
+    for i in range(60):
+        words = list(rng.choice(POS_WORDS if i % 2 else NEG_WORDS, 2)) + list(rng.choice(["the", "a", "film"], 2))
+        texts.append(" ".join(words))
+        labels.append(i % 2)
+    vocab_dir = tmp_path / "vocab"
+    build_vocab(texts, 100, 2).save(vocab_dir)
+    return texts, labels, vocab_dir
+
+
+def test_train_dan_writes_a_loadable_student_and_its_record(tmp_path):
+    texts, labels, vocab_dir = _easy_task(tmp_path)
+    label_map = LabelMap(("neg", "pos"))
+    data = InMemoryBatches.from_labels(texts, labels, 2)
+    cfg = TrainConfig(lr=0.05, batch_size=8, max_steps=40, eval_every=10)
+    rec = train_dan(
+        tmp_path / "kd", vocab_dir, data, texts[:20], labels[:20], label_map, StudentConfig(dim=8, hidden=8), cfg
+    )
+    assert set(rec) >= {"model_dir", "dev_accuracy", "best_step", "steps", "seconds", "params", "budget"}
+    assert rec["model_dir"] == str(tmp_path / "kd" / "model")
+    assert rec["dev_accuracy"] == 1.0 and rec["steps"] == 40 and 0 < rec["best_step"] <= 40
+    assert rec["budget"]["steps"] == 40 and rec["budget"]["reason"] == "max_steps set"
+    assert rec["params"]["total"] > 0 and rec["seconds"] >= 0
+    model, lm = load_student(rec["model_dir"], mmap=False)
+    assert lm == label_map and model.config.dim == 8 and model.param_counts() == rec["params"]
+    vocab = NgramVocab.load(rec["model_dir"])
+    assert accuracy(model, *to_tensors(vocab, texts[:20]), np.asarray(labels[:20])) == 1.0
+
+
+def test_train_dan_from_init_model_keeps_it_unless_dev_improves(tmp_path):
+    texts, labels, vocab_dir = _easy_task(tmp_path)
+    label_map = LabelMap(("neg", "pos"))
+    good = train_dan(
+        tmp_path / "kd",
+        vocab_dir,
+        InMemoryBatches.from_labels(texts, labels, 2),
+        texts,
+        labels,
+        label_map,
+        StudentConfig(dim=8, hidden=8),
+        TrainConfig(lr=0.05, batch_size=8, max_steps=80, patience=None),
+    )
+    assert good["dev_accuracy"] == 1.0
+    start, _ = load_student(good["model_dir"], mmap=False)
+    # Fine-tune on flipped labels with a large rate: every later evaluation is worse (or at best ties the start).
+    flipped = InMemoryBatches.from_labels(texts, [1 - y for y in labels], 2)
+    cfg = TrainConfig(lr=0.5, batch_size=8, max_steps=30, eval_every=5, patience=None, warmup_ratio=0)
+    # Different student settings: an init model ignores them.
+    rec = train_dan(
+        tmp_path / "kdft",
+        vocab_dir,
+        flipped,
+        texts,
+        labels,
+        label_map,
+        StudentConfig(dim=4, hidden=4),
+        cfg,
+        init_model=good["model_dir"],
+    )
+    assert rec["dev_accuracy"] >= good["dev_accuracy"] and rec["best_step"] == 0 and rec["steps"] == 30
+    kept, _ = load_student(rec["model_dir"], mmap=False)
+    assert kept.config == start.config
+    for (name, a), (_, b) in zip(start.state_dict().items(), kept.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
