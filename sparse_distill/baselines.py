@@ -13,8 +13,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from itertools import chain
@@ -33,7 +31,7 @@ from torch.nn import functional as F
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from sparse_distill.config import TrainConfig
-from sparse_distill.data import atomic_write_text, write_dir_atomically
+from sparse_distill.data import atomic_write, atomic_write_text, write_dir_atomically
 from sparse_distill.training import MetricsCallback, TrainResult, fit, kl_loss
 from sparse_distill.vocab import TOKEN_PATTERN, tokenize
 
@@ -499,18 +497,8 @@ class TfidfLogReg:
         return int(lr.coef_.size + lr.intercept_.size)
 
     def save(self, path: str | Path) -> None:
-        """Pickle with joblib through a temporary sibling and a rename (readers never see half a file)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            joblib.dump(self, tmp)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        """Pickle with joblib through the atomic writer (readers never see half a file)."""
+        atomic_write(path, lambda tmp: joblib.dump(self, tmp))
 
     @staticmethod
     def load(path: str | Path) -> TfidfLogReg:

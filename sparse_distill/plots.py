@@ -1,13 +1,11 @@
 """Report figures (matplotlib, Agg backend, no GUI): confusion matrix and accuracy vs. inference speed.
 
-Every figure is written atomically: rendered to a temporary file in the target folder, then renamed into place.
+Every figure is written atomically (`data.atomic_path`): rendered to a temporary sibling, then renamed into place.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,21 +18,17 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from sparse_distill.data import atomic_path  # noqa: E402
+
 logger = logging.getLogger(__name__)
 
 
 def _save_atomic(fig: Figure, path: str | Path, dpi: int = 150) -> Path:
-    """Write `fig` as PNG to `path` via a temporary file in the same folder and `os.replace`; close the figure."""
+    """Write `fig` as PNG to `path` through the atomic writer; close the figure."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.png", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
     finally:
         plt.close(fig)
     logger.info("wrote %s", path)
