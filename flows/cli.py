@@ -314,8 +314,8 @@ def _run_flow(args: argparse.Namespace) -> int:
 
 
 def _experiment(args: argparse.Namespace) -> int:
-    from sparse_distill.commands import experiment_names
     from sparse_distill.config import load_experiment_config
+    from sparse_distill.experiments import experiment_names
 
     names = experiment_names(args.name)
     config = load_experiment_config(args.config, args.overrides)

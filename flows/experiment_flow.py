@@ -9,16 +9,15 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from flows.pipeline_flow import _flow_run_id, base_stages_flow, resolve_run_dir
-from sparse_distill.config import EXPERIMENTS, ExperimentConfig, load_config
-from sparse_distill.experiments import load_base_config
+from sparse_distill.config import ExperimentConfig, load_config
+from sparse_distill.experiments import get_experiment, load_base_config
 from tasks import experiments as t
 
 
 @flow(name="sparse-distill-experiment")
 def experiment_flow(name: str, config: ExperimentConfig) -> dict[str, Any]:
     """One experiment (privacy, domain, ablations, baselines, wos, mlp, augment or cascade) over the base run."""
-    if name not in EXPERIMENTS:
-        raise ValueError(f"unknown experiment {name!r}; choose from {', '.join(EXPERIMENTS)}")
+    get_experiment(name)  # an unknown name fails here, before the base stages run
     pipeline = load_base_config(config)
     run_dir = resolve_run_dir(pipeline, config.run_dir)
     # The stages the experiments build on; each is served from its cache when the run already has it.

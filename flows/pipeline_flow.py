@@ -13,17 +13,11 @@ from flows.count_flow import count_ngrams_flow
 from flows.label_flow import label_corpus_flow
 from flows.runners import make_task_runner
 from sparse_distill.config import PipelineConfig, fingerprint
-from sparse_distill.pipeline import (
-    label_job,
-    read_result,
-    stage_fingerprints,
-    transfer_job,
-    vocab_job,
-    vocab_sources,
-)
+from sparse_distill.data import atomic_write_text
+from sparse_distill.pipeline import label_job, stage_fingerprints, transfer_job, vocab_job, vocab_sources
+from sparse_distill.run_store import is_fresh, read_stage, stage_dir
 from sparse_distill.tracking import TrackingRef
 from tasks import stages
-from tasks.stages import needs_refresh
 
 
 def resolve_run_dir(config: PipelineConfig, run_dir: str | None) -> str:
@@ -38,14 +32,15 @@ def _flow_run_id() -> str | None:
 
 
 def _fresh(task, run_dir: str, stage: str, fps: dict[str, str]):
-    # A cached result is only trusted while the stage's files are still there for the same fingerprint.
-    return task.with_options(refresh_cache=True) if needs_refresh(run_dir, stage, fps[stage]) else task
+    # Prefect's cached result is only trusted while the run store calls the stage fresh (its files are still there,
+    # made for the same fingerprint); otherwise the task runs again.
+    return task if is_fresh(run_dir, stage, fps[stage]) else task.with_options(refresh_cache=True)
 
 
 def _upstream(run_dir: str, stage: str) -> dict:
-    result = read_result(stages.stage_dir(run_dir, stage))
+    result = read_stage(run_dir, stage)
     if result is None:
-        raise FileNotFoundError(f"{stages.stage_dir(run_dir, stage)}: stage {stage!r} has not run yet in this run dir")
+        raise FileNotFoundError(f"{stage_dir(run_dir, stage)}: stage {stage!r} has not run yet in this run dir")
     return result
 
 
@@ -54,7 +49,7 @@ def pipeline_flow(config: PipelineConfig, run_dir: str | None = None) -> dict[st
     """Teacher fine-tuning, labelling, vocabulary, distillation, KD+FT, the baseline, evaluation and publishing."""
     run_dir = resolve_run_dir(config, run_dir)
     Path(run_dir).mkdir(parents=True, exist_ok=True)
-    (Path(run_dir) / "config.yaml").write_text(_to_yaml(config))
+    atomic_write_text(Path(run_dir) / "config.yaml", _to_yaml(config))
     fps = stage_fingerprints(config)
     config_fp = fingerprint(config)
     get_run_logger().info("run dir %s, config fingerprint %s", run_dir, config_fp)
@@ -102,17 +97,15 @@ def _label_stages(
     out = []
     for w in which:
         stage = f"label_{w}"
-        if needs_refresh(run_dir, stage, fps[stage]):
-            _run_labelling(
-                config, label_job(config, w, teacher["model_dir"], stages.stage_dir(run_dir, stage)), w, tracking
-            )
+        if not is_fresh(run_dir, stage, fps[stage]):
+            _run_labelling(config, label_job(config, w, teacher["model_dir"], stage_dir(run_dir, stage)), w, tracking)
         out.append(_fresh(LABEL_TASKS[stage], run_dir, stage, fps)(**args, teacher=teacher))
     if config.transfer.size != 0:
         # The transfer set: made from the train texts, then labelled like a corpus (skipped when it came out empty).
         transfer = _fresh(stages.make_transfer_set, run_dir, "transfer", fps)(**args)
         if transfer["rows"]:
-            if needs_refresh(run_dir, "label_transfer", fps["label_transfer"]):
-                out_dir = stages.stage_dir(run_dir, "label_transfer")
+            if not is_fresh(run_dir, "label_transfer", fps["label_transfer"]):
+                out_dir = stage_dir(run_dir, "label_transfer")
                 _run_labelling(
                     config, transfer_job(config, transfer["path"], teacher["model_dir"], out_dir), "transfer", tracking
                 )
@@ -134,9 +127,9 @@ def _count_vocab(config: PipelineConfig, run_dir: str, fps: dict[str, str]) -> N
     """With several workers or Dask, count the n-grams with the counting flow on that runner; the vocab stage then
     only selects. With one thread, the stage counts by itself, alongside the teacher's training."""
     v = config.vocab
-    if (v.runner == "thread" and v.workers == 1) or not needs_refresh(run_dir, "vocab", fps["vocab"]):
+    if (v.runner == "thread" and v.workers == 1) or is_fresh(run_dir, "vocab", fps["vocab"]):
         return
-    job = vocab_job(config, stages.stage_dir(run_dir, "vocab"))
+    job = vocab_job(config, stage_dir(run_dir, "vocab"))
     sources = [asdict(s) for s in vocab_sources(config)]
     count_ngrams_flow.with_options(name="count-vocab", task_runner=make_task_runner(v))(job=job, sources=sources)
 
@@ -186,7 +179,7 @@ def distill_flow(config: PipelineConfig, run_dir: str | None = None) -> dict:
     labels = [
         _upstream(a["run_dir"], s)
         for s in ("label_corpus", "label_train", "label_transfer")
-        if read_result(stages.stage_dir(a["run_dir"], s))
+        if read_stage(a["run_dir"], s)
     ]
     vocab = _upstream(a["run_dir"], "vocab")
     return _fresh(stages.distill_student, a["run_dir"], "distill", a["fingerprints"])(**a, vocab=vocab, labels=labels)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sparse_distill.config import EXPERIMENTS, ConfigError, LabelJob, VocabJob, format_validation_error
+from sparse_distill.config import ConfigError, LabelJob, VocabJob, format_validation_error
 from sparse_distill.data import DataError
 
 if TYPE_CHECKING:
@@ -129,15 +129,6 @@ def job_from_flags(command: str, flags: Mapping[str, Any]) -> LabelJob | VocabJo
         return spec.job(**raw)
     except ValidationError as e:
         raise ConfigError(f"{command}: {format_validation_error(e)}") from e
-
-
-def experiment_names(spec: str) -> list[str]:
-    """`privacy`, `privacy,domain` or `all` as a list of experiment names; ConfigError on an unknown one."""
-    names = list(EXPERIMENTS) if spec == "all" else [n.strip() for n in spec.split(",") if n.strip()]
-    unknown = [n for n in names if n not in EXPERIMENTS]
-    if unknown or not names:
-        raise ConfigError(f"experiment: unknown {unknown or spec!r}; choose from {', '.join(EXPERIMENTS)} or all")
-    return names
 
 
 def is_mlflow_uri(model: str) -> bool:

@@ -1,14 +1,13 @@
-"""The pipeline's stages as plain functions: config + input paths in, files and a small JSON manifest out.
+"""The pipeline's stages as plain functions: config + input paths in, files and a small record out.
 
-Each stage writes into its own folder and finishes with `result.json`; Prefect tasks (tasks/) wrap these, and the
-stage fingerprints below are their cache keys.
+Each stage writes into its own folder and returns its record; the caller (a Prefect task in tasks/) records it once
+in the run store (`sparse_distill.run_store`) with the stage's fingerprint. The fingerprints below are the stages'
+cache keys.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from sparse_distill import __version__
 from sparse_distill.augment import make_transfer_set
 from sparse_distill.config import (
     DataConfig,
@@ -35,13 +33,13 @@ from sparse_distill.data import (
     LabelMap,
     TextSplit,
     atomic_write_parquet,
-    atomic_write_text,
     expand_paths,
     load_split,
     resolve_path,
 )
 from sparse_distill.evaluation import classification_metrics, measure_throughput, repeat_to
 from sparse_distill.inference import StudentPredictor
+from sparse_distill.run_store import file_fingerprint
 from sparse_distill.shard_plan import CorpusSource, plan_shards
 from sparse_distill.teacher import TeacherPredictor, finetune_teacher, teacher_fingerprint
 from sparse_distill.training import BatchSource, InMemoryBatches, SoftLabelStream, train_dan
@@ -49,21 +47,6 @@ from sparse_distill.training import BatchSource, InMemoryBatches, SoftLabelStrea
 logger = logging.getLogger(__name__)
 
 MetricsCallback = Callable[[int, dict[str, float]], None]
-RESULT = "result.json"
-
-# Stage name -> folder under the run directory.
-STAGE_DIRS = {
-    "teacher": "teacher",
-    "label_train": "labels/train",
-    "label_corpus": "labels/corpus",
-    "vocab": "vocab",
-    "transfer": "transfer",
-    "label_transfer": "labels/transfer",
-    "distill": "students/kd",
-    "kdft": "students/kdft",
-    "scratch": "students/scratch",
-    "evaluate": "evaluation",
-}
 
 
 @dataclass
@@ -104,14 +87,6 @@ def load_task_data(data: DataConfig) -> TaskData:
     if test is not None:
         out.encoded(test)
     return out
-
-
-def file_fingerprint(path: str) -> dict[str, Any]:
-    """Identity of an input file without reading it all: path, size and modification time."""
-    if path.startswith("hub:"):
-        return {"path": path}
-    st = os.stat(path)
-    return {"path": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
 def data_fingerprint(data: DataConfig, splits: tuple[str, ...] = ("train", "dev", "test"), corpus: bool = False) -> str:
@@ -170,18 +145,6 @@ def stage_fingerprints(cfg: PipelineConfig) -> dict[str, str]:
     return fp
 
 
-def write_result(stage_dir: str | Path, result: dict[str, Any]) -> dict[str, Any]:
-    """Record a finished stage (atomically): the manifest its task returns."""
-    result = {**result, "library_version": __version__}
-    atomic_write_text(Path(stage_dir) / RESULT, json.dumps(result, indent=2, default=str))
-    return result
-
-
-def read_result(stage_dir: str | Path) -> dict[str, Any] | None:
-    path = Path(stage_dir) / RESULT
-    return json.loads(path.read_text()) if path.exists() else None
-
-
 # --- stages -------------------------------------------------------------------------------------------------------
 
 
@@ -198,17 +161,14 @@ def run_finetune_teacher(cfg: PipelineConfig, out_dir: str | Path, on_metrics: M
         out_dir,
         on_metrics,
     )
-    return write_result(
-        out_dir,
-        {
-            "model_dir": res.model_dir,
-            "dev_accuracy": res.dev_accuracy,
-            "best_step": res.best_step,
-            "steps": res.steps,
-            "seconds": res.seconds,
-            "teacher_fingerprint": teacher_fingerprint(res.model_dir),
-        },
-    )
+    return {
+        "model_dir": res.model_dir,
+        "dev_accuracy": res.dev_accuracy,
+        "best_step": res.best_step,
+        "steps": res.steps,
+        "seconds": res.seconds,
+        "teacher_fingerprint": teacher_fingerprint(res.model_dir),
+    }
 
 
 def label_sources(cfg: PipelineConfig, which: str) -> list[CorpusSource]:
@@ -295,9 +255,7 @@ def vocab_sources(cfg: PipelineConfig) -> list[CorpusSource]:
 def run_vocab(cfg: PipelineConfig, out_dir: str | Path) -> dict:
     """Count n-grams over train + corpus and keep the top |V| (only selects again if already counted)."""
     res = run_count_job(vocab_job(cfg, out_dir), sources=vocab_sources(cfg))
-    return write_result(
-        out_dir, {"vocab_dir": str(out_dir), "size": res["size"], "distinct_ngrams": res["distinct_ngrams"]}
-    )
+    return {"vocab_dir": str(out_dir), "size": res["size"], "distinct_ngrams": res["distinct_ngrams"]}
 
 
 TRANSFER_FILE = "transfer.parquet"
@@ -328,7 +286,7 @@ def run_transfer(cfg: PipelineConfig, out_dir: str | Path) -> dict:
     table = pa.table({"id": [f"transfer:{i}" for i in range(len(texts))], "text": texts})
     atomic_write_parquet(table, Path(out_dir) / TRANSFER_FILE)
     logger.info("transfer set: %d texts (%s)", len(texts), reason)
-    return write_result(out_dir, {"path": str(Path(out_dir) / TRANSFER_FILE), "rows": len(texts), "reason": reason})
+    return {"path": str(Path(out_dir) / TRANSFER_FILE), "rows": len(texts), "reason": reason}
 
 
 def _train_stage(
@@ -355,7 +313,7 @@ def _train_stage(
         on_metrics=on_metrics,
         metric_prefix=prefix,
     )
-    return write_result(out_dir, res)
+    return res
 
 
 def _gold(train_cfg: TrainConfig) -> Callable[[TaskData], BatchSource]:
@@ -391,9 +349,8 @@ def run_scratch(
     return _train_stage(cfg, vocab_dir, out_dir, _gold(cfg.scratch), cfg.scratch, None, on_metrics, "scratch_")
 
 
-def run_evaluate(cfg: PipelineConfig, teacher_dir: str, students: dict[str, str], out_dir: str | Path) -> dict:
+def run_evaluate(cfg: PipelineConfig, teacher_dir: str, students: dict[str, str]) -> dict:
     """Accuracy and macro-F1 on dev (and test) for the teacher and each student; throughput; the summary."""
-    out_dir = Path(out_dir)
     data = load_task_data(cfg.data)
     splits = {"dev": data.dev, **({"test": data.test} if data.test is not None else {})}
     teacher = TeacherPredictor(teacher_dir, max_length=cfg.teacher.max_length)
@@ -424,7 +381,7 @@ def run_evaluate(cfg: PipelineConfig, teacher_dir: str, students: dict[str, str]
             cfg.evaluate.batch_size,
             cfg.evaluate.threads,
         )
-    return write_result(out_dir, {"metrics": metrics, "docs_per_s": speed, "labels": list(data.label_map.labels)})
+    return {"metrics": metrics, "docs_per_s": speed, "labels": list(data.label_map.labels)}
 
 
 def build_summary(

@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 
 from sparse_distill.corpus import index_rows, read_rows
 from sparse_distill.data import DataError, atomic_write_text, remove_temporaries
+from sparse_distill.run_store import file_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -198,10 +199,9 @@ def work_item(work: dict[str, Any]) -> tuple[CorpusSource, ShardSpec]:
 
 
 def _stamp(path: str) -> dict[str, int]:
-    if path.startswith("hub:"):
-        return {"size": -1, "mtime_ns": -1}
-    st = os.stat(path)
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    # The file fingerprint less its path (the plan lists its sources already); -1s for a hub dataset (no file).
+    fp = file_fingerprint(path)
+    return {"size": fp.get("size", -1), "mtime_ns": fp.get("mtime_ns", -1)}
 
 
 def plan_shards(sources: list[CorpusSource], shard_size: int) -> ShardPlan:

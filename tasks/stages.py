@@ -1,13 +1,13 @@
 """One Prefect task per pipeline stage.
 
 Cache keys are explicit: the stage fingerprint (its config, its inputs' fingerprints, the library version) and the
-run directory. Results (small JSON manifests of paths) are persisted, so a re-run of the same config is served from
-cache. A stage whose output folder has gone is re-run (the flow passes `refresh_cache`).
+run directory (`run_store.stage_key`). Results (small JSON manifests of paths) are persisted, so a re-run of the same
+config is served from cache. Each task records its finished stage once in the run store; a stage the store does not
+call fresh is re-run (the flow passes `refresh_cache`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -16,30 +16,16 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from sparse_distill import pipeline
+from sparse_distill import pipeline, run_store
 from sparse_distill.config import PipelineConfig
 from sparse_distill.data import atomic_write_text
 from sparse_distill.mlflow_model import ensure_experiment, log_student_model, resolve_tracking_uri
 from sparse_distill.tracking import TrackingRef, end_run, stage_run, start_parent_run
 
-STAGE_DIRS = pipeline.STAGE_DIRS
-
-
-def stage_dir(run_dir: str, stage: str) -> Path:
-    return Path(run_dir) / STAGE_DIRS[stage]
-
-
-def needs_refresh(run_dir: str, stage: str, fp: str) -> bool:
-    """True when the stage's output is missing or was made for another fingerprint: the cache must not serve it."""
-    result = pipeline.read_result(stage_dir(run_dir, stage))
-    return result is None or result.get("fingerprint") != fp
-
 
 def _stage_key(stage: str):
     def key(_context, parameters: dict[str, Any]) -> str:
-        run_dir = str(Path(parameters["run_dir"]).resolve())
-        digest = hashlib.sha256(run_dir.encode()).hexdigest()[:12]
-        return f"sparse-distill-{stage}-{parameters['fingerprints'][stage]}-{digest}"
+        return run_store.stage_key(parameters["run_dir"], stage, parameters["fingerprints"][stage])
 
     return key
 
@@ -62,10 +48,9 @@ def _stage_task(stage: str, **kwargs):
     )
 
 
-def _done(stage: str, fps: dict[str, str], result: dict) -> dict:
-    # The fingerprint goes into result.json, so a later run can tell a finished stage from a stale one.
-    result = {**result, "fingerprint": fps[stage], "stage": stage}
-    return pipeline.write_result(result["out_dir"], result)
+def _done(stage: str, fps: dict[str, str], out: Path, result: dict) -> dict:
+    # Recorded once, with the fingerprint, so a later run can tell a finished stage from a stale one.
+    return run_store.write_result(out, stage, fps[stage], {**result, "out_dir": str(out)})
 
 
 @task(name="start-tracking")
@@ -86,22 +71,22 @@ def finetune_teacher(
     config: PipelineConfig, run_dir: str, fingerprints: dict[str, str], tracking: TrackingRef | None
 ) -> dict:
     """Fine-tune the teacher; returns {'model_dir', 'dev_accuracy', ...}."""
-    out = stage_dir(run_dir, "teacher")
+    out = run_store.stage_dir(run_dir, "teacher")
     with stage_run(tracking, "finetune-teacher", {"teacher": config.teacher.model_dump(mode="json")}) as sr:
         res = pipeline.run_finetune_teacher(config, out, sr.log_metrics if sr else None)
         if sr:
             sr.log_metrics(res["steps"], {"teacher_best_dev_accuracy": res["dev_accuracy"]})
     get_run_logger().info("teacher: dev accuracy %.4f", res["dev_accuracy"])
-    return _done("teacher", fingerprints, {**res, "out_dir": str(out)})
+    return _done("teacher", fingerprints, out, res)
 
 
 def _label(config: PipelineConfig, run_dir: str, fingerprints: dict[str, str], teacher: dict, which: str) -> dict:
     # The shards were labelled by `label_corpus_flow` just before; this records the finished stage.
     stage = f"label_{which}"
-    out = stage_dir(run_dir, stage)
+    out = run_store.stage_dir(run_dir, stage)
     res = pipeline.finish_label_dir(teacher["model_dir"], out)
     get_run_logger().info("labels (%s): %d docs in %d shards", which, res["rows"], res["shards"])
-    return _done(stage, fingerprints, {**res, "out_dir": str(out)})
+    return _done(stage, fingerprints, out, res)
 
 
 @_stage_task("label_train")
@@ -125,13 +110,13 @@ def make_transfer_set(
     config: PipelineConfig, run_dir: str, fingerprints: dict[str, str], tracking: TrackingRef | None
 ) -> dict:
     """Make the transfer set from the train texts (empty when the corpus is large enough)."""
-    out = stage_dir(run_dir, "transfer")
+    out = run_store.stage_dir(run_dir, "transfer")
     with stage_run(tracking, "transfer", {"transfer": config.transfer.model_dump(mode="json")}) as sr:
         res = pipeline.run_transfer(config, out)
         if sr:
             sr.log_metrics(0, {"transfer_rows": res["rows"]})
     get_run_logger().info("transfer set: %d texts (%s)", res["rows"], res["reason"])
-    return _done("transfer", fingerprints, {**res, "out_dir": str(out)})
+    return _done("transfer", fingerprints, out, res)
 
 
 @_stage_task("label_transfer")
@@ -139,10 +124,10 @@ def label_transfer(
     config: PipelineConfig, run_dir: str, fingerprints: dict[str, str], tracking: TrackingRef | None, teacher: dict
 ) -> dict:
     """Record the transfer set's soft labels (labelled by the labelling flow)."""
-    out = stage_dir(run_dir, "label_transfer")
+    out = run_store.stage_dir(run_dir, "label_transfer")
     res = pipeline.finish_label_dir(teacher["model_dir"], out)
     get_run_logger().info("labels (transfer): %d docs in %d shards", res["rows"], res["shards"])
-    return _done("label_transfer", fingerprints, {**res, "out_dir": str(out)})
+    return _done("label_transfer", fingerprints, out, res)
 
 
 @_stage_task("vocab")
@@ -150,7 +135,7 @@ def build_vocab(
     config: PipelineConfig, run_dir: str, fingerprints: dict[str, str], tracking: TrackingRef | None
 ) -> dict:
     """Count n-grams over train + corpus and keep the top |V|."""
-    out = stage_dir(run_dir, "vocab")
+    out = run_store.stage_dir(run_dir, "vocab")
     with stage_run(tracking, "vocab", {"vocab": config.vocab.model_dump(mode="json")}) as sr:
         res = pipeline.run_vocab(config, out)
         if sr:
@@ -159,7 +144,7 @@ def build_vocab(
             atomic_write_text(sample, _vocab_sample(out))
             sr.log_artifact(str(sample))
     get_run_logger().info("vocabulary: kept %d of %d n-grams", res["size"], res["distinct_ngrams"])
-    return _done("vocab", fingerprints, {**res, "out_dir": str(out)})
+    return _done("vocab", fingerprints, out, res)
 
 
 def _vocab_sample(vocab_dir: Path, n: int = 200) -> str:
@@ -187,7 +172,7 @@ def distill_student(
     labels: list[dict],
 ) -> dict:
     """Distil the teacher's soft labels into a DAN."""
-    out = stage_dir(run_dir, "distill")
+    out = run_store.stage_dir(run_dir, "distill")
     with stage_run(tracking, "distill", _train_params(config, "distill")) as sr:
         res = pipeline.run_distill(
             config, vocab["vocab_dir"], [x["label_dir"] for x in labels], out, sr.log_metrics if sr else None
@@ -195,7 +180,7 @@ def distill_student(
         if sr:
             sr.log_params({"params": res["params"]})
     get_run_logger().info("DAN (KD): dev accuracy %.4f after %d steps", res["dev_accuracy"], res["steps"])
-    return _done("distill", fingerprints, {**res, "out_dir": str(out)})
+    return _done("distill", fingerprints, out, res)
 
 
 @_stage_task("kdft")
@@ -208,13 +193,13 @@ def finetune_student(
     distilled: dict,
 ) -> dict:
     """KD+FT: fine-tune the distilled student on the train set."""
-    out = stage_dir(run_dir, "kdft")
+    out = run_store.stage_dir(run_dir, "kdft")
     with stage_run(tracking, "finetune-student", _train_params(config, "finetune")) as sr:
         res = pipeline.run_finetune_student(
             config, vocab["vocab_dir"], distilled["model_dir"], out, sr.log_metrics if sr else None
         )
     get_run_logger().info("DAN (KD+FT): dev accuracy %.4f", res["dev_accuracy"])
-    return _done("kdft", fingerprints, {**res, "out_dir": str(out)})
+    return _done("kdft", fingerprints, out, res)
 
 
 @_stage_task("scratch")
@@ -222,11 +207,11 @@ def train_scratch(
     config: PipelineConfig, run_dir: str, fingerprints: dict[str, str], tracking: TrackingRef | None, vocab: dict
 ) -> dict:
     """The baseline: the DAN trained on the train set alone."""
-    out = stage_dir(run_dir, "scratch")
+    out = run_store.stage_dir(run_dir, "scratch")
     with stage_run(tracking, "scratch", _train_params(config, "scratch")) as sr:
         res = pipeline.run_scratch(config, vocab["vocab_dir"], out, sr.log_metrics if sr else None)
     get_run_logger().info("DAN from scratch: dev accuracy %.4f", res["dev_accuracy"])
-    return _done("scratch", fingerprints, {**res, "out_dir": str(out)})
+    return _done("scratch", fingerprints, out, res)
 
 
 @_stage_task("evaluate")
@@ -239,9 +224,9 @@ def evaluate(
     students: dict[str, dict],
 ) -> dict:
     """Accuracy, macro-F1, confusion matrices and docs/s for the teacher and every student."""
-    out = stage_dir(run_dir, "evaluate")
+    out = run_store.stage_dir(run_dir, "evaluate")
     with stage_run(tracking, "evaluate", {"evaluate": config.evaluate.model_dump(mode="json")}) as sr:
-        res = pipeline.run_evaluate(config, teacher["model_dir"], {k: v["model_dir"] for k, v in students.items()}, out)
+        res = pipeline.run_evaluate(config, teacher["model_dir"], {k: v["model_dir"] for k, v in students.items()})
         if sr:
             for name, per_split in res["metrics"].items():
                 for split, m in per_split.items():
@@ -249,7 +234,7 @@ def evaluate(
                         0, {f"{name}_{split}_accuracy": m["accuracy"], f"{name}_{split}_macro_f1": m["macro_f1"]}
                     )
             sr.log_metrics(0, {f"{k}_docs_per_s": v for k, v in res["docs_per_s"].items()})
-    return _done("evaluate", fingerprints, {**res, "out_dir": str(out)})
+    return _done("evaluate", fingerprints, out, res)
 
 
 def _register(config: PipelineConfig, tracking: TrackingRef, model_uri: str, evaluation: dict, split: str) -> dict:

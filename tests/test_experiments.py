@@ -1,8 +1,14 @@
-"""Library pieces of the experiments that need no base run: tables, curve thinning, the WOS reading."""
+"""Library pieces of the experiments that need no base run: tables, curve thinning, the WOS reading, the registry."""
 
 from __future__ import annotations
 
-from sparse_distill.experiments import _spread, markdown_table, predict_from_wos
+import pytest
+
+from sparse_distill.config import ConfigError
+from sparse_distill.experiments import EXPERIMENTS, experiment_names, get_experiment
+from sparse_distill.experiments.cascade import _spread
+from sparse_distill.experiments.tables import markdown_table
+from sparse_distill.experiments.wos import predict_from_wos
 
 
 def test_markdown_table_escapes_pipes_and_formats_numbers():
@@ -56,3 +62,13 @@ def test_wos_prediction_bands():
     assert predict_from_wos(0.1).startswith("low")
     assert predict_from_wos(0.45).startswith("moderate")
     assert predict_from_wos(0.9).startswith("high")
+
+
+def test_one_registry_names_the_experiments():
+    assert experiment_names("all") == list(EXPERIMENTS) and len(EXPERIMENTS) == 8
+    assert experiment_names(" wos, cascade ") == ["wos", "cascade"]
+    assert get_experiment("cascade").with_info and get_experiment("wos").split == "dev"
+    with pytest.raises(ConfigError, match=r"unknown \['pruning'\]"):
+        experiment_names("privacy,pruning")
+    with pytest.raises(ConfigError, match="give one"):
+        get_experiment("wos,mlp")

@@ -133,7 +133,7 @@ def test_every_experiment_runs_over_one_base_run_and_logs_to_mlflow(experiment_f
 
 @pytest.mark.slow
 def test_a_rerun_reads_every_variant_back(experiment_file, monkeypatch):
-    import sparse_distill.experiments as ex
+    import sparse_distill.experiments.base as ex
     from flows.experiment_flow import experiment_flow
     from sparse_distill.config import load_experiment_config
 
