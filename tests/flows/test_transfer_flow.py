@@ -1,0 +1,109 @@
+"""End to end with no corpus: the stages make a transfer set from the train texts, the teacher labels it, and
+distillation trains on train + transfer; a second run is served from cache."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from sparse_distill.config import PipelineConfig
+from sparse_distill.soft_labels import iter_soft_labels, read_manifest
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
+
+TRAIN_ROWS = 300  # conftest's tiny train split
+DISTILL_BATCH = 50
+
+
+def _task_states(flow_run_id) -> dict[str, str]:
+    import anyio
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    async def fetch():
+        async with get_client() as client:
+            runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            return {r.name: r.state.name for r in runs}
+
+    return anyio.run(fetch)
+
+
+def _no_corpus_config(raw: dict, **transfer) -> PipelineConfig:
+    raw = {**raw, "data": {**raw["data"], "corpus": []}}
+    raw["teacher"] = {**raw["teacher"], "skip_finetune": True}  # the random tiny teacher labels as it is: faster
+    raw["transfer"] = {"copies_per_text": 1, **transfer}  # auto size: one text per train row (no corpus)
+    # One pass over the distillation data: the step budget tells how many documents it had.
+    raw["distill"] = {"lr": 1e-2, "batch_size": DISTILL_BATCH, "epochs": 1, "eval_every": 4, "shuffle_buffer": 200}
+    raw["finetune"] = {"lr": 1e-3, "batch_size": 64, "max_steps": 3, "eval_every": 3}
+    raw["scratch"] = {"lr": 1e-2, "batch_size": 64, "max_steps": 4, "eval_every": 4}
+    return PipelineConfig.model_validate(raw)
+
+
+@pytest.fixture(scope="module")
+def transfer_run(tmp_path_factory, tiny_data, tiny_teacher, make_tiny_pipeline, prefect_harness):
+    """One run of the training stages with no corpus, then the same again."""
+    from flows.pipeline_flow import base_stages_flow
+
+    d = tmp_path_factory.mktemp("transfer-run")
+    config = _no_corpus_config(make_tiny_pipeline(tiny_data, tiny_teacher, f"sqlite:///{d / 'mlflow.db'}", "tiny-tr"))
+    run_dir = d / "run"
+    first = base_stages_flow(config=config, run_dir=str(run_dir), return_state=True)
+    transfer_file = run_dir / "transfer" / "transfer.parquet"
+    mtime = transfer_file.stat().st_mtime_ns if transfer_file.exists() else None
+    second = base_stages_flow(config=config, run_dir=str(run_dir), return_state=True)
+    return config, run_dir, first, second, mtime
+
+
+def test_no_corpus_makes_a_labelled_transfer_set_that_distillation_uses(transfer_run):
+    _, run_dir, first, _, _ = transfer_run
+    assert first.is_completed()
+    result = first.result()
+    transfer = pq.read_table(run_dir / "transfer" / "transfer.parquet")
+    assert transfer.column_names == ["id", "text"] and transfer.num_rows == TRAIN_ROWS
+    # Every transfer text has the teacher's soft labels (a distribution over the two classes).
+    label_dir = run_dir / "labels" / "transfer"
+    assert read_manifest(label_dir).total_rows == TRAIN_ROWS
+    labelled, probs = [], []
+    for texts, p in iter_soft_labels(label_dir):
+        labelled.extend(texts)
+        probs.append(p)
+    probs = np.concatenate(probs)
+    assert sorted(labelled) == sorted(transfer.column("text").to_pylist())
+    assert probs.shape == (TRAIN_ROWS, 2) and np.allclose(probs.sum(1), 1.0, atol=1e-5)
+    # The train split's labels too (no corpus), and distillation read both: one pass over train + transfer.
+    assert read_manifest(run_dir / "labels" / "train").total_rows == TRAIN_ROWS
+    kd = result["students"]["kd"]
+    assert kd["budget"]["reason"] == "epochs set"
+    assert kd["budget"]["steps"] == math.ceil(2 * TRAIN_ROWS / DISTILL_BATCH)
+    assert Path(kd["model_dir"]).is_dir() and 0 <= kd["dev_accuracy"] <= 1
+
+
+def test_a_second_run_is_served_from_cache(transfer_run):
+    _, run_dir, first, second, mtime = transfer_run
+    assert second.is_completed()
+    states = _task_states(second.state_details.flow_run_id)
+    assert any(name.startswith("transfer") for name in _task_states(first.state_details.flow_run_id))
+    assert states and all(s == "Cached" for s in states.values()), states
+    assert (run_dir / "transfer" / "transfer.parquet").stat().st_mtime_ns == mtime  # not made again
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="flows/pipeline_flow.py distill_flow takes every label stage with a record in the run dir "
+    "(label_transfer included) whatever the config says: with transfer.size 0 it still distils on a stale transfer "
+    "set, and caches that model under a key that excludes it",
+)
+def test_distill_flow_ignores_a_transfer_set_the_config_turned_off(transfer_run, tmp_path):
+    from flows.pipeline_flow import distill_flow
+
+    config, run_dir, *_ = transfer_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)  # the module's run dir stays as it was
+    off = config.model_copy(update={"transfer": config.transfer.model_copy(update={"size": 0})})
+    kd = distill_flow(config=off, run_dir=str(copy))
+    assert kd["budget"]["steps"] == math.ceil(TRAIN_ROWS / DISTILL_BATCH)  # the train split's labels only
