@@ -111,14 +111,13 @@ class TransferConfig(_Strict):
     size: int | None = Field(
         None,
         ge=0,
-        description="Texts to generate; None: auto (copies_per_text x train rows, at most max_size, and none when the "
-        "corpus already has min_corpus documents); 0: no transfer set.",
+        description="Texts to generate; None: auto (enough for copies_per_text x train rows of distillation data "
+        "beside the corpus, at most max_size); 0: no transfer set.",
     )
-    copies_per_text: int = Field(8, ge=1, description="Auto size: generated texts per train text.")
+    copies_per_text: int = Field(
+        8, ge=1, description="Auto size: distil on at least this many documents per train row (corpus + transfer)."
+    )
     max_size: int = Field(200_000, ge=1, description="Auto size: at most this many texts.")
-    min_corpus: int = Field(
-        200_000, ge=0, description="Auto size: no transfer set when the corpus holds at least this many documents."
-    )
     methods: list[Literal["eda", "ngram", "dropout", "mix"]] = Field(
         ["eda", "ngram", "dropout", "mix"], min_length=1, description="Ways of making a text; one drawn per text."
     )
@@ -239,7 +238,6 @@ class PipelineConfig(_Strict):
 
 # --- experiments (`sparse-distill experiment NAME CONFIG`) ---------------------------------------------------------
 
-EXPERIMENTS = ("privacy", "domain", "ablations", "baselines", "wos", "mlp", "augment", "cascade")
 
 
 class PrivacyConfig(_Strict):

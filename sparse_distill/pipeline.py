@@ -266,12 +266,11 @@ def transfer_size(cfg: PipelineConfig, train_rows: int, corpus_rows: int) -> tup
     t = cfg.transfer
     if t.size is not None:
         return t.size, "transfer.size set"
-    if corpus_rows >= t.min_corpus:
-        return 0, f"auto: the corpus has {corpus_rows:,} documents (>= transfer.min_corpus {t.min_corpus:,})"
-    size = min(t.max_size, t.copies_per_text * train_rows)
+    wanted = t.copies_per_text * train_rows
+    size = min(t.max_size, max(0, wanted - corpus_rows))
     return size, (
-        f"auto: the corpus has {corpus_rows:,} documents (< transfer.min_corpus {t.min_corpus:,}), so "
-        f"{t.copies_per_text} texts per train row (at most transfer.max_size {t.max_size:,})"
+        f"auto: {t.copies_per_text} distillation documents per train row wanted ({wanted:,}), the corpus has "
+        f"{corpus_rows:,}, so {size:,} transfer texts (at most transfer.max_size {t.max_size:,})"
     )
 
 

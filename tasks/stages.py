@@ -124,10 +124,7 @@ def label_transfer(
     config: PipelineConfig, run_dir: str, fingerprints: dict[str, str], tracking: TrackingRef | None, teacher: dict
 ) -> dict:
     """Record the transfer set's soft labels (labelled by the labelling flow)."""
-    out = run_store.stage_dir(run_dir, "label_transfer")
-    res = pipeline.finish_label_dir(teacher["model_dir"], out)
-    get_run_logger().info("labels (transfer): %d docs in %d shards", res["rows"], res["shards"])
-    return _done("label_transfer", fingerprints, out, res)
+    return _label(config, run_dir, fingerprints, teacher, "transfer")
 
 
 @_stage_task("vocab")
