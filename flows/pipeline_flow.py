@@ -14,7 +14,14 @@ from flows.label_flow import label_corpus_flow
 from flows.runners import make_task_runner
 from sparse_distill.config import PipelineConfig, fingerprint
 from sparse_distill.data import atomic_write_text
-from sparse_distill.pipeline import label_job, stage_fingerprints, transfer_job, vocab_job, vocab_sources
+from sparse_distill.pipeline import (
+    distill_label_stages,
+    label_job,
+    stage_fingerprints,
+    transfer_job,
+    vocab_job,
+    vocab_sources,
+)
 from sparse_distill.run_store import is_fresh, read_stage, stage_dir
 from sparse_distill.tracking import TrackingRef
 from tasks import stages
@@ -176,11 +183,11 @@ def vocab_flow(config: PipelineConfig, run_dir: str | None = None) -> dict:
 def distill_flow(config: PipelineConfig, run_dir: str | None = None) -> dict:
     """Distil into a DAN from the run's soft labels and vocabulary."""
     a = _stage_args(config, run_dir)
-    labels = [
-        _upstream(a["run_dir"], s)
-        for s in ("label_corpus", "label_train", "label_transfer")
-        if read_stage(a["run_dir"], s)
-    ]
+    # The config says which labels distillation reads; an empty transfer set has no labelling stage.
+    wanted = distill_label_stages(config)
+    if "label_transfer" in wanted and not _upstream(a["run_dir"], "transfer")["rows"]:
+        wanted.remove("label_transfer")
+    labels = [_upstream(a["run_dir"], s) for s in wanted]
     vocab = _upstream(a["run_dir"], "vocab")
     return _fresh(stages.distill_student, a["run_dir"], "distill", a["fingerprints"])(**a, vocab=vocab, labels=labels)
 

@@ -71,7 +71,7 @@ def mix_texts(first: str, second: str, rng: random.Random) -> str:
     mix is a blend, which teaches the student how evidence from different texts combines."""
     a, b = _words(first), _words(second)
     if not a or not b:
-        return first or second
+        return first if a else second
     return " ".join(a[: rng.randint(1, len(a))] + b[rng.randrange(len(b)) :])
 
 

@@ -111,6 +111,17 @@ def student_key(cfg: PipelineConfig) -> dict[str, Any]:
     return {k: v for k, v in dumped.items() if _ADDED_STUDENT_FIELDS.get(k, object()) != v}
 
 
+def distill_label_stages(cfg: PipelineConfig) -> list[str]:
+    """The labelling stages whose soft labels the distill stage reads (the transfer set's only when it is not empty,
+    which its own stage decides)."""
+    stages = ["label_corpus"] if cfg.data.corpus else []
+    if cfg.label.include_train or not cfg.data.corpus:
+        stages.append("label_train")
+    if cfg.transfer.size != 0:
+        stages.append("label_transfer")
+    return stages
+
+
 def stage_fingerprints(cfg: PipelineConfig) -> dict[str, str]:
     """Cache keys of every stage: its own config, its inputs' fingerprints and the library version.
 
@@ -127,11 +138,7 @@ def stage_fingerprints(cfg: PipelineConfig) -> dict[str, str]:
     fp["vocab"] = fingerprint("vocab", vocab_cfg, data_fingerprint(cfg.data, ("train",), corpus=True))
     fp["transfer"] = fingerprint("transfer", cfg.transfer, data_fingerprint(cfg.data, ("train",), corpus=True))
     fp["label_transfer"] = fingerprint("label_transfer", fp["teacher"], label_cfg, fp["transfer"])
-    uses = [fp["label_corpus"]] if cfg.data.corpus else []
-    if cfg.label.include_train or not cfg.data.corpus:
-        uses.append(fp["label_train"])
-    if cfg.transfer.size != 0:
-        uses.append(fp["label_transfer"])
+    uses = [fp[stage] for stage in distill_label_stages(cfg)]
     fp["distill"] = fingerprint(
         "distill", fp["vocab"], uses, student_key(cfg), cfg.distill, data_fingerprint(cfg.data, ("dev",))
     )

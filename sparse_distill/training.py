@@ -173,7 +173,7 @@ def plan_budget(num_docs: int, config: TrainConfig) -> Budget:
         steps = max(1, math.ceil(epochs * num_docs / config.batch_size))
         reason = f"auto: {epochs:.1f} passes over {num_docs:,} docs (~{AUTO_DOCS_SEEN:,} docs seen, early stopping)"
     eval_every = config.eval_every or max(1, min(per_epoch, math.ceil(steps / AUTO_EVALS)))
-    return Budget(steps, eval_every, steps / per_epoch, reason)
+    return Budget(steps, eval_every, steps * config.batch_size / max(num_docs, 1), reason)
 
 
 def lr_scale(step: int, total: int, schedule: str, warmup: int) -> float:
@@ -208,6 +208,8 @@ def fit(
     the dev accuracy. `evaluate_first` scores the model before any step (fine-tuning: the starting model stays the
     best checkpoint unless training beats it on dev).
     """
+    if data.num_docs < 1:
+        raise ValueError(f"{name}: no training documents")
     budget = plan_budget(data.num_docs, config)
     total = budget.steps
     warmup = math.ceil(config.warmup_ratio * total)

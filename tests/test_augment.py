@@ -195,10 +195,5 @@ def test_mix_texts_joins_a_head_and_a_tail():
     assert mix_texts("", "", rng) == ""
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="sparse_distill/augment.py mix_texts: `return first or second` returns a whitespace-only `first` "
-    "(truthy) instead of the other text",
-)
 def test_mix_texts_with_a_blank_text_gives_the_other():
     assert mix_texts("   ", "y z", random.Random(0)) == "y z"

@@ -7,15 +7,9 @@ import random
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 
 from sparse_distill.config import PipelineConfig, TransferConfig
 from sparse_distill.pipeline import run_transfer, stage_fingerprints, transfer_size
-
-# The auto size changed rules between versions: by a corpus-size threshold (transfer.min_corpus), or by topping the
-# corpus up to copies_per_text documents per train row. Rules both share are tested unconditionally.
-HAS_MIN_CORPUS = "min_corpus" in TransferConfig.model_fields
-
 
 WORDS = ["the", "film", "plot", "was", "great", "dull", "and", "really", "fun", "boring", "actors", "a"]
 
@@ -82,15 +76,6 @@ def test_auto_beside_a_big_corpus_is_empty(tmp_path):
     assert size == 0 and reason.startswith("auto") and "10,000,000" in reason
 
 
-@pytest.mark.skipif(not HAS_MIN_CORPUS, reason="auto size by the corpus threshold transfer.min_corpus")
-def test_auto_size_by_the_min_corpus_threshold(tmp_path):
-    cfg = _config(tmp_path, {"copies_per_text": 3, "max_size": 1000, "min_corpus": 500})
-    assert transfer_size(cfg, 100, 499)[0] == 300  # below the threshold: the full auto size
-    size, reason = transfer_size(cfg, 100, 500)
-    assert size == 0 and "min_corpus" in reason and "500" in reason
-
-
-@pytest.mark.skipif(HAS_MIN_CORPUS, reason="auto size by topping the corpus up (no transfer.min_corpus)")
 def test_auto_size_tops_the_corpus_up_to_copies_per_train_row(tmp_path):
     cfg = _config(tmp_path, {"copies_per_text": 3, "max_size": 1000})
     assert transfer_size(cfg, 100, 120)[0] == 180  # 300 documents wanted, 120 in the corpus
@@ -150,12 +135,12 @@ def test_run_transfer_counts_the_corpus(tmp_path):
     out = tmp_path / "transfer"
     out.mkdir()
     # 40 corpus documents against 2 x 20 wanted (and, with a threshold, a threshold of 40): no transfer set.
-    transfer = {"copies_per_text": 2, **({"min_corpus": 40} if HAS_MIN_CORPUS else {})}
+    transfer = {"copies_per_text": 2}
     rec = run_transfer(_config(tmp_path, transfer, corpus_rows=40), out)
     assert rec["rows"] == 0 and "40" in rec["reason"] and _read(rec["path"])[1] == []
     # Only the first max_corpus_samples documents count.
     rec = run_transfer(_config(tmp_path, transfer, corpus_rows=40, max_corpus_samples=10), out)
-    assert rec["rows"] == (40 if HAS_MIN_CORPUS else 30) and len(_read(rec["path"])[1]) == rec["rows"]
+    assert rec["rows"] == 30 and len(_read(rec["path"])[1]) == rec["rows"]
     assert "10" in rec["reason"]
 
 

@@ -92,12 +92,6 @@ def test_a_second_run_is_served_from_cache(transfer_run):
     assert (run_dir / "transfer" / "transfer.parquet").stat().st_mtime_ns == mtime  # not made again
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="flows/pipeline_flow.py distill_flow takes every label stage with a record in the run dir "
-    "(label_transfer included) whatever the config says: with transfer.size 0 it still distils on a stale transfer "
-    "set, and caches that model under a key that excludes it",
-)
 def test_distill_flow_ignores_a_transfer_set_the_config_turned_off(transfer_run, tmp_path):
     from flows.pipeline_flow import distill_flow
 
