@@ -8,7 +8,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: install demo demo-data test test-fast lint mlflow-ui sst2 imdb bench-label bench-vocab bench-inference server \
+.PHONY: install demo demo-data test test-fast lint mlflow-ui sst2 imdb bench-label bench-vocab bench-inference bench-quality server \
 	worker stop status deploy clean imdb-d1000 sst2-d1000
 
 $(STAMP): pyproject.toml
@@ -116,6 +116,12 @@ deploy: $(STAMP)
 bench-inference: $(STAMP)
 	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) benchmarks/inference_bench.py benchmarks/inference_bench.yaml
+
+# The student with the shipped defaults against fastText, task by task (README, "Quality against fastText").
+QUALITY_TASKS ?= rotten-tomatoes sst2-5k sst2 imdb-2k imdb-ratings-4
+bench-quality: demo-data
+	$(PY) -m pip install -q -e ".[bench]"
+	$(PY) benchmarks/quality_vs_fasttext.py --tasks $(QUALITY_TASKS) --readme
 
 mlflow-ui: $(STAMP)
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000

@@ -39,7 +39,7 @@ from sparse_distill.data import (
 )
 from sparse_distill.evaluation import classification_metrics, measure_throughput, repeat_to
 from sparse_distill.inference import StudentPredictor
-from sparse_distill.run_store import file_fingerprint
+from sparse_distill.run_store import file_fingerprint, read_stage
 from sparse_distill.shard_plan import CorpusSource, plan_shards
 from sparse_distill.teacher import TeacherPredictor, finetune_teacher, teacher_fingerprint
 from sparse_distill.training import BatchSource, InMemoryBatches, SoftLabelStream, train_dan
@@ -262,7 +262,12 @@ def vocab_sources(cfg: PipelineConfig) -> list[CorpusSource]:
 def run_vocab(cfg: PipelineConfig, out_dir: str | Path) -> dict:
     """Count n-grams over train + corpus and keep the top |V| (only selects again if already counted)."""
     res = run_count_job(vocab_job(cfg, out_dir), sources=vocab_sources(cfg))
-    return {"vocab_dir": str(out_dir), "size": res["size"], "distinct_ngrams": res["distinct_ngrams"]}
+    size, distinct = res["size"], res["distinct_ngrams"]
+    if size < cfg.vocab.size:
+        why = f"every n-gram counted (count >= {cfg.vocab.min_count}): vocab.size {cfg.vocab.size:,} not filled"
+    else:
+        why = f"the top {size:,} of {distinct:,} counted n-grams (vocab.size)"
+    return {"vocab_dir": str(out_dir), "size": size, "distinct_ngrams": distinct, "reason": why}
 
 
 TRANSFER_FILE = "transfer.parquet"
@@ -390,6 +395,26 @@ def run_evaluate(cfg: PipelineConfig, teacher_dir: str, students: dict[str, str]
     return {"metrics": metrics, "docs_per_s": speed, "labels": list(data.label_map.labels)}
 
 
+def run_choices(cfg: PipelineConfig, run_dir: str | Path) -> dict[str, str]:
+    """What the shipped defaults chose for this run and why: the table, the transfer set, each student's budget."""
+    out: dict[str, str] = {}
+    vocab = read_stage(run_dir, "vocab")
+    if vocab:
+        out["table"] = (
+            f"|V| = {vocab['size']:,}: {vocab.get('reason', 'vocab.size')}; d = {cfg.student.dim} (student.dim)"
+        )
+    transfer = read_stage(run_dir, "transfer") if cfg.transfer.size != 0 else None
+    out["transfer"] = f"{transfer['rows']:,} texts: {transfer['reason']}" if transfer else "none (transfer.size 0)"
+    for stage, name in (("distill", "KD"), ("kdft", "KD+FT"), ("scratch", "scratch")):
+        b = (read_stage(run_dir, stage) or {}).get("budget")
+        if b:
+            stop = (
+                f", stopped early, best at step {read_stage(run_dir, stage)['best_step']}" if b["early_stopped"] else ""
+            )
+            out[f"budget_{stage}"] = f"{name}: {b['steps']:,} steps, dev every {b['eval_every']} ({b['reason']}{stop})"
+    return out
+
+
 def build_summary(
     cfg: PipelineConfig,
     evaluation: dict,
@@ -397,8 +422,9 @@ def build_summary(
     best_student: str,
     mlflow_run_id: str | None,
     config_fp: str,
+    choices: dict[str, str] | None = None,
 ) -> dict:
-    """The output contract of a pipeline run (`summary.json`)."""
+    """The output contract of a pipeline run (`summary.json`); `choices` says what the defaults chose and why."""
     m, speed = evaluation["metrics"], evaluation["docs_per_s"]
     names = {"teacher": "teacher", "scratch": "student_scratch", "kd": "student_kd", "kdft": "student_kdft"}
     summary: dict[str, Any] = {"run_name": cfg.name}
@@ -422,6 +448,7 @@ def build_summary(
     summary["student_model_dir"] = students[best_student]["model_dir"]
     summary["mlflow_run_id"] = mlflow_run_id
     summary["config_fingerprint"] = config_fp
+    summary["choices"] = choices or {}
     return summary
 
 
@@ -446,4 +473,7 @@ def results_table(summary: dict) -> str:
         f"teacher {summary['teacher_docs_per_s']:.0f} docs/s, student {summary['student_docs_per_s']:.0f} "
         f"docs/s, speed-up {summary['speedup']:.0f}x  |  student params {summary['student_params']:,}"
     )
+    choices = summary.get("choices") or {}
+    if choices:
+        lines += ["", "What the defaults chose:", *(f"- {k}: {v}" for k, v in choices.items())]
     return "\n".join(lines)

@@ -171,7 +171,10 @@ def plan_budget(num_docs: int, config: TrainConfig) -> Budget:
     else:
         epochs = min(AUTO_MAX_EPOCHS, max(AUTO_MIN_EPOCHS, AUTO_DOCS_SEEN / max(num_docs, 1)))
         steps = max(1, math.ceil(epochs * num_docs / config.batch_size))
-        reason = f"auto: {epochs:.1f} passes over {num_docs:,} docs (~{AUTO_DOCS_SEEN:,} docs seen, early stopping)"
+        reason = (
+            f"auto: {epochs:.1f} passes over {num_docs:,} docs ({AUTO_DOCS_SEEN:,} docs seen, within "
+            f"{AUTO_MIN_EPOCHS:g}-{AUTO_MAX_EPOCHS:g} passes; early stopping may end it sooner)"
+        )
     eval_every = config.eval_every or max(1, min(per_epoch, math.ceil(steps / AUTO_EVALS)))
     return Budget(steps, eval_every, steps * config.batch_size / max(num_docs, 1), reason)
 

@@ -309,7 +309,13 @@ def publish_results(
     candidates = [k for k in ("kdft", "kd") if k in model_dirs]
     best = max(candidates, key=lambda k: evaluation["metrics"][k]["dev"]["accuracy"])
     summary = pipeline.build_summary(
-        config, evaluation, students, best, tracking.parent_run_id if tracking else None, config_fp
+        config,
+        evaluation,
+        students,
+        best,
+        tracking.parent_run_id if tracking else None,
+        config_fp,
+        pipeline.run_choices(config, run_dir),
     )
     run_path = Path(run_dir)
     plots_dir = run_path / "plots"
