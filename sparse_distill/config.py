@@ -142,7 +142,10 @@ class TrainConfig(_Strict):
 
     lr: float = Field(1e-3, gt=0, description="Learning rate of the dense layers (Adam).")
     table_lr: float | None = Field(
-        None, gt=0, description="Learning rate of the n-gram table (SparseAdam); None: the same as `lr`."
+        1e-2,
+        gt=0,
+        description="Learning rate of the n-gram table (SparseAdam); None: the same as `lr`. Higher than the dense "
+        "layers' because each row is updated only when its n-gram occurs, and mean pooling divides its gradient.",
     )
     batch_size: int = Field(256, ge=1, description="Documents per step.")
     epochs: float | None = Field(
@@ -160,6 +163,9 @@ class TrainConfig(_Strict):
     )
     warmup_ratio: float = Field(0.02, ge=0, lt=1, description="Share of the step budget with a linear warm-up.")
     temperature: float = Field(1.0, gt=0, description="Softmax temperature of the KL loss (distillation only).")
+    ngram_dropout: float = Field(
+        0.0, ge=0, lt=1, description="Drop each n-gram of a training document with this probability (DAN students)."
+    )
     shuffle_buffer: int = Field(100_000, ge=1, description="Documents held in the streaming shuffle buffer.")
     seed: int = Field(13, description="Random seed.")
 
@@ -229,7 +235,8 @@ class PipelineConfig(_Strict):
     student: StudentConfig = Field(default_factory=StudentConfig)
     distill: TrainConfig = Field(default_factory=TrainConfig)
     finetune: TrainConfig = Field(
-        default_factory=lambda: TrainConfig(lr=2e-4), description="KD+FT: the distilled student on the gold labels."
+        default_factory=lambda: TrainConfig(lr=2e-4, table_lr=None),
+        description="KD+FT: the distilled student on the gold labels (gently: one learning rate, 2e-4).",
     )
     scratch: TrainConfig = Field(default_factory=TrainConfig, description="The baseline: the DAN on gold labels only.")
     evaluate: EvalConfig = Field(default_factory=EvalConfig)
@@ -260,7 +267,7 @@ class DomainConfig(_Strict):
         None, ge=8, description="Tokens per document when the source teacher labels (default: the source's)."
     )
     finetune: TrainConfig = Field(
-        default_factory=lambda: TrainConfig(lr=2e-4, batch_size=512, epochs=2, eval_every=50),
+        default_factory=lambda: TrainConfig(lr=2e-4, table_lr=None, batch_size=512, epochs=2, eval_every=50),
         description="Fine-tuning on the target train set.",
     )
 

@@ -283,6 +283,27 @@ def fit(
     return TrainResult(best_acc, best_step, step, seconds, history, plan)
 
 
+def drop_ngrams(
+    ids: np.ndarray, offsets: np.ndarray, rate: float, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Drop each n-gram occurrence of a batch of bags with probability `rate`, keeping at least one per non-empty bag.
+
+    The DAN's word dropout (Iyyer et al. 2015) at the n-gram level: a train document's rare n-grams are often unique to
+    it, and a student that leans on them fits the train set but meets far fewer known n-grams at test time.
+    """
+    keep = rng.random(len(ids)) >= rate
+    sizes = np.diff(np.append(offsets, len(ids)))
+    bag = np.repeat(np.arange(len(offsets)), sizes)
+    kept = np.bincount(bag[keep], minlength=len(offsets))
+    # A bag that lost everything keeps its first n-gram.
+    lost = np.flatnonzero((kept == 0) & (sizes > 0))
+    keep[offsets[lost]] = True
+    kept[lost] = 1
+    new_offsets = np.zeros(len(offsets), dtype=offsets.dtype)
+    np.cumsum(kept[:-1], out=new_offsets[1:])
+    return ids[keep], new_offsets
+
+
 def to_tensors(vocab: NgramVocab, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Featurise texts into EmbeddingBag inputs."""
     ids, offsets = vocab.featurize(texts)
@@ -316,10 +337,15 @@ def train_student(
     dev_ids, dev_offsets = to_tensors(vocab, dev_texts)
     dev_y = np.asarray(dev_labels)
 
+    rng = np.random.default_rng(config.seed)
+
     def train_step(batch: Batch) -> torch.Tensor:
         texts, targets = batch
         model.train()
-        ids, offsets = to_tensors(vocab, texts)
+        ids, offsets = vocab.featurize(texts)
+        if config.ngram_dropout:
+            ids, offsets = drop_ngrams(ids, offsets, config.ngram_dropout, rng)
+        ids, offsets = torch.from_numpy(ids), torch.from_numpy(offsets)
         return kl_loss(model(ids, offsets), torch.from_numpy(np.asarray(targets, np.float32)), temperature)
 
     return fit(

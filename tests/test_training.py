@@ -411,3 +411,22 @@ def test_train_dan_from_init_model_keeps_it_unless_dev_improves(tmp_path):
     assert kept.config == start.config
     for (name, a), (_, b) in zip(start.state_dict().items(), kept.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_drop_ngrams_keeps_bags_aligned_and_never_empties_a_bag():
+    from sparse_distill.training import drop_ngrams
+
+    ids = np.arange(10, dtype=np.int64)
+    offsets = np.array([0, 3, 3, 8], dtype=np.int64)  # bags [0,1,2], [], [3..7], [8,9]
+    rng = np.random.default_rng(0)
+    out_ids, out_offsets = drop_ngrams(ids, offsets, 0.99, rng)
+    sizes = np.diff(np.append(out_offsets, len(out_ids)))
+    assert list(sizes[[0, 2, 3]]) == [1, 1, 1] and sizes[1] == 0  # each non-empty bag keeps one, the empty stays empty
+    assert list(out_ids) == [0, 3, 8]  # the first n-gram of each bag that lost everything
+    same_ids, same_offsets = drop_ngrams(ids, offsets, 0.0, rng)
+    assert np.array_equal(same_ids, ids) and np.array_equal(same_offsets, offsets)
+    half_ids, half_offsets = drop_ngrams(ids, offsets, 0.5, np.random.default_rng(1))
+    # Kept ids stay in their own bag, in order.
+    bags = np.repeat(np.arange(4), np.diff(np.append(half_offsets, len(half_ids))))
+    original_bag = np.repeat(np.arange(4), np.diff(np.append(offsets, len(ids))))
+    assert np.array_equal(original_bag[half_ids], bags) and np.all(np.diff(half_ids) > 0)
