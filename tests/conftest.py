@@ -116,5 +116,6 @@ def prefect_harness():
     """One ephemeral Prefect server for every flow test in the session."""
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=60):
+    # A cold start (migrations on a fresh PREFECT_HOME) on 2 busy cores can pass a minute.
+    with prefect_test_harness(server_startup_timeout=180):
         yield
