@@ -74,7 +74,7 @@ def _training_stages(
     args = {"config": config, "run_dir": run_dir, "fingerprints": fps, "tracking": tracking}
     # The vocabulary needs no teacher: count while the teacher trains (or first, when counting fans out itself).
     _count_vocab(config, run_dir, fps)
-    vocab_f = _fresh(stages.build_vocab, run_dir, "vocab", fps).submit(**args)
+    vocab_f = _fresh(stages.make_vocabulary, run_dir, "vocab", fps).submit(**args)
     teacher = _fresh(stages.finetune_teacher, run_dir, "teacher", fps)(**args)
     labels = _label_stages(config, run_dir, fps, tracking, teacher)
     vocab = vocab_f.result()
@@ -116,11 +116,12 @@ def _label_stages(
                 _run_labelling(
                     config, transfer_job(config, transfer["path"], teacher["model_dir"], out_dir), "transfer", tracking
                 )
-            out.append(_fresh(stages.label_transfer, run_dir, "label_transfer", fps)(**args, teacher=teacher))
+            out.append(_fresh(stages.record_transfer_labels, run_dir, "label_transfer", fps)(**args, teacher=teacher))
     return out
 
 
-LABEL_TASKS = {"label_train": stages.label_train, "label_corpus": stages.label_corpus}
+# The tasks that record a labelling stage once the labelling flow has labelled its shards, by stage name.
+LABEL_TASKS = {"label_train": stages.record_train_labels, "label_corpus": stages.record_corpus_labels}
 
 
 def _run_labelling(config: PipelineConfig, job, which: str, tracking: TrackingRef | None) -> None:
@@ -176,7 +177,7 @@ def vocab_flow(config: PipelineConfig, run_dir: str | None = None) -> dict:
     """Build the n-gram vocabulary only."""
     a = _stage_args(config, run_dir)
     _count_vocab(config, a["run_dir"], a["fingerprints"])
-    return _fresh(stages.build_vocab, a["run_dir"], "vocab", a["fingerprints"])(**a)
+    return _fresh(stages.make_vocabulary, a["run_dir"], "vocab", a["fingerprints"])(**a)
 
 
 @flow(name="distill")

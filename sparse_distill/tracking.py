@@ -88,3 +88,10 @@ def stage_run(ref: TrackingRef | None, stage: str, params: dict[str, Any] | None
         client.set_terminated(run.info.run_id, status="FAILED")
         raise
     client.set_terminated(run.info.run_id, status="FINISHED")
+
+
+def set_tags(tracking_uri: str, run_id: str, tags: dict[str, str]) -> None:
+    """Set tags on an MLflow run (finished or not)."""
+    client = MlflowClient(tracking_uri)
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)

@@ -8,7 +8,6 @@ call fresh is re-run (the flow passes `refresh_cache`).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +15,11 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from sparse_distill import pipeline, run_store
+from sparse_distill import pipeline, publishing, run_store
 from sparse_distill.config import PipelineConfig
 from sparse_distill.data import atomic_write_text
-from sparse_distill.mlflow_model import ensure_experiment, log_student_model, resolve_tracking_uri
-from sparse_distill.tracking import TrackingRef, end_run, stage_run, start_parent_run
+from sparse_distill.mlflow_model import ensure_experiment, resolve_tracking_uri
+from sparse_distill.tracking import TrackingRef, set_tags, stage_run, start_parent_run
 
 
 def _stage_key(stage: str):
@@ -80,7 +79,9 @@ def finetune_teacher(
     return _done("teacher", fingerprints, out, res)
 
 
-def _label(config: PipelineConfig, run_dir: str, fingerprints: dict[str, str], teacher: dict, which: str) -> dict:
+def _record_labels(
+    config: PipelineConfig, run_dir: str, fingerprints: dict[str, str], teacher: dict, which: str
+) -> dict:
     # The shards were labelled by `label_corpus_flow` just before; this records the finished stage.
     stage = f"label_{which}"
     out = run_store.stage_dir(run_dir, stage)
@@ -90,19 +91,19 @@ def _label(config: PipelineConfig, run_dir: str, fingerprints: dict[str, str], t
 
 
 @_stage_task("label_train")
-def label_train(
+def record_train_labels(
     config: PipelineConfig, run_dir: str, fingerprints: dict[str, str], tracking: TrackingRef | None, teacher: dict
 ) -> dict:
     """Record the train set's soft labels (labelled by the labelling flow)."""
-    return _label(config, run_dir, fingerprints, teacher, "train")
+    return _record_labels(config, run_dir, fingerprints, teacher, "train")
 
 
 @_stage_task("label_corpus")
-def label_corpus(
+def record_corpus_labels(
     config: PipelineConfig, run_dir: str, fingerprints: dict[str, str], tracking: TrackingRef | None, teacher: dict
 ) -> dict:
     """Record the corpus's soft labels (labelled by the labelling flow)."""
-    return _label(config, run_dir, fingerprints, teacher, "corpus")
+    return _record_labels(config, run_dir, fingerprints, teacher, "corpus")
 
 
 @_stage_task("transfer")
@@ -120,15 +121,15 @@ def make_transfer_set(
 
 
 @_stage_task("label_transfer")
-def label_transfer(
+def record_transfer_labels(
     config: PipelineConfig, run_dir: str, fingerprints: dict[str, str], tracking: TrackingRef | None, teacher: dict
 ) -> dict:
     """Record the transfer set's soft labels (labelled by the labelling flow)."""
-    return _label(config, run_dir, fingerprints, teacher, "transfer")
+    return _record_labels(config, run_dir, fingerprints, teacher, "transfer")
 
 
 @_stage_task("vocab")
-def build_vocab(
+def make_vocabulary(
     config: PipelineConfig, run_dir: str, fingerprints: dict[str, str], tracking: TrackingRef | None
 ) -> dict:
     """Count n-grams over train + corpus and keep the top |V|."""
@@ -234,61 +235,10 @@ def evaluate(
     return _done("evaluate", fingerprints, out, res)
 
 
-def _register(config: PipelineConfig, tracking: TrackingRef, model_uri: str, evaluation: dict, split: str) -> dict:
-    """Register the logged student and apply the quality gate on `split` (test, or dev without one)."""
-    from dataclasses import asdict
-
-    from sparse_distill.registry import register_student
-
-    data = pipeline.load_task_data(config.data)
-    gate_split = data.test if split == "test" and data.test is not None else data.dev
-    decision = register_student(
-        tracking.tracking_uri,
-        model_uri,
-        config.tracking.registered_model,
-        tracking.parent_run_id,
-        gate_split.texts,
-        gate_split.labels or [],
-        evaluation["metrics"]["teacher"][split]["accuracy"],
-        config.tracking.min_retention,
-        split_name=split,
-    )
-    get_run_logger().info(
-        "registry: %r v%s is the %s (%s)", decision.name, decision.version, decision.alias, decision.reason
-    )
-    return {**asdict(decision), "model_uri": decision.model_uri}
-
-
 @task(name="tag-mlflow-run", cache_policy=NO_CACHE)
 def tag_mlflow_run(config: PipelineConfig, run_id: str, tags: dict[str, str]) -> None:
     """Set tags on a finished MLflow run (e.g. the id of the Prefect flow run that scheduled it)."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(resolve_tracking_uri(config.tracking.tracking_uri, Path.cwd()))
-    for key, value in tags.items():
-        client.set_tag(run_id, key, value)
-
-
-def mlflow_run_url(tracking: TrackingRef) -> str:
-    """The run's page in the MLflow UI (for a sqlite store, where `make mlflow-ui` serves it)."""
-    base = (
-        tracking.tracking_uri if tracking.tracking_uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
-    )
-    return f"{base.rstrip('/')}/#/experiments/{tracking.experiment_id}/runs/{tracking.parent_run_id}"
-
-
-def _links_markdown(tracking: TrackingRef | None, registry: dict | None) -> str:
-    if tracking is None:
-        return ""
-    lines = [
-        f"\n\nMLflow run: [{tracking.parent_run_id}]({mlflow_run_url(tracking)}) (store `{tracking.tracking_uri}`)"
-    ]
-    if registry:
-        lines.append(
-            f"Registry: `{registry['name']}` version {registry['version']} is the **{registry['alias']}**: "
-            f"{registry['reason']}"
-        )
-    return "\n\n".join(lines) + "\n"
+    set_tags(resolve_tracking_uri(config.tracking.tracking_uri, Path.cwd()), run_id, tags)
 
 
 @task(name="publish-results")
@@ -301,78 +251,17 @@ def publish_results(
     students: dict[str, dict],
 ) -> dict:
     """Write summary.json, plots and the results table; log them and the best student model to MLflow."""
-    from sparse_distill.plots import plot_accuracy_vs_speed, plot_confusion_matrix
-
     logger = get_run_logger()
-    model_dirs = {k: v["model_dir"] for k, v in students.items()}
-    # The student to ship: the best on dev among the distilled ones (KD+FT usually), never the baseline.
-    candidates = [k for k in ("kdft", "kd") if k in model_dirs]
-    best = max(candidates, key=lambda k: evaluation["metrics"][k]["dev"]["accuracy"])
-    summary = pipeline.build_summary(
-        config,
-        evaluation,
-        students,
-        best,
-        tracking.parent_run_id if tracking else None,
-        config_fp,
-        pipeline.run_choices(config, run_dir),
-    )
-    run_path = Path(run_dir)
-    plots_dir = run_path / "plots"
-    names = {"teacher": "Teacher", "scratch": "DAN from scratch", "kd": "DAN (KD)", "kdft": "DAN (KD+FT)"}
-    split = "test" if "test" in evaluation["metrics"]["teacher"] else "dev"
-    pngs = [
-        plot_confusion_matrix(
-            evaluation["metrics"][best][split]["confusion"],
-            evaluation["labels"],
-            plots_dir / "confusion_matrix.png",
-            f"{names[best]} on {split}",
-        )
-    ]
-    points = [
-        {
-            "name": names[k],
-            "accuracy": evaluation["metrics"][k][split]["accuracy"],
-            "docs_per_s": evaluation["docs_per_s"][k],
-        }
-        for k in evaluation["docs_per_s"]
-    ]
-    pngs.append(plot_accuracy_vs_speed(points, plots_dir / "accuracy_vs_speed.png"))
+    summary = publishing.publish_run(config, run_dir, config_fp, tracking, evaluation, students, logger)
     table = pipeline.results_table(summary)
-    if tracking:
-        if config.tracking.log_model or config.tracking.registered_model:
-            # Registering needs the logged model, so a registered_model logs it whatever log_model says.
-            uri = log_student_model(model_dirs[best], tracking.parent_run_id, tracking.tracking_uri)
-            summary["mlflow_model_uri"] = uri
-        if config.tracking.registered_model:
-            try:
-                summary["registry"] = _register(config, tracking, summary["mlflow_model_uri"], evaluation, split)
-            except Exception:
-                end_run(tracking.tracking_uri, tracking.parent_run_id, status="FAILED")
-                raise
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(tracking.tracking_uri)
-        for k, v in summary.items():
-            if isinstance(v, int | float) and not isinstance(v, bool):
-                client.log_metric(tracking.parent_run_id, k, float(v))
-        for png in pngs:
-            client.log_artifact(tracking.parent_run_id, str(png), "plots")
-        client.log_artifact(tracking.parent_run_id, str(Path(model_dirs[best]) / "label_map.json"))
-        client.log_text(tracking.parent_run_id, table, "results.md")
-        end_run(tracking.tracking_uri, tracking.parent_run_id)
-    elif config.tracking.registered_model:
-        logger.warning("tracking is off: the student is not registered as %r", config.tracking.registered_model)
-    atomic_write_text(run_path / "summary.json", json.dumps(summary, indent=2))
-    atomic_write_text(run_path / "results.md", table + "\n")
     create_markdown_artifact(
-        table + _links_markdown(tracking, summary.get("registry")),
+        table + publishing.links_markdown(tracking, summary.get("registry")),
         key="sparse-distill-results",
         description=f"Results of run {config.name}",
     )
     if tracking and tracking.tracking_uri.startswith(("http://", "https://")):
         create_link_artifact(
-            mlflow_run_url(tracking), link_text=f"MLflow run {tracking.parent_run_id}", key="mlflow-run"
+            publishing.mlflow_run_url(tracking), link_text=f"MLflow run {tracking.parent_run_id}", key="mlflow-run"
         )
     logger.info("results:\n%s", table)
     return summary

@@ -181,14 +181,11 @@ def test_predict_by_champion_alias(
     assert [r["label"] for r in rows] == GOLD
 
 
-def test_publish_wiring_registers_on_the_test_split(
-    tmp_path: Path, mlflow_env: str, students: Path, monkeypatch
-) -> None:
-    """tasks.stages._register: the test split's texts and labels, the teacher's test accuracy, a summary dict."""
+def test_publish_wiring_registers_on_the_test_split(tmp_path: Path, mlflow_env: str, students: Path) -> None:
+    """publishing.register_best: the test split's texts and labels, the teacher's test accuracy, a summary dict."""
+    from sparse_distill.publishing import register_best
     from sparse_distill.tracking import TrackingRef
-    from tasks import stages
 
-    monkeypatch.setattr(stages, "get_run_logger", lambda: logging.getLogger("test"))
     for split in ("train", "dev", "test"):
         order = slice(None, None, -1 if split == "dev" else 1)  # dev differs from test: the gate must use test
         pq.write_table(pa.table({"text": TEXTS[order], "label": GOLD[order]}), tmp_path / f"{split}.parquet")
@@ -203,7 +200,7 @@ def test_publish_wiring_registers_on_the_test_split(
     client = mlflow.MlflowClient(mlflow_env)
     tracking = TrackingRef(mlflow_env, client.get_run(run_id).info.experiment_id, run_id)
     evaluation = {"metrics": {"teacher": {"dev": {"accuracy": 0.5}, "test": {"accuracy": 1.0}}}}
-    out = stages._register(config, tracking, model_uri, evaluation, "test")
+    out = register_best(config, tracking, model_uri, evaluation, "test", logging.getLogger("test"))
     assert out["alias"] == CHAMPION and out["version"] == "1" and out["model_uri"] == "models:/wired/1"
     assert out["retention"] == pytest.approx(0.75)  # the teacher's test accuracy, not dev
     assert out["test_fingerprint"] == texts_fingerprint(TEXTS, GOLD)
