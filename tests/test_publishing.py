@@ -1,0 +1,116 @@
+"""Publishing a finished run without Prefect: the student chosen, summary.json, results.md and the plots, the links
+markdown, and what goes to the MLflow parent run (numbers, plots, the table; the model only when asked for)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from sparse_distill import pipeline
+from sparse_distill.config import PipelineConfig
+from sparse_distill.mlflow_model import ensure_experiment, tracking_uri_default
+from sparse_distill.publishing import best_student, links_markdown, mlflow_run_url, publish_run, report_split
+from sparse_distill.tracking import TrackingRef, set_tags, start_parent_run
+
+
+def _metrics(dev: float, test: float) -> dict:
+    confusion = [[3, 1], [1, 3]]
+    return {
+        "dev": {"accuracy": dev, "macro_f1": dev - 0.01, "confusion": confusion},
+        "test": {"accuracy": test, "macro_f1": test - 0.01, "confusion": confusion},
+    }
+
+
+EVALUATION = {
+    "metrics": {
+        "teacher": _metrics(0.9, 0.88),
+        "scratch": _metrics(0.95, 0.7),  # the best on dev, but the baseline is never shipped
+        "kd": _metrics(0.85, 0.8),
+        "kdft": _metrics(0.8, 0.82),
+    },
+    "docs_per_s": {"teacher": 100.0, "scratch": 9000.0, "kd": 10000.0, "kdft": 10000.0},
+    "labels": ["neg", "pos"],
+}
+
+
+def _students(tmp_path: Path) -> dict[str, dict]:
+    out = {}
+    for k in ("scratch", "kd", "kdft"):
+        model_dir = tmp_path / "models" / k
+        model_dir.mkdir(parents=True)
+        (model_dir / "label_map.json").write_text('{"labels": ["neg", "pos"]}')
+        out[k] = {"model_dir": str(model_dir), "params": {"total": 1234, "embedding": 1200}}
+    return out
+
+
+def _config(tmp_path: Path, **tracking) -> PipelineConfig:
+    return PipelineConfig.model_validate(
+        {
+            "name": "pub",
+            "data": {"data_dir": str(tmp_path), "train": "train.parquet", "dev": "dev.parquet"},
+            "teacher": {"model": "unused"},
+            "tracking": tracking,
+        }
+    )
+
+
+def test_best_student_is_the_best_distilled_one_on_dev() -> None:
+    assert best_student(EVALUATION, {"scratch": {}, "kd": {}, "kdft": {}}) == "kd"
+    assert best_student(EVALUATION, {"scratch": {}, "kdft": {}}) == "kdft"
+    assert report_split(EVALUATION) == "test"
+    dev_only = {**EVALUATION, "metrics": {k: {"dev": v["dev"]} for k, v in EVALUATION["metrics"].items()}}
+    assert report_split(dev_only) == "dev"
+
+
+def test_publish_without_tracking_writes_the_summary_table_and_plots(tmp_path: Path, caplog) -> None:
+    config = _config(tmp_path, registered_model="nowhere")
+    run_dir = tmp_path / "run"
+    with caplog.at_level(logging.WARNING):
+        summary = publish_run(config, run_dir, "fp123", None, EVALUATION, _students(tmp_path))
+    assert summary["best_student"] == "kd" and summary["mlflow_run_id"] is None
+    assert summary["config_fingerprint"] == "fp123" and "mlflow_model_uri" not in summary and "registry" not in summary
+    assert json.loads((run_dir / "summary.json").read_text()) == summary
+    assert (run_dir / "results.md").read_text() == pipeline.results_table(summary) + "\n"
+    assert (run_dir / "plots" / "confusion_matrix.png").stat().st_size > 0
+    assert (run_dir / "plots" / "accuracy_vs_speed.png").stat().st_size > 0
+    assert "not registered as 'nowhere'" in caplog.text
+    assert links_markdown(None, None) == ""
+
+
+@pytest.mark.parametrize("log_model", [False, True])
+def test_publish_logs_numbers_plots_and_table_to_the_parent_run(tmp_path: Path, monkeypatch, log_model: bool) -> None:
+    import sparse_distill.publishing as publishing
+
+    (tmp_path / "mlflow").mkdir()
+    uri = tracking_uri_default(tmp_path / "mlflow")
+    exp = ensure_experiment("publish-test", uri, tmp_path / "mlflow" / "artifacts")
+    tracking = TrackingRef(uri, exp, start_parent_run(uri, exp, "pub", {}))
+    logged = []
+    monkeypatch.setattr(publishing, "log_student_model", lambda d, run, u: logged.append((d, run, u)) or "models:/m-1")
+    students = _students(tmp_path)
+    summary = publish_run(
+        _config(tmp_path, log_model=log_model), tmp_path / "run", "fp", tracking, EVALUATION, students
+    )
+
+    assert logged == ([(students["kd"]["model_dir"], tracking.parent_run_id, uri)] if log_model else [])
+    assert summary.get("mlflow_model_uri") == ("models:/m-1" if log_model else None)
+    client = MlflowClient(uri)
+    run = client.get_run(tracking.parent_run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["speedup"] == pytest.approx(100.0) and run.data.metrics["student_params"] == 1234
+    assert "best_student" not in run.data.metrics  # numbers only
+    paths = {a.path for a in client.list_artifacts(tracking.parent_run_id)}
+    assert {"plots", "label_map.json", "results.md"} <= paths
+    assert {a.path for a in client.list_artifacts(tracking.parent_run_id, "plots")} == {
+        "plots/confusion_matrix.png",
+        "plots/accuracy_vs_speed.png",
+    }
+    md = links_markdown(tracking, {"name": "dan", "version": "2", "alias": "champion", "reason": "better"})
+    assert mlflow_run_url(tracking) in md and "`dan` version 2 is the **champion**: better" in md
+    assert mlflow_run_url(tracking).startswith("http://127.0.0.1:5000/#/experiments/")
+    set_tags(uri, tracking.parent_run_id, {"k": "v"})
+    assert client.get_run(tracking.parent_run_id).data.tags["k"] == "v"
