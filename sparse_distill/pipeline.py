@@ -400,9 +400,9 @@ def run_choices(cfg: PipelineConfig, run_dir: str | Path) -> dict[str, str]:
     out: dict[str, str] = {}
     vocab = read_stage(run_dir, "vocab")
     if vocab:
-        out["table"] = (
-            f"|V| = {vocab['size']:,}: {vocab.get('reason', 'vocab.size')}; d = {cfg.student.dim} (student.dim)"
-        )
+        filled = vocab["size"] >= cfg.vocab.size
+        why = vocab.get("reason") or ("the top vocab.size n-grams" if filled else "every counted n-gram")
+        out["table"] = f"|V| = {vocab['size']:,}: {why}; d = {cfg.student.dim} (student.dim)"
     transfer = read_stage(run_dir, "transfer") if cfg.transfer.size != 0 else None
     out["transfer"] = f"{transfer['rows']:,} texts: {transfer['reason']}" if transfer else "none (transfer.size 0)"
     for stage, name in (("distill", "KD"), ("kdft", "KD+FT"), ("scratch", "scratch")):
