@@ -59,6 +59,23 @@ def _imdb_split(out: Path) -> Path:
     return out
 
 
+def _imdb_small(out: Path) -> Path:
+    """IMDB with a seeded sample of 2,000 train reviews (the train file is sorted by label, so not its first rows),
+    the 2,000 held-out dev reviews, a seeded 5,000 of the test reviews, and the 50k unlabelled reviews as corpus."""
+    if (out / "train.parquet").exists():
+        return out
+    src = _imdb_split(ROOT / "data" / "imdb-split")
+    out.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", 2000), ("dev", None), ("test", 5000)):
+        table = pq.read_table(src / f"{split}.parquet")
+        if n is not None:
+            table = table.take(pa.array(np.sort(np.random.default_rng(13).permutation(table.num_rows)[:n])))
+        pq.write_table(table, out / f"{split}.parquet")
+    if not (out / "unsup.parquet").exists():
+        os.link(src / "unsup.parquet", out / "unsup.parquet")
+    return out
+
+
 def _imdb_ratings(out: Path) -> Path:
     """IMDB star ratings grouped into 4 classes (1-2, 3-4, 7-8, 9-10): a multi-class task from the data we have.
     5,000 train reviews, 1,000 dev (held out of train), 2,000 test, and the 50k unlabelled reviews as the corpus."""
@@ -97,10 +114,10 @@ TASKS: dict[str, Task] = {
     ),
     "imdb-2k": Task(
         "configs/imdb.yaml",
-        ROOT / "data" / "imdb-split",
-        "IMDB with its first 2,000 train rows, the 50k unlabelled reviews as corpus (first 25k labelled)",
-        ["data.max_train_samples=2000", *IMDB_CPU],
-        train_limit=2000,
+        ROOT / "data" / "imdb-2k",
+        "IMDB with 2,000 train reviews (a seeded sample), the unlabelled reviews as corpus (first 25k labelled), "
+        "5,000 test reviews",
+        IMDB_CPU,
     ),
     "imdb-ratings-4": Task(
         "configs/imdb.yaml",
@@ -116,7 +133,7 @@ TASKS: dict[str, Task] = {
     ),
 }
 PREPARE = {
-    "imdb-2k": lambda t: _imdb_split(t.data_dir),
+    "imdb-2k": lambda t: _imdb_small(t.data_dir),
     "imdb": lambda t: _imdb_split(t.data_dir),
     "imdb-ratings-4": lambda t: _imdb_ratings(t.data_dir),
 }
