@@ -18,7 +18,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -31,9 +30,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from fasttext_baseline import prepare  # noqa: E402  (fastText's one-line input, as the other benchmarks write it)
+
 SHARED = ROOT.parent / "shared" / "data"
 RESULTS = ROOT / "benchmarks" / "results"
-_SPACE = re.compile(r"\s+")
 README_START, README_END = "<!-- quality:start -->", "<!-- quality:end -->"
 
 
@@ -139,11 +140,6 @@ PREPARE = {
 }
 
 
-def prepare_text(text: str) -> str:
-    """fastText reads one line of space-separated tokens: lowercased, on one line."""
-    return _SPACE.sub(" ", text.lower()).strip()
-
-
 def _fasttext_file(task: Task, split: str, limit: int | None, path: Path) -> list[str]:
     table = pq.read_table(task.data_dir / f"{split}.parquet", columns=["text", task.label_column])
     if limit:
@@ -151,7 +147,7 @@ def _fasttext_file(task: Task, split: str, limit: int | None, path: Path) -> lis
     labels = [str(v).replace(" ", "_") for v in table.column(task.label_column).to_pylist()]
     with open(path, "w") as f:
         for text, label in zip(table.column("text").to_pylist(), labels, strict=True):
-            f.write(f"__label__{label} {prepare_text(text)}\n")
+            f.write(f"__label__{label} {prepare(text)}\n")
     return labels
 
 
@@ -164,7 +160,7 @@ def run_fasttext(task: Task, autotune_seconds: int) -> dict[str, float]:
         _fasttext_file(task, "train", task.train_limit, train)
         _fasttext_file(task, "dev", None, dev)
         test = pq.read_table(task.data_dir / "test.parquet", columns=["text", task.label_column])
-        texts = [prepare_text(t) for t in test.column("text").to_pylist()]
+        texts = [prepare(t) for t in test.column("text").to_pylist()]
         gold = [f"__label__{str(v).replace(' ', '_')}" for v in test.column(task.label_column).to_pylist()]
 
         def accuracy(model) -> float:

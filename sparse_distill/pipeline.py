@@ -262,12 +262,7 @@ def vocab_sources(cfg: PipelineConfig) -> list[CorpusSource]:
 def run_vocab(cfg: PipelineConfig, out_dir: str | Path) -> dict:
     """Count n-grams over train + corpus and keep the top |V| (only selects again if already counted)."""
     res = run_count_job(vocab_job(cfg, out_dir), sources=vocab_sources(cfg))
-    size, distinct = res["size"], res["distinct_ngrams"]
-    if size < cfg.vocab.size:
-        why = f"every n-gram counted (count >= {cfg.vocab.min_count}): vocab.size {cfg.vocab.size:,} not filled"
-    else:
-        why = f"the top {size:,} of {distinct:,} counted n-grams (vocab.size)"
-    return {"vocab_dir": str(out_dir), "size": size, "distinct_ngrams": distinct, "reason": why}
+    return {"vocab_dir": str(out_dir), "size": res["size"], "distinct_ngrams": res["distinct_ngrams"]}
 
 
 TRANSFER_FILE = "transfer.parquet"
@@ -400,17 +395,19 @@ def run_choices(cfg: PipelineConfig, run_dir: str | Path) -> dict[str, str]:
     out: dict[str, str] = {}
     vocab = read_stage(run_dir, "vocab")
     if vocab:
-        filled = vocab["size"] >= cfg.vocab.size
-        why = vocab.get("reason") or ("the top vocab.size n-grams" if filled else "every counted n-gram")
-        out["table"] = f"|V| = {vocab['size']:,}: {why}; d = {cfg.student.dim} (student.dim)"
+        size, distinct = vocab["size"], vocab["distinct_ngrams"]
+        why = (
+            f"the top {size:,} of {distinct:,} counted n-grams (vocab.size)"
+            if size >= cfg.vocab.size
+            else f"every counted n-gram with count >= {cfg.vocab.min_count} (vocab.size {cfg.vocab.size:,} not filled)"
+        )
+        out["table"] = f"|V| = {size:,}: {why}; d = {cfg.student.dim} (student.dim)"
     transfer = read_stage(run_dir, "transfer") if cfg.transfer.size != 0 else None
     out["transfer"] = f"{transfer['rows']:,} texts: {transfer['reason']}" if transfer else "none (transfer.size 0)"
     for stage, name in (("distill", "KD"), ("kdft", "KD+FT"), ("scratch", "scratch")):
-        b = (read_stage(run_dir, stage) or {}).get("budget")
-        if b:
-            stop = (
-                f", stopped early, best at step {read_stage(run_dir, stage)['best_step']}" if b["early_stopped"] else ""
-            )
+        record = read_stage(run_dir, stage) or {}
+        if b := record.get("budget"):
+            stop = f", stopped early, best at step {record['best_step']}" if b["early_stopped"] else ""
             out[f"budget_{stage}"] = f"{name}: {b['steps']:,} steps, dev every {b['eval_every']} ({b['reason']}{stop})"
     return out
 
