@@ -72,11 +72,13 @@ def _training_stages(
 ) -> tuple[dict, dict[str, dict]]:
     """Teacher, labels, vocabulary, KD, KD+FT and the baseline: each served from cache when already done."""
     args = {"config": config, "run_dir": run_dir, "fingerprints": fps, "tracking": tracking}
-    # The vocabulary needs no teacher: count while the teacher trains (or first, when counting fans out itself).
-    _count_vocab(config, run_dir, fps)
-    vocab_f = _fresh(stages.make_vocabulary, run_dir, "vocab", fps).submit(**args)
+    # The transfer set and the vocabulary (counted over it too) need no fine-tuned teacher: made first, then counted
+    # while the teacher trains (or first, when counting fans out itself).
+    transfer = _transfer_set(config, run_dir, fps, tracking)
+    _count_vocab(config, run_dir, fps, transfer)
+    vocab_f = _fresh(stages.make_vocabulary, run_dir, "vocab", fps).submit(**args, transfer=transfer)
     teacher = _fresh(stages.finetune_teacher, run_dir, "teacher", fps)(**args)
-    labels = _label_stages(config, run_dir, fps, tracking, teacher)
+    labels = _label_stages(config, run_dir, fps, tracking, teacher, transfer)
     vocab = vocab_f.result()
     scratch_f = _fresh(stages.train_scratch, run_dir, "scratch", fps).submit(**args, vocab=vocab)
     kd = _fresh(stages.distill_student, run_dir, "distill", fps)(**args, vocab=vocab, labels=labels)
@@ -93,10 +95,25 @@ def base_stages_flow(config: PipelineConfig, run_dir: str | None = None) -> dict
     return {"run_dir": run_dir, "teacher": teacher, "students": students}
 
 
+def _transfer_set(
+    config: PipelineConfig, run_dir: str, fps: dict[str, str], tracking: TrackingRef | None
+) -> dict | None:
+    """The transfer set's record (None when `transfer.size` is 0), made unless already done."""
+    if config.transfer.size == 0:
+        return None
+    args = {"config": config, "run_dir": run_dir, "fingerprints": fps, "tracking": tracking}
+    return _fresh(stages.make_transfer_set, run_dir, "transfer", fps)(**args)
+
+
 def _label_stages(
-    config: PipelineConfig, run_dir: str, fps: dict[str, str], tracking: TrackingRef | None, teacher: dict
+    config: PipelineConfig,
+    run_dir: str,
+    fps: dict[str, str],
+    tracking: TrackingRef | None,
+    teacher: dict,
+    transfer: dict | None,
 ) -> list[dict]:
-    """Label the corpus and/or the train set (fanned out by the labelling flow) unless already done."""
+    """Label the corpus and/or the train set and the transfer set (fanned out by the labelling flow) unless done."""
     args = {"config": config, "run_dir": run_dir, "fingerprints": fps, "tracking": tracking}
     which = (["corpus"] if config.data.corpus else []) + (
         ["train"] if config.label.include_train or not config.data.corpus else []
@@ -107,16 +124,14 @@ def _label_stages(
         if not is_fresh(run_dir, stage, fps[stage]):
             _run_labelling(config, label_job(config, w, teacher["model_dir"], stage_dir(run_dir, stage)), w, tracking)
         out.append(_fresh(LABEL_TASKS[stage], run_dir, stage, fps)(**args, teacher=teacher))
-    if config.transfer.size != 0:
-        # The transfer set: made from the train texts, then labelled like a corpus (skipped when it came out empty).
-        transfer = _fresh(stages.make_transfer_set, run_dir, "transfer", fps)(**args)
-        if transfer["rows"]:
-            if not is_fresh(run_dir, "label_transfer", fps["label_transfer"]):
-                out_dir = stage_dir(run_dir, "label_transfer")
-                _run_labelling(
-                    config, transfer_job(config, transfer["path"], teacher["model_dir"], out_dir), "transfer", tracking
-                )
-            out.append(_fresh(stages.record_transfer_labels, run_dir, "label_transfer", fps)(**args, teacher=teacher))
+    if transfer and transfer["rows"]:
+        # The transfer set is labelled like a corpus (skipped when it came out empty).
+        if not is_fresh(run_dir, "label_transfer", fps["label_transfer"]):
+            out_dir = stage_dir(run_dir, "label_transfer")
+            _run_labelling(
+                config, transfer_job(config, transfer["path"], teacher["model_dir"], out_dir), "transfer", tracking
+            )
+        out.append(_fresh(stages.record_transfer_labels, run_dir, "label_transfer", fps)(**args, teacher=teacher))
     return out
 
 
@@ -131,14 +146,14 @@ def _run_labelling(config: PipelineConfig, job, which: str, tracking: TrackingRe
     )
 
 
-def _count_vocab(config: PipelineConfig, run_dir: str, fps: dict[str, str]) -> None:
+def _count_vocab(config: PipelineConfig, run_dir: str, fps: dict[str, str], transfer: dict | None) -> None:
     """With several workers or Dask, count the n-grams with the counting flow on that runner; the vocab stage then
     only selects. With one thread, the stage counts by itself, alongside the teacher's training."""
     v = config.vocab
     if (v.runner == "thread" and v.workers == 1) or is_fresh(run_dir, "vocab", fps["vocab"]):
         return
-    job = vocab_job(config, stage_dir(run_dir, "vocab"))
-    sources = [asdict(s) for s in vocab_sources(config)]
+    job = vocab_job(config, stage_dir(run_dir, "vocab"), transfer)
+    sources = [asdict(s) for s in vocab_sources(config, transfer)]
     count_ngrams_flow.with_options(name="count-vocab", task_runner=make_task_runner(v))(job=job, sources=sources)
 
 
@@ -169,15 +184,17 @@ def label_flow(config: PipelineConfig, run_dir: str | None = None) -> list[dict]
     """Label the train set and the corpus with the run's fine-tuned teacher."""
     a = _stage_args(config, run_dir)
     teacher = _upstream(a["run_dir"], "teacher")
-    return _label_stages(config, a["run_dir"], a["fingerprints"], None, teacher)
+    transfer = _transfer_set(config, a["run_dir"], a["fingerprints"], None)
+    return _label_stages(config, a["run_dir"], a["fingerprints"], None, teacher, transfer)
 
 
 @flow(name="vocab")
 def vocab_flow(config: PipelineConfig, run_dir: str | None = None) -> dict:
     """Build the n-gram vocabulary only."""
     a = _stage_args(config, run_dir)
-    _count_vocab(config, a["run_dir"], a["fingerprints"])
-    return _fresh(stages.make_vocabulary, a["run_dir"], "vocab", a["fingerprints"])(**a)
+    transfer = _transfer_set(config, a["run_dir"], a["fingerprints"], None)
+    _count_vocab(config, a["run_dir"], a["fingerprints"], transfer)
+    return _fresh(stages.make_vocabulary, a["run_dir"], "vocab", a["fingerprints"])(**a, transfer=transfer)
 
 
 @flow(name="distill")

@@ -3,21 +3,27 @@ task's sensitivity to word order.
 
 Augmentation follows EDA (Wei & Zou 2019) without a thesaurus (none ships offline): random word replacement by a word
 drawn from the train set's own vocabulary, random deletion and random swap; and n-gram sampling (Tang et al. 2019):
-a random contiguous span of the text. The augmented texts carry no gold label; the teacher labels them.
+a random contiguous span of the text. Neighbour replacement swaps words for their nearest words in the teacher's own
+input-embedding space (TinyBERT's augmentation, with the teacher's vectors instead of GloVe): it is the one method that
+brings words the train set never had, so the student learns them from the teacher. The augmented texts carry no gold
+label; the teacher labels them.
 """
 
 from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from typing import Literal
+
+import numpy as np
 
 logger = logging.getLogger(__name__)
 
 AugmentMethod = Literal["eda", "ngram"]
-TransferMethod = Literal["eda", "ngram", "dropout", "mix"]
-TRANSFER_METHODS: tuple[str, ...] = ("eda", "ngram", "dropout", "mix")
+TransferMethod = Literal["eda", "ngram", "dropout", "mix", "neighbour"]
+TRANSFER_METHODS: tuple[str, ...] = ("eda", "ngram", "dropout", "mix", "neighbour")
 EDA_OPS = ("replace", "delete", "swap")
 
 
@@ -75,6 +81,67 @@ def mix_texts(first: str, second: str, rng: random.Random) -> str:
     return " ".join(a[: rng.randint(1, len(a))] + b[rng.randrange(len(b)) :])
 
 
+# A word as replacement sees it: punctuation around it is kept, the core is looked up lower-cased.
+_WORD_CORE = re.compile(r"^(\W*)(.*?)(\W*)$", re.S)
+
+
+def nearest_words(
+    vocabulary: Sequence[str], vectors: np.ndarray, queries: Sequence[str], k: int = 8, chunk: int = 2048
+) -> dict[str, list[str]]:
+    """The `k` nearest words (cosine similarity of `vectors`, one row per `vocabulary` word) of each query word found
+    in `vocabulary`; queries not in it are left out. Done in chunks, so memory is `chunk` x |vocabulary|."""
+    index = {w: i for i, w in enumerate(vocabulary)}
+    found = sorted({q for q in queries if q in index})
+    if not found or k < 1:
+        return {}
+    unit = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    unit = unit.astype(np.float32, copy=False)
+    top = min(k + 1, len(vocabulary))
+    out: dict[str, list[str]] = {}
+    for start in range(0, len(found), chunk):
+        part = found[start : start + chunk]
+        rows = np.array([index[q] for q in part])
+        sims = unit[rows] @ unit.T
+        sims[np.arange(len(part)), rows] = -np.inf  # a word is not its own neighbour
+        best = np.argpartition(-sims, top - 1, axis=1)[:, :top]
+        for q, cand, row in zip(part, best, sims, strict=True):
+            ranked = cand[np.argsort(-row[cand])]
+            out[q] = [vocabulary[j] for j in ranked if np.isfinite(row[j])][:k]
+    return out
+
+
+def replaceable_words(texts: Sequence[str], skip_top: int = 100) -> set[str]:
+    """The lower-cased words of the texts that neighbour replacement may change: all but the `skip_top` most frequent
+    (function words, whose neighbours make broken text and bring no new content words), and never more than a tenth
+    of the distinct words skipped (a tiny vocabulary keeps most of its words)."""
+    counts: dict[str, int] = {}
+    for text in texts:
+        for w in _words(text):
+            core = _WORD_CORE.match(w).group(2).lower()  # type: ignore[union-attr]
+            if core:
+                counts[core] = counts.get(core, 0) + 1
+    frequent = sorted(counts, key=lambda w: (-counts[w], w))[: min(skip_top, len(counts) // 10)]
+    return set(counts) - set(frequent)
+
+
+def neighbour_replace(text: str, rng: random.Random, neighbours: Mapping[str, Sequence[str]], rate: float = 0.3) -> str:
+    """The text with each word that has neighbours replaced by one of them with probability `rate` (at least one
+    replaced when any can be). Punctuation around a word is kept, and a capital first letter too."""
+    words = _words(text)
+    parts = [_WORD_CORE.match(w).groups() for w in words]  # type: ignore[union-attr]
+    can = [i for i, (_, core, _) in enumerate(parts) if core.lower() in neighbours]
+    if not can:
+        return text
+    chosen = [i for i in can if rng.random() < rate] or [rng.choice(can)]
+    for i in chosen:
+        head, core, tail = parts[i]
+        new = rng.choice(list(neighbours[core.lower()]))
+        if core[:1].isupper():
+            new = new[:1].upper() + new[1:]
+        words[i] = head + new + tail
+    return " ".join(words)
+
+
 def make_transfer_set(
     texts: Sequence[str],
     size: int,
@@ -83,13 +150,16 @@ def make_transfer_set(
     alpha: float = 0.1,
     dropout: float = 0.2,
     pool_size: int = 10_000,
+    neighbours: Mapping[str, Sequence[str]] | None = None,
+    replace_rate: float = 0.3,
 ) -> list[str]:
     """`size` new texts made from the train texts for the teacher to label (a transfer set, when the corpus is small).
 
     Source texts are taken in a seeded shuffled order, cycling through them all before any repeats; each copy is made
     by one method drawn at random from `methods`: EDA without a thesaurus, an n-gram span (Tang et al. 2019), word
-    dropout, or a mix of two texts. Copies that equal their source are kept (rare); the output has exactly `size`
-    texts, so a seed gives the same set every time.
+    dropout, a mix of two texts, or neighbour replacement (`neighbours`: word -> nearby words, see `nearest_words`;
+    the method is skipped when there are none). Copies that equal their source are kept (rare); the output has
+    exactly `size` texts, so a seed gives the same set every time.
     """
     unknown = sorted(set(methods) - set(TRANSFER_METHODS))
     if unknown or not methods:
@@ -101,6 +171,9 @@ def make_transfer_set(
         return []
     rng = random.Random(seed)
     pool = [w for t in rng.sample(sources, min(len(sources), pool_size)) for w in _words(t)]
+    if "neighbour" in methods and not neighbours:
+        logger.warning("transfer set: no word neighbours given, so no neighbour replacement")
+        methods = [m for m in methods if m != "neighbour"] or ["eda"]
     out: list[str] = []
     order: list[int] = []
     while len(out) < size:
@@ -115,6 +188,8 @@ def make_transfer_set(
             out.append(ngram_sample(text, rng))
         elif method == "dropout":
             out.append(word_dropout(text, rng, dropout))
+        elif method == "neighbour":
+            out.append(neighbour_replace(text, rng, neighbours or {}, replace_rate))
         else:
             out.append(mix_texts(text, sources[rng.randrange(len(sources))], rng))
     logger.info("transfer set: %d texts from %d train texts (%s)", len(out), len(sources), ", ".join(methods))

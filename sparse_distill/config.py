@@ -118,8 +118,20 @@ class TransferConfig(_Strict):
         8, ge=1, description="Auto size: distil on at least this many documents per train row (corpus + transfer)."
     )
     max_size: int = Field(200_000, ge=1, description="Auto size: at most this many texts.")
-    methods: list[Literal["eda", "ngram", "dropout", "mix"]] = Field(
-        ["eda", "ngram", "dropout", "mix"], min_length=1, description="Ways of making a text; one drawn per text."
+    methods: list[Literal["eda", "ngram", "dropout", "mix", "neighbour"]] = Field(
+        ["eda", "ngram", "dropout", "mix", "neighbour"],
+        min_length=1,
+        description="Ways of making a text; one drawn per text. 'neighbour' swaps words for their nearest words in "
+        "the teacher's input embeddings (teacher.model), bringing words the train set lacks.",
+    )
+    neighbours: int = Field(8, ge=1, description="Neighbour replacement: candidates per word.")
+    teacher_words: bool = Field(
+        True,
+        description="Add every whole word of the teacher's tokenizer (teacher.model) as a one-word text, so the "
+        "student learns what the teacher makes of words the train set lacks (only with a transfer set).",
+    )
+    replace_rate: float = Field(
+        0.3, gt=0, le=1, description="Neighbour replacement: probability of replacing each word that has neighbours."
     )
     alpha: float = Field(0.1, gt=0, le=1, description="EDA: share of words replaced, deleted or swapped.")
     dropout: float = Field(0.2, gt=0, lt=1, description="Word dropout: probability of dropping each word.")
@@ -244,7 +256,6 @@ class PipelineConfig(_Strict):
 
 
 # --- experiments (`sparse-distill experiment NAME CONFIG`) ---------------------------------------------------------
-
 
 
 class PrivacyConfig(_Strict):

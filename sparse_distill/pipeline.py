@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from sparse_distill.augment import make_transfer_set
+from sparse_distill.augment import make_transfer_set, nearest_words, replaceable_words
 from sparse_distill.config import (
     DataConfig,
     LabelConfig,
@@ -41,7 +41,7 @@ from sparse_distill.evaluation import classification_metrics, measure_throughput
 from sparse_distill.inference import StudentPredictor
 from sparse_distill.run_store import file_fingerprint, read_stage
 from sparse_distill.shard_plan import CorpusSource, plan_shards
-from sparse_distill.teacher import TeacherPredictor, finetune_teacher, teacher_fingerprint
+from sparse_distill.teacher import TeacherPredictor, finetune_teacher, teacher_fingerprint, teacher_word_vectors
 from sparse_distill.training import BatchSource, InMemoryBatches, SoftLabelStream, train_dan
 
 logger = logging.getLogger(__name__)
@@ -134,9 +134,16 @@ def stage_fingerprints(cfg: PipelineConfig) -> dict[str, str]:
     fp["label_corpus"] = fingerprint(
         "label_corpus", fp["teacher"], label_cfg, data_fingerprint(cfg.data, (), corpus=True)
     )
+    # Neighbour replacement and the teacher's words read the teacher's backbone (by name: a hub id or a local folder).
+    backbone = cfg.teacher.model if "neighbour" in cfg.transfer.methods or cfg.transfer.teacher_words else None
+    fp["transfer"] = fingerprint(
+        "transfer", cfg.transfer, data_fingerprint(cfg.data, ("train",), corpus=True), backbone
+    )
     vocab_cfg = cfg.vocab.model_dump(exclude=VocabConfig.RUNTIME_FIELDS)
-    fp["vocab"] = fingerprint("vocab", vocab_cfg, data_fingerprint(cfg.data, ("train",), corpus=True))
-    fp["transfer"] = fingerprint("transfer", cfg.transfer, data_fingerprint(cfg.data, ("train",), corpus=True))
+    counted = [data_fingerprint(cfg.data, ("train",), corpus=True)]
+    if cfg.transfer.size != 0:
+        counted.append(fp["transfer"])
+    fp["vocab"] = fingerprint("vocab", vocab_cfg, *counted)
     fp["label_transfer"] = fingerprint("label_transfer", fp["teacher"], label_cfg, fp["transfer"])
     uses = [fp[stage] for stage in distill_label_stages(cfg)]
     fp["distill"] = fingerprint(
@@ -239,12 +246,12 @@ def finish_label_dir(teacher_dir: str, out_dir: str | Path) -> dict:
     }
 
 
-def vocab_job(cfg: PipelineConfig, out_dir: str | Path) -> VocabJob:
-    """The counting job of the pipeline's vocab stage: train split + corpus into `out_dir`.
+def vocab_job(cfg: PipelineConfig, out_dir: str | Path, transfer: dict | None = None) -> VocabJob:
+    """The counting job of the pipeline's vocab stage: train split + corpus (+ the transfer set) into `out_dir`.
 
     `replan`: when the data or n-gram settings changed, the stage's fingerprint changed too, so old counts are stale.
     """
-    sources = vocab_sources(cfg)
+    sources = vocab_sources(cfg, transfer)
     return VocabJob(
         inputs=[s.path for s in sources],
         out=str(out_dir),
@@ -254,14 +261,18 @@ def vocab_job(cfg: PipelineConfig, out_dir: str | Path) -> VocabJob:
     )
 
 
-def vocab_sources(cfg: PipelineConfig) -> list[CorpusSource]:
-    """What the vocabulary is counted over: the train split and the corpus, each with its row limit."""
-    return label_sources(cfg, "train") + label_sources(cfg, "corpus")
+def vocab_sources(cfg: PipelineConfig, transfer: dict | None = None) -> list[CorpusSource]:
+    """What the vocabulary is counted over: the train split and the corpus, each with its row limit, and the transfer
+    set (`transfer`: its stage record) when it has texts, so the words it brings (neighbour replacement) get rows."""
+    sources = label_sources(cfg, "train") + label_sources(cfg, "corpus")
+    if transfer and transfer.get("rows"):
+        sources.append(CorpusSource(transfer["path"], "text", "id", None))
+    return sources
 
 
-def run_vocab(cfg: PipelineConfig, out_dir: str | Path) -> dict:
-    """Count n-grams over train + corpus and keep the top |V| (only selects again if already counted)."""
-    res = run_count_job(vocab_job(cfg, out_dir), sources=vocab_sources(cfg))
+def run_vocab(cfg: PipelineConfig, out_dir: str | Path, transfer: dict | None = None) -> dict:
+    """Count n-grams over train + corpus (+ transfer set) and keep the top |V| (only selects if already counted)."""
+    res = run_count_job(vocab_job(cfg, out_dir, transfer), sources=vocab_sources(cfg, transfer))
     return {"vocab_dir": str(out_dir), "size": res["size"], "distinct_ngrams": res["distinct_ngrams"]}
 
 
@@ -288,8 +299,33 @@ def run_transfer(cfg: PipelineConfig, out_dir: str | Path) -> dict:
     corpus_rows = plan_shards(sources, 1 << 30).total_rows if sources else 0
     size, reason = transfer_size(cfg, len(train.texts), corpus_rows)
     t = cfg.transfer
-    texts = make_transfer_set(train.texts, size, t.methods, t.seed, t.alpha, t.dropout)
-    table = pa.table({"id": [f"transfer:{i}" for i in range(len(texts))], "text": texts})
+    neighbours = None
+    words: list[str] = []
+    if size and ("neighbour" in t.methods or t.teacher_words):
+        # The teacher's backbone gives the words and their vectors: fine-tuning barely moves input embeddings, and
+        # this way the transfer set (and the vocabulary counted over it) need not wait for the teacher's training.
+        words, vectors = teacher_word_vectors(cfg.teacher.model)
+        if "neighbour" in t.methods:
+            neighbours = nearest_words(words, vectors, sorted(replaceable_words(train.texts)), t.neighbours)
+            logger.info("transfer set: %d train words have neighbours in the teacher's vocabulary", len(neighbours))
+    texts = make_transfer_set(
+        train.texts,
+        size,
+        t.methods,
+        t.seed,
+        t.alpha,
+        t.dropout,
+        neighbours=neighbours,
+        replace_rate=t.replace_rate,
+    )
+    ids = [f"transfer:{i}" for i in range(len(texts))]
+    if t.teacher_words and words:
+        # Each word the teacher knows, alone: its soft label tells the student what the word means for the task,
+        # also for words the train set never has (the student has rows only for what it is trained on).
+        ids += [f"word:{w}" for w in words]
+        texts += words
+        reason += f", plus the teacher's {len(words):,} whole words as one-word texts"
+    table = pa.table({"id": ids, "text": texts})
     atomic_write_parquet(table, Path(out_dir) / TRANSFER_FILE)
     logger.info("transfer set: %d texts (%s)", len(texts), reason)
     return {"path": str(Path(out_dir) / TRANSFER_FILE), "rows": len(texts), "reason": reason}

@@ -133,6 +133,43 @@ def _autocast_dtype(precision: str, device: str) -> torch.dtype | None:
     raise ValueError(f"unknown precision {precision!r} (auto, fp32, bf16, fp16)")
 
 
+def teacher_word_vectors(model_dir: str | Path) -> tuple[list[str], np.ndarray]:
+    """The whole words of the teacher's tokenizer (see `whole_words`) with their input-embedding vectors, for the
+    transfer set's neighbour replacement and one-word texts."""
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForSequenceClassification.from_pretrained(str(model_dir))
+    table = model.get_input_embeddings().weight.detach().float().cpu().numpy()
+    tokens = [t for t, _ in sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])]
+    pairs = [(w, i) for w, i in whole_words(tokens) if i < len(table)]
+    logger.info("teacher vocabulary: %d whole words of %d tokens", len(pairs), len(tokens))
+    return [w for w, _ in pairs], table[[i for _, i in pairs]]
+
+
+def whole_words(tokens: list[str]) -> list[tuple[str, int]]:
+    """(word, token id) for each token of a vocabulary (`tokens[i]` is id i) that is a whole word the student's
+    tokeniser would keep: lower-cased, alphabetic, two letters or more.
+
+    Whole words are WordPiece tokens without the `##` continuation mark, or, in a byte-level BPE / SentencePiece
+    vocabulary, tokens that start a word (`Ġ` / `▁`); a word in several casings keeps its first (most frequent) id.
+    """
+    marks = [m for m in ("Ġ", "▁") if sum(t.startswith(m) for t in tokens) > len(tokens) // 10]
+    out: list[tuple[str, int]] = []
+    seen: set[str] = set()
+    for row, token in enumerate(tokens):
+        if marks:
+            if not token.startswith(marks[0]):
+                continue
+            token = token[len(marks[0]) :]
+        elif token.startswith("##"):
+            continue
+        word = token.lower()
+        if len(word) < 2 or not word.isalpha() or word in seen:
+            continue
+        seen.add(word)
+        out.append((word, row))
+    return out
+
+
 def teacher_fingerprint(model_dir: str | Path) -> str:
     """Hash of the teacher's weights and config files: which teacher produced a set of soft labels."""
     import hashlib

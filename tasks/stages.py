@@ -130,12 +130,16 @@ def record_transfer_labels(
 
 @_stage_task("vocab")
 def make_vocabulary(
-    config: PipelineConfig, run_dir: str, fingerprints: dict[str, str], tracking: TrackingRef | None
+    config: PipelineConfig,
+    run_dir: str,
+    fingerprints: dict[str, str],
+    tracking: TrackingRef | None,
+    transfer: dict | None = None,
 ) -> dict:
-    """Count n-grams over train + corpus and keep the top |V|."""
+    """Count n-grams over train + corpus (+ the transfer set's record `transfer`) and keep the top |V|."""
     out = run_store.stage_dir(run_dir, "vocab")
     with stage_run(tracking, "vocab", {"vocab": config.vocab.model_dump(mode="json")}) as sr:
-        res = pipeline.run_vocab(config, out)
+        res = pipeline.run_vocab(config, out, transfer)
         if sr:
             sr.log_metrics(0, {"vocab_size": res["size"], "distinct_ngrams": res["distinct_ngrams"]})
             sample = out / "vocab_sample.tsv"

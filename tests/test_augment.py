@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 
+import numpy as np
 import pytest
 
 from sparse_distill.augment import (
@@ -13,7 +14,10 @@ from sparse_distill.augment import (
     eda,
     make_transfer_set,
     mix_texts,
+    nearest_words,
+    neighbour_replace,
     ngram_sample,
+    replaceable_words,
     shuffle_words,
     word_dropout,
     word_order_sensitivity,
@@ -197,3 +201,44 @@ def test_mix_texts_joins_a_head_and_a_tail():
 
 def test_mix_texts_with_a_blank_text_gives_the_other():
     assert mix_texts("   ", "y z", random.Random(0)) == "y z"
+
+
+# --- neighbour replacement -------------------------------------------------------------------------------------------
+
+
+def test_nearest_words_ranks_by_cosine_and_skips_unknown_queries():
+    vocab = ["good", "great", "bad", "awful", "film"]
+    vectors = np.array([[1, 0.1, 0], [1, 0.2, 0], [-1, 0, 0.1], [-1, 0, 0.3], [0, 0, 1]], np.float32)
+    out = nearest_words(vocab, vectors, ["good", "awful", "missing"], k=2, chunk=1)
+    assert out == {"good": ["great", "film"], "awful": ["bad", "film"]}  # never the word itself
+    assert nearest_words(vocab, vectors, ["missing"]) == {}
+    assert len(nearest_words(vocab, vectors, ["film"], k=10)["film"]) == 4  # k beyond the vocabulary
+
+
+def test_replaceable_words_leave_out_the_most_frequent():
+    words = [f"w{i}" for i in range(20)]
+    texts = ["the film , the plot", "the actors ; the end", " ".join(words), "a film"]
+    everything = {"the", "film", "plot", "actors", "end", "a", *words}  # "," and ";" have no word core
+    assert replaceable_words(texts, skip_top=2) == everything - {"the", "film"}
+    assert replaceable_words(texts, skip_top=0) == everything
+    assert replaceable_words(texts, skip_top=100) == everything - {"the", "film"}  # at most a tenth of 26 words
+
+
+def test_neighbour_replace_keeps_punctuation_and_capitals_and_changes_at_least_one_word():
+    neighbours = {"good": ["great"], "film": ["movie"]}
+    rng = random.Random(0)
+    for _ in range(20):
+        out = neighbour_replace("A good, Film here", rng, neighbours, rate=0.5)
+        assert out in {"A great, Film here", "A good, Movie here", "A great, Movie here"}
+    assert neighbour_replace("A great, Movie", rng, neighbours) == "A great, Movie"  # nothing to replace
+    assert neighbour_replace("good film", rng, neighbours, rate=1.0) == "great movie"
+
+
+def test_transfer_set_neighbour_method_brings_new_words_and_falls_back_without_neighbours():
+    neighbours = {w: [f"{w}x"] for t in SOURCES for w in t.split()}
+    out = make_transfer_set(SOURCES, 40, ["neighbour"], seed=3, neighbours=neighbours)
+    train_words = {w for t in SOURCES for w in t.split()}
+    assert len(out) == 40 and all({w for w in t.split()} - train_words for t in out)  # each has a new word
+    assert out == make_transfer_set(SOURCES, 40, ["neighbour"], seed=3, neighbours=neighbours)
+    plain = make_transfer_set(SOURCES, 40, ["neighbour"], seed=3)  # no neighbours: EDA instead, still 40 texts
+    assert len(plain) == 40 and all(set(t.split()) <= train_words for t in plain)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from sparse_distill.teacher import sample_rows
 
 
@@ -26,3 +28,26 @@ def test_encode_gives_one_mean_pooled_vector_per_text(tiny_teacher):
     np.testing.assert_allclose(vectors[0], vectors[2], atol=1e-5)  # padding in another batch changes nothing
     assert not np.allclose(vectors[0], vectors[1])
     np.testing.assert_allclose(teacher.encode(texts[:1], batch_size=1)[0], vectors[0], atol=1e-5)
+
+
+def test_whole_words_of_wordpiece_bpe_and_sentencepiece_vocabularies():
+    from sparse_distill.teacher import whole_words
+
+    wordpiece = ["[PAD]", "the", "##s", "film", "Film", "a", "3d", "don", "'", "great"]
+    assert whole_words(wordpiece) == [("the", 1), ("film", 3), ("don", 7), ("great", 9)]
+    bpe = ["<s>", "Ġthe", "Ġfilm", "ing", "ĠFilm", "Ġa", "Ġgreat", "Ġ2020", "the"]
+    assert whole_words(bpe) == [("the", 1), ("film", 2), ("great", 6)]  # "the" without Ġ continues a word
+    sentencepiece = ["<unk>", "▁the", "▁movie", "s", "▁Movie", "▁is"]
+    assert whole_words(sentencepiece) == [("the", 1), ("movie", 2), ("is", 5)]
+
+
+def test_teacher_word_vectors_are_the_input_embeddings_of_the_whole_words(tiny_teacher):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from sparse_distill.teacher import teacher_word_vectors
+
+    words, vectors = teacher_word_vectors(tiny_teacher)
+    vocab = AutoTokenizer.from_pretrained(str(tiny_teacher)).get_vocab()
+    table = AutoModelForSequenceClassification.from_pretrained(str(tiny_teacher)).get_input_embeddings().weight
+    assert words and len(words) == len(vectors) and all(w.isalpha() and len(w) > 1 for w in words)
+    np.testing.assert_allclose(vectors[0], table[vocab[words[0]]].detach().numpy())

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -26,7 +27,9 @@ def _write(path, n: int, seed: int, labelled: bool = True) -> None:
     pq.write_table(pa.table(cols), path)
 
 
-def _config(tmp_path, transfer: dict | None = None, corpus_rows: int = 0, **data) -> PipelineConfig:
+def _config(
+    tmp_path, transfer: dict | None = None, corpus_rows: int = 0, teacher: Path | None = None, **data
+) -> PipelineConfig:
     d = tmp_path / "data"
     if not d.exists():
         d.mkdir()
@@ -39,8 +42,9 @@ def _config(tmp_path, transfer: dict | None = None, corpus_rows: int = 0, **data
     return PipelineConfig.model_validate(
         {
             "data": {"data_dir": str(d), "train": "train.parquet", "dev": "dev.parquet", "corpus": corpus, **data},
-            "teacher": {"model": str(tmp_path / "no-teacher-here")},  # run_transfer never loads the teacher
-            "transfer": transfer or {},
+            # Without the neighbour method run_transfer never loads the teacher (tests of it give one).
+            "teacher": {"model": str(teacher or tmp_path / "no-teacher-here")},
+            "transfer": {"methods": ["eda", "ngram", "dropout", "mix"], "teacher_words": False, **(transfer or {})},
         }
     )
 
@@ -144,18 +148,78 @@ def test_run_transfer_counts_the_corpus(tmp_path):
     assert "10" in rec["reason"]
 
 
+def test_run_transfer_neighbour_replacement_brings_the_teachers_words(tmp_path):
+    from sparse_distill.testing import make_tiny_teacher
+
+    # The teacher's tokenizer knows words the train set lacks; neighbour replacement brings some of them in.
+    extra = ["superb", "awful", "movie", "script", "lovely", "tedious", "cast", "scenes"]
+    teacher = make_tiny_teacher(tmp_path / "teacher", [" ".join(WORDS + extra)] * 50, vocab_size=120)
+    out = tmp_path / "transfer"
+    out.mkdir()
+    cfg = _config(tmp_path, {"size": 200, "methods": ["neighbour"], "replace_rate": 0.5}, teacher=teacher)
+    rec = run_transfer(cfg, out)
+    texts = _read(rec["path"])[2]
+    new = {w for t in texts for w in t.split()} - _train_words()
+    assert rec["rows"] == 200 and new and new <= set(extra) | set(WORDS) | _teacher_words(teacher)
+    assert texts == _read(run_transfer(cfg, tmp_path / "again")["path"])[2]  # seeded
+
+    # teacher_words: every whole word of the teacher's tokenizer follows as a one-word text, with its own id.
+    words = _teacher_words(teacher)
+    cfg = _config(tmp_path, {"size": 20, "methods": ["ngram"], "teacher_words": True}, teacher=teacher)
+    rec = run_transfer(cfg, out)
+    _, ids, texts = _read(rec["path"])
+    assert rec["rows"] == 20 + len(words) and set(extra) <= words and "whole words" in rec["reason"]
+    assert set(texts[20:]) == words and ids[20:] == [f"word:{w}" for w in texts[20:]]
+    assert run_transfer(_config(tmp_path, {"size": 0, "teacher_words": True}, teacher=teacher), out)["rows"] == 0
+
+
+def _teacher_words(teacher: Path) -> set[str]:
+    """The teacher tokenizer's whole words (alphabetic, 2+ letters), as neighbour replacement may bring them."""
+    from sparse_distill.teacher import teacher_word_vectors
+
+    return set(teacher_word_vectors(teacher)[0])
+
+
+def test_the_vocabulary_is_counted_over_the_transfer_set_too(tmp_path):
+    from sparse_distill.pipeline import vocab_sources
+
+    cfg = _config(tmp_path, {"size": 7, "methods": ["ngram"]})
+    out = tmp_path / "transfer"
+    out.mkdir()
+    rec = run_transfer(cfg, out)
+    paths = [s.path for s in vocab_sources(cfg, rec)]
+    assert paths[-1] == rec["path"] and len(paths) == 2
+    assert [s.path for s in vocab_sources(cfg, {**rec, "rows": 0})] == paths[:1]  # an empty transfer set: not counted
+    assert [s.path for s in vocab_sources(cfg)] == paths[:1]
+
+
 # --- cache keys ------------------------------------------------------------------------------------------------------
 
 
-def test_the_transfer_config_reaches_the_transfer_stages_and_distillation_only(tmp_path):
+def test_the_transfer_config_reaches_the_transfer_stages_the_vocabulary_and_the_students_only(tmp_path):
     cfg = _config(tmp_path)
     fps = stage_fingerprints(cfg)
     assert {"transfer", "label_transfer"} <= set(fps)
     other = stage_fingerprints(_config(tmp_path, {"methods": ["ngram", "mix"]}))
     changed = {k for k in fps if fps[k] != other[k]}
-    assert {"transfer", "label_transfer", "distill", "kdft", "evaluate"} <= changed
-    assert not changed & {"teacher", "label_train", "label_corpus", "vocab", "scratch"}
+    # The vocabulary is counted over the transfer set, so it and every student follow it.
+    assert {"transfer", "label_transfer", "vocab", "distill", "kdft", "scratch", "evaluate"} <= changed
+    assert not changed & {"teacher", "label_train", "label_corpus"}
     # With transfer.size 0 there is no transfer set: its settings stay out of distillation's key.
     off = stage_fingerprints(_config(tmp_path, {"size": 0}))
     off_other = stage_fingerprints(_config(tmp_path, {"size": 0, "methods": ["ngram"]}))
     assert off["distill"] != fps["distill"] and off_other["distill"] == off["distill"]
+
+
+def test_neighbour_replacement_keys_the_transfer_set_by_the_teachers_backbone_only(tmp_path):
+    def fps(teacher: dict, methods: list[str]) -> dict[str, str]:
+        cfg = _config(tmp_path, {"methods": methods})
+        return stage_fingerprints(cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update=teacher)}))
+
+    base = fps({}, ["neighbour"])
+    assert fps({"lr": 3e-5}, ["neighbour"])["transfer"] == base["transfer"]  # not the fine-tuning settings
+    assert fps({"model": "another/backbone"}, ["neighbour"])["transfer"] != base["transfer"]
+    assert fps({"model": "another/backbone"}, ["eda"])["transfer"] == fps({}, ["eda"])["transfer"]
+    with_words = _config(tmp_path, {"methods": ["eda"], "teacher_words": True})
+    other_teacher = with_words.model_copy(update={"teacher": with_words.teacher.model_copy(update={"model": "x/y"})})
+    assert stage_fingerprints(with_words)["transfer"] != stage_fingerprints(other_teacher)["transfer"]
