@@ -64,7 +64,7 @@ except OSError:
 def alive():
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return b"prefect.server.api.server:create_app" in f.read()
+            return b"prefect.server.api.server:" + b"create_app" in f.read()  # split: not to match this script
     except FileNotFoundError:
         return False
     except OSError:
