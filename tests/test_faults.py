@@ -563,3 +563,10 @@ def test_teacher_fine_tuning_resumes_from_its_last_state_as_if_never_stopped(tin
     b = load_file(str(Path(resumed.model_dir) / "model.safetensors"))
     assert all(bool((a[k] == b[k]).all()) for k in a)
     assert not (tmp_path / "killed" / RESUME_DIR).exists()
+
+
+def test_debug_shows_the_traceback_before_or_after_the_command(model_dir, tmp_path):
+    (tmp_path / "t.txt").write_text("a great film\n")
+    for argv in (["--debug", "predict"], ["predict", "--debug"]):
+        with pytest.raises(DataError, match="no such file"):
+            main([*argv, "--model", str(model_dir), "--input", str(tmp_path / "missing.txt")])
