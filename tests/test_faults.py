@@ -184,6 +184,7 @@ def test_a_sweep_removes_only_temporaries_whose_writer_is_gone(tmp_path):
 
 def test_malformed_inputs_are_named_in_one_line(model_dir, tiny_teacher, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # MLflow sets it when an earlier test picks a store
     empty = tmp_path / "empty.parquet"
     empty.write_bytes(b"")
     assert main(["label", "--teacher", str(tiny_teacher), "--corpus", str(empty), "--out", "o1"]) == 2
