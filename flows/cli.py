@@ -73,6 +73,15 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     _overrides_arg(p, "Override a config value (parsed as YAML); repeatable.")
     p.add_argument("--data-dir", help="Folder the config's relative data paths are read from (data.data_dir).")
     p.add_argument("--run-dir", help="Output folder (default: runs/<name>).")
+    _wait_arg(p)
+
+
+def _wait_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        help="When another command writes the output folder, wait for it to finish (default: refuse at once).",
+    )
 
 
 def _optional_config_args(p: argparse.ArgumentParser, what: str) -> None:
@@ -81,6 +90,7 @@ def _optional_config_args(p: argparse.ArgumentParser, what: str) -> None:
     _overrides_arg(p)
     p.add_argument("--data-dir", help="With CONFIG: folder of the config's relative data paths.")
     p.add_argument("--run-dir", help="With CONFIG: the run directory.")
+    _wait_arg(p)
 
 
 def _corpus_args(g: argparse._ArgumentGroup, flag: str) -> None:
@@ -144,6 +154,7 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", help="Texts: .txt (one per line), .parquet, .csv or .jsonl (default: stdin lines).")
     p.add_argument("--output", help="Where to write predictions: .jsonl, .csv or .parquet (default: JSONL on stdout).")
     p.add_argument("--text-column", default="text", help="Text column of a tabular input.")
+    p.add_argument("--id-column", help="Column of a tabular input copied to the output as `id`.")
     p.add_argument("--batch-size", type=int, default=1024, help="Documents per batch.")
     p.add_argument("--threads", type=int, default=1, help="Batches predicted at once (a student folder only).")
     g = p.add_argument_group(
@@ -173,7 +184,17 @@ def build_parser() -> argparse.ArgumentParser:
     """The `sparse-distill` argument parser: every command and its flags."""
     parser = argparse.ArgumentParser(prog="sparse-distill", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="Debug logging.")
+    parser.add_argument("--debug", action="store_true", help="Show the traceback of an error (default: one line).")
+    # --debug is also accepted after the command; SUPPRESS keeps a subcommand from resetting the one given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
+    add_parser = sub.add_parser
+
+    def add_with_common(*a: Any, **k: Any) -> argparse.ArgumentParser:
+        return add_parser(*a, parents=[common], **k)
+
+    sub.add_parser = add_with_common  # type: ignore[method-assign]
     _config_args(sub.add_parser("run", help="Run the whole pipeline."))
     for name in STAGES:
         if name not in ("label", "vocab"):
@@ -246,7 +267,10 @@ def _check_predict_args(parser: argparse.ArgumentParser, args: argparse.Namespac
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one `sparse-distill` command; the exit status (2: a usage, config or data error)."""
+    """Run one `sparse-distill` command; the exit status (see `EXIT_CODES`).
+
+    Every error is one line on stderr naming the file (and row, column or config key); `--debug` shows the traceback.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "predict":
@@ -257,14 +281,78 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("distributed", "httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     configure_environment()
-    from sparse_distill.config import ConfigError
-    from sparse_distill.data import DataError
-
     try:
         return _dispatch(args)
-    except (ConfigError, DataError, FileNotFoundError) as e:
-        sys.stderr.write(f"sparse-distill: error: {e}\n")
-        return 2
+    except Exception as e:
+        if args.debug:
+            raise
+        code, message = describe_error(e)
+        sys.stderr.write(f"sparse-distill: error: {message}\n")
+        if code == 1:
+            sys.stderr.write("sparse-distill: (run again with --debug for the traceback)\n")
+        return code
+
+
+# Exit statuses: 0 done; 1 failed (shards that failed are recorded; an unexpected error); 2 bad input, config or
+# usage (the message names the file and row, column or config key); 3 the output folder is in use by another command.
+EXIT_CODES = {"ok": 0, "failed": 1, "bad_input": 2, "busy": 3}
+
+
+def describe_error(e: BaseException) -> tuple[int, str]:
+    """The exit status and the one-line message of an error that ends a command."""
+    import errno
+
+    from sparse_distill.config import ConfigError
+    from sparse_distill.data import DataError
+    from sparse_distill.locks import FolderLocked
+
+    if isinstance(e, FolderLocked):
+        return EXIT_CODES["busy"], str(e)
+    if isinstance(e, ConfigError | DataError):
+        return EXIT_CODES["bad_input"], str(e)
+    if isinstance(e, OSError):
+        where = f"{e.filename}: " if e.filename and str(e.filename) not in str(e.strerror or "") else ""
+        text = f"{where}{e.strerror}" if e.strerror else str(e)
+        if isinstance(e, FileNotFoundError | PermissionError | IsADirectoryError | NotADirectoryError) or e.errno in (
+            errno.EROFS,
+            errno.EACCES,
+        ):
+            return EXIT_CODES["bad_input"], text
+        return EXIT_CODES["failed"], f"{type(e).__name__}: {text}"
+    return EXIT_CODES["failed"], f"{type(e).__name__}: {e}"
+
+
+class _NoTracebacks(logging.Filter):
+    """Console log records keep their message, not their traceback (shown with --debug)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        return True
+
+
+def _quiet_tracebacks(args: argparse.Namespace) -> None:
+    """Without --debug, Prefect's console logs of a failed task or flow carry one line, not a traceback. Only the
+    console: the API log handler (the Prefect UI) keeps the whole record. Call after Prefect is imported."""
+    if args.debug:
+        return
+    loggers = [
+        logging.getLogger(),
+        *(lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)),
+    ]
+    for lg in loggers:
+        for handler in lg.handlers:
+            if type(handler).__name__ != "APILogHandler" and not any(
+                isinstance(f, _NoTracebacks) for f in handler.filters
+            ):
+                handler.addFilter(_NoTracebacks())
+
+
+def _start_flows(args: argparse.Namespace) -> None:
+    """After the pre-flight checks and the folder lock, before the first flow: Prefect, quiet, with its server."""
+    from flows.runners import ensure_temporary_server
+
+    ensure_temporary_server()
+    _quiet_tracebacks(args)
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -295,20 +383,28 @@ def _load(args: argparse.Namespace):
 
 
 def _run_flow(args: argparse.Namespace) -> int:
-    config = _load(args)
-    start = time.perf_counter()
-    if args.command == "run":
-        from flows.pipeline_flow import pipeline_flow
-        from sparse_distill.pipeline import results_table
+    from sparse_distill.locks import folder_lock
+    from sparse_distill.preflight import check_pipeline_inputs
+    from sparse_distill.run_store import resolve_run_dir
 
-        summary = pipeline_flow(config=config, run_dir=args.run_dir)
-        sys.stdout.write("\n" + results_table(summary) + "\n")
-        sys.stdout.write(
-            f"\nsummary: {Path(summary['student_model_dir']).parents[2] / 'summary.json'}  "
-            f"({time.perf_counter() - start:.0f} s)\n"
-        )
-        return 0
-    result = stage_flows()[args.command](config=config, run_dir=args.run_dir)
+    config = _load(args)
+    check_pipeline_inputs(config)  # in a second, before the start-up and the first stage
+    run_dir = resolve_run_dir(config.name, args.run_dir)
+    start = time.perf_counter()
+    with folder_lock(run_dir, wait=args.wait):
+        _start_flows(args)
+        if args.command == "run":
+            from flows.pipeline_flow import pipeline_flow
+            from sparse_distill.pipeline import results_table
+
+            summary = pipeline_flow(config=config, run_dir=run_dir)
+            sys.stdout.write("\n" + results_table(summary) + "\n")
+            sys.stdout.write(
+                f"\nsummary: {Path(summary['student_model_dir']).parents[2] / 'summary.json'}  "
+                f"({time.perf_counter() - start:.0f} s)\n"
+            )
+            return 0
+        result = stage_flows()[args.command](config=config, run_dir=run_dir)
     sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n")
     return 0
 
@@ -320,6 +416,8 @@ def _experiment(args: argparse.Namespace) -> int:
     names = experiment_names(args.name)
     config = load_experiment_config(args.config, args.overrides)
     from flows.experiment_flow import experiment_flow
+
+    _start_flows(args)
 
     failed = []
     for name in names:
@@ -356,18 +454,23 @@ def _label_status(args: argparse.Namespace) -> int:
 def _label(args: argparse.Namespace) -> int:
     from sparse_distill.commands import job_from_flags, progress_bar
     from sparse_distill.labelling import format_status
+    from sparse_distill.locks import folder_lock
+    from sparse_distill.preflight import check_job_inputs
 
     job = job_from_flags("label", vars(args))
-    from flows.label_flow import LabellingFailed, label_corpus_flow
-    from flows.runners import make_task_runner
-
+    check_job_inputs(job)
     start = time.perf_counter()
-    with progress_bar(job.out, "shards", "rows", "labelling"):
-        try:
-            status = label_corpus_flow.with_options(task_runner=make_task_runner(job.label))(job=job)
-        except LabellingFailed as e:
-            sys.stderr.write(f"sparse-distill: {e}\n")
-            return 1
+    with folder_lock(job.out, wait=args.wait):
+        _start_flows(args)
+        from flows.label_flow import LabellingFailed, label_corpus_flow
+        from flows.runners import make_task_runner
+
+        with progress_bar(job.out, "shards", "rows", "labelling"):
+            try:
+                status = label_corpus_flow.with_options(task_runner=make_task_runner(job.label))(job=job)
+            except LabellingFailed as e:
+                sys.stderr.write(f"sparse-distill: {e}\n")
+                return 1
     sys.stdout.write(format_status(status) + f"\n({time.perf_counter() - start:.0f} s)\n")
     return 0
 
@@ -375,27 +478,33 @@ def _label(args: argparse.Namespace) -> int:
 def _vocab(args: argparse.Namespace) -> int:
     from sparse_distill.commands import job_from_flags, progress_bar
     from sparse_distill.counting import CountingFailed
+    from sparse_distill.locks import folder_lock
+    from sparse_distill.preflight import check_job_inputs
 
     job = job_from_flags("vocab", vars(args))
-    from flows.count_flow import count_ngrams_flow
-    from flows.runners import make_task_runner
+    check_job_inputs(job)
+    with folder_lock(job.out, wait=args.wait):
+        _start_flows(args)
+        from flows.count_flow import count_ngrams_flow
+        from flows.runners import make_task_runner
 
-    with progress_bar(job.out, "spills", "docs", "counting"):
-        try:
-            result = count_ngrams_flow.with_options(task_runner=make_task_runner(job.vocab))(job=job)
-        except CountingFailed as e:
-            sys.stderr.write(f"sparse-distill: {e}\n")
-            return 1
+        with progress_bar(job.out, "spills", "docs", "counting"):
+            try:
+                result = count_ngrams_flow.with_options(task_runner=make_task_runner(job.vocab))(job=job)
+            except CountingFailed as e:
+                sys.stderr.write(f"sparse-distill: {e}\n")
+                return 1
     sys.stdout.write(json.dumps(result, indent=2) + "\n")
     return 0
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from sparse_distill.commands import predict_texts, read_texts, write_predictions
+    from sparse_distill.commands import predict_rows, read_predict_input, write_predictions
 
-    frame = predict_texts(
+    rows = read_predict_input(args.input, args.text_column, args.id_column)
+    frame = predict_rows(
         args.model,
-        read_texts(args.input, args.text_column),
+        rows,
         batch_size=args.batch_size,
         threads=args.threads,
         teacher=args.teacher,

@@ -11,6 +11,7 @@ from prefect.artifacts import create_markdown_artifact
 from flows.fanout import Progress, fan_out
 from sparse_distill.config import VocabJob
 from sparse_distill.counting import CountingFailed
+from sparse_distill.locks import folder_lock
 from sparse_distill.shard_plan import work_rows
 from tasks import counting as t
 
@@ -25,15 +26,16 @@ def count_ngrams_flow(job: VocabJob, sources: list[dict[str, Any]] | None = None
     """
     logger = get_run_logger()
     start = time.perf_counter()
-    prep = t.plan_counting(job, sources)
-    if prep["summed"]:
-        logger.info("%s: every partition is already summed from these inputs; selecting again", job.out)
-        result = t.select_vocab(job, None, 0)
-    else:
-        _count_shards(job, prep)
-        red = t.plan_reduce(job)
-        _sum_partitions(job, red)
-        result = t.select_vocab(job, red["inputs"], red["docs"])
+    with folder_lock(job.out):  # one writer per output folder (re-entrant: the caller may hold it already)
+        prep = t.plan_counting(job, sources)
+        if prep["summed"]:
+            logger.info("%s: every partition is already summed from these inputs; selecting again", job.out)
+            result = t.select_vocab(job, None, 0)
+        else:
+            _count_shards(job, prep)
+            red = t.plan_reduce(job)
+            _sum_partitions(job, red)
+            result = t.select_vocab(job, red["inputs"], red["docs"])
     seconds = time.perf_counter() - start
     create_markdown_artifact(
         "| docs | distinct n-grams | kept | smallest kept count | seconds |\n|---|---|---|---|---|\n"

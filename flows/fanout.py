@@ -58,7 +58,10 @@ def fan_out(
         except Exception as e:  # noqa: BLE001 - every item gets its chance; the caller reports the failures
             error = f"{type(e).__name__}: {e}"
             if on_failure is not None:
-                on_failure(item, error)
+                try:
+                    on_failure(item, error)
+                except Exception as record_error:  # noqa: BLE001 - e.g. the disk is full: the others still go on
+                    get_run_logger().error("could not record the failure of %s: %s", item, record_error)
             failures.append((item, error))
             continue
         progress.advance(weight(item))

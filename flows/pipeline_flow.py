@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -12,8 +14,10 @@ from prefect.context import get_run_context
 from flows.count_flow import count_ngrams_flow
 from flows.label_flow import label_corpus_flow
 from flows.runners import make_task_runner
+from sparse_distill import run_store
 from sparse_distill.config import PipelineConfig, fingerprint
 from sparse_distill.data import atomic_write_text
+from sparse_distill.locks import folder_lock
 from sparse_distill.pipeline import (
     distill_label_stages,
     label_job,
@@ -22,13 +26,14 @@ from sparse_distill.pipeline import (
     vocab_job,
     vocab_sources,
 )
+from sparse_distill.preflight import check_pipeline_inputs
 from sparse_distill.run_store import is_fresh, read_stage, stage_dir
 from sparse_distill.tracking import TrackingRef
 from tasks import stages
 
 
 def resolve_run_dir(config: PipelineConfig, run_dir: str | None) -> str:
-    return str(Path(run_dir or Path("runs") / config.name).resolve())
+    return run_store.resolve_run_dir(config.name, run_dir)
 
 
 def _flow_run_id() -> str | None:
@@ -55,16 +60,17 @@ def _upstream(run_dir: str, stage: str) -> dict:
 def pipeline_flow(config: PipelineConfig, run_dir: str | None = None) -> dict[str, Any]:
     """Teacher fine-tuning, labelling, vocabulary, distillation, KD+FT, the baseline, evaluation and publishing."""
     run_dir = resolve_run_dir(config, run_dir)
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
-    atomic_write_text(Path(run_dir) / "config.yaml", _to_yaml(config))
-    fps = stage_fingerprints(config)
-    config_fp = fingerprint(config)
-    get_run_logger().info("run dir %s, config fingerprint %s", run_dir, config_fp)
-    tracking = stages.start_tracking(config, run_dir, config_fp, _flow_run_id())
-    args = {"config": config, "run_dir": run_dir, "fingerprints": fps, "tracking": tracking}
-    teacher, students = _training_stages(config, run_dir, fps, tracking)
-    evaluation = _fresh(stages.evaluate, run_dir, "evaluate", fps)(**args, teacher=teacher, students=students)
-    return stages.publish_results(config, run_dir, config_fp, tracking, evaluation, students)
+    check_pipeline_inputs(config)  # before the first stage: names the config key of a missing or bad input
+    with folder_lock(run_dir):  # one writer per run directory (re-entrant: the command line may hold it already)
+        atomic_write_text(Path(run_dir) / "config.yaml", _to_yaml(config))
+        fps = stage_fingerprints(config)
+        config_fp = fingerprint(config)
+        get_run_logger().info("run dir %s, config fingerprint %s", run_dir, config_fp)
+        tracking = stages.start_tracking(config, run_dir, config_fp, _flow_run_id())
+        args = {"config": config, "run_dir": run_dir, "fingerprints": fps, "tracking": tracking}
+        teacher, students = _training_stages(config, run_dir, fps, tracking)
+        evaluation = _fresh(stages.evaluate, run_dir, "evaluate", fps)(**args, teacher=teacher, students=students)
+        return stages.publish_results(config, run_dir, config_fp, tracking, evaluation, students)
 
 
 def _training_stages(
@@ -90,8 +96,8 @@ def _training_stages(
 def base_stages_flow(config: PipelineConfig, run_dir: str | None = None) -> dict[str, Any]:
     """The stages the experiments build on (all but evaluation and publishing), with no MLflow run of their own."""
     run_dir = resolve_run_dir(config, run_dir)
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
-    teacher, students = _training_stages(config, run_dir, stage_fingerprints(config), None)
+    with folder_lock(run_dir):
+        teacher, students = _training_stages(config, run_dir, stage_fingerprints(config), None)
     return {"run_dir": run_dir, "teacher": teacher, "students": students}
 
 
@@ -166,69 +172,75 @@ def _to_yaml(config: PipelineConfig) -> str:
 # --- one flow per stage: run a single stage in an existing run directory ---------------------------------------
 
 
-def _stage_args(config: PipelineConfig, run_dir: str | None) -> dict[str, Any]:
+@contextmanager
+def _stage_args(config: PipelineConfig, run_dir: str | None) -> Iterator[dict[str, Any]]:
+    """A single stage's arguments, while it holds the run directory's lock."""
     run_dir = resolve_run_dir(config, run_dir)
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
-    return {"config": config, "run_dir": run_dir, "fingerprints": stage_fingerprints(config), "tracking": None}
+    with folder_lock(run_dir):
+        yield {"config": config, "run_dir": run_dir, "fingerprints": stage_fingerprints(config), "tracking": None}
 
 
 @flow(name="finetune-teacher")
 def finetune_teacher_flow(config: PipelineConfig, run_dir: str | None = None) -> dict:
     """Fine-tune the teacher only."""
-    a = _stage_args(config, run_dir)
-    return _fresh(stages.finetune_teacher, a["run_dir"], "teacher", a["fingerprints"])(**a)
+    with _stage_args(config, run_dir) as a:
+        return _fresh(stages.finetune_teacher, a["run_dir"], "teacher", a["fingerprints"])(**a)
 
 
 @flow(name="label")
 def label_flow(config: PipelineConfig, run_dir: str | None = None) -> list[dict]:
     """Label the train set and the corpus with the run's fine-tuned teacher."""
-    a = _stage_args(config, run_dir)
-    teacher = _upstream(a["run_dir"], "teacher")
-    transfer = _transfer_set(config, a["run_dir"], a["fingerprints"], None)
-    return _label_stages(config, a["run_dir"], a["fingerprints"], None, teacher, transfer)
+    with _stage_args(config, run_dir) as a:
+        teacher = _upstream(a["run_dir"], "teacher")
+        transfer = _transfer_set(config, a["run_dir"], a["fingerprints"], None)
+        return _label_stages(config, a["run_dir"], a["fingerprints"], None, teacher, transfer)
 
 
 @flow(name="vocab")
 def vocab_flow(config: PipelineConfig, run_dir: str | None = None) -> dict:
     """Build the n-gram vocabulary only."""
-    a = _stage_args(config, run_dir)
-    transfer = _transfer_set(config, a["run_dir"], a["fingerprints"], None)
-    _count_vocab(config, a["run_dir"], a["fingerprints"], transfer)
-    return _fresh(stages.make_vocabulary, a["run_dir"], "vocab", a["fingerprints"])(**a, transfer=transfer)
+    with _stage_args(config, run_dir) as a:
+        transfer = _transfer_set(config, a["run_dir"], a["fingerprints"], None)
+        _count_vocab(config, a["run_dir"], a["fingerprints"], transfer)
+        return _fresh(stages.make_vocabulary, a["run_dir"], "vocab", a["fingerprints"])(**a, transfer=transfer)
 
 
 @flow(name="distill")
 def distill_flow(config: PipelineConfig, run_dir: str | None = None) -> dict:
     """Distil into a DAN from the run's soft labels and vocabulary."""
-    a = _stage_args(config, run_dir)
-    # The config says which labels distillation reads; an empty transfer set has no labelling stage.
-    wanted = distill_label_stages(config)
-    if "label_transfer" in wanted and not _upstream(a["run_dir"], "transfer")["rows"]:
-        wanted.remove("label_transfer")
-    labels = [_upstream(a["run_dir"], s) for s in wanted]
-    vocab = _upstream(a["run_dir"], "vocab")
-    return _fresh(stages.distill_student, a["run_dir"], "distill", a["fingerprints"])(**a, vocab=vocab, labels=labels)
+    with _stage_args(config, run_dir) as a:
+        # The config says which labels distillation reads; an empty transfer set has no labelling stage.
+        wanted = distill_label_stages(config)
+        if "label_transfer" in wanted and not _upstream(a["run_dir"], "transfer")["rows"]:
+            wanted.remove("label_transfer")
+        labels = [_upstream(a["run_dir"], s) for s in wanted]
+        vocab = _upstream(a["run_dir"], "vocab")
+        return _fresh(stages.distill_student, a["run_dir"], "distill", a["fingerprints"])(
+            **a, vocab=vocab, labels=labels
+        )
 
 
 @flow(name="finetune-student")
 def finetune_student_flow(config: PipelineConfig, run_dir: str | None = None) -> dict:
     """KD+FT from the run's distilled student, and the from-scratch baseline."""
-    a = _stage_args(config, run_dir)
-    vocab, kd = _upstream(a["run_dir"], "vocab"), _upstream(a["run_dir"], "distill")
-    _fresh(stages.train_scratch, a["run_dir"], "scratch", a["fingerprints"])(**a, vocab=vocab)
-    return _fresh(stages.finetune_student, a["run_dir"], "kdft", a["fingerprints"])(**a, vocab=vocab, distilled=kd)
+    with _stage_args(config, run_dir) as a:
+        vocab, kd = _upstream(a["run_dir"], "vocab"), _upstream(a["run_dir"], "distill")
+        _fresh(stages.train_scratch, a["run_dir"], "scratch", a["fingerprints"])(**a, vocab=vocab)
+        return _fresh(stages.finetune_student, a["run_dir"], "kdft", a["fingerprints"])(**a, vocab=vocab, distilled=kd)
 
 
 @flow(name="evaluate")
 def evaluate_flow(config: PipelineConfig, run_dir: str | None = None) -> dict:
     """Evaluate the run's teacher and students and publish the summary."""
-    a = _stage_args(config, run_dir)
-    teacher = _upstream(a["run_dir"], "teacher")
-    students = {k: _upstream(a["run_dir"], s) for k, s in (("scratch", "scratch"), ("kd", "distill"), ("kdft", "kdft"))}
-    evaluation = _fresh(stages.evaluate, a["run_dir"], "evaluate", a["fingerprints"])(
-        **a, teacher=teacher, students=students
-    )
-    return stages.publish_results(config, a["run_dir"], fingerprint(config), None, evaluation, students)
+    with _stage_args(config, run_dir) as a:
+        teacher = _upstream(a["run_dir"], "teacher")
+        students = {
+            k: _upstream(a["run_dir"], s) for k, s in (("scratch", "scratch"), ("kd", "distill"), ("kdft", "kdft"))
+        }
+        evaluation = _fresh(stages.evaluate, a["run_dir"], "evaluate", a["fingerprints"])(
+            **a, teacher=teacher, students=students
+        )
+        return stages.publish_results(config, a["run_dir"], fingerprint(config), None, evaluation, students)
 
 
 @flow(name="sparse-distill-retrain")

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sparse_distill.config import ConfigError, LabelJob, VocabJob, format_validation_error
-from sparse_distill.data import DataError
+from sparse_distill.data import DataError, check_texts, read_table, read_text_lines
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -136,17 +136,105 @@ def is_mlflow_uri(model: str) -> bool:
     return "://" in model or model.startswith(("models:/", "runs:/"))
 
 
+# `predict`'s input and output columns: each output row is the input row `row` (0-based, in input order), with
+# `id` from --id-column, the prediction, and `empty`: the rule for empty texts, the same on every input path.
+ROW_COLUMN = "row"
+ID_COLUMN = "id"
+EMPTY_COLUMN = "empty"
+STDIN = "<stdin>"
+
+
 def read_texts(path: str | None, text_column: str) -> list[str]:
-    """Texts to predict: stdin lines (path None), a .txt file (one per line), or a column of a table file."""
-    from sparse_distill.data import check_texts, read_table
+    """Texts that must all be non-empty (e.g. `quantize --eval`): stdin lines (path None), a .txt file (one per line,
+    split on "\\n" only) or a column of a table file; an empty or missing text is a DataError naming its row."""
+    inp = read_predict_input(path, text_column)
+    return check_texts(inp["text"].tolist(), path or STDIN, "text" if _is_text_input(path) else text_column)
+
+
+def _is_text_input(path: str | None) -> bool:
+    return path is None or path.endswith(".txt") or Path(path).suffix == ""
+
+
+def read_predict_input(path: str | None, text_column: str = "text", id_column: str | None = None) -> pd.DataFrame:
+    """`predict`'s input, one row per input row in input order: `row`, `id` (with `id_column`), `text`, `empty`.
+
+    Lines of stdin (path None) or of a .txt file are split on "\\n" only, a trailing "\\r" removed (the rule of
+    `data.read_text_lines`, which corpora use too); a table file (.parquet, .csv, .jsonl) gives its `text_column`.
+    The rule for empty texts, on every path: a text that is empty, only whitespace, or missing (null) is kept, with
+    `empty` true and "" as its text, so it is predicted from the model's biases alone (no n-gram is present); a text
+    that is not a string is a DataError naming the file, row and column.
+    """
+    import pandas as pd
 
     if path is None:
-        return [line.rstrip("\n") for line in sys.stdin if line.strip()]
-    table = read_table(path)
-    column = "text" if path.endswith(".txt") else text_column
-    if column not in table.column_names:
-        raise DataError(f"{path}: column {column!r} not found (columns: {table.column_names}); use --text-column")
-    return check_texts(table.column(column).to_pylist(), path, column)
+        values: list[Any] = list(read_text_lines(sys.stdin.buffer, STDIN))
+        source, column = STDIN, "text"
+        ids = None
+        if id_column:
+            raise DataError(f"{STDIN}: --id-column needs a table file as --input (stdin lines have no columns)")
+    else:
+        table = read_table(path)
+        column = "text" if _is_text_input(path) else text_column
+        if column not in table.column_names:
+            raise DataError(f"{path}: column {column!r} not found (columns: {table.column_names}); use --text-column")
+        values, source = table.column(column).to_pylist(), path
+        ids = None
+        if id_column:
+            if id_column not in table.column_names:
+                raise DataError(f"{path}: column {id_column!r} not found (columns: {table.column_names})")
+            ids = [None if v is None else str(v) for v in table.column(id_column).to_pylist()]
+    texts, empty = [], []
+    for row, value in enumerate(values):
+        if value is not None and not isinstance(value, str):
+            raise DataError(f"{source}: row {row}, column {column!r}: text is {type(value).__name__}, not a string")
+        blank = value is None or not value.strip()
+        texts.append("" if blank else value)
+        empty.append(blank)
+    frame = {ROW_COLUMN: pd.Series(range(len(texts)), dtype="int64")}
+    if ids is not None:
+        frame[ID_COLUMN] = pd.Series(ids, dtype=object)
+    frame["text"] = pd.Series(texts, dtype=object)
+    frame[EMPTY_COLUMN] = pd.Series(empty, dtype=bool)
+    if any(empty):
+        logger.warning("%s: %d empty texts, predicted from the biases alone (`empty` is true)", source, sum(empty))
+    return pd.DataFrame(frame)
+
+
+def predict_rows(model: str, rows: pd.DataFrame, **kwargs: Any) -> pd.DataFrame:
+    """`predict_texts` over `read_predict_input`'s rows: `row` (and `id`) first, then the prediction, then `empty`;
+    one output row per input row, in input order."""
+    import pandas as pd
+
+    frame = predict_texts(model, rows["text"].tolist(), **kwargs).reset_index(drop=True)
+    if len(frame) != len(rows):  # never expected: the contract this function exists for
+        raise RuntimeError(f"{len(rows)} texts in, {len(frame)} predictions out")
+    keys = rows[[c for c in (ROW_COLUMN, ID_COLUMN) if c in rows.columns]].reset_index(drop=True)
+    return pd.concat([keys, frame, rows[[EMPTY_COLUMN]].reset_index(drop=True)], axis=1)
+
+
+def load_mlflow_model(uri: str):
+    """A pyfunc model from an MLflow URI, through MLFLOW_TRACKING_URI or else the project's ./mlflow.db, which must
+    exist: loading never creates a tracking store. A model that is not there is a DataError naming the URI."""
+    import mlflow.pyfunc
+    from mlflow.exceptions import MlflowException
+
+    from sparse_distill.mlflow_model import resolve_tracking_uri
+
+    tracking = resolve_tracking_uri(None, Path.cwd())
+    if uri.startswith(("models:/", "runs:/")) and tracking.startswith("sqlite:///"):
+        db = Path(tracking[len("sqlite:///") :])
+        if not db.exists():
+            raise DataError(
+                f"{uri}: no MLflow tracking store at {db} (set MLFLOW_TRACKING_URI to the store that holds the model)"
+            )
+    mlflow.set_tracking_uri(tracking)
+    try:
+        return mlflow.pyfunc.load_model(uri)
+    except MlflowException as e:
+        first = str(e.message if hasattr(e, "message") else e).strip().splitlines()[0]
+        raise DataError(f"{uri}: cannot load this model from {tracking}: {first}") from e
+    except OSError as e:
+        raise DataError(f"{uri}: cannot load this model from {tracking}: {e}") from e
 
 
 def predict_texts(
@@ -165,9 +253,7 @@ def predict_texts(
     import pandas as pd
 
     if is_mlflow_uri(model):
-        import mlflow.pyfunc
-
-        return mlflow.pyfunc.load_model(model).predict(pd.DataFrame({"text": texts}))
+        return load_mlflow_model(model).predict(pd.DataFrame({"text": pd.Series(texts, dtype=object)}))
     if teacher:
         from sparse_distill.cascade import CascadePredictor
         from sparse_distill.mlflow_model import cascade_predictions_frame

@@ -53,6 +53,15 @@ class TeacherConfig(_Strict):
     max_train_samples: int | None = Field(None, ge=1, description="Fine-tune on a random sample of N train rows.")
     seed: int = Field(13, description="Random seed.")
     skip_finetune: bool = Field(False, description="Use the checkpoint as it is (already fine-tuned on the task).")
+    checkpoint_every: int | None = Field(
+        200,
+        ge=1,
+        description="Every N steps, save the training state (weights, optimizer, scheduler, step, RNG) to resume "
+        "from after a kill; None: never. Not part of the cache key.",
+    )
+
+    # How the work is checkpointed, not what it computes: left out of the stage's cache key.
+    RUNTIME_FIELDS: ClassVar[set[str]] = {"checkpoint_every"}
 
 
 class RunnerConfig(_Strict):

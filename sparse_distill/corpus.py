@@ -15,9 +15,16 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 
-from sparse_distill.data import DataError, check_texts, ids_for_rows, read_parquet_rows, read_table
+from sparse_distill.data import (
+    DataError,
+    check_texts,
+    decode_line,
+    ids_for_rows,
+    open_parquet,
+    read_parquet_rows,
+    read_table,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +58,7 @@ def index_rows(path: str, every: int, limit: int | None = None) -> RowIndex:
     if not Path(path).exists() and not path.startswith("hub:"):
         raise DataError(f"{path}: no such file")
     if fmt == "parquet":
-        n = pq.ParquetFile(path).metadata.num_rows
+        n = open_parquet(path).metadata.num_rows
     elif fmt in ("txt", "jsonl"):
         offsets, n, pos = [], 0, 0
         with open(path, "rb") as f:
@@ -72,6 +79,32 @@ def index_rows(path: str, every: int, limit: int | None = None) -> RowIndex:
     else:
         n = read_table(path).num_rows
     return RowIndex(min(n, limit) if limit is not None else n, None)
+
+
+def check_columns(path: str, columns: list[str]) -> None:
+    """Check, without reading the rows, that a corpus file can be opened and has `columns` (Parquet and CSV/TSV: the
+    schema; JSONL: the first row's keys; plain text has its one column): a DataError naming the file and column, so
+    a corpus without its text column stops at planning instead of failing every shard."""
+    fmt = corpus_format(path)
+    if fmt == "txt" or path.startswith("hub:"):
+        return
+    if not Path(path).exists():
+        raise DataError(f"{path}: no such file")
+    if fmt == "parquet":
+        names = open_parquet(path).schema_arrow.names
+    elif fmt in ("csv", "tsv"):
+        names = _csv_reader(path, 0).schema.names
+    elif fmt == "jsonl":
+        with open(path, "rb") as f:
+            first = f.readline()
+        if not first.strip():
+            return
+        names = list(_json_object(path, 0, decode_line(first, path, 0)))
+    else:
+        names = read_table(path).column_names
+    for c in columns:
+        if c not in names:
+            raise DataError(f"{path}: column {c!r} not found (columns: {names})")
 
 
 def _csv_reader(path: str, skip: int, columns: list[str] | None = None) -> pacsv.CSVStreamingReader:
@@ -142,10 +175,7 @@ def _read_lines(
             if row >= stop:
                 break
             if row >= start:
-                try:
-                    s = line.decode("utf-8").rstrip("\r\n")
-                except UnicodeDecodeError as e:
-                    raise DataError(f"{path}: row {row}: not valid UTF-8 ({e})") from e
+                s = decode_line(line, path, row)
                 if fmt == "txt":
                     texts.append(s)
                 else:
@@ -161,13 +191,18 @@ def _read_lines(
     return texts, ids
 
 
-def _json_field(path: str, row: int, line: str, column: str):
+def _json_object(path: str, row: int, line: str) -> dict:
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: row {row}: invalid JSON ({e.msg} at column {e.colno})") from e
     if not isinstance(obj, dict):
         raise DataError(f"{path}: row {row}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def _json_field(path: str, row: int, line: str, column: str):
+    obj = _json_object(path, row, line)
     if column not in obj:
         raise DataError(f"{path}: row {row}: key {column!r} not found (keys: {sorted(obj)})")
     return obj[column]

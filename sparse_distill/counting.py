@@ -54,6 +54,7 @@ from sparse_distill.shard_plan import (
     read_record,
     read_shard,
     record_failure,
+    record_failure_if_possible,
     run_pending,
     work_item,
     write_record,
@@ -390,7 +391,11 @@ def count_job_shard(job: VocabJob, work: dict[str, Any]) -> dict[str, Any]:
     """Count one pending shard (an item of `prepare_count`'s `work`); returns its record."""
     source, shard = work_item(work)
     v = job.vocab
-    return asdict(count_shard(source, shard, job.out, v.ngram_max, v.partitions, v.memory_mb))
+    try:
+        return asdict(count_shard(source, shard, job.out, v.ngram_max, v.partitions, v.memory_mb))
+    except Exception as e:
+        record_failure_if_possible(job.out, COUNTING, shard, e)  # as labelling: recorded where it happened
+        raise
 
 
 def fail_count_shard(job: VocabJob, work: dict[str, Any], error: str) -> dict[str, Any]:

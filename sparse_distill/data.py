@@ -8,13 +8,15 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -104,15 +106,69 @@ def file_checksum(path: str | Path) -> str:
 
 # --- atomic writes: the one writer every module writes its outputs with ------------------------------------------
 #
-# A file is written to a temporary sibling `.NAME.XXXXXXXX.tmp` and renamed onto NAME (a rename within a folder is
-# atomic), so a reader sees the old file or the new one, never half of one. A folder NAME is built as `.NAME.tmp`,
-# then the old NAME is moved aside to `.NAME.old`, the new one renamed in, and the old one deleted. A crash between
-# the two renames leaves only `.NAME.old` (complete) and `.NAME.tmp`: the rule, applied by `recover_dir` (and so by
-# the next `write_dir_atomically`), is that a lone aside folder is the output and is renamed back; an aside folder
-# next to a live one is stale and deleted; a temporary one is never trusted and deleted.
+# A file is written to a temporary sibling `.NAME.~PID@HOST~XXXXXXXX.tmp` and renamed onto NAME (a rename within a
+# folder is atomic), so a reader sees the old file or the new one, never half of one. The temporary name carries its
+# writer (pid and host), so a sweep removes only the temporaries whose writer is gone (`remove_temporaries`). A folder
+# NAME is built as `.NAME.tmp`, then the old NAME is moved aside to `.NAME.old`, the new one renamed in, and the old
+# one deleted. A crash between the two renames leaves only `.NAME.old` (complete) and `.NAME.tmp`: the rule, applied
+# by `recover_dir` (and so by the next `write_dir_atomically`), is that a lone aside folder is the output and is
+# renamed back; an aside folder next to a live one is stale and deleted; a temporary one is never trusted and deleted.
+# Every file and folder written is readable by all (mode 0666/0777 less the umask): some writers (mkstemp, safetensors)
+# create private files, and a model is served by other users.
 
 TMP_SUFFIX = ".tmp"
 ASIDE_SUFFIX = ".old"
+HOST = socket.gethostname().split(".")[0]
+_OWNER = re.compile(r"~(\d+)@([^~/]+)~")
+
+
+def _read_umask() -> int:
+    # os.umask can only be read by setting it; done once, at import (before any thread writes).
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+FILE_MODE = 0o666 & ~_UMASK
+DIR_MODE = 0o777 & ~_UMASK
+
+
+def _share(path: Path) -> None:
+    """Give a written file (or a folder and everything in it) the umask's ordinary modes."""
+    if path.is_dir() and not path.is_symlink():
+        os.chmod(path, DIR_MODE)
+        for root, dirs, files in os.walk(path):
+            for d in dirs:
+                os.chmod(os.path.join(root, d), DIR_MODE)
+            for f in files:
+                if not os.path.islink(os.path.join(root, f)):
+                    os.chmod(os.path.join(root, f), FILE_MODE)
+    elif path.exists() and not path.is_symlink():
+        os.chmod(path, FILE_MODE)
+
+
+def owner_tag() -> str:
+    """This process as a temporary file's owner: `~PID@HOST~`."""
+    return f"~{os.getpid()}@{HOST}~"
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by another user
+    return True
+
+
+def owner_alive(name: str) -> bool:
+    """Whether the writer named in a temporary file's name is still running (on this machine; the writer of an
+    unnamed or remote temporary cannot be asked, so it counts as gone: its folder's lock says nobody writes there)."""
+    m = _OWNER.search(name)
+    return m is not None and m.group(2) == HOST and pid_alive(int(m.group(1)))
 
 
 @contextmanager
@@ -123,12 +179,12 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX + suffix)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{owner_tag()}", suffix=TMP_SUFFIX + suffix)
     os.close(fd)
     tmp = Path(name)
     try:
         yield tmp
-        os.chmod(tmp, 0o644)  # mkstemp makes files private; results are meant to be shared
+        _share(tmp)  # mkstemp (and some writers) make files private; results are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -159,9 +215,13 @@ def atomic_write_parquet(table: pa.Table, path: str | Path, compression: str = "
 
 def remove_temporaries(folder: str | Path) -> int:
     """Delete the temporary files and folders a killed writer left in `folder` (only renamed outputs count, so
-    they are never read); returns how many. Only for folders one writer owns at a time."""
+    they are never read); returns how many. A temporary whose writer still runs on this machine is kept: only
+    writers that are gone are swept (the caller holds the folder's lock, see `sparse_distill.locks`)."""
     n = 0
     for p in Path(folder).glob(f".*{TMP_SUFFIX}*"):
+        if owner_alive(p.name):
+            logger.info("%s: kept, its writer is still running", p)
+            continue
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)
         else:
@@ -200,6 +260,7 @@ def write_dir_atomically(out_dir: str | Path, write: Callable[[Path], object]) -
     tmp.mkdir(parents=True)
     try:
         write(tmp)
+        _share(tmp)
         if out_dir.exists():
             os.replace(out_dir, aside)
         try:
@@ -249,18 +310,42 @@ def read_table(path: str) -> pa.Table:
             return _read_saved_dataset(p)
         suffixes = "".join(p.suffixes[-2:]).lower()
         if p.suffix.lower() == ".parquet":
-            return pq.read_table(p)
+            return open_parquet(p).read()
         if p.suffix.lower() in (".jsonl", ".json") or suffixes in (".jsonl.gz",):
             return pajson.read_json(p)
         if p.suffix.lower() in (".csv", ".tsv") or suffixes in (".csv.gz", ".csv.bz2"):
             delim = "\t" if ".tsv" in suffixes or p.suffix.lower() == ".tsv" else ","
             return pacsv.read_csv(p, parse_options=pacsv.ParseOptions(delimiter=delim, newlines_in_values=True))
         if p.suffix.lower() in (".txt", ""):
-            lines = p.read_text(encoding="utf-8").splitlines()
-            return pa.table({"text": lines})
-    except (pa.ArrowInvalid, UnicodeDecodeError) as e:
+            with open(p, "rb") as f:
+                return pa.table({"text": pa.array(list(read_text_lines(f, path)), pa.string())})
+    except (pa.ArrowException, UnicodeDecodeError, OSError) as e:
         raise DataError(f"{path}: cannot be read: {e}") from e
     raise DataError(f"{path}: unknown format (use .parquet, .csv, .tsv, .jsonl, .txt or a datasets folder)")
+
+
+# --- text lines: the one rule for one-document-per-line input (corpora, splits, `predict`) ------------------------
+
+
+def decode_line(raw: bytes, path: str, row: int) -> str:
+    """One line of a line-format file (text or JSONL) as text: lines end at "\\n" only (never at U+0085, U+2028,
+    form feeds or other separators that `str.splitlines` also breaks at), and lose that "\\n" and one "\\r" before it.
+    A line that is not UTF-8 is a DataError naming the row."""
+    if raw.endswith(b"\n"):
+        raw = raw[:-1]
+    if raw.endswith(b"\r"):
+        raw = raw[:-1]
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: row {row}: not valid UTF-8 ({e})") from e
+
+
+def read_text_lines(stream: BinaryIO, path: str, first_row: int = 0) -> Iterator[str]:
+    """The lines of a binary stream (a file or stdin) by `decode_line`'s rule; a binary stream splits on b"\\n" only,
+    so the rows here are the rows every reader of the same file counts."""
+    for row, raw in enumerate(stream, start=first_row):
+        yield decode_line(raw, path, row)
 
 
 def _read_saved_dataset(p: Path) -> pa.Table:
@@ -341,9 +426,17 @@ def _ids(table: pa.Table, id_column: str | None, path: str, first_row: int = 0) 
     return ids
 
 
+def open_parquet(path: str | Path) -> pq.ParquetFile:
+    """A Parquet file opened for reading; an empty, truncated or non-Parquet file is a DataError naming it."""
+    try:
+        return pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{path}: not a readable Parquet file ({e})") from e
+
+
 def read_parquet_rows(path: str, start: int, stop: int, columns: list[str]) -> pa.Table:
     """Rows [start, stop) of a Parquet file, reading only the row groups that hold them."""
-    pf = pq.ParquetFile(path)
+    pf = open_parquet(path)
     missing = [c for c in columns if c not in pf.schema_arrow.names]
     if missing:
         raise DataError(f"{path}: column {missing[0]!r} not found (columns: {pf.schema_arrow.names})")

@@ -25,6 +25,7 @@ from sparse_distill.shard_plan import (
     pending_work,
     read_shard,
     record_failure,
+    record_failure_if_possible,
     run_pending,
     work_item,
     write_record,
@@ -198,9 +199,14 @@ def label_job_shard(job: LabelJob, work: dict[str, Any], teacher_fp: str) -> dic
 
     The teacher is loaded once per worker.
     """
-    teacher = cached_teacher(job.teacher, job_max_length(job), job.label.precision, job.label.quantize_int8)
     source, shard = work_item(work)
-    return asdict(label_shard(source, shard, job.out, teacher, teacher_fp, job.label.batch_size))
+    try:
+        teacher = cached_teacher(job.teacher, job_max_length(job), job.label.precision, job.label.quantize_int8)
+        return asdict(label_shard(source, shard, job.out, teacher, teacher_fp, job.label.batch_size))
+    except Exception as e:
+        # Recorded here, on the worker (a full disk, a bad row): `label-status` reports it even if the flow dies.
+        record_failure_if_possible(job.out, LABELLING, shard, e)
+        raise
 
 
 def fail_job_shard(job: LabelJob, work: dict[str, Any], error: str) -> dict[str, Any]:
@@ -210,7 +216,10 @@ def fail_job_shard(job: LabelJob, work: dict[str, Any], error: str) -> dict[str,
 
 def finish_job(job: LabelJob) -> dict[str, Any]:
     """Collect the shards' records into the manifest; returns `label_status`."""
-    read_manifest(job.out).save(job.out)
+    try:
+        read_manifest(job.out).save(job.out)
+    except OSError as e:  # the records hold the truth; the manifest's copy of the states is only for readers
+        logger.error("%s: could not save the manifest: %s", job.out, e)
     return label_status(job.out)
 
 

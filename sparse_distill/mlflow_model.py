@@ -1,7 +1,9 @@
 """The student as an MLflow pyfunc model: log a student model folder into an existing run, load it anywhere.
 
 The logged model carries the student folder (safetensors weights, shape, label map, vocabulary) as an artifact and the
-`sparse_distill` package as code, so `mlflow.pyfunc.load_model(uri)` works where sparse_distill is not installed.
+`sparse_distill` package as code, so `mlflow.pyfunc.load_model(uri)` works where sparse_distill is not installed. The
+model itself is logged as code (MLflow's models-from-code: `mlflow_student_model.py`, `mlflow_cascade_model.py`), not
+as a cloudpickled instance, so loading a logged or registered model unpickles nothing.
 
 Thread safety: the fluent "active run" is thread-local, and `mlflow.start_run(run_id=...)` ends the run on exit. So
 `log_student_model` never touches the active-run stack: it creates the LoggedModel with an `MlflowClient` in the run's
@@ -259,7 +261,7 @@ def log_student_model(
         tracking_uri,
         artifact_path,
         registered_model_name,
-        python_model=StudentPyfunc(),
+        python_model=str(Path(__file__).with_name("mlflow_student_model.py")),
         artifacts={MODEL_DIR_ARTIFACT: str(model_dir)},
         example_output=example_output,
         model_tag="dan_student",
@@ -303,7 +305,7 @@ def log_cascade_model(
             tracking_uri,
             artifact_path,
             registered_model_name,
-            python_model=CascadePyfunc(),
+            python_model=str(Path(__file__).with_name("mlflow_cascade_model.py")),
             artifacts={
                 STUDENT_DIR_ARTIFACT: str(student_dir),
                 TEACHER_DIR_ARTIFACT: str(teacher_dir),
@@ -333,13 +335,14 @@ def _log_pyfunc(
     artifact_path: str,
     registered_model_name: str | None,
     *,
-    python_model: mlflow.pyfunc.PythonModel,
+    python_model: str,
     artifacts: dict[str, str],
     example_output: Callable[[list[str]], pd.DataFrame],
     model_tag: str,
     requirements: list[str],
 ) -> str:
-    """Log `python_model` into run `run_id` as a LoggedModel (no active run needed); return its model URI.
+    """Log `python_model` (the path of a models-from-code file) into run `run_id` as a LoggedModel (no active run
+    needed); return its model URI.
 
     The signature is inferred from the example texts and `example_output` of them.
     """

@@ -22,6 +22,7 @@ from sparse_distill.config import (
     LabelConfig,
     LabelJob,
     PipelineConfig,
+    TeacherConfig,
     TrainConfig,
     VocabConfig,
     VocabJob,
@@ -128,7 +129,8 @@ def stage_fingerprints(cfg: PipelineConfig) -> dict[str, str]:
     Changing one stage's config changes its key and the keys of the stages that depend on it, nothing else.
     """
     fp: dict[str, str] = {}
-    fp["teacher"] = fingerprint("teacher", data_fingerprint(cfg.data, ("train", "dev")), cfg.teacher)
+    teacher_cfg = cfg.teacher.model_dump(mode="json", exclude=TeacherConfig.RUNTIME_FIELDS)
+    fp["teacher"] = fingerprint("teacher", data_fingerprint(cfg.data, ("train", "dev")), teacher_cfg)
     label_cfg = cfg.label.model_dump(exclude={"include_train", *LabelConfig.RUNTIME_FIELDS})
     fp["label_train"] = fingerprint("label_train", fp["teacher"], label_cfg, data_fingerprint(cfg.data, ("train",)))
     fp["label_corpus"] = fingerprint(

@@ -76,6 +76,11 @@ def stage_key(run_dir: str | Path, stage: str, stage_fingerprint: str) -> str:
 # --- records -------------------------------------------------------------------------------------------------------
 
 
+def resolve_run_dir(name: str, run_dir: str | Path | None) -> str:
+    """The run directory of a pipeline run: `run_dir`, or `runs/<name>`, absolute."""
+    return str(Path(run_dir or Path("runs") / name).resolve())
+
+
 def stage_dir(run_dir: str | Path, stage: str) -> Path:
     """The folder of a pipeline stage in a run directory."""
     return Path(run_dir) / STAGE_DIRS[stage]

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sparse_distill.corpus import index_rows, read_rows
+from sparse_distill.corpus import check_columns, index_rows, read_rows
 from sparse_distill.data import DataError, atomic_write_text, remove_temporaries
 from sparse_distill.run_store import file_fingerprint
 
@@ -207,6 +207,8 @@ def _stamp(path: str) -> dict[str, int]:
 def plan_shards(sources: list[CorpusSource], shard_size: int) -> ShardPlan:
     """Deterministic plan: each source cut into consecutive row ranges of `shard_size` (streaming row count)."""
     sources = with_id_prefixes(sources)
+    for src in sources:  # every file readable, with its columns: stop here rather than fail every shard
+        check_columns(src.path, [c for c in (src.text_column, src.id_column) if c])
     shards: list[ShardSpec] = []
     for si, src in enumerate(sources):
         idx = index_rows(src.path, shard_size, src.limit)
@@ -338,6 +340,16 @@ def record_failure(out_dir: str | Path, kind: PlanKind, shard: ShardSpec, error:
     """Record a shard that failed after its retries, with its error."""
     spec = shard.spec()
     return write_record(out_dir, kind, kind.record_type(**asdict(spec), status="failed", error=error))
+
+
+def record_failure_if_possible(out_dir: str | Path, kind: PlanKind, shard: ShardSpec, error: BaseException) -> None:
+    """Record a shard's failure where it happened, before it propagates (to a retry, or to the flow): then the
+    record tells the truth even if nothing after this runs. A failure to write the record (the disk is full) is
+    logged, never raised over the original error."""
+    try:
+        record_failure(out_dir, kind, shard, f"{type(error).__name__}: {error}")
+    except OSError as e:
+        logger.error("shard %s: could not record its failure (%s): %s", shard.name, error, e)
 
 
 def collect_records(out_dir: str | Path, kind: PlanKind, plan: ShardPlan) -> ShardPlan:

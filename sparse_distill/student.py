@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
 
-from sparse_distill.data import LabelMap, atomic_write_text, write_dir_atomically
+from sparse_distill.data import DataError, LabelMap, atomic_write_text, write_dir_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -162,8 +162,14 @@ def load_student(model_dir: str | Path, mmap: bool = True) -> tuple[DanStudent, 
     model_dir = Path(model_dir)
     if not (model_dir / STUDENT_WEIGHTS).exists():
         raise FileNotFoundError(f"{model_dir}: not a student model folder (no {STUDENT_WEIGHTS})")
-    config = DanConfig(**json.loads((model_dir / STUDENT_CONFIG).read_text()))
-    state = load_file(str(model_dir / STUDENT_WEIGHTS))
+    try:
+        config = DanConfig(**json.loads((model_dir / STUDENT_CONFIG).read_text()))
+    except (OSError, ValueError, TypeError) as e:
+        raise DataError(f"{model_dir / STUDENT_CONFIG}: not a readable student config ({e})") from e
+    try:
+        state = load_file(str(model_dir / STUDENT_WEIGHTS))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own (SafetensorError) for a truncated file
+        raise DataError(f"{model_dir / STUDENT_WEIGHTS}: not a readable safetensors file ({e})") from e
     if mmap:
         # Built on the meta device, the module allocates and initialises nothing (a 4 GB table took ~15 s); the
         # memory-mapped tensors are then assigned as its parameters, so pages load on first use and are shared.

@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import random
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,8 +16,8 @@ import numpy as np
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from sparse_distill.config import TeacherConfig
-from sparse_distill.data import LabelMap, atomic_write_text, write_dir_atomically
+from sparse_distill.config import TeacherConfig, fingerprint
+from sparse_distill.data import LabelMap, atomic_write, atomic_write_text, write_dir_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -256,10 +257,35 @@ def finetune_teacher(
     )
     best_acc, best_step, step = -1.0, 0, 0
     rng = random.Random(config.seed)
+    state_path = out_dir / RESUME_DIR / RESUME_STATE
+    setup = _setup_key(config, train_texts, train_labels, label_map)
+    skip = 0  # batches of the current pass already trained on before a resume
+    resumed = _load_state(state_path, setup)
+    if resumed is not None:
+        model.load_state_dict(resumed["model"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        scheduler.load_state_dict(resumed["scheduler"])
+        step, best_acc, best_step, skip = (
+            resumed["step"],
+            resumed["best_acc"],
+            resumed["best_step"],
+            resumed["position"],
+        )
+        _set_rng_states(rng, resumed)
+        logger.warning(
+            "resuming teacher fine-tuning at step %d of %d (best dev accuracy so far %.4f) from %s",
+            step,
+            total_steps,
+            best_acc,
+            state_path,
+        )
     logger.info("fine-tuning teacher %s: %d docs, %d steps", config.model, len(train_texts), total_steps)
     while step < total_steps:
+        pass_rng = rng.getstate()  # the pass's batches are drawn from here: a resume draws the same ones again
         batches = _bucketed_batches(lengths, config.batch_size, rng)
-        for batch in batches:
+        for position, batch in enumerate(batches):
+            if position < skip:
+                continue
             if step >= total_steps:
                 break
             model.train()
@@ -295,7 +321,82 @@ def finetune_teacher(
                         label_map,
                         {"dev_accuracy": acc, "step": step, "max_length": config.max_length},
                     )
+            if config.checkpoint_every and step % config.checkpoint_every == 0 and step < total_steps:
+                _save_state(
+                    state_path,
+                    model,
+                    optimizer,
+                    scheduler,
+                    {"step": step, "best_acc": best_acc, "best_step": best_step, "position": position + 1},
+                    pass_rng,
+                    setup,
+                )
+        skip = 0
+    shutil.rmtree(out_dir / RESUME_DIR, ignore_errors=True)  # finished: nothing to resume
     return TeacherResult(str(best_dir), best_acc, best_step, step, time.perf_counter() - start)
+
+
+# --- resuming fine-tuning: the training state every `checkpoint_every` steps ----------------------------------------
+#
+# OUT/resume/state.pt holds the weights, the optimizer and scheduler states, the step, the position in the current
+# pass, the best dev accuracy so far, and every random state (the pass's batch order, torch, numpy, Python), so a run
+# killed at any moment resumes from the last state and goes on as if it had never stopped. It is written atomically
+# (a kill mid-write leaves the previous one), read with `weights_only=True` (no pickled code), used only for the same
+# config, data and labels (`_setup_key`), and deleted when training finishes.
+
+RESUME_DIR = "resume"
+RESUME_STATE = "state.pt"
+
+
+def _setup_key(config: TeacherConfig, texts: list[str], labels: list[int], label_map: LabelMap) -> str:
+    exact = config.model_dump(mode="json", exclude=TeacherConfig.RUNTIME_FIELDS)
+    data = fingerprint(len(texts), texts[:100], texts[-100:], labels)
+    return fingerprint("teacher-resume", exact, data, [str(v) for v in label_map.labels])
+
+
+def _save_state(path: Path, model, optimizer, scheduler, progress: dict, pass_rng: tuple, setup: str) -> None:
+    np_state = np.random.get_state()
+    state = {
+        **progress,
+        "setup": setup,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        # Plain tensors, lists and numbers only, so that loading needs no unpickling of arbitrary objects.
+        "pass_rng": [pass_rng[0], list(pass_rng[1]), pass_rng[2]],
+        "python_rng": (lambda st: [st[0], list(st[1]), st[2]])(random.getstate()),
+        "numpy_rng": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    logger.info("teacher: training state at step %d saved to %s", progress["step"], path)
+
+
+def _load_state(path: Path, setup: str) -> dict | None:
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - an unreadable state only costs the steps since the start
+        logger.warning("%s: unreadable training state, starting from step 0 (%s)", path, e)
+        return None
+    if state.get("setup") != setup:
+        logger.warning("%s: saved for another config or train set, starting from step 0", path)
+        return None
+    return state
+
+
+def _set_rng_states(rng: random.Random, state: dict) -> None:
+    version, internal, gauss = state["pass_rng"]
+    rng.setstate((version, tuple(internal), gauss))
+    version, internal, gauss = state["python_rng"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, *rest = state["numpy_rng"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
 
 
 def _bucketed_batches(lengths: list[int], batch_size: int, rng: random.Random) -> list[list[int]]:

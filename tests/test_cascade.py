@@ -271,7 +271,7 @@ def test_cli_predict_with_cascade(
     out = tmp_path / "out.parquet"
     assert main([*base, *cascade_args, "--cascade-metric", "margin", "--output", str(out)]) == 0
     frame = pd.read_parquet(out)
-    assert list(frame.columns) == ["label", "prob_neg", "prob_pos", "deferred"]
+    assert list(frame.columns) == ["row", "label", "prob_neg", "prob_pos", "deferred", "empty"]
     assert frame["deferred"].dtype == bool
     # A margin threshold of mid_threshold is a stricter cut than max_prob's: at least as many texts deferred.
     assert frame["deferred"].sum() >= deferred.sum()

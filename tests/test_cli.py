@@ -55,7 +55,7 @@ def test_predict_parquet_with_text_column_to_csv(model_dir, tmp_path):
         )
         == 0
     )
-    assert list(pd.read_csv(tmp_path / "out.csv").columns) == ["label", "prob_neg", "prob_pos"]
+    assert list(pd.read_csv(tmp_path / "out.csv").columns) == ["row", "label", "prob_neg", "prob_pos", "empty"]
 
 
 def test_predict_errors_name_the_problem(model_dir, tmp_path, capsys):
