@@ -17,7 +17,7 @@ from sparse_distill import pipeline
 from sparse_distill.config import PipelineConfig
 from sparse_distill.data import atomic_write_text
 from sparse_distill.mlflow_model import log_student_model
-from sparse_distill.tracking import TrackingRef, end_run
+from sparse_distill.tracking import TrackingRef, end_run, set_description
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +124,8 @@ def _log_to_mlflow(
         client.log_artifact(tracking.parent_run_id, str(png), "plots")
     client.log_artifact(tracking.parent_run_id, str(Path(model_dir) / "label_map.json"))
     client.log_text(tracking.parent_run_id, table, "results.md")
+    # The run's description in the MLflow UI.
+    set_description(tracking.tracking_uri, tracking.parent_run_id, table)
     end_run(tracking.tracking_uri, tracking.parent_run_id)
 
 
