@@ -179,33 +179,31 @@ def explain_errors(
     sample: int = 20,
     top: int = 5,
     seed: int = 0,
-) -> list[dict[str, Any]]:
-    """Explanations of a seeded sample of the texts the student gets wrong: each with its gold label."""
+) -> dict[str, Any]:
+    """Explanations of a seeded sample of the texts the student gets wrong, each with its row and gold label:
+    {"rows", "errors", "explained": [...]}."""
     if len(texts) != len(gold):
         raise ValueError(f"{len(texts)} texts but {len(gold)} gold labels")
     predicted = predictor.predict(list(texts))
     wrong = [i for i, (p, g) in enumerate(zip(predicted, gold, strict=True)) if p != g]
     rng = np.random.default_rng(seed)
     chosen = sorted(rng.choice(wrong, size=min(sample, len(wrong)), replace=False).tolist()) if wrong else []
-    out = []
-    for i in chosen:
-        record = explain_text(predictor, texts[i], top).to_dict()
-        out.append({"row": i, "gold": gold[i], **record})
-    logger.info("explained %d of %d errors", len(out), len(wrong))
-    return out
+    explained = [{"row": i, "gold": gold[i], **explain_text(predictor, texts[i], top).to_dict()} for i in chosen]
+    logger.info("explained %d of %d errors in %d rows", len(explained), len(wrong), len(texts))
+    return {"rows": len(texts), "errors": len(wrong), "explained": explained}
 
 
-def write_error_explanations(records: list[dict[str, Any]], out_dir: str | Path, errors: int, rows: int) -> list[Path]:
-    """`errors_explained.json` and `errors_explained.md` in `out_dir`; returns both paths."""
+def write_error_explanations(report: dict[str, Any], out_dir: str | Path) -> list[Path]:
+    """`errors_explained.json` and `errors_explained.md` (an `explain_errors` report) in `out_dir`; both paths."""
     from sparse_distill.data import atomic_write_text
 
     out_dir = Path(out_dir)
     json_path = out_dir / "errors_explained.json"
     md_path = out_dir / "errors_explained.md"
-    payload = {"errors": errors, "rows": rows, "explained": records}
-    atomic_write_text(json_path, json.dumps(payload, indent=2, default=str))
+    atomic_write_text(json_path, json.dumps(report, indent=2, default=str))
+    records = report["explained"]
     parts = [
-        f"# Dev errors, explained ({len(records)} of {errors} errors in {rows} rows)",
+        f"# Dev errors, explained ({len(records)} of {report['errors']} errors in {report['rows']} rows)",
         "",
         "Effect: how much the predicted class's probability drops when the n-gram is taken out of the text.",
     ]

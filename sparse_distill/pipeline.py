@@ -433,6 +433,23 @@ def run_evaluate(cfg: PipelineConfig, teacher_dir: str, students: dict[str, str]
     return {"metrics": metrics, "docs_per_s": speed, "labels": list(data.label_map.labels)}
 
 
+# Dev errors of the shipped student explained by the evaluate stage, and n-grams shown for each.
+ERROR_SAMPLE = 20
+ERROR_TOP_NGRAMS = 5
+
+
+def explain_dev_errors(cfg: PipelineConfig, model_dir: str, out_dir: str | Path) -> list[Path]:
+    """A seeded sample of the student's dev errors with the n-grams behind each wrong prediction:
+    `errors_explained.json` and `.md` in `out_dir`."""
+    from sparse_distill.explanation import explain_errors, write_error_explanations
+
+    dev = load_task_data(cfg.data).dev
+    report = explain_errors(
+        StudentPredictor.load(model_dir), dev.texts, dev.labels or [], ERROR_SAMPLE, ERROR_TOP_NGRAMS, seed=0
+    )
+    return write_error_explanations(report, out_dir)
+
+
 def run_choices(cfg: PipelineConfig, run_dir: str | Path) -> dict[str, str]:
     """What the shipped defaults chose for this run and why: the table, the transfer set, each student's budget."""
     out: dict[str, str] = {}

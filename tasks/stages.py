@@ -297,7 +297,13 @@ def evaluate(
                         0, {f"{name}_{split}_accuracy": m["accuracy"], f"{name}_{split}_macro_f1": m["macro_f1"]}
                     )
             sr.log_metrics(0, {f"{k}_docs_per_s": v for k, v in res["docs_per_s"].items()})
-    return _done("evaluate", fingerprints, out, res)
+        # Why the shipped student gets dev texts wrong: the n-grams behind a sample of its errors.
+        best = publishing.best_student(res, students)
+        explained = pipeline.explain_dev_errors(config, students[best]["model_dir"], out)
+        if sr:
+            for path in explained:
+                sr.log_artifact(str(path), "explanations")
+    return _done("evaluate", fingerprints, out, {**res, "errors_explained": str(explained[0])})
 
 
 @task(name="tag-mlflow-run", cache_policy=NO_CACHE)

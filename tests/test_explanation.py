@@ -124,11 +124,12 @@ def test_top_ngrams_per_label_and_chunks(sentiment, tmp_path):
 def test_dev_errors_are_explained_and_written(sentiment, tmp_path):
     texts = ["great film", "dull film", "great great dull", "dull dull great", "film"]
     gold = ["neg", "neg", "pos", "pos", "pos"]  # predicted: pos, neg, pos, neg, neg -> errors at rows 0, 3, 4
-    records = explain_errors(sentiment, texts, gold, sample=2, top=3, seed=0)
+    report = explain_errors(sentiment, texts, gold, sample=2, top=3, seed=0)
+    records = report["explained"]
+    assert (report["rows"], report["errors"]) == (5, 3)
     assert len(records) == 2 and {r["row"] for r in records} <= {0, 3, 4}
     assert all(r["gold"] != r["label"] for r in records)
-    paths = write_error_explanations(records, tmp_path, errors=3, rows=len(texts))
-    payload = json.loads(paths[0].read_text())
-    assert payload["errors"] == 3 and len(payload["explained"]) == 2
+    paths = write_error_explanations(report, tmp_path)
+    assert json.loads(paths[0].read_text()) == json.loads(json.dumps(report))
     assert "# Dev errors, explained (2 of 3 errors in 5 rows)" in paths[1].read_text()
-    assert explain_errors(sentiment, ["great"], ["pos"]) == []
+    assert explain_errors(sentiment, ["great"], ["pos"])["explained"] == []

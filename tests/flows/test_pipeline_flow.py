@@ -88,6 +88,17 @@ def test_pipeline_runs_then_serves_from_cache(tiny_config, tmp_path):
         if r.info.run_name in ("distill", "evaluate"):
             assert r.data.tags["sparse_distill.cache_hit"] == "false"
             assert r.data.tags["sparse_distill.cache_key"].startswith("sparse-distill-")
+    evaluate_run = next(r for r in children if r.info.run_name == "evaluate")
+    assert {a.path for a in client.list_artifacts(evaluate_run.info.run_id, "explanations")} == {
+        "explanations/errors_explained.json",
+        "explanations/errors_explained.md",
+    }
+    assert (run_dir / "evaluation" / "errors_explained.md").read_text().startswith("# Dev errors, explained")
+    # A model card in every student folder, logged with the model.
+    for student in ("kd", "kdft", "scratch"):
+        assert (run_dir / "students" / student / "model" / "README.md").exists() or any(
+            (run_dir / "students" / student).rglob("README.md")
+        )
     distill_run = next(r for r in children if r.info.run_name == "distill")
     assert len(client.get_metric_history(distill_run.info.run_id, "kd_dev_accuracy")) >= 2
     mlflow.set_tracking_uri(tiny_config.tracking.tracking_uri)
