@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from mlflow.exceptions import MlflowException
 from prefect import get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
@@ -76,7 +77,10 @@ def start_tracking(config: PipelineConfig, run_dir: str, config_fp: str, flow_ru
     tags.update(git_source(Path(pipeline.__file__).resolve().parent))
     run_id = start_parent_run(uri, exp_id, config.name, config.model_dump(mode="json"), tags)
     get_run_logger().info("MLflow parent run %s in %s", run_id, uri)
-    _log_lineage(config, run_dir, uri, run_id)
+    try:
+        _log_lineage(config, run_dir, uri, run_id)
+    except (MlflowException, OSError) as e:  # lineage is a record of the run, not a reason to stop it
+        get_run_logger().warning("MLflow run %s: lineage not logged (%s)", run_id, e)
     return TrackingRef(uri, exp_id, run_id)
 
 
