@@ -217,6 +217,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="Print JSON instead of text.")
     _predict_args(sub.add_parser("predict", help="Predict labels for texts with a student model."))
     p = sub.add_parser(
+        "explain",
+        help="The n-grams behind a student's predictions (--text), or the model's top n-grams per label (no --text).",
+    )
+    p.add_argument("--model", required=True, help="Student model folder, or an MLflow URI (runs:/..., models:/...).")
+    p.add_argument("--text", action="append", default=[], help="A text to explain; repeatable.")
+    p.add_argument("--input", help="Texts to explain: .txt (one per line), .parquet, .csv or .jsonl.")
+    p.add_argument("--text-column", default="text", help="Text column of a tabular --input.")
+    p.add_argument("--top", type=int, default=10, help="N-grams shown per text or per label (default 10).")
+    p.add_argument("--json", action="store_true", help="Print JSON instead of markdown.")
+    p = sub.add_parser(
         "quantize", help="Store a student's n-gram table as float16 or int8 (a new model folder), with its accuracy."
     )
     p.add_argument("--model", required=True, help="A float32 student model folder.")
@@ -359,6 +369,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     """The command's handler: library wrappers, standalone jobs, experiments, or a pipeline/stage flow."""
     standalone = {
         "predict": _predict,
+        "explain": _explain,
         "quantize": _quantize,
         "label-status": _label_status,
         "experiment": _experiment,
@@ -513,6 +524,17 @@ def _predict(args: argparse.Namespace) -> int:
         teacher_max_length=args.teacher_max_length,
     )
     write_predictions(frame, args.output)
+    return 0
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from sparse_distill.commands import explain_report, read_texts
+    from sparse_distill.config import ConfigError
+
+    if args.top < 1:
+        raise ConfigError(f"explain: --top must be >= 1, got {args.top}")
+    texts = list(args.text) + (read_texts(args.input, args.text_column) if args.input else [])
+    sys.stdout.write(explain_report(args.model, texts, args.top, args.json) + "\n")
     return 0
 
 

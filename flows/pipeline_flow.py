@@ -27,7 +27,7 @@ from sparse_distill.pipeline import (
     vocab_sources,
 )
 from sparse_distill.preflight import check_pipeline_inputs
-from sparse_distill.run_store import is_fresh, read_stage, stage_dir
+from sparse_distill.run_store import RESULT, is_fresh, read_stage, stage_dir
 from sparse_distill.tracking import TrackingRef
 from tasks import stages
 
@@ -68,9 +68,27 @@ def pipeline_flow(config: PipelineConfig, run_dir: str | None = None) -> dict[st
         get_run_logger().info("run dir %s, config fingerprint %s", run_dir, config_fp)
         tracking = stages.start_tracking(config, run_dir, config_fp, _flow_run_id())
         args = {"config": config, "run_dir": run_dir, "fingerprints": fps, "tracking": tracking}
+        before = _record_stamps(run_dir, fps)
         teacher, students = _training_stages(config, run_dir, fps, tracking)
         evaluation = _fresh(stages.evaluate, run_dir, "evaluate", fps)(**args, teacher=teacher, students=students)
+        stages.log_cached_stages(tracking, run_dir, fps, _served_from_cache(run_dir, fps, before))
         return stages.publish_results(config, run_dir, config_fp, tracking, evaluation, students)
+
+
+def _record_stamps(run_dir: str, fps: dict[str, str]) -> dict[str, int]:
+    """When each fresh stage's record was written (a stage that runs writes it again)."""
+    return {
+        stage: (stage_dir(run_dir, stage) / RESULT).stat().st_mtime_ns
+        for stage in fps
+        if is_fresh(run_dir, stage, fps[stage])
+    }
+
+
+def _served_from_cache(run_dir: str, fps: dict[str, str], before: dict[str, int]) -> list[str]:
+    """The stages fresh before the run whose records were not rewritten: served from cache, not computed."""
+    return [
+        stage for stage, stamp in before.items() if _record_stamps(run_dir, {stage: fps[stage]}).get(stage) == stamp
+    ]
 
 
 def _training_stages(

@@ -12,6 +12,7 @@ import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -20,7 +21,13 @@ from sparse_distill.data import LabelMap
 from sparse_distill.student import DanStudent, load_student
 from sparse_distill.vocab import NgramVocab
 
+if TYPE_CHECKING:
+    import pandas as pd
+
 logger = logging.getLogger(__name__)
+
+LABEL_COLUMN = "label"
+PROB_PREFIX = "prob_"
 
 
 def default_threads() -> int:
@@ -113,3 +120,22 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits - logits.max(axis=1, keepdims=True)
     exp = np.exp(shifted)
     return exp / exp.sum(axis=1, keepdims=True)
+
+
+def predictions_table(probs: np.ndarray, labels: list) -> pd.DataFrame:
+    """The prediction output of the CLI and the pyfunc model: column `label` (label values as in the train set) and
+    `prob_<label>` per class. Here rather than in `mlflow_model` so that predicting from a folder needs no MLflow."""
+    import pandas as pd
+
+    probs = probs.astype(np.float64)
+    predicted = [labels[i] for i in probs.argmax(axis=1)] if len(probs) else []
+    label_dtype = object if any(isinstance(v, str) for v in labels) else None
+    frame = {LABEL_COLUMN: pd.Series(predicted, dtype=label_dtype)}
+    for j, label in enumerate(labels):
+        frame[f"{PROB_PREFIX}{label}"] = probs[:, j]
+    return pd.DataFrame(frame)
+
+
+def predictions_frame(predictor: StudentPredictor, texts: list[str], batch_size: int = 1024) -> pd.DataFrame:
+    """`predictions_table` of a student's predictions for `texts`."""
+    return predictions_table(predictor.predict_proba(texts, batch_size), predictor.labels)

@@ -33,7 +33,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import Model, infer_signature
 from mlflow.tracking import MlflowClient
 
-from sparse_distill.inference import StudentPredictor
+from sparse_distill.inference import StudentPredictor, predictions_table
 
 if TYPE_CHECKING:
     from sparse_distill.cascade import CascadePredictor
@@ -110,13 +110,7 @@ def cascade_predictions_frame(predictor: CascadePredictor, texts: list[str], bat
 
 
 def _frame(probs: np.ndarray, labels: list) -> pd.DataFrame:
-    probs = probs.astype(np.float64)
-    predicted = [labels[i] for i in probs.argmax(axis=1)] if len(probs) else []
-    label_dtype = object if any(isinstance(v, str) for v in labels) else None
-    frame = {LABEL_COLUMN: pd.Series(predicted, dtype=label_dtype)}
-    for j, label in enumerate(labels):
-        frame[f"{PROB_PREFIX}{label}"] = probs[:, j]
-    return pd.DataFrame(frame)
+    return predictions_table(probs, labels)
 
 
 class _TextsPyfunc(mlflow.pyfunc.PythonModel):

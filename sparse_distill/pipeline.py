@@ -7,11 +7,12 @@ cache keys.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -44,6 +45,9 @@ from sparse_distill.run_store import file_fingerprint, read_stage
 from sparse_distill.shard_plan import CorpusSource, plan_shards
 from sparse_distill.teacher import TeacherPredictor, finetune_teacher, teacher_fingerprint, teacher_word_vectors
 from sparse_distill.training import BatchSource, InMemoryBatches, SoftLabelStream, train_dan
+
+if TYPE_CHECKING:
+    from sparse_distill.tracking import DatasetRecord
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +108,45 @@ def data_fingerprint(data: DataConfig, splits: tuple[str, ...] = ("train", "dev"
 # Fields added after runs were cached, with their default: left out of the key at that default, so the old runs stay
 # valid (they were trained with exactly that behaviour).
 _ADDED_STUDENT_FIELDS = {"layers": 1}
+
+
+def _rows(path: str, limit: int | None) -> int | None:
+    """A file's row count (streaming; Parquet from its footer), or None when it cannot be counted here."""
+    from sparse_distill.corpus import index_rows
+
+    if path.startswith("hub:"):
+        return None  # counting would download it
+    try:
+        return index_rows(path, 1 << 40, limit).rows
+    except (OSError, ValueError) as e:
+        logger.warning("%s: rows not counted (%s)", path, e)
+        return None
+
+
+def lineage_datasets(cfg: PipelineConfig, out_dir: str | Path) -> list[DatasetRecord]:
+    """The run's data as MLflow dataset inputs: train, dev, test and the corpus, each with its source, digest (our
+    file fingerprint) and row count. The corpus, possibly many files, is described by a manifest written to
+    `out_dir/corpus.json` (each file's fingerprint and rows), which is its source; no text is loaded."""
+    from sparse_distill.data import atomic_write_text
+    from sparse_distill.tracking import DatasetRecord
+
+    d = cfg.data
+    out: list[DatasetRecord] = []
+    for split in ("train", "dev", "test"):
+        if (path := split_path(d, split)) is None:
+            continue
+        rows = _rows(path, d.max_train_samples if split == "train" else None)
+        out.append(DatasetRecord(Path(path).name, split, path, fingerprint(file_fingerprint(path)), rows))
+    files = corpus_paths(d)
+    if files:
+        listed = [{**file_fingerprint(p), "rows": _rows(p, d.max_corpus_samples)} for p in files]
+        known = [f["rows"] for f in listed if f["rows"] is not None]
+        total = sum(known) if len(known) == len(listed) else None
+        manifest = Path(out_dir) / "corpus.json"
+        atomic_write_text(manifest, json.dumps({"files": listed, "rows": total}, indent=2))
+        digest = fingerprint([file_fingerprint(p) for p in files])
+        out.append(DatasetRecord(f"corpus ({len(files)} files)", "corpus", str(manifest), digest, total))
+    return out
 
 
 def student_key(cfg: PipelineConfig) -> dict[str, Any]:
@@ -426,6 +469,23 @@ def run_evaluate(cfg: PipelineConfig, teacher_dir: str, students: dict[str, str]
             cfg.evaluate.threads,
         )
     return {"metrics": metrics, "docs_per_s": speed, "labels": list(data.label_map.labels)}
+
+
+# Dev errors of the shipped student explained by the evaluate stage, and n-grams shown for each.
+ERROR_SAMPLE = 20
+ERROR_TOP_NGRAMS = 5
+
+
+def explain_dev_errors(cfg: PipelineConfig, model_dir: str, out_dir: str | Path) -> list[Path]:
+    """A seeded sample of the student's dev errors with the n-grams behind each wrong prediction:
+    `errors_explained.json` and `.md` in `out_dir`."""
+    from sparse_distill.explanation import explain_errors, write_error_explanations
+
+    dev = load_task_data(cfg.data).dev
+    report = explain_errors(
+        StudentPredictor.load(model_dir), dev.texts, dev.labels or [], ERROR_SAMPLE, ERROR_TOP_NGRAMS, seed=0
+    )
+    return write_error_explanations(report, out_dir)
 
 
 def run_choices(cfg: PipelineConfig, run_dir: str | Path) -> dict[str, str]:

@@ -67,11 +67,30 @@ def plot_confusion_matrix(
     return _save_atomic(fig, path)
 
 
+# Storage variants of one model (a name's last word): same colour as the model, their own marker.
+VARIANT_MARKERS = {"float32": "o", "float16": "s", "int8": "^"}
+_OTHER_MARKERS = "DvP*Xph"
+
+
+def _group_and_variant(point: dict[str, Any]) -> tuple[str, str]:
+    """The model a point belongs to and its variant: from `group`/`variant` when given, else from a name ending in a
+    storage type (`DAN d=100 int8` -> `DAN d=100`, `int8`); other points are their own group, variant float32."""
+    name = str(point["name"])
+    if "group" in point:
+        return str(point["group"]), str(point.get("variant", "float32"))
+    head, _, last = name.rpartition(" ")
+    if head and last in VARIANT_MARKERS:
+        return head, last
+    return name, "float32"
+
+
 def plot_accuracy_vs_speed(points: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> Path:
-    """Accuracy against inference throughput (docs/s, log-scale x axis), one labelled point per model.
+    """Accuracy against inference throughput (docs/s, log-scale x axis): one marker per model, read off a legend.
 
     Like Figure 1 of the Sparse Distillation paper: faster models to the right, more accurate ones higher up. Each point
-    is a dict with `name`, `accuracy` (fraction or percent, plotted as given) and `docs_per_s` (> 0).
+    is a dict with `name`, `accuracy` (fraction or percent, plotted as given) and `docs_per_s` (> 0); optionally `group`
+    and `variant`. Variants of one model (e.g. its float16 and int8 tables) share its colour and differ by marker, so
+    points that sit close together stay apart in the legend instead of smearing their labels over each other.
     """
     if not points:
         raise ValueError("no points to plot")
@@ -83,16 +102,39 @@ def plot_accuracy_vs_speed(points: Sequence[dict[str, Any]], path: str | Path, t
             raise ValueError(f"point {p['name']!r}: docs_per_s must be > 0 for a log scale, got {p['docs_per_s']!r}")
     xs = np.array([float(p["docs_per_s"]) for p in points])
     ys = np.array([float(p["accuracy"]) for p in points])
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    keys = [_group_and_variant(p) for p in points]
+    groups = list(dict.fromkeys(g for g, _ in keys))
+    variants = list(dict.fromkeys(v for _, v in keys))
+    extra = iter(_OTHER_MARKERS)
+    markers = {v: VARIANT_MARKERS.get(v) or next(extra, "o") for v in variants}
     colors = plt.get_cmap("tab10")
-    for k, p in enumerate(points):
-        ax.scatter(xs[k], ys[k], s=60, color=colors(k % 10), zorder=3, edgecolors="black", linewidths=0.5)
-        ax.annotate(str(p["name"]), (xs[k], ys[k]), textcoords="offset points", xytext=(6, 6), fontsize=9)
+    fig, ax = plt.subplots(figsize=(8.5, 4.5))
+    for k, (group, variant) in enumerate(keys):
+        ax.scatter(
+            xs[k],
+            ys[k],
+            s=70,
+            marker=markers[variant],
+            color=colors(groups.index(group) % 10),
+            zorder=3,
+            edgecolors="black",
+            linewidths=0.5,
+        )
+    # One legend entry per model (its colour) and, when there are several, one per variant (its marker).
+    handles = [
+        ax.scatter([], [], s=70, marker="o", color=colors(i % 10), edgecolors="black", linewidths=0.5, label=g)
+        for i, g in enumerate(groups)
+    ]
+    if len(variants) > 1:
+        handles += [
+            ax.scatter([], [], s=70, marker=markers[v], color="white", edgecolors="black", linewidths=0.8, label=v)
+            for v in variants
+        ]
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False)
     ax.set_xscale("log")
-    # Pad the log-scale range so labels fit, and the accuracy range so points do not sit on the frame.
-    ax.set_xlim(xs.min() / 2.5, xs.max() * 8.0)
+    ax.set_xlim(xs.min() / 2.0, xs.max() * 2.0)
     span = max(float(ys.max() - ys.min()), 0.02 * max(abs(float(ys.max())), 1e-9))
-    ax.set_ylim(ys.min() - 0.15 * span, ys.max() + 0.25 * span)
+    ax.set_ylim(ys.min() - 0.15 * span, ys.max() + 0.15 * span)
     ax.set_xlabel("inference speed (docs/s, log scale)")
     ax.set_ylabel("accuracy")
     ax.grid(True, which="major", linestyle=":", alpha=0.6)

@@ -17,7 +17,7 @@ from sparse_distill import pipeline
 from sparse_distill.config import PipelineConfig
 from sparse_distill.data import atomic_write_text
 from sparse_distill.mlflow_model import log_student_model
-from sparse_distill.tracking import TrackingRef, end_run
+from sparse_distill.tracking import TrackingRef, end_run, set_description
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,76 @@ def write_plots(evaluation: dict, best: str, split: str, plots_dir: Path) -> lis
     ]
     pngs.append(plot_accuracy_vs_speed(points, plots_dir / "accuracy_vs_speed.png"))
     return pngs
+
+
+def write_model_cards(
+    config: PipelineConfig,
+    run_dir: str | Path,
+    evaluation: dict,
+    students: dict[str, dict],
+    best: str,
+    tracking: TrackingRef | None,
+) -> list[Path]:
+    """A `README.md` model card in every student folder (see `sparse_distill.model_card`)."""
+    import yaml
+
+    from sparse_distill.model_card import ModelCard, ModelRow, read_fasttext_row, write_model_card
+    from sparse_distill.run_store import read_stage
+
+    m, speed = evaluation["metrics"], evaluation["docs_per_s"]
+    config_file = Path(run_dir) / "config.yaml"
+    config_yaml = (
+        config_file.read_text()
+        if config_file.exists()
+        else yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    )
+    try:
+        datasets = [
+            (d.context, d.name, d.source, d.digest, d.rows)
+            for d in pipeline.lineage_datasets(config, Path(run_dir) / "lineage")
+        ]
+    except OSError as e:  # an input file gone since the run: the card says so rather than failing the publication
+        log.warning("model cards: the data is not described (%s)", e)
+        datasets = []
+    teacher_fp = (read_stage(run_dir, "teacher") or {}).get("teacher_fingerprint")
+    fasttext = read_fasttext_row(run_dir)
+    paths = []
+    for key, student in students.items():
+        rows = [
+            ModelRow(
+                STUDENT_NAMES[k],
+                m[k]["dev"]["accuracy"],
+                m[k].get("test", {}).get("accuracy"),
+                speed.get(k),
+                this_model=k == key,
+            )
+            for k in ("teacher", "scratch", "kd", "kdft")
+            if k in m
+        ] + ([fasttext] if fasttext else [])
+        uris = []
+        if key == best and tracking and (config.tracking.log_model or config.tracking.registered_model):
+            uris.append(f"runs:/{tracking.parent_run_id}/student")
+            if config.tracking.registered_model:
+                uris.append(f"models:/{config.tracking.registered_model}@champion")
+        shape_file = Path(student["model_dir"]) / "student.json"
+        shape = json.loads(shape_file.read_text()) if shape_file.exists() else {}
+        card = ModelCard(
+            title=f"{config.name}: {STUDENT_NAMES[key]}" + (" (the shipped student)" if key == best else ""),
+            task=f"{config.name} (text column `{config.data.text_column}`, label column `{config.data.label_column}`)",
+            labels=list(evaluation["labels"]),
+            model_dir=str(Path(student["model_dir"]).resolve()),
+            teacher=config.teacher.model,
+            teacher_fingerprint=teacher_fp,
+            datasets=datasets,
+            rows=rows,
+            params=student.get("params") or {},
+            config_yaml=config_yaml,
+            pooling=shape.get("pooling", "mean"),
+            table_dtype=shape.get("table_dtype", "float32"),
+            mlflow_uris=uris,
+        )
+        paths.append(write_model_card(card))
+    return paths
 
 
 def register_best(
@@ -124,6 +194,8 @@ def _log_to_mlflow(
         client.log_artifact(tracking.parent_run_id, str(png), "plots")
     client.log_artifact(tracking.parent_run_id, str(Path(model_dir) / "label_map.json"))
     client.log_text(tracking.parent_run_id, table, "results.md")
+    # The run's description in the MLflow UI.
+    set_description(tracking.tracking_uri, tracking.parent_run_id, table)
     end_run(tracking.tracking_uri, tracking.parent_run_id)
 
 
@@ -153,6 +225,8 @@ def publish_run(
     split = report_split(evaluation)
     pngs = write_plots(evaluation, best, split, run_path / "plots")
     table = pipeline.results_table(summary)
+    # Before the model is logged: the card travels with the student folder into MLflow.
+    write_model_cards(config, run_dir, evaluation, students, best, tracking)
     if tracking:
         _log_to_mlflow(config, tracking, summary, evaluation, students[best]["model_dir"], split, pngs, table, logger)
     elif config.tracking.registered_model:

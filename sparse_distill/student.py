@@ -88,7 +88,9 @@ class Int8EmbeddingBag(nn.Module):
 class DanStudent(nn.Module):
     """Deep Averaging Network: pooled n-gram embeddings, then two dense layers."""
 
-    def __init__(self, config: DanConfig) -> None:
+    def __init__(self, config: DanConfig, *, init_table: bool = True) -> None:
+        """`init_table=False`: the table is left uninitialised, for a model about to receive loaded weights (on the
+        meta device, `nn.init.normal_` would import torch._dynamo, about a second of start-up for nothing)."""
         super().__init__()
         if config.layers < 1:
             raise ValueError(f"layers must be >= 1, got {config.layers}")
@@ -101,8 +103,13 @@ class DanStudent(nn.Module):
             self.embedding = Int8EmbeddingBag(config.vocab_size, config.dim, mode=mode)
         else:
             dtype = torch.float16 if config.table_dtype == "float16" else torch.float32
-            self.embedding = nn.EmbeddingBag(config.vocab_size, config.dim, mode=mode, sparse=True, dtype=dtype)
-            nn.init.normal_(self.embedding.weight, std=config.init_std)
+            # A given `_weight` skips EmbeddingBag's own initialisation.
+            empty = None if init_table else torch.empty(config.vocab_size, config.dim, dtype=dtype)
+            self.embedding = nn.EmbeddingBag(
+                config.vocab_size, config.dim, mode=mode, sparse=True, dtype=dtype, _weight=empty
+            )
+            if init_table:
+                nn.init.normal_(self.embedding.weight, std=config.init_std)
         self.dropout = nn.Dropout(config.dropout)
         self.fc1 = nn.Linear(config.dim, config.hidden)
         # Extra hidden layers (for the depth ablation) sit between fc1 and fc2, so one-layer students keep their keys.
@@ -115,10 +122,22 @@ class DanStudent(nn.Module):
             pooled = self._max_pool(ids, offsets)
         else:
             pooled = self.embedding(ids, offsets)
-        hidden = torch.relu(self.fc1(self.dropout(pooled.float())))
+        return self.classify(self.dropout(pooled.float()))
+
+    def classify(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Logits of pooled document vectors (float32, shape (n, dim)): the dense layers alone."""
+        hidden = torch.relu(self.fc1(pooled))
         for layer in self.extra:
             hidden = torch.relu(layer(hidden))
         return self.fc2(hidden)
+
+    def table_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows of the n-gram table as float32 (an int8 table dequantised row by row), shape (len(ids), dim)."""
+        if isinstance(self.embedding, Int8EmbeddingBag):
+            packed = self.embedding.packed[ids]
+            scale_bias = packed[:, self.config.dim :].contiguous().view(torch.float32)
+            return packed[:, : self.config.dim].float() * scale_bias[:, :1] + scale_bias[:, 1:]
+        return self.embedding.weight[ids].float()
 
     def _max_pool(self, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         vectors = F.embedding(ids, self.embedding.weight, sparse=True).float()
@@ -174,7 +193,7 @@ def load_student(model_dir: str | Path, mmap: bool = True) -> tuple[DanStudent, 
         # Built on the meta device, the module allocates and initialises nothing (a 4 GB table took ~15 s); the
         # memory-mapped tensors are then assigned as its parameters, so pages load on first use and are shared.
         with torch.device("meta"):
-            model = DanStudent(config)
+            model = DanStudent(config, init_table=False)
         model.load_state_dict(state, assign=True)
     else:
         model = DanStudent(config)
@@ -198,7 +217,7 @@ def quantize_student(model_dir: str | Path, out_dir: str | Path, table_dtype: st
         raise ValueError(f"{model_dir}: int8 tables support mean or sum pooling, not max")
     config = DanConfig(**{**asdict(model.config), "table_dtype": table_dtype})
     with torch.device("meta"):
-        out = DanStudent(config)
+        out = DanStudent(config, init_table=False)
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("embedding.")}
     weight = model.embedding.weight.detach()
     if table_dtype == "int8":

@@ -5,10 +5,13 @@ Run ids are passed explicitly (never the thread-local active run), because stage
 
 from __future__ import annotations
 
+import json
 import logging
+import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from mlflow.tracking import MlflowClient
@@ -69,16 +72,25 @@ def end_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
     MlflowClient(tracking_uri).set_terminated(run_id, status=status)
 
 
+# Tags of a stage's nested run: its cache key (`run_store.stage_key`) and whether the stage was served from cache.
+CACHE_KEY_TAG = "sparse_distill.cache_key"
+CACHE_HIT_TAG = "sparse_distill.cache_hit"
+
+
 @contextmanager
-def stage_run(ref: TrackingRef | None, stage: str, params: dict[str, Any] | None = None) -> Iterator[StageRun | None]:
-    """A nested run under the parent; marked FAILED if the stage raises. Yields None when tracking is off."""
+def stage_run(
+    ref: TrackingRef | None, stage: str, params: dict[str, Any] | None = None, cache_key: str | None = None
+) -> Iterator[StageRun | None]:
+    """A nested run under the parent (tagged with the stage's `cache_key` and as computed, not served from cache);
+    marked FAILED if the stage raises. Yields None when tracking is off."""
     if ref is None:
         yield None
         return
     client = MlflowClient(ref.tracking_uri)
-    run = client.create_run(
-        ref.experiment_id, run_name=stage, tags={"mlflow.parentRunId": ref.parent_run_id, "sparse_distill.stage": stage}
-    )
+    tags = {"mlflow.parentRunId": ref.parent_run_id, "sparse_distill.stage": stage}
+    if cache_key:
+        tags.update({CACHE_KEY_TAG: cache_key, CACHE_HIT_TAG: "false"})
+    run = client.create_run(ref.experiment_id, run_name=stage, tags=tags)
     sr = StageRun(client, run.info.run_id)
     if params:
         sr.log_params(params)
@@ -95,3 +107,85 @@ def set_tags(tracking_uri: str, run_id: str, tags: dict[str, str]) -> None:
     client = MlflowClient(tracking_uri)
     for key, value in tags.items():
         client.set_tag(run_id, key, value)
+
+
+def log_cached_stage(ref: TrackingRef, stage: str, cache_key: str, record: dict[str, Any] | None = None) -> str:
+    """A nested run for a stage served from cache: tagged with its cache key and `cache_hit` true, holding the
+    stage's record (`result.json`) as an artifact; returns its id."""
+    client = MlflowClient(ref.tracking_uri)
+    tags = {
+        "mlflow.parentRunId": ref.parent_run_id,
+        "sparse_distill.stage": stage,
+        CACHE_KEY_TAG: cache_key,
+        CACHE_HIT_TAG: "true",
+    }
+    run_id = client.create_run(ref.experiment_id, run_name=f"{stage} (cached)", tags=tags).info.run_id
+    if record is not None:
+        client.log_dict(run_id, record, "result.json")
+    client.set_terminated(run_id, status="FINISHED")
+    return run_id
+
+
+@dataclass(frozen=True)
+class DatasetRecord:
+    """A dataset input of a run: what MLflow's Dataset column shows. `digest` is our file fingerprint
+    (`run_store.file_fingerprint` hashed: path, size, mtime), `rows` its row count (None when unknown)."""
+
+    name: str
+    context: str
+    source: str
+    digest: str
+    rows: int | None = None
+
+
+def log_datasets(tracking_uri: str, run_id: str, datasets: list[DatasetRecord]) -> None:
+    """Log the datasets as inputs of the run, from their metadata alone (nothing is read or uploaded)."""
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.data.sources import LocalArtifactDatasetSource
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    class _Dataset(MetaDataset):
+        # MetaDataset has no profile; the row count goes there, where the MLflow UI shows it.
+        def __init__(self, record: DatasetRecord) -> None:
+            super().__init__(LocalArtifactDatasetSource(record.source), name=record.name, digest=record.digest)
+            self._rows = record.rows
+
+        @property
+        def profile(self) -> dict[str, Any] | None:
+            return None if self._rows is None else {"num_rows": self._rows}
+
+        def to_dict(self) -> dict[str, str]:
+            config = super().to_dict()
+            if self.profile is not None:
+                config["profile"] = json.dumps(self.profile)
+            return config
+
+    inputs = [
+        DatasetInput(_Dataset(d)._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, d.context)])
+        for d in datasets
+    ]
+    MlflowClient(tracking_uri).log_inputs(run_id, datasets=inputs)
+
+
+def git_source(path: str | Path) -> dict[str, str]:
+    """MLflow's source tags for the code in `path`: the git commit (and whether the tree has uncommitted changes);
+    empty outside a git repository or without git."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(path), *args], capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError) as e:
+        logger.debug("%s: no git commit to record (%s)", path, e)
+        return {}
+    return {"mlflow.source.git.commit": commit, "sparse_distill.git_dirty": str(dirty).lower()}
+
+
+def set_description(tracking_uri: str, run_id: str, markdown: str) -> None:
+    """The run's description in the MLflow UI (the `mlflow.note.content` tag)."""
+    MlflowClient(tracking_uri).set_tag(run_id, "mlflow.note.content", markdown)

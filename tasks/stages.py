@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from mlflow.exceptions import MlflowException
 from prefect import get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
@@ -19,7 +20,15 @@ from sparse_distill import pipeline, publishing, run_store
 from sparse_distill.config import PipelineConfig
 from sparse_distill.data import atomic_write_text
 from sparse_distill.mlflow_model import ensure_experiment, resolve_tracking_uri
-from sparse_distill.tracking import TrackingRef, set_tags, stage_run, start_parent_run
+from sparse_distill.tracking import (
+    TrackingRef,
+    git_source,
+    log_cached_stage,
+    log_datasets,
+    set_tags,
+    stage_run,
+    start_parent_run,
+)
 
 
 def _stage_key(stage: str):
@@ -47,6 +56,10 @@ def _stage_task(stage: str, **kwargs):
     )
 
 
+def _key(run_dir: str, stage: str, fps: dict[str, str]) -> str:
+    return run_store.stage_key(run_dir, stage, fps[stage])
+
+
 def _done(stage: str, fps: dict[str, str], out: Path, result: dict) -> dict:
     # Recorded once, with the fingerprint, so a later run can tell a finished stage from a stale one.
     return run_store.write_result(out, stage, fps[stage], {**result, "out_dir": str(out)})
@@ -60,9 +73,46 @@ def start_tracking(config: PipelineConfig, run_dir: str, config_fp: str, flow_ru
     tags = {"sparse_distill.run_dir": str(Path(run_dir).resolve()), "sparse_distill.config_fingerprint": config_fp}
     if flow_run_id:
         tags["prefect.flow_run_id"] = flow_run_id
+    # The code's git commit: the MLflow UI shows it as the run's source (nothing outside a git repository).
+    tags.update(git_source(Path(pipeline.__file__).resolve().parent))
     run_id = start_parent_run(uri, exp_id, config.name, config.model_dump(mode="json"), tags)
     get_run_logger().info("MLflow parent run %s in %s", run_id, uri)
+    try:
+        _log_lineage(config, run_dir, uri, run_id)
+    except (MlflowException, OSError) as e:  # lineage is a record of the run, not a reason to stop it
+        get_run_logger().warning("MLflow run %s: lineage not logged (%s)", run_id, e)
     return TrackingRef(uri, exp_id, run_id)
+
+
+def _log_lineage(config: PipelineConfig, run_dir: str, uri: str, run_id: str) -> None:
+    """The run's datasets as inputs and its config file as an artifact."""
+    from mlflow.tracking import MlflowClient
+
+    lineage_dir = Path(run_dir) / "lineage"
+    log_datasets(uri, run_id, pipeline.lineage_datasets(config, lineage_dir))
+    client = MlflowClient(uri)
+    config_file = Path(run_dir) / "config.yaml"
+    if config_file.exists():
+        client.log_artifact(run_id, str(config_file))
+    if (lineage_dir / "corpus.json").exists():
+        client.log_artifact(run_id, str(lineage_dir / "corpus.json"), "lineage")
+
+
+# Run-store stage -> the name of its nested MLflow run, where the two differ.
+TRACKING_NAMES = {"teacher": "finetune-teacher", "kdft": "finetune-student"}
+
+
+@task(name="log-cached-stages", cache_policy=NO_CACHE)
+def log_cached_stages(
+    tracking: TrackingRef | None, run_dir: str, fingerprints: dict[str, str], served: list[str]
+) -> None:
+    """A nested run for each stage served from cache, tagged with its cache key and holding its record; the stages
+    that ran tagged their own runs."""
+    if tracking is None:
+        return
+    for stage in served:
+        name = TRACKING_NAMES.get(stage, stage.replace("_", "-"))
+        log_cached_stage(tracking, name, _key(run_dir, stage, fingerprints), run_store.read_stage(run_dir, stage))
 
 
 @_stage_task("teacher")
@@ -71,7 +121,12 @@ def finetune_teacher(
 ) -> dict:
     """Fine-tune the teacher; returns {'model_dir', 'dev_accuracy', ...}."""
     out = run_store.stage_dir(run_dir, "teacher")
-    with stage_run(tracking, "finetune-teacher", {"teacher": config.teacher.model_dump(mode="json")}) as sr:
+    with stage_run(
+        tracking,
+        "finetune-teacher",
+        {"teacher": config.teacher.model_dump(mode="json")},
+        _key(run_dir, "teacher", fingerprints),
+    ) as sr:
         res = pipeline.run_finetune_teacher(config, out, sr.log_metrics if sr else None)
         if sr:
             sr.log_metrics(res["steps"], {"teacher_best_dev_accuracy": res["dev_accuracy"]})
@@ -112,7 +167,12 @@ def make_transfer_set(
 ) -> dict:
     """Make the transfer set from the train texts (empty when the corpus is large enough)."""
     out = run_store.stage_dir(run_dir, "transfer")
-    with stage_run(tracking, "transfer", {"transfer": config.transfer.model_dump(mode="json")}) as sr:
+    with stage_run(
+        tracking,
+        "transfer",
+        {"transfer": config.transfer.model_dump(mode="json")},
+        _key(run_dir, "transfer", fingerprints),
+    ) as sr:
         res = pipeline.run_transfer(config, out)
         if sr:
             sr.log_metrics(0, {"transfer_rows": res["rows"]})
@@ -138,7 +198,9 @@ def make_vocabulary(
 ) -> dict:
     """Count n-grams over train + corpus (+ the transfer set's record `transfer`) and keep the top |V|."""
     out = run_store.stage_dir(run_dir, "vocab")
-    with stage_run(tracking, "vocab", {"vocab": config.vocab.model_dump(mode="json")}) as sr:
+    with stage_run(
+        tracking, "vocab", {"vocab": config.vocab.model_dump(mode="json")}, _key(run_dir, "vocab", fingerprints)
+    ) as sr:
         res = pipeline.run_vocab(config, out, transfer)
         if sr:
             sr.log_metrics(0, {"vocab_size": res["size"], "distinct_ngrams": res["distinct_ngrams"]})
@@ -175,7 +237,7 @@ def distill_student(
 ) -> dict:
     """Distil the teacher's soft labels into a DAN."""
     out = run_store.stage_dir(run_dir, "distill")
-    with stage_run(tracking, "distill", _train_params(config, "distill")) as sr:
+    with stage_run(tracking, "distill", _train_params(config, "distill"), _key(run_dir, "distill", fingerprints)) as sr:
         res = pipeline.run_distill(
             config, vocab["vocab_dir"], [x["label_dir"] for x in labels], out, sr.log_metrics if sr else None
         )
@@ -196,7 +258,9 @@ def finetune_student(
 ) -> dict:
     """KD+FT: fine-tune the distilled student on the train set."""
     out = run_store.stage_dir(run_dir, "kdft")
-    with stage_run(tracking, "finetune-student", _train_params(config, "finetune")) as sr:
+    with stage_run(
+        tracking, "finetune-student", _train_params(config, "finetune"), _key(run_dir, "kdft", fingerprints)
+    ) as sr:
         res = pipeline.run_finetune_student(
             config, vocab["vocab_dir"], distilled["model_dir"], out, sr.log_metrics if sr else None
         )
@@ -210,7 +274,7 @@ def train_scratch(
 ) -> dict:
     """The baseline: the DAN trained on the train set alone."""
     out = run_store.stage_dir(run_dir, "scratch")
-    with stage_run(tracking, "scratch", _train_params(config, "scratch")) as sr:
+    with stage_run(tracking, "scratch", _train_params(config, "scratch"), _key(run_dir, "scratch", fingerprints)) as sr:
         res = pipeline.run_scratch(config, vocab["vocab_dir"], out, sr.log_metrics if sr else None)
     get_run_logger().info("DAN from scratch: dev accuracy %.4f", res["dev_accuracy"])
     return _done("scratch", fingerprints, out, res)
@@ -227,7 +291,12 @@ def evaluate(
 ) -> dict:
     """Accuracy, macro-F1, confusion matrices and docs/s for the teacher and every student."""
     out = run_store.stage_dir(run_dir, "evaluate")
-    with stage_run(tracking, "evaluate", {"evaluate": config.evaluate.model_dump(mode="json")}) as sr:
+    with stage_run(
+        tracking,
+        "evaluate",
+        {"evaluate": config.evaluate.model_dump(mode="json")},
+        _key(run_dir, "evaluate", fingerprints),
+    ) as sr:
         res = pipeline.run_evaluate(config, teacher["model_dir"], {k: v["model_dir"] for k, v in students.items()})
         if sr:
             for name, per_split in res["metrics"].items():
@@ -236,7 +305,13 @@ def evaluate(
                         0, {f"{name}_{split}_accuracy": m["accuracy"], f"{name}_{split}_macro_f1": m["macro_f1"]}
                     )
             sr.log_metrics(0, {f"{k}_docs_per_s": v for k, v in res["docs_per_s"].items()})
-    return _done("evaluate", fingerprints, out, res)
+        # Why the shipped student gets dev texts wrong: the n-grams behind a sample of its errors.
+        best = publishing.best_student(res, students)
+        explained = pipeline.explain_dev_errors(config, students[best]["model_dir"], out)
+        if sr:
+            for path in explained:
+                sr.log_artifact(str(path), "explanations")
+    return _done("evaluate", fingerprints, out, {**res, "errors_explained": str(explained[0])})
 
 
 @task(name="tag-mlflow-run", cache_policy=NO_CACHE)

@@ -142,3 +142,17 @@ def test_standalone_flags_fill_the_job():
     assert (job.vocab.size, job.vocab.tie_rule, job.vocab.runner, job.vocab.workers) == (9, "sklearn", "process", 2)
     with pytest.raises(ConfigError, match=r"--input and --out \(missing \['--out'\]\)"):
         job_from_flags("vocab", vars(parse(["vocab", "--input", "c.parquet"])))
+
+
+def test_explain_texts_and_top_ngrams(model_dir, capsys):
+    assert main(["explain", "--model", str(model_dir), "--text", "a great film", "--top", "2", "--json"]) == 0
+    [explained] = json.loads(capsys.readouterr().out)
+    assert explained["text"] == "a great film" and len(explained["ngrams"]) == 2
+    assert explained["label"] == StudentPredictor.load(model_dir).predict(["a great film"])[0]
+    assert main(["explain", "--model", str(model_dir), "--text", "a dull film"]) == 0
+    assert "| n-gram | count | effect on p |" in capsys.readouterr().out
+    assert main(["explain", "--model", str(model_dir), "--top", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "## neg" in out and "## pos" in out
+    assert main(["explain", "--model", str(model_dir), "--top", "0"]) == 2
+    assert "--top must be >= 1" in capsys.readouterr().err

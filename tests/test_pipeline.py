@@ -3,8 +3,10 @@ nothing else; runtime settings and old runs' defaults stay out of the keys; inpu
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+from pathlib import Path
 
 from sparse_distill.pipeline import stage_fingerprints, student_key
 
@@ -71,3 +73,15 @@ def test_touching_an_input_file_changes_the_stages_that_read_it(tiny_config, tmp
     os.utime(corpus, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
     # the corpus feeds the corpus labels and the vocabulary, then everything trained on them
     assert _changed(fps, stage_fingerprints(cfg)) == STAGES - {"teacher", "label_train"}
+
+
+def test_lineage_datasets_describe_the_data_without_loading_the_corpus(tiny_config, tmp_path):
+    from sparse_distill.pipeline import lineage_datasets
+
+    records = {r.context: r for r in lineage_datasets(tiny_config, tmp_path / "lineage")}
+    assert set(records) == {"train", "dev", "test", "corpus"}
+    assert (records["train"].rows, records["dev"].rows, records["corpus"].rows) == (300, 80, 400)
+    assert records["train"].name == "train.parquet" and records["train"].source.endswith("train.parquet")
+    assert len(records["train"].digest) == 16 and records["train"].digest != records["dev"].digest
+    manifest = json.loads(Path(records["corpus"].source).read_text())
+    assert manifest["rows"] == 400 and manifest["files"][0]["path"].endswith("corpus.parquet")

@@ -79,6 +79,14 @@ def test_publish_without_tracking_writes_the_summary_table_and_plots(tmp_path: P
     assert (run_dir / "plots" / "accuracy_vs_speed.png").stat().st_size > 0
     assert "not registered as 'nowhere'" in caplog.text
     assert links_markdown(None, None) == ""
+    # A model card in every student folder; the shipped one says so.
+    kd_card = (tmp_path / "models" / "kd" / "README.md").read_text()
+    assert kd_card.startswith("# pub: DAN (KD) (the shipped student)")
+    assert "| **DAN (KD)** (this model) | 0.8500 | 0.8000 | 10,000 |" in kd_card
+    assert "| Teacher | 0.9000 | 0.8800 | 100 |" in kd_card and "fastText" not in kd_card
+    assert "load_student(" in kd_card and "name: pub" in kd_card
+    scratch_card = (tmp_path / "models" / "scratch" / "README.md").read_text()
+    assert "| **DAN from scratch** (this model) |" in scratch_card and "shipped" not in scratch_card
 
 
 @pytest.mark.parametrize("log_model", [False, True])

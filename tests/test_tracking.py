@@ -86,3 +86,49 @@ def test_the_reference_is_small_and_picklable(parent):
     assert pickle.loads(pickle.dumps(parent)) == parent
     with pytest.raises(AttributeError):
         parent.parent_run_id = "other"  # frozen
+
+
+def test_datasets_description_and_source(parent, tmp_path):
+    from sparse_distill.tracking import DatasetRecord, git_source, log_datasets, set_description
+
+    log_datasets(
+        parent.tracking_uri,
+        parent.parent_run_id,
+        [
+            DatasetRecord("train.parquet", "train", "/data/train.parquet", "0123456789abcdef", 300),
+            DatasetRecord("corpus (2 files)", "corpus", str(tmp_path / "corpus.json"), "fedcba9876543210", None),
+        ],
+    )
+    set_description(parent.tracking_uri, parent.parent_run_id, "| model | acc |")
+    run = MlflowClient(parent.tracking_uri).get_run(parent.parent_run_id)
+    inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
+    assert inputs["train.parquet"].dataset.digest == "0123456789abcdef"
+    assert inputs["train.parquet"].dataset.profile == '{"num_rows": 300}'
+    assert "/data/train.parquet" in inputs["train.parquet"].dataset.source
+    assert [t.value for t in inputs["corpus (2 files)"].tags] == ["corpus"]
+    assert inputs["corpus (2 files)"].dataset.profile in (None, "")
+    assert run.data.tags["mlflow.note.content"] == "| model | acc |"
+
+    here = git_source(Path(__file__).parent)
+    assert len(here.get("mlflow.source.git.commit", "")) in (0, 40)  # a source tarball has no git
+    (tmp_path / "plain").mkdir()
+    assert git_source(tmp_path / "plain") == {}
+
+
+def test_stage_runs_carry_their_cache_key(parent):
+    from sparse_distill.tracking import log_cached_stage
+
+    client = MlflowClient(parent.tracking_uri)
+    with stage_run(parent, "distill", cache_key="sparse-distill-distill-abc") as sr:
+        ran = sr.run_id
+    tags = client.get_run(ran).data.tags
+    assert (tags["sparse_distill.cache_key"], tags["sparse_distill.cache_hit"]) == (
+        "sparse-distill-distill-abc",
+        "false",
+    )
+    cached = log_cached_stage(parent, "vocab", "sparse-distill-vocab-def", {"size": 10})
+    run = client.get_run(cached)
+    assert run.info.run_name == "vocab (cached)" and run.info.status == "FINISHED"
+    assert run.data.tags["sparse_distill.cache_hit"] == "true"
+    assert run.data.tags["mlflow.parentRunId"] == parent.parent_run_id
+    assert [a.path for a in client.list_artifacts(cached)] == ["result.json"]

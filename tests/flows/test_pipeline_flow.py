@@ -75,6 +75,30 @@ def test_pipeline_runs_then_serves_from_cache(tiny_config, tmp_path):
         "scratch",
         "evaluate",
     }
+    # Lineage: the data as dataset inputs, the results as the description, the config file, each stage's cache key.
+    inputs = {d.dataset.name: d for d in parent.inputs.dataset_inputs}
+    assert set(inputs) == {"train.parquet", "dev.parquet", "test.parquet", "corpus (1 files)"}
+    assert json.loads(inputs["train.parquet"].dataset.profile) == {"num_rows": 300}
+    assert json.loads(inputs["corpus (1 files)"].dataset.profile) == {"num_rows": 400}
+    assert {t.value for d in inputs.values() for t in d.tags} == {"train", "dev", "test", "corpus"}
+    parent = client.get_run(parent.info.run_id)  # ended: the description is set at publishing
+    assert parent.data.tags["mlflow.note.content"].startswith("| model | dev acc |")
+    assert "config.yaml" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    for r in children:
+        if r.info.run_name in ("distill", "evaluate"):
+            assert r.data.tags["sparse_distill.cache_hit"] == "false"
+            assert r.data.tags["sparse_distill.cache_key"].startswith("sparse-distill-")
+    evaluate_run = next(r for r in children if r.info.run_name == "evaluate")
+    assert {a.path for a in client.list_artifacts(evaluate_run.info.run_id, "explanations")} == {
+        "explanations/errors_explained.json",
+        "explanations/errors_explained.md",
+    }
+    assert (run_dir / "evaluation" / "errors_explained.md").read_text().startswith("# Dev errors, explained")
+    # A model card in every student folder, logged with the model.
+    for student in ("kd", "kdft", "scratch"):
+        assert (run_dir / "students" / student / "model" / "README.md").exists() or any(
+            (run_dir / "students" / student).rglob("README.md")
+        )
     distill_run = next(r for r in children if r.info.run_name == "distill")
     assert len(client.get_metric_history(distill_run.info.run_id, "kd_dev_accuracy")) >= 2
     mlflow.set_tracking_uri(tiny_config.tracking.tracking_uri)
@@ -86,8 +110,13 @@ def test_pipeline_runs_then_serves_from_cache(tiny_config, tmp_path):
     state2 = pipeline_flow(config=tiny_config, run_dir=str(run_dir), return_state=True)
     assert state2.is_completed()
     second = _task_states(state2.state_details.flow_run_id)
-    cached = {k: v for k, v in second.items() if not k.startswith(("start-tracking", "publish-results"))}
+    always = ("start-tracking", "publish-results", "log-cached-stages")
+    cached = {k: v for k, v in second.items() if not k.startswith(always)}
     assert cached and all(v == "Cached" for v in cached.values()), second
+    second_id = json.loads((run_dir / "summary.json").read_text())["mlflow_run_id"]
+    hits = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{second_id}'")
+    assert {r.info.run_name for r in hits} >= {"distill (cached)", "evaluate (cached)", "finetune-teacher (cached)"}
+    assert all(r.data.tags["sparse_distill.cache_hit"] == "true" for r in hits)
 
     # Change only the fine-tuning config: KD+FT and evaluation recompute, nothing upstream.
     changed = tiny_config.model_copy(deep=True)
