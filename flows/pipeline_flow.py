@@ -96,10 +96,10 @@ def _training_stages(
 ) -> tuple[dict, dict[str, dict]]:
     """Teacher, labels, vocabulary, KD, KD+FT and the baseline: each served from cache when already done."""
     args = {"config": config, "run_dir": run_dir, "fingerprints": fps, "tracking": tracking}
-    # The transfer set and the vocabulary (counted over it too) need no fine-tuned teacher: made first, then counted
-    # while the teacher trains (or first, when counting fans out itself).
+    # The transfer set and the vocabulary (which takes the transfer set's new words) need no fine-tuned teacher: made
+    # first, then counted while the teacher trains (or first, when counting fans out itself).
     transfer = _transfer_set(config, run_dir, fps, tracking)
-    _count_vocab(config, run_dir, fps, transfer)
+    _count_vocab(config, run_dir, fps)
     vocab_f = _fresh(stages.make_vocabulary, run_dir, "vocab", fps).submit(**args, transfer=transfer)
     teacher = _fresh(stages.finetune_teacher, run_dir, "teacher", fps)(**args)
     labels = _label_stages(config, run_dir, fps, tracking, teacher, transfer)
@@ -170,14 +170,14 @@ def _run_labelling(config: PipelineConfig, job, which: str, tracking: TrackingRe
     )
 
 
-def _count_vocab(config: PipelineConfig, run_dir: str, fps: dict[str, str], transfer: dict | None) -> None:
+def _count_vocab(config: PipelineConfig, run_dir: str, fps: dict[str, str]) -> None:
     """With several workers or Dask, count the n-grams with the counting flow on that runner; the vocab stage then
     only selects. With one thread, the stage counts by itself, alongside the teacher's training."""
     v = config.vocab
     if (v.runner == "thread" and v.workers == 1) or is_fresh(run_dir, "vocab", fps["vocab"]):
         return
-    job = vocab_job(config, stage_dir(run_dir, "vocab"), transfer)
-    sources = [asdict(s) for s in vocab_sources(config, transfer)]
+    job = vocab_job(config, stage_dir(run_dir, "vocab"))
+    sources = [asdict(s) for s in vocab_sources(config)]
     count_ngrams_flow.with_options(name="count-vocab", task_runner=make_task_runner(v))(job=job, sources=sources)
 
 
@@ -219,7 +219,7 @@ def vocab_flow(config: PipelineConfig, run_dir: str | None = None) -> dict:
     """Build the n-gram vocabulary only."""
     with _stage_args(config, run_dir) as a:
         transfer = _transfer_set(config, a["run_dir"], a["fingerprints"], None)
-        _count_vocab(config, a["run_dir"], a["fingerprints"], transfer)
+        _count_vocab(config, a["run_dir"], a["fingerprints"])
         return _fresh(stages.make_vocabulary, a["run_dir"], "vocab", a["fingerprints"])(**a, transfer=transfer)
 
 

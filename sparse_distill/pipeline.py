@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from sparse_distill.augment import make_transfer_set, nearest_words, replaceable_words
 from sparse_distill.config import (
@@ -45,6 +46,7 @@ from sparse_distill.run_store import file_fingerprint, read_stage
 from sparse_distill.shard_plan import CorpusSource, plan_shards
 from sparse_distill.teacher import TeacherPredictor, finetune_teacher, teacher_fingerprint, teacher_word_vectors
 from sparse_distill.training import BatchSource, InMemoryBatches, SoftLabelStream, train_dan
+from sparse_distill.vocab import add_words, tokenize
 
 if TYPE_CHECKING:
     from sparse_distill.tracking import DatasetRecord
@@ -187,7 +189,7 @@ def stage_fingerprints(cfg: PipelineConfig) -> dict[str, str]:
     vocab_cfg = cfg.vocab.model_dump(exclude=VocabConfig.RUNTIME_FIELDS)
     counted = [data_fingerprint(cfg.data, ("train",), corpus=True)]
     if cfg.transfer.size != 0:
-        counted.append(fp["transfer"])
+        counted += ["new words of the transfer set", fp["transfer"]]
     fp["vocab"] = fingerprint("vocab", vocab_cfg, *counted)
     fp["label_transfer"] = fingerprint("label_transfer", fp["teacher"], label_cfg, fp["transfer"])
     uses = [fp[stage] for stage in distill_label_stages(cfg)]
@@ -291,12 +293,12 @@ def finish_label_dir(teacher_dir: str, out_dir: str | Path) -> dict:
     }
 
 
-def vocab_job(cfg: PipelineConfig, out_dir: str | Path, transfer: dict | None = None) -> VocabJob:
-    """The counting job of the pipeline's vocab stage: train split + corpus (+ the transfer set) into `out_dir`.
+def vocab_job(cfg: PipelineConfig, out_dir: str | Path) -> VocabJob:
+    """The counting job of the pipeline's vocab stage: train split + corpus into `out_dir`.
 
     `replan`: when the data or n-gram settings changed, the stage's fingerprint changed too, so old counts are stale.
     """
-    sources = vocab_sources(cfg, transfer)
+    sources = vocab_sources(cfg)
     return VocabJob(
         inputs=[s.path for s in sources],
         out=str(out_dir),
@@ -306,19 +308,30 @@ def vocab_job(cfg: PipelineConfig, out_dir: str | Path, transfer: dict | None = 
     )
 
 
-def vocab_sources(cfg: PipelineConfig, transfer: dict | None = None) -> list[CorpusSource]:
-    """What the vocabulary is counted over: the train split and the corpus, each with its row limit, and the transfer
-    set (`transfer`: its stage record) when it has texts, so the words it brings (neighbour replacement) get rows."""
-    sources = label_sources(cfg, "train") + label_sources(cfg, "corpus")
-    if transfer and transfer.get("rows"):
-        sources.append(CorpusSource(transfer["path"], "text", "id", None))
-    return sources
+def vocab_sources(cfg: PipelineConfig) -> list[CorpusSource]:
+    """What the vocabulary is counted over: the train split and the corpus, each with its row limit."""
+    return label_sources(cfg, "train") + label_sources(cfg, "corpus")
 
 
 def run_vocab(cfg: PipelineConfig, out_dir: str | Path, transfer: dict | None = None) -> dict:
-    """Count n-grams over train + corpus (+ transfer set) and keep the top |V| (only selects if already counted)."""
-    res = run_count_job(vocab_job(cfg, out_dir, transfer), sources=vocab_sources(cfg, transfer))
-    return {"vocab_dir": str(out_dir), "size": res["size"], "distinct_ngrams": res["distinct_ngrams"]}
+    """Count n-grams over train + corpus and keep the top |V| (only selects if already counted); then add the words
+    of the transfer set (`transfer`: its stage record) that the vocabulary lacks.
+
+    The transfer set's other n-grams are not counted: most are seams of its edits (mixed texts, swapped words), and
+    at the |V| cut they would push out n-grams the train set really has. Its new words are what it brings (the
+    teacher's words, neighbour replacements), and they get rows after the counted n-grams.
+    """
+    res = run_count_job(vocab_job(cfg, out_dir), sources=vocab_sources(cfg))
+    added = 0
+    if transfer and transfer.get("rows"):
+        texts = pq.read_table(transfer["path"], columns=["text"]).column("text").to_pylist()
+        added = add_words(out_dir, (w for t in texts for w in tokenize(t)))
+    return {
+        "vocab_dir": str(out_dir),
+        "size": res["size"] + added,
+        "distinct_ngrams": res["distinct_ngrams"],
+        "transfer_words": added,
+    }
 
 
 TRANSFER_FILE = "transfer.parquet"
@@ -493,12 +506,15 @@ def run_choices(cfg: PipelineConfig, run_dir: str | Path) -> dict[str, str]:
     out: dict[str, str] = {}
     vocab = read_stage(run_dir, "vocab")
     if vocab:
-        size, distinct = vocab["size"], vocab["distinct_ngrams"]
+        added = vocab.get("transfer_words", 0)
+        size, counted, distinct = vocab["size"], vocab["size"] - added, vocab["distinct_ngrams"]
         why = (
-            f"the top {size:,} of {distinct:,} counted n-grams (vocab.size)"
-            if size >= cfg.vocab.size
+            f"the top {counted:,} of {distinct:,} counted n-grams (vocab.size)"
+            if counted >= cfg.vocab.size
             else f"every counted n-gram with count >= {cfg.vocab.min_count} (vocab.size {cfg.vocab.size:,} not filled)"
         )
+        if added:
+            why += f", plus {added:,} words of the transfer set that they lack"
         out["table"] = f"|V| = {size:,}: {why}; d = {cfg.student.dim} (student.dim)"
     transfer = read_stage(run_dir, "transfer") if cfg.transfer.size != 0 else None
     out["transfer"] = f"{transfer['rows']:,} texts: {transfer['reason']}" if transfer else "none (transfer.size 0)"

@@ -418,6 +418,30 @@ def write_vocab(table: pa.Table, ngram_max: int, out_dir: str | Path, extra: dic
     return out_dir / "vocab.parquet"
 
 
+def add_words(out_dir: str | Path, words: Iterable[str]) -> int:
+    """Append the words (already tokenised) that the saved vocabulary in `out_dir` lacks, as rows after its counted
+    n-grams with count 0, and save it again (settings kept, `added_words` recorded). Returns how many were added."""
+    out_dir = Path(out_dir)
+    vocab = NgramVocab.load(out_dir)
+    known = set(vocab.ngrams)
+    new: list[str] = []
+    for w in words:
+        if w not in known:
+            known.add(w)
+            new.append(w)
+    if not new:
+        return 0
+    ngrams = vocab.ngrams + sorted(new)
+    extended = NgramVocab(ngrams, np.concatenate([vocab.counts, np.zeros(len(new), np.int64)]), vocab.ngram_max)
+    meta = json.loads((out_dir / "vocab.json").read_text())
+    meta["added_words"] = meta.get("added_words", 0) + len(new)
+    table = pa.table({"ngram": pa.array(ngrams, pa.string()), "count": pa.array(extended.counts, pa.int64())})
+    write_vocab(table, vocab.ngram_max, out_dir, {k: v for k, v in meta.items() if k not in ("ngram_max", "size")})
+    extended._save_lookup(out_dir)
+    logger.info("%s: %d words added after the %d counted n-grams", out_dir, len(new), len(vocab))
+    return len(new)
+
+
 def encode_texts(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """The featuriser's input: the texts' UTF-8 bytes back to back and where each text ends. Non-ASCII texts are
     lowercased here by `str.lower` (Unicode case rules are Python's to define); the kernel lowercases ASCII itself."""

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -180,17 +181,31 @@ def _teacher_words(teacher: Path) -> set[str]:
     return set(teacher_word_vectors(teacher)[0])
 
 
-def test_the_vocabulary_is_counted_over_the_transfer_set_too(tmp_path):
-    from sparse_distill.pipeline import vocab_sources
+def test_the_vocabulary_takes_the_transfer_sets_new_words_after_the_counted_ngrams(tmp_path):
+    from sparse_distill.pipeline import run_choices, run_vocab, vocab_sources
+    from sparse_distill.vocab import NgramVocab
 
     cfg = _config(tmp_path, {"size": 7, "methods": ["ngram"]})
     out = tmp_path / "transfer"
     out.mkdir()
     rec = run_transfer(cfg, out)
-    paths = [s.path for s in vocab_sources(cfg, rec)]
-    assert paths[-1] == rec["path"] and len(paths) == 2
-    assert [s.path for s in vocab_sources(cfg, {**rec, "rows": 0})] == paths[:1]  # an empty transfer set: not counted
-    assert [s.path for s in vocab_sources(cfg)] == paths[:1]
+    assert [s.path for s in vocab_sources(cfg)] == [str(tmp_path / "data" / "train.parquet")]  # counted: train only
+    plain = run_vocab(cfg, tmp_path / "plain")
+    counted = NgramVocab.load(tmp_path / "plain")
+    # A transfer set with two new words (one twice, one already known): they come after the counted n-grams.
+    pq.write_table(pa.table({"id": ["a", "b"], "text": ["zebra film, Quartz", "zebra the plot"]}), rec["path"])
+    res = run_vocab(cfg, tmp_path / "vocab", rec)
+    vocab = NgramVocab.load(tmp_path / "vocab")
+    assert res["transfer_words"] == 2 and res["size"] == plain["size"] + 2 == len(vocab)
+    assert vocab.ngrams == counted.ngrams + ["quartz", "zebra"] and list(vocab.counts[-2:]) == [0, 0]
+    ids, _ = vocab.featurize(["zebra quartz film"])
+    assert set(ids) >= {len(counted), len(counted) + 1}  # featurised with their new rows
+    assert run_vocab(cfg, tmp_path / "vocab", rec)["size"] == res["size"]  # again: selected anew, words added once
+    assert run_vocab(cfg, tmp_path / "vocab", {**rec, "rows": 0})["transfer_words"] == 0
+    run_dir = tmp_path / "run"
+    (run_dir / "vocab").mkdir(parents=True)
+    (run_dir / "vocab" / "result.json").write_text(json.dumps(res))
+    assert "plus 2 words of the transfer set" in run_choices(cfg, run_dir)["table"]
 
 
 # --- cache keys ------------------------------------------------------------------------------------------------------
