@@ -207,7 +207,13 @@ def make_vocabulary(
             sample = out / "vocab_sample.tsv"
             atomic_write_text(sample, _vocab_sample(out))
             sr.log_artifact(str(sample))
-    get_run_logger().info("vocabulary: kept %d of %d n-grams", res["size"], res["distinct_ngrams"])
+    added = res.get("transfer_words", 0)
+    get_run_logger().info(
+        "vocabulary: kept %d of %d counted n-grams, plus %d new words of the transfer set",
+        res["size"] - added,
+        res["distinct_ngrams"],
+        added,
+    )
     return _done("vocab", fingerprints, out, res)
 
 
