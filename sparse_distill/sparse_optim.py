@@ -19,12 +19,29 @@ from collections.abc import Iterable
 
 import torch
 
+# Find the distinct rows with a table-long mark (O(occurrences + |V|), no sort) while |V| is at most this many times
+# the occurrences of a batch; beyond, torch.unique's sort is cheaper.
+MARK_MAX_RATIO = 64
 
-def row_gradient(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+
+def distinct_rows(idx: torch.Tensor, num_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sorted distinct values of `idx` (row ids below `num_rows`) and each element's position among them."""
+    if num_rows is None or num_rows > MARK_MAX_RATIO * max(idx.numel(), 1):
+        return torch.unique(idx, return_inverse=True)
+    # Measured on a 512-review IMDB batch (316k occurrences, |V| = 1M): 0.06-0.09 s against unique's 0.35-0.52 s.
+    mark = torch.zeros(num_rows, dtype=torch.bool, device=idx.device)
+    mark[idx] = True
+    rows = mark.nonzero().flatten()
+    position = torch.empty(num_rows, dtype=torch.int64, device=idx.device)
+    position[rows] = torch.arange(len(rows), device=idx.device)
+    return rows, position[idx]
+
+
+def row_gradient(grad: torch.Tensor, num_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The distinct rows a gradient touches (sorted) and each one's summed gradient, `[rows]` and `[rows, d]`.
 
     A sparse gradient is read through its raw (possibly uncoalesced) indices and values; a dense one through its
-    non-zero rows.
+    non-zero rows. `num_rows` (the table's) lets the distinct rows be found without sorting.
     """
     if grad.is_sparse:
         # _indices/_values: the raw COO arrays, with no coalescing pass (a row per n-gram occurrence).
@@ -32,7 +49,7 @@ def row_gradient(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     else:
         idx = grad.abs().sum(1).nonzero().flatten()
         values = grad[idx]
-    rows, inverse = torch.unique(idx, return_inverse=True)
+    rows, inverse = distinct_rows(idx, num_rows)
     summed = torch.zeros(len(rows), values.shape[1], dtype=values.dtype, device=values.device)
     summed.index_add_(0, inverse, values)
     return rows, summed
@@ -60,7 +77,7 @@ class RowwiseAdagrad(torch.optim.Optimizer):
                 state = self.state[p]
                 if not state:
                     state["sum"] = torch.zeros(p.shape[0], dtype=torch.float32, device=p.device)
-                rows, g = row_gradient(p.grad)
+                rows, g = row_gradient(p.grad, p.shape[0])
                 acc = state["sum"][rows] + g.float().pow(2).mean(1)
                 state["sum"].index_copy_(0, rows, acc)
                 scale = -group["lr"] / (acc.sqrt() + group["eps"])
@@ -103,7 +120,7 @@ class RowwiseAdam(torch.optim.Optimizer):
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
                     state["exp_avg_sq"] = torch.zeros(p.shape[0], dtype=torch.float32, device=p.device)
                 state["step"] += 1
-                rows, g = row_gradient(p.grad)
+                rows, g = row_gradient(p.grad, p.shape[0])
                 m = state["exp_avg"][rows].mul_(beta1).add_(g, alpha=1 - beta1)
                 v = state["exp_avg_sq"][rows].mul_(beta2).add_(g.float().pow(2).mean(1), alpha=1 - beta2)
                 state["exp_avg"].index_copy_(0, rows, m)

@@ -261,7 +261,9 @@ class Checkpointing:
             return None
         try:
             # Our own file, written by `save`: it holds numpy and python random states, which weights_only refuses.
-            state = torch.load(self.path, map_location="cpu", weights_only=False)
+            # Memory-mapped: a large table and its optimizer state are not held twice while they are loaded back
+            # (private pages: the file is never written through).
+            state = torch.load(self.path, map_location="cpu", weights_only=False, mmap=True)
         except Exception as e:  # noqa: BLE001 (an unreadable checkpoint costs the progress it held, not the stage)
             logger.warning("%s: unreadable checkpoint ignored, training starts afresh (%s)", self.path, e)
             return None
@@ -537,7 +539,8 @@ def train_student(
     if checkpoint_dir is not None:
 
         def get_state() -> dict[str, Any]:
-            weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            # No copy on a CPU: the checkpoint is written before the next step changes the table.
+            weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
             return {"model": weights, "dropout_rng": rng.bit_generator.state}
 
         def set_state(state: dict[str, Any]) -> None:

@@ -46,6 +46,18 @@ def test_row_gradient_sums_occurrences_without_coalescing():
     assert torch.allclose(summed, dense[rows], atol=1e-6)
     rows_d, summed_d = row_gradient(dense)
     assert rows_d.tolist() == [3, 7, 12] and torch.allclose(summed_d, summed, atol=1e-6)
+    # The sort-free path (the table's row count known) gives the same rows and sums.
+    rows_m, summed_m = row_gradient(sparse, ROWS)
+    assert torch.equal(rows_m, rows) and torch.allclose(summed_m, summed, atol=1e-6)
+
+
+@pytest.mark.parametrize("num_rows", [None, 50, 10_000_000])
+def test_distinct_rows_by_mark_or_by_sort(num_rows):
+    from sparse_distill.sparse_optim import distinct_rows
+
+    idx = torch.tensor([9, 3, 3, 41, 0, 9, 9])
+    rows, inverse = distinct_rows(idx, num_rows)
+    assert rows.tolist() == [0, 3, 9, 41] and torch.equal(rows[inverse], idx)
 
 
 def _reference_adagrad(weight, state, grad, lr, eps=1e-8):
