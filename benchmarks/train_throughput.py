@@ -126,6 +126,95 @@ def child_fasttext(work: Path, dim: int, threads: int, passes: int, buckets: int
     }
 
 
+def child_tta_dan(
+    work: Path, dim: int, optimizer: str, batch_size: int, threads: int, epochs: int, target: float
+) -> dict:
+    """Time-to-accuracy: the DAN on gold labels (shipped rates and schedule), dev scored 4 times a pass; the seconds
+    from the start of training until dev accuracy first reaches `target` (evaluation time included)."""
+    import torch
+
+    from sparse_distill.config import StudentConfig, TrainConfig
+    from sparse_distill.training import InMemoryBatches, student_from_config, train_student
+    from sparse_distill.vocab import NgramVocab
+
+    torch.set_num_threads(threads)
+    d = json.loads((work / "tta.json").read_text())
+    vocab = NgramVocab.load(work / "vocab")
+    torch.manual_seed(13)
+    model = student_from_config(len(vocab), NUM_CLASSES, StudentConfig(dim=dim))
+    per_epoch = math.ceil(len(d["train_texts"]) / batch_size)
+    cfg = TrainConfig(
+        batch_size=batch_size,
+        epochs=epochs,
+        eval_every=max(1, per_epoch // 4),
+        patience=None,
+        table_optimizer=optimizer,
+        device="cpu",
+        checkpoint_every_minutes=None,
+    )
+    curve: list[tuple[float, int, float]] = []
+    start = time.perf_counter()
+
+    def on_metrics(step: int, metrics: dict[str, float]) -> None:
+        if "dev_accuracy" in metrics:
+            curve.append((round(time.perf_counter() - start, 2), step, round(metrics["dev_accuracy"], 4)))
+
+    data = InMemoryBatches.from_labels(d["train_texts"], d["train_labels"], NUM_CLASSES)
+    res = train_student(model, vocab, data, d["dev_texts"], d["dev_labels"], cfg, lambda m: None, on_metrics)
+    reached = next((t for t, _, acc in curve if acc >= target), None)
+    return {
+        "target": target,
+        "seconds_to_target": reached,
+        "best_dev_accuracy": round(res.best_dev_accuracy, 4),
+        "train_seconds": round(res.seconds, 2),
+        "curve": curve,
+    }
+
+
+def child_tta_fasttext(work: Path, dim: int, threads: int, epochs: int, buckets: int) -> dict:
+    """fastText on the same gold labels: its training seconds and its final dev accuracy (the DAN's target)."""
+    import fasttext
+
+    d = json.loads((work / "tta.json").read_text())
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "train.txt")
+        with open(path, "w") as f:
+            for text, label in zip(d["train_texts"], d["train_labels"], strict=True):
+                f.write(f"__label__{label} {prepare(text)}\n")
+        start = time.perf_counter()
+        model = fasttext.train_supervised(
+            path, dim=dim, wordNgrams=3, bucket=buckets, lr=0.5, epoch=epochs, thread=threads, verbose=0
+        )
+        seconds = time.perf_counter() - start
+    labels, _ = model.predict([prepare(t) for t in d["dev_texts"]])
+    pred = [int(lab[0].removeprefix("__label__")) for lab in labels]
+    accuracy = float(np.mean([p_ == g for p_, g in zip(pred, d["dev_labels"], strict=True)]))
+    return {"train_seconds": round(seconds, 2), "dev_accuracy": round(accuracy, 4), "epochs": epochs}
+
+
+def prepare_tta(work: Path, data_dir: Path, docs: int, dev_docs: int, vocab_size: int) -> dict:
+    """A seeded sample of gold-labelled IMDB train reviews (the files are sorted by label), test reviews as dev, and
+    the vocabulary counted on the sample."""
+    from sparse_distill.vocab import NgramVocab, build_vocab
+
+    stamp = {"data": str(data_dir.resolve()), "docs": docs, "dev_docs": dev_docs, "vocab_size": vocab_size}
+    if (work / "stamp.json").exists() and json.loads((work / "stamp.json").read_text()) == stamp:
+        return {"vocab_size": len(NgramVocab.load(work / "vocab"))}
+    work.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(13)
+    out = {}
+    for split, n, key in (("train", docs, "train"), ("test", dev_docs, "dev")):
+        table = pq.read_table(data_dir / f"{split}.parquet", columns=["text", "label"]).to_pydict()
+        rows = rng.choice(len(table["text"]), size=min(n, len(table["text"])), replace=False)
+        out[f"{key}_texts"] = [table["text"][i] for i in rows]
+        out[f"{key}_labels"] = [int(table["label"][i] == "pos") for i in rows]
+    (work / "tta.json").write_text(json.dumps(out))
+    vocab = build_vocab(out["train_texts"], vocab_size, 4)
+    vocab.save(work / "vocab")
+    (work / "stamp.json").write_text(json.dumps(stamp))
+    return {"vocab_size": len(vocab)}
+
+
 def prepare_work(work: Path, data_dir: Path, docs: int, vocab_size: int) -> dict:
     """The texts and their vocabulary in `work` (kept: a rerun with the same settings reuses them)."""
     from sparse_distill.vocab import NgramVocab, build_vocab
@@ -165,6 +254,31 @@ def write_markdown(result: dict, path: Path) -> None:
             f"| {row['trainer']} | {row['dim']} | {row.get('optimizer', '-')} | {row['docs_per_s_per_pass']:,.0f} "
             f"| {ratio} | {row['peak_rss_mb']:,} |"
         )
+    if result.get("time_to_accuracy"):
+        t = result["time_to_accuracy"]
+        lines += [
+            "",
+            f"Time to accuracy: gold labels, {s.get('tta_docs', 0):,} train reviews (seeded sample), "
+            f"{s.get('tta_dev', 0):,} test reviews as dev, {s.get('tta_epochs', 0)} passes; the target is fastText's "
+            "final dev accuracy.",
+            "",
+            "| trainer | d | table optimizer | dev accuracy | seconds to fastText's accuracy | vs fastText |",
+            "|---|---|---|---|---|---|",
+        ]
+        for row in t:
+            if "error" in row:
+                lines.append(f"| {row['trainer']} | {row['dim']} | {row.get('optimizer', '-')} | {row['error']} | | |")
+            elif row["trainer"] == "fastText":
+                ft_s = row["train_seconds"]
+                lines.append(f"| fastText | {row['dim']} | - | {row['dev_accuracy']:.4f} | {ft_s:.1f} | 1.00x |")
+            else:
+                reached = row["seconds_to_target"]
+                shown = f"{reached:.1f}" if reached is not None else "not reached"
+                ratio = f"{reached / ft_s:.1f}x" if reached is not None else ""
+                lines.append(
+                    f"| DAN | {row['dim']} | {row['optimizer']} | {row['best_dev_accuracy']:.4f} (best) | {shown} "
+                    f"| {ratio} |"
+                )
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -189,7 +303,16 @@ def main() -> None:
     p.add_argument("--kill-above-mb", type=float, default=12_000, help="Stop a run whose tree passes this RSS.")
     p.add_argument("--work", default=str(ROOT / "data" / "bench-train"), help="Texts and vocabulary (reused).")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train_throughput.json"))
-    p.add_argument("--child", choices=["dan", "fasttext"], help=argparse.SUPPRESS)
+    p.add_argument(
+        "--tta-docs",
+        type=int,
+        default=0,
+        help="Time-to-accuracy: gold-labelled train reviews (a seeded sample; 0: skip this part).",
+    )
+    p.add_argument("--tta-dev", type=int, default=2000, help="Time-to-accuracy: test reviews scored as dev.")
+    p.add_argument("--tta-epochs", type=int, default=5, help="Time-to-accuracy: passes of both trainers.")
+    p.add_argument("--target", type=float, help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=["dan", "fasttext", "tta-dan", "tta-fasttext"], help=argparse.SUPPRESS)
     p.add_argument("--dim", type=int, help=argparse.SUPPRESS)
     p.add_argument("--optimizer", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -201,17 +324,24 @@ def main() -> None:
     if a.child == "fasttext":
         print(json.dumps(child_fasttext(work, a.dim, a.threads, a.passes, a.buckets)))
         return
+    if a.child == "tta-dan":
+        print(json.dumps(child_tta_dan(work, a.dim, a.optimizer, a.batch_size, a.threads, a.tta_epochs, a.target)))
+        return
+    if a.child == "tta-fasttext":
+        print(json.dumps(child_tta_fasttext(work, a.dim, a.threads, a.tta_epochs, a.buckets)))
+        return
 
     prep = prepare_work(work, Path(a.data), a.docs, a.vocab_size)
     print(f"texts: {a.docs:,}, |V| = {prep['vocab_size']:,} (counted in {prep['count_seconds']} s)", file=sys.stderr)
     rows = []
-    common = ["--work", str(work), "--batch-size", str(a.batch_size), "--threads", str(a.threads)]
+    common = ["--batch-size", str(a.batch_size), "--threads", str(a.threads)]
     common += ["--passes", str(a.passes), "--buckets", str(a.buckets)]
     ft_dims = a.dims if a.fasttext_dims is None else a.fasttext_dims
     runs = [("fastText", d, None) for d in ft_dims] + [("DAN", d, o) for d in a.dims for o in a.optimizers]
-    for trainer, dim, optimizer in runs:
-        cmd = [sys.executable, __file__, "--child", "dan" if trainer == "DAN" else "fasttext", "--dim", str(dim)]
-        cmd += [*common, *(["--optimizer", optimizer] if optimizer else [])]
+
+    def measured(child: str, trainer: str, dim: int, optimizer: str | None, extra: list[str], at: Path) -> dict:
+        cmd = [sys.executable, __file__, "--child", child, "--dim", str(dim), *common, "--work", str(at), *extra]
+        cmd += ["--optimizer", optimizer] if optimizer else []
         with tempfile.TemporaryFile("w+") as out:
             m = run_measured(cmd, kill_above_mb=a.kill_above_mb, stdout=out)
             out.seek(0)
@@ -223,7 +353,24 @@ def main() -> None:
             row.update(json.loads(printed[-1]))
         row["peak_rss_mb"] = m["peak_rss_mb"]
         print(json.dumps(row), file=sys.stderr)
-        rows.append(row)
+        return row
+
+    for trainer, dim, optimizer in runs:
+        rows.append(measured("dan" if trainer == "DAN" else "fasttext", trainer, dim, optimizer, [], work))
+
+    tta: list[dict] = []
+    if a.tta_docs:
+        tta_work = work.parent / f"{work.name}-tta"
+        tta_prep = prepare_tta(tta_work, Path(a.data), a.tta_docs, a.tta_dev, a.vocab_size)
+        epochs = ["--tta-epochs", str(a.tta_epochs)]
+        for dim in a.dims:
+            ft = measured("tta-fasttext", "fastText", dim, None, epochs, tta_work)
+            tta.append({**ft, "vocab_size": tta_prep["vocab_size"]})
+            if "error" in ft:
+                continue
+            for optimizer in a.optimizers:
+                target = ["--target", str(ft["dev_accuracy"])]
+                tta.append(measured("tta-dan", "DAN", dim, optimizer, [*epochs, *target], tta_work))
     result = {
         "date": time.strftime("%Y-%m-%d"),
         "settings": {
@@ -232,10 +379,14 @@ def main() -> None:
             "threads": a.threads,
             "passes": a.passes,
             "targets": "random Dirichlet(1, 1), seeded (a throughput benchmark: no teacher)",
+            "tta_docs": a.tta_docs,
+            "tta_dev": a.tta_dev,
+            "tta_epochs": a.tta_epochs,
         },
         "vocab_size": prep["vocab_size"],
         "cpu_count": os.cpu_count(),
         "rows": rows,
+        "time_to_accuracy": tta,
     }
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
