@@ -165,8 +165,8 @@ class TrainConfig(_Strict):
     table_lr: float | None = Field(
         1e-2,
         gt=0,
-        description="Learning rate of the n-gram table (SparseAdam); None: the same as `lr`. Higher than the dense "
-        "layers' because each row is updated only when its n-gram occurs, and mean pooling divides its gradient.",
+        description="Learning rate of the n-gram table (`table_optimizer`); None: the same as `lr`. Higher than the "
+        "dense layers' because each row is updated only when its n-gram occurs, and mean pooling divides its gradient.",
     )
     batch_size: int = Field(256, ge=1, description="Documents per step.")
     epochs: float | None = Field(
@@ -189,6 +189,39 @@ class TrainConfig(_Strict):
     )
     shuffle_buffer: int = Field(100_000, ge=1, description="Documents held in the streaming shuffle buffer.")
     seed: int = Field(13, description="Random seed.")
+    table_optimizer: Literal["sparse_adam", "rowwise_adam", "rowwise_adagrad"] = Field(
+        "sparse_adam",
+        description="Optimizer of the n-gram table: torch's SparseAdam (two state tensors the size of the table), "
+        "row-wise Adam (a first moment the size of the table, one second-moment float per row) or row-wise Adagrad "
+        "(one float per row); see sparse_distill.sparse_optim. The dense layers always use Adam.",
+    )
+    device: str = Field(
+        "auto",
+        pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$",
+        description="Where the student trains: auto (a CUDA GPU when there is one), cpu, cuda or cuda:N. On a GPU "
+        "batches are pinned and copied asynchronously and the dense layers run in bf16 autocast.",
+    )
+    checkpoint_every_steps: int | None = Field(
+        None, ge=1, description="Write a resumable checkpoint every N steps (None: by time only)."
+    )
+    checkpoint_every_minutes: float | None = Field(
+        5.0,
+        gt=0,
+        description="Write a resumable checkpoint every M minutes (None: by steps only; both None: no checkpoints). "
+        "A killed stage resumes from it; it is deleted when the stage finishes.",
+    )
+
+    # Where and how safely a stage trains, not what it learns: kept out of cache keys (see `cache_dump`).
+    RUNTIME_FIELDS: ClassVar[set[str]] = {"device", "checkpoint_every_steps", "checkpoint_every_minutes"}
+    # Fields added after runs were cached, with their default: left out of the key at that default, so the old runs
+    # stay valid (they were trained with exactly that behaviour).
+    ADDED_FIELDS: ClassVar[dict[str, Any]] = {"table_optimizer": "sparse_adam"}
+
+    def cache_dump(self) -> dict[str, Any]:
+        """The section as it enters cache keys (and checkpoint keys): runtime fields and new fields at their old
+        behaviour left out."""
+        dumped = self.model_dump(mode="json", exclude=self.RUNTIME_FIELDS)
+        return {k: v for k, v in dumped.items() if self.ADDED_FIELDS.get(k, object()) != v}
 
 
 class EvalConfig(_Strict):
@@ -456,6 +489,8 @@ def fingerprint(*parts: Any) -> str:
 
 
 def _jsonable(part: Any) -> Any:
+    if isinstance(part, TrainConfig):
+        return part.cache_dump()
     if isinstance(part, BaseModel):
         return part.model_dump(mode="json")
     return part

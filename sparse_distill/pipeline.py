@@ -398,6 +398,7 @@ def _train_stage(
     init_model: str | None,
     on_metrics: MetricsCallback | None,
     prefix: str,
+    stage: str,
 ) -> dict:
     data = load_task_data(cfg.data)
     res = train_dan(
@@ -412,6 +413,8 @@ def _train_stage(
         init_model=init_model,
         on_metrics=on_metrics,
         metric_prefix=prefix,
+        # A checkpoint left in the stage folder resumes only the stage it was made for.
+        resume_key=stage_fingerprints(cfg)[stage],
     )
     return res
 
@@ -432,21 +435,25 @@ def run_distill(
 ) -> dict:
     """Distil the teacher's soft labels into a fresh DAN (streamed from the label shards)."""
     stream = lambda _d: SoftLabelStream(label_dirs, cfg.distill.shuffle_buffer, cfg.distill.seed)  # noqa: E731
-    return _train_stage(cfg, vocab_dir, out_dir, stream, cfg.distill, None, on_metrics, "kd_")
+    return _train_stage(cfg, vocab_dir, out_dir, stream, cfg.distill, None, on_metrics, "kd_", "distill")
 
 
 def run_finetune_student(
     cfg: PipelineConfig, vocab_dir: str, init_model: str, out_dir: str | Path, on_metrics: MetricsCallback | None = None
 ) -> dict:
     """KD+FT: fine-tune the distilled student on the train set's gold labels."""
-    return _train_stage(cfg, vocab_dir, out_dir, _gold(cfg.finetune), cfg.finetune, init_model, on_metrics, "kdft_")
+    return _train_stage(
+        cfg, vocab_dir, out_dir, _gold(cfg.finetune), cfg.finetune, init_model, on_metrics, "kdft_", "kdft"
+    )
 
 
 def run_scratch(
     cfg: PipelineConfig, vocab_dir: str, out_dir: str | Path, on_metrics: MetricsCallback | None = None
 ) -> dict:
     """The baseline: the same DAN trained on the train set alone."""
-    return _train_stage(cfg, vocab_dir, out_dir, _gold(cfg.scratch), cfg.scratch, None, on_metrics, "scratch_")
+    return _train_stage(
+        cfg, vocab_dir, out_dir, _gold(cfg.scratch), cfg.scratch, None, on_metrics, "scratch_", "scratch"
+    )
 
 
 def run_evaluate(cfg: PipelineConfig, teacher_dir: str, students: dict[str, str]) -> dict:

@@ -81,7 +81,7 @@ class Int8EmbeddingBag(nn.Module):
         )
         if self.mode == "sum":
             return summed
-        sizes = torch.diff(offsets, append=torch.tensor([ids.numel()], dtype=offsets.dtype))
+        sizes = torch.diff(offsets, append=torch.tensor([ids.numel()], dtype=offsets.dtype, device=offsets.device))
         return summed / sizes.clamp(min=1).unsqueeze(1).to(summed.dtype)
 
 
@@ -118,15 +118,22 @@ class DanStudent(nn.Module):
 
     def forward(self, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         """Logits for a batch of bags: `ids` flat row ids, `offsets` each bag's start."""
+        return self.head(self.pool(ids, offsets))
+
+    def pool(self, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """The pooled n-gram vector of each bag (float32), `[bags, dim]`."""
         if self.config.pooling == "max":
-            pooled = self._max_pool(ids, offsets)
-        else:
-            pooled = self.embedding(ids, offsets)
-        return self.classify(self.dropout(pooled.float()))
+            return self._max_pool(ids, offsets)
+        return self.embedding(ids, offsets).float()
 
     def classify(self, pooled: torch.Tensor) -> torch.Tensor:
-        """Logits of pooled document vectors (float32, shape (n, dim)): the dense layers alone."""
-        hidden = torch.relu(self.fc1(pooled))
+        """Logits of pooled document vectors (float32, shape (n, dim)): the dense layers alone (`head`; used by the
+        explanations, in eval mode, where dropout is off)."""
+        return self.head(pooled)
+
+    def head(self, pooled: torch.Tensor) -> torch.Tensor:
+        """The dense layers: pooled vectors to logits (training runs them in bf16 autocast on a GPU)."""
+        hidden = torch.relu(self.fc1(self.dropout(pooled)))
         for layer in self.extra:
             hidden = torch.relu(layer(hidden))
         return self.fc2(hidden)
@@ -141,9 +148,9 @@ class DanStudent(nn.Module):
 
     def _max_pool(self, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         vectors = F.embedding(ids, self.embedding.weight, sparse=True).float()
-        lengths = torch.diff(offsets, append=torch.tensor([ids.numel()], dtype=offsets.dtype))
-        doc = torch.repeat_interleave(torch.arange(len(offsets)), lengths)
-        pooled = torch.zeros(len(offsets), self.config.dim, dtype=torch.float32)
+        lengths = torch.diff(offsets, append=torch.tensor([ids.numel()], dtype=offsets.dtype, device=offsets.device))
+        doc = torch.repeat_interleave(torch.arange(len(offsets), device=ids.device), lengths)
+        pooled = torch.zeros(len(offsets), self.config.dim, dtype=torch.float32, device=vectors.device)
         # include_self=False: an empty document stays all zeros, as in EmbeddingBag.
         return pooled.scatter_reduce(0, doc[:, None].expand_as(vectors), vectors, "amax", include_self=False)
 

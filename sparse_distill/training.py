@@ -1,11 +1,14 @@
 """Training the student: distillation from soft labels (KL), fine-tuning and the from-scratch baseline.
 
 One loop serves all three: targets are class distributions (the teacher's, or one-hot gold labels, for which the KL
-equals the cross-entropy). SparseAdam updates only the embedding rows a batch touches; Adam updates the dense layers.
+equals the cross-entropy). The table's optimizer (SparseAdam, or a row-wise one from `sparse_optim`) updates only the
+embedding rows a batch touches; Adam updates the dense layers. The loop can write resumable checkpoints
+(`Checkpointing`) and the DAN trains on a CPU or a CUDA GPU (`resolve_device`).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import random
@@ -19,9 +22,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sparse_distill.config import StudentConfig, TrainConfig
-from sparse_distill.data import LabelMap
+from sparse_distill.config import StudentConfig, TrainConfig, fingerprint
+from sparse_distill.data import LabelMap, atomic_write
 from sparse_distill.soft_labels import iter_soft_labels, read_manifest
+from sparse_distill.sparse_optim import table_optimizer
 from sparse_distill.student import DanConfig, DanStudent, load_student, save_student
 from sparse_distill.vocab import NgramVocab
 
@@ -40,15 +44,35 @@ def kl_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperatu
     return F.kl_div(log_p, teacher_probs, reduction="batchmean") * temperature**2
 
 
-def make_optimizers(model: DanStudent, lr: float, table_lr: float | None = None) -> list[torch.optim.Optimizer]:
-    """SparseAdam for the embedding table (at `table_lr`, default `lr`), Adam for the dense layers (the paper's
-    set-up)."""
+def make_optimizers(
+    model: DanStudent, lr: float, table_lr: float | None = None, table: str = "sparse_adam"
+) -> list[torch.optim.Optimizer]:
+    """The table's optimizer (`table`: SparseAdam by default, see `sparse_optim.TABLE_OPTIMIZERS`) at `table_lr`
+    (default `lr`), and Adam for the dense layers (the paper's set-up)."""
     if model.config.table_dtype != "float32":
         raise ValueError(f"a {model.config.table_dtype} table is for inference only: train the float32 student")
     return [
-        torch.optim.SparseAdam([model.embedding.weight], lr=table_lr or lr),
+        table_optimizer(table, model.embedding.weight, table_lr or lr),
         torch.optim.Adam(model.dense_parameters(), lr=lr),
     ]
+
+
+def resolve_device(spec: str) -> torch.device:
+    """The torch device of a `device` setting: auto (a CUDA GPU when torch sees one, else the CPU), cpu, cuda[:N].
+
+    A GPU asked for where there is none is an error naming the setting, not a silent CPU run.
+    """
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        setting = f"device={spec!r} (the training section's setting: distill.device, finetune.device or scratch.device)"
+        if count == 0:
+            raise ValueError(f"{setting}: torch finds no CUDA GPU on this machine; set it to auto or cpu")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"{setting}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
+    return device
 
 
 class BatchSource(Protocol):
@@ -191,6 +215,92 @@ def lr_scale(step: int, total: int, schedule: str, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+CHECKPOINT_DIR = "checkpoint"
+CHECKPOINT_FILE = "train_state.pt"
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass
+class Checkpointing:
+    """Where and how often `fit` writes a resumable checkpoint, and what besides its own state it holds.
+
+    `fit` saves the optimizers' states, its counters (step, epoch, batches consumed in the epoch, best dev accuracy
+    and step, stale evaluations, history, seconds) and the torch, numpy and python random states; `get_state` /
+    `set_state` add the caller's (the model's weights, its own generators). `key` identifies what is trained (config,
+    data, starting point): a checkpoint written for another key is ignored, so a changed stage starts afresh.
+    """
+
+    folder: Path
+    key: str
+    get_state: Callable[[], dict[str, Any]]
+    set_state: Callable[[dict[str, Any]], None]
+    every_steps: int | None = None
+    every_minutes: float | None = 5.0
+
+    @property
+    def path(self) -> Path:
+        return Path(self.folder) / CHECKPOINT_FILE
+
+    @property
+    def enabled(self) -> bool:
+        return self.every_steps is not None or self.every_minutes is not None
+
+    def due(self, step: int, since: float) -> bool:
+        """Whether a checkpoint is due after `step`, `since` seconds after the last one."""
+        by_steps = self.every_steps is not None and step % self.every_steps == 0
+        return by_steps or (self.every_minutes is not None and since >= self.every_minutes * 60)
+
+    def save(self, state: dict[str, Any]) -> None:
+        # One file renamed into place: a kill at any moment leaves the previous checkpoint or this one, whole.
+        state = {"format": CHECKPOINT_FORMAT, "key": self.key, **state, "caller": self.get_state()}
+        atomic_write(self.path, lambda tmp: torch.save(state, tmp))
+
+    def load(self) -> dict[str, Any] | None:
+        """The checkpoint's state when there is one made for this key, else None (a mismatch is logged)."""
+        if not self.path.exists():
+            return None
+        try:
+            # Our own file, written by `save`: it holds numpy and python random states, which weights_only refuses.
+            # Memory-mapped: a large table and its optimizer state are not held twice while they are loaded back
+            # (private pages: the file is never written through).
+            state = torch.load(self.path, map_location="cpu", weights_only=False, mmap=True)
+        except Exception as e:  # noqa: BLE001 (an unreadable checkpoint costs the progress it held, not the stage)
+            logger.warning("%s: unreadable checkpoint ignored, training starts afresh (%s)", self.path, e)
+            return None
+        if state.get("format") != CHECKPOINT_FORMAT or state.get("key") != self.key:
+            logger.info(
+                "%s: checkpoint made for another config or data (key %s, this run %s) ignored; training starts afresh",
+                self.path,
+                state.get("key"),
+                self.key,
+            )
+            return None
+        return state
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+        try:
+            Path(self.folder).rmdir()
+        except OSError:
+            pass  # not empty (someone else's files) or already gone
+
+
+def _rng_states() -> dict[str, Any]:
+    states: dict[str, Any] = {"torch": torch.get_rng_state(), "numpy": np.random.get_state()}
+    states["python"] = random.getstate()
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    np.random.set_state(states["numpy"])
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
 def fit(
     optimizers: list[torch.optim.Optimizer],
     train_step: Callable[[Any], torch.Tensor],
@@ -202,6 +312,7 @@ def fit(
     metric_prefix: str = "",
     name: str = "student",
     evaluate_first: bool = False,
+    checkpoint: Checkpointing | None = None,
 ) -> TrainResult:
     """The one training loop of every student: steps over shuffled epochs, a learning-rate schedule, dev evaluation
     every `eval_every` steps, the best dev checkpoint kept (`save_best`), early stopping after `patience` evaluations
@@ -210,15 +321,30 @@ def fit(
     `train_step` returns the loss of one batch (the loop runs backward and the optimizer steps); `evaluate` returns
     the dev accuracy. `evaluate_first` scores the model before any step (fine-tuning: the starting model stays the
     best checkpoint unless training beats it on dev).
+
+    With `checkpoint`, the loop's whole state is written every N steps or M minutes and a run finds it and resumes:
+    the epoch's batches are replayed from its seeded start and the ones already consumed skipped, so a resumed run
+    ends where an uninterrupted one would. The checkpoint is deleted when the loop finishes.
     """
     if data.num_docs < 1:
         raise ValueError(f"{name}: no training documents")
     budget = plan_budget(data.num_docs, config)
     total = budget.steps
     warmup = math.ceil(config.warmup_ratio * total)
+    # Read before a checkpoint is loaded: a saved optimizer holds the last step's scheduled rates, not the base ones.
     base_lrs = [[g["lr"] for g in opt.param_groups] for opt in optimizers]
-    best_acc, best_step, step, epoch, stale = -1.0, 0, 0, 0, 0
+    best_acc, best_step, step, epoch, stale, skip, seconds_before = -1.0, 0, 0, 0, 0, 0, 0.0
     history: list[dict[str, float]] = []
+    resumed = checkpoint.load() if checkpoint is not None and checkpoint.enabled else None
+    if resumed is not None:
+        assert checkpoint is not None
+        for opt, opt_state in zip(optimizers, resumed["optimizers"], strict=True):
+            opt.load_state_dict(opt_state)
+        checkpoint.set_state(resumed["caller"])
+        _set_rng_states(resumed["rng"])
+        best_acc, best_step, stale = resumed["best_acc"], resumed["best_step"], resumed["stale"]
+        step, epoch, skip, history = resumed["step"], resumed["epoch"], resumed["position"], resumed["history"]
+        seconds_before = resumed["seconds"]
     start = time.perf_counter()
     logger.info(
         "%s%s: %d docs, %d steps of %d, dev every %d (%s)",
@@ -230,6 +356,18 @@ def fit(
         budget.eval_every,
         budget.reason,
     )
+    if resumed is not None:
+        logger.info(
+            "%s%s: resuming from the checkpoint at step %d/%d (epoch %d, batch %d of it; best dev %.4f at step %d)",
+            metric_prefix,
+            name,
+            step,
+            total,
+            epoch,
+            skip,
+            best_acc,
+            best_step,
+        )
 
     def check() -> bool:
         nonlocal best_acc, best_step, stale
@@ -245,9 +383,31 @@ def fit(
         stale += 1
         return config.patience is not None and stale >= config.patience
 
-    stop = check() if evaluate_first else False
+    def write_checkpoint(position: int) -> None:
+        assert checkpoint is not None
+        checkpoint.save(
+            {
+                "step": step,
+                "epoch": epoch,
+                "position": position,
+                "best_acc": best_acc,
+                "best_step": best_step,
+                "stale": stale,
+                "history": list(history),
+                "seconds": seconds_before + time.perf_counter() - start,
+                "optimizers": [opt.state_dict() for opt in optimizers],
+                "rng": _rng_states(),
+            }
+        )
+        logger.info("%s%s: checkpoint written at step %d/%d (%s)", metric_prefix, name, step, total, checkpoint.path)
+
+    stop = check() if evaluate_first and resumed is None else False
+    last_checkpoint = time.monotonic()
     while step < total and not stop:
-        for batch in data.epoch(epoch, config.batch_size):
+        # Each epoch's batch stream is seeded by its number: a resumed run replays it and skips what was consumed.
+        batches = itertools.islice(data.epoch(epoch, config.batch_size), skip, None)
+        position, skip = skip, 0
+        for batch in batches:
             scale = lr_scale(step, total, config.schedule, warmup)
             for opt, lrs in zip(optimizers, base_lrs, strict=True):
                 for group, lr in zip(opt.param_groups, lrs, strict=True):
@@ -259,16 +419,22 @@ def fit(
             for opt in optimizers:
                 opt.step()
             step += 1
+            position += 1
             if on_metrics and (step % 10 == 0 or step == 1):
                 on_metrics(step, {f"{metric_prefix}train_loss": loss.item()})
             if step % budget.eval_every == 0 or step == total:
                 stop = check()
             if step >= total or stop:
                 break
+            if checkpoint is not None and checkpoint.due(step, time.monotonic() - last_checkpoint):
+                write_checkpoint(position)
+                last_checkpoint = time.monotonic()
         epoch += 1
     if not history or history[-1]["step"] != step:
         check()
-    seconds = time.perf_counter() - start
+    seconds = seconds_before + time.perf_counter() - start
+    if checkpoint is not None:
+        checkpoint.remove()
     logger.info(
         "%s%s: best dev accuracy %.4f at step %d of %d%s (%.1f s)",
         metric_prefix,
@@ -314,8 +480,16 @@ def to_tensors(vocab: NgramVocab, texts: list[str]) -> tuple[torch.Tensor, torch
 def accuracy(model: DanStudent, ids: torch.Tensor, offsets: torch.Tensor, labels: np.ndarray) -> float:
     """Share of documents whose argmax equals the gold class index."""
     model.eval()
-    pred = model(ids, offsets).argmax(-1).numpy()
+    pred = model(ids, offsets).argmax(-1).cpu().numpy()
     return float((pred == labels).mean()) if len(labels) else 0.0
+
+
+def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A numpy batch array on `device`: on a GPU through pinned memory, so the copy runs beside the computation."""
+    tensor = torch.from_numpy(array)
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor
 
 
 def train_student(
@@ -330,12 +504,23 @@ def train_student(
     metric_prefix: str = "",
     temperature: float = 1.0,
     evaluate_first: bool = False,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_key: str = "",
 ) -> TrainResult:
-    """Train a DAN with KL to the batches' targets (see `fit`); the best dev model goes to `save_best`."""
+    """Train a DAN with KL to the batches' targets (see `fit`); the best dev model goes to `save_best`.
+
+    The model trains on `config.device` (a GPU: the table and the step on it, bf16 autocast for the dense layers
+    only). With `checkpoint_dir`, resumable checkpoints go there (see `Checkpointing`; `checkpoint_key` names what is
+    trained, so only the same training resumes from them).
+    """
+    device = resolve_device(config.device)
     torch.manual_seed(config.seed)
-    optimizers = make_optimizers(model, config.lr, config.table_lr)
-    dev_ids, dev_offsets = to_tensors(vocab, dev_texts)
+    model.to(device)
+    optimizers = make_optimizers(model, config.lr, config.table_lr, config.table_optimizer)
+    dev_ids, dev_offsets = (t.to(device) for t in to_tensors(vocab, dev_texts))
     dev_y = np.asarray(dev_labels)
+    # bf16 for the dense layers on a GPU; the table's gather and the loss stay float32.
+    autocast = device.type == "cuda"
 
     rng = np.random.default_rng(config.seed)
 
@@ -345,8 +530,31 @@ def train_student(
         ids, offsets = vocab.featurize(texts)
         if config.ngram_dropout:
             ids, offsets = drop_ngrams(ids, offsets, config.ngram_dropout, rng)
-        ids, offsets = torch.from_numpy(ids), torch.from_numpy(offsets)
-        return kl_loss(model(ids, offsets), torch.from_numpy(np.asarray(targets, np.float32)), temperature)
+        pooled = model.pool(_to_device(ids, device), _to_device(offsets, device))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            logits = model.head(pooled)
+        return kl_loss(logits.float(), _to_device(np.asarray(targets, np.float32), device), temperature)
+
+    checkpoint = None
+    if checkpoint_dir is not None:
+
+        def get_state() -> dict[str, Any]:
+            # No copy on a CPU: the checkpoint is written before the next step changes the table.
+            weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+            return {"model": weights, "dropout_rng": rng.bit_generator.state}
+
+        def set_state(state: dict[str, Any]) -> None:
+            model.load_state_dict(state["model"])
+            rng.bit_generator.state = state["dropout_rng"]
+
+        checkpoint = Checkpointing(
+            Path(checkpoint_dir),
+            checkpoint_key,
+            get_state,
+            set_state,
+            config.checkpoint_every_steps,
+            config.checkpoint_every_minutes,
+        )
 
     return fit(
         optimizers,
@@ -359,6 +567,7 @@ def train_student(
         metric_prefix,
         name="DAN",
         evaluate_first=evaluate_first,
+        checkpoint=checkpoint,
     )
 
 
@@ -375,11 +584,16 @@ def train_dan(
     init: Callable[[DanStudent], None] | None = None,
     on_metrics: MetricsCallback | None = None,
     metric_prefix: str = "",
+    resume_key: str = "",
 ) -> dict[str, Any]:
     """Train a DAN into `out_dir/model` (the best dev checkpoint) and return its record.
 
     The model starts from `init_model` (a student folder: KD+FT), else fresh from `student` (then `init` may set
     its table, e.g. from the teacher's vectors). The pipeline's stages and the experiments all train through here.
+
+    Resumable checkpoints go to `out_dir/checkpoint/`. Their key combines `resume_key` (the caller's fingerprint of
+    the stage: its data and inputs) with the training and student settings, the vocabulary, the data size and the
+    starting model, so a checkpoint left by a different configuration is ignored.
     """
     vocab = NgramVocab.load(vocab_dir)
     if init_model:
@@ -390,6 +604,17 @@ def train_dan(
         if init is not None:
             init(model)
     model_dir = Path(out_dir) / "model"
+    key = fingerprint(
+        "train_dan",
+        resume_key,
+        config,
+        student if not init_model else str(Path(init_model).resolve()),
+        str(Path(vocab_dir).resolve()),
+        len(vocab),
+        data.num_docs,
+        len(dev_texts),
+        label_map.to_json(),
+    )
     res = train_student(
         model,
         vocab,
@@ -402,6 +627,8 @@ def train_dan(
         metric_prefix=metric_prefix,
         temperature=config.temperature,
         evaluate_first=init_model is not None,
+        checkpoint_dir=Path(out_dir) / CHECKPOINT_DIR,
+        checkpoint_key=key,
     )
     return {
         "model_dir": str(model_dir),

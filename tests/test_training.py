@@ -326,17 +326,17 @@ def test_train_student_passes_table_lr_to_the_optimizers(monkeypatch):
     calls = []
     real = training.make_optimizers
 
-    def spy(model, lr, table_lr=None):
-        calls.append((lr, table_lr))
-        return real(model, lr, table_lr)
+    def spy(model, lr, table_lr=None, table="sparse_adam"):
+        calls.append((lr, table_lr, table))
+        return real(model, lr, table_lr, table)
 
     monkeypatch.setattr(training, "make_optimizers", spy)
     texts, labels = ["good fine", "bad awful"] * 4, [1, 0] * 4
     vocab = build_vocab(texts, 50, 1)
     model = student_from_config(len(vocab), 2, StudentConfig(dim=4, hidden=4))
-    cfg = TrainConfig(lr=0.003, table_lr=0.3, batch_size=4, max_steps=2)
+    cfg = TrainConfig(lr=0.003, table_lr=0.3, batch_size=4, max_steps=2, table_optimizer="rowwise_adagrad")
     train_student(model, vocab, InMemoryBatches.from_labels(texts, labels, 2), texts, labels, cfg, lambda m: None)
-    assert calls == [(0.003, 0.3)]
+    assert calls == [(0.003, 0.3, "rowwise_adagrad")]
 
 
 # --- train_dan: a model folder and its record -------------------------------------------------------------------------
@@ -430,3 +430,249 @@ def test_drop_ngrams_keeps_bags_aligned_and_never_empties_a_bag():
     bags = np.repeat(np.arange(4), np.diff(np.append(half_offsets, len(half_ids))))
     original_bag = np.repeat(np.arange(4), np.diff(np.append(offsets, len(ids))))
     assert np.array_equal(original_bag[half_ids], bags) and np.all(np.diff(half_ids) > 0)
+
+
+# --- resumable training: checkpoints, kill -9, keys ------------------------------------------------------------------
+
+_RESUME_CHILD = """
+import json, logging, sys, time
+import torch
+from sparse_distill.config import StudentConfig, TrainConfig
+from sparse_distill.data import LabelMap
+from sparse_distill.training import InMemoryBatches, train_dan
+
+torch.set_num_threads(1)
+torch.use_deterministic_algorithms(True)
+logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+out_dir, vocab_dir, texts_file = sys.argv[1:4]
+texts, labels = json.load(open(texts_file))
+
+
+class Slow(InMemoryBatches):
+    # A pause per batch leaves the parent time to kill the run in the middle; it changes no number.
+    def epoch(self, epoch, batch_size):
+        for batch in super().epoch(epoch, batch_size):
+            time.sleep(0.03)
+            yield batch
+
+
+cfg = TrainConfig(
+    lr=0.01, table_lr=0.05, batch_size=6, max_steps=60, eval_every=60, patience=None, ngram_dropout=0.2,
+    checkpoint_every_steps=1, checkpoint_every_minutes=None, table_optimizer="rowwise_adam",
+)
+data = Slow.from_labels(texts, labels, 2, seed=3)
+rec = train_dan(out_dir, vocab_dir, data, texts[:20], labels[:20], LabelMap(("neg", "pos")),
+                StudentConfig(dim=8, hidden=8, dropout=0.2), cfg, resume_key="stage-fp")
+print(json.dumps(rec))
+"""
+
+
+def _child(tmp_path, out_dir):
+    import json
+    import subprocess
+    import sys
+
+    texts, labels, vocab_dir = _easy_task(tmp_path)
+    texts_file = tmp_path / "texts.json"
+    texts_file.write_text(json.dumps([texts[:40], labels[:40]]))
+    script = tmp_path / "child.py"
+    script.write_text(_RESUME_CHILD)
+    import os
+    from pathlib import Path
+
+    import sparse_distill
+
+    # The child imports this checkout's package, whatever the interpreter has installed.
+    env = {**os.environ, "PYTHONPATH": str(Path(sparse_distill.__file__).resolve().parents[1])}
+    return subprocess.Popen(
+        [sys.executable, str(script), str(out_dir), str(vocab_dir), str(texts_file)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+
+
+def _weights(model_dir):
+    from safetensors.torch import load_file
+
+    return load_file(str(model_dir / "student.safetensors"))
+
+
+@pytest.mark.slow
+def test_a_run_killed_with_sigkill_resumes_and_ends_with_the_uninterrupted_weights(tmp_path):
+    import json
+    import signal
+
+    # The uninterrupted run.
+    whole = _child(tmp_path, tmp_path / "whole")
+    out, err = whole.communicate(timeout=120)
+    assert whole.returncode == 0, err
+    expected = json.loads(out.splitlines()[-1])
+
+    # The same run, killed with SIGKILL once it has written the checkpoint of step 20 (it may be writing the next).
+    killed = _child(tmp_path, tmp_path / "killed")
+    for line in killed.stderr:
+        if "checkpoint written at step 20/" in line:
+            killed.send_signal(signal.SIGKILL)
+            break
+    killed.wait(timeout=60)
+    assert killed.returncode == -signal.SIGKILL
+    checkpoint = tmp_path / "killed" / "checkpoint" / "train_state.pt"
+    assert checkpoint.exists() and not (tmp_path / "killed" / "result.json").exists()
+
+    resumed = _child(tmp_path, tmp_path / "killed")
+    out, err = resumed.communicate(timeout=120)
+    assert resumed.returncode == 0, err
+    import re
+
+    step = int(re.search(r"resuming from the checkpoint at step (\d+)/60", err).group(1))
+    assert step >= 20
+    got = json.loads(out.splitlines()[-1])
+    assert got["steps"] == expected["steps"] == 60 and got["best_step"] == expected["best_step"]
+    assert got["dev_accuracy"] == expected["dev_accuracy"]
+    a, b = _weights(tmp_path / "whole" / "model"), _weights(tmp_path / "killed" / "model")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    # The finished stage leaves no checkpoint behind.
+    assert not (tmp_path / "killed" / "checkpoint").exists()
+
+
+class _Crash(Exception):
+    pass
+
+
+def _crash_at(step_to_crash):
+    def on_metrics(step, metrics):
+        if step == step_to_crash and "train_loss" in next(iter(metrics)):
+            raise _Crash
+
+    return on_metrics
+
+
+def _resume_cfg(**kw):
+    base = dict(
+        lr=0.01, batch_size=7, max_steps=30, eval_every=10, patience=None, checkpoint_every_steps=3, ngram_dropout=0.1
+    )
+    return TrainConfig(**{**base, **kw})
+
+
+def _run(tmp_path, out, cfg, on_metrics=None, resume_key="fp"):
+    texts, labels, vocab_dir = _easy_task(tmp_path)
+    return train_dan(
+        tmp_path / out,
+        vocab_dir,
+        InMemoryBatches.from_labels(texts, labels, 2),
+        texts[:20],
+        labels[:20],
+        LabelMap(("neg", "pos")),
+        StudentConfig(dim=8, hidden=8, dropout=0.1),
+        cfg,
+        on_metrics=on_metrics,
+        resume_key=resume_key,
+    )
+
+
+def test_resume_after_a_crash_matches_the_uninterrupted_run_and_logs_it(tmp_path, caplog):
+    caplog.set_level("INFO", logger="sparse_distill.training")
+    whole = _run(tmp_path, "whole", _resume_cfg())
+    assert not (tmp_path / "whole" / "checkpoint").exists()
+    with pytest.raises(_Crash):
+        _run(tmp_path, "crash", _resume_cfg(), on_metrics=_crash_at(20))
+    assert (tmp_path / "crash" / "checkpoint" / "train_state.pt").exists()
+    assert "checkpoint written at step 18/30" in caplog.text
+    caplog.clear()
+    again = _run(tmp_path, "crash", _resume_cfg())
+    assert "resuming from the checkpoint at step 18/30" in caplog.text
+    assert {k: again[k] for k in ("dev_accuracy", "best_step", "steps")} == {
+        k: whole[k] for k in ("dev_accuracy", "best_step", "steps")
+    }
+    a, b = _weights(tmp_path / "whole" / "model"), _weights(tmp_path / "crash" / "model")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not (tmp_path / "crash" / "checkpoint").exists()
+
+
+@pytest.mark.parametrize(
+    "change", [{"cfg": {"lr": 0.02}}, {"resume_key": "another stage fingerprint"}, {"cfg": {"batch_size": 5}}]
+)
+def test_a_checkpoint_of_another_config_or_stage_is_ignored(tmp_path, caplog, change):
+    caplog.set_level("INFO", logger="sparse_distill.training")
+    with pytest.raises(_Crash):
+        _run(tmp_path, "kd", _resume_cfg(), on_metrics=_crash_at(10))
+    caplog.clear()
+    rec = _run(tmp_path, "kd", _resume_cfg(**change.get("cfg", {})), resume_key=change.get("resume_key", "fp"))
+    assert "made for another config or data" in caplog.text and "resuming" not in caplog.text
+    assert rec["steps"] == 30 and not (tmp_path / "kd" / "checkpoint").exists()
+
+
+def test_runtime_settings_do_not_change_the_checkpoint_key_or_cache_key(tmp_path, caplog):
+    from sparse_distill.config import fingerprint
+
+    base = TrainConfig()
+    assert fingerprint(base) == fingerprint(TrainConfig(device="cpu", checkpoint_every_minutes=1))
+    assert fingerprint(base) == fingerprint(TrainConfig(checkpoint_every_steps=7))
+    # A field added at its old behaviour keeps old cache keys; another value changes them.
+    assert "table_optimizer" not in base.cache_dump()
+    assert fingerprint(base) != fingerprint(TrainConfig(table_optimizer="rowwise_adagrad"))
+    caplog.set_level("INFO", logger="sparse_distill.training")
+    with pytest.raises(_Crash):
+        _run(tmp_path, "kd", _resume_cfg(), on_metrics=_crash_at(10))
+    caplog.clear()
+    _run(tmp_path, "kd", _resume_cfg(checkpoint_every_steps=5, device="cpu"))
+    assert "resuming from the checkpoint at step 9/30" in caplog.text
+
+
+def test_no_checkpoint_settings_write_no_checkpoint(tmp_path, caplog):
+    caplog.set_level("INFO", logger="sparse_distill.training")
+    cfg = _resume_cfg(checkpoint_every_steps=None, checkpoint_every_minutes=None)
+    with pytest.raises(_Crash):
+        _run(tmp_path, "kd", cfg, on_metrics=_crash_at(10))
+    assert not (tmp_path / "kd" / "checkpoint" / "train_state.pt").exists()
+    assert "checkpoint written" not in caplog.text
+
+
+# --- devices ----------------------------------------------------------------------------------------------------------
+
+
+def test_resolve_device_cpu_auto_and_a_missing_gpu():
+    from pydantic import ValidationError
+
+    from sparse_distill.training import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        for spec in ("cuda", "cuda:1"):
+            with pytest.raises(ValueError, match=r"distill\.device.*no CUDA GPU"):
+                resolve_device(spec)
+    for bad in ("gpu", "cuda:x", "tpu"):
+        with pytest.raises(ValidationError):
+            TrainConfig(device=bad)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a GPU request on a machine without one")
+def test_training_on_cuda_without_a_gpu_fails_before_training(tmp_path):
+    with pytest.raises(ValueError, match=r"distill\.device"):
+        _run(tmp_path, "kd", _resume_cfg(device="cuda"))
+    assert not (tmp_path / "kd" / "model").exists()
+
+
+def test_explicit_cpu_device_trains_the_same_student_as_auto_on_a_cpu(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("auto is the GPU here")
+    a = _run(tmp_path, "auto", _resume_cfg(device="auto", checkpoint_every_steps=None))
+    b = _run(tmp_path, "cpu", _resume_cfg(device="cpu", checkpoint_every_steps=None))
+    assert a["dev_accuracy"] == b["dev_accuracy"]
+    wa, wb = _weights(tmp_path / "auto" / "model"), _weights(tmp_path / "cpu" / "model")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    model, _ = load_student(tmp_path / "cpu" / "model", mmap=False)
+    assert model.embedding.weight.device.type == "cpu"
+
+
+def test_pool_and_head_compose_to_forward():
+    torch.manual_seed(0)
+    for pooling in ("mean", "max", "sum"):
+        model = student_from_config(30, 3, StudentConfig(dim=4, hidden=5, pooling=pooling)).eval()
+        ids, offsets = torch.tensor([1, 2, 2, 9, 4]), torch.tensor([0, 3, 3])
+        assert torch.equal(model(ids, offsets), model.head(model.pool(ids, offsets)))

@@ -238,6 +238,7 @@ def train_dan(
             train,
             init=init,
             on_metrics=ctx.metrics_for(name),
+            resume_key=fp,
         )
         return {
             "variant": name,

@@ -1,0 +1,151 @@
+"""Row-wise optimizers for the n-gram table: only the rows a batch touches are read and written, and the state is at
+most the size of the table.
+
+`torch.optim.SparseAdam` keeps two full-size state tensors (first and second moment: twice the table) and coalesces
+the EmbeddingBag's gradient, which holds one row per n-gram occurrence. Here the occurrence rows are summed per
+distinct row with `torch.unique(return_inverse=True)` + `index_add_` on the raw COO indices and values, and the
+second moment is one scalar per row (the mean of the squared gradient over the row), as the row-wise optimizers of
+production embedding tables (FBGEMM, TorchRec) keep it:
+
+- `RowwiseAdagrad`: one float per row of state (|V| floats; the table is |V| x d).
+- `RowwiseAdam`: a full first moment (|V| x d, the size of the table) plus one second-moment float per row.
+
+Both are lazy like SparseAdam: a row's state changes only on the steps whose batch touches it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+# Find the distinct rows with a table-long mark (O(occurrences + |V|), no sort) while |V| is at most this many times
+# the occurrences of a batch; beyond, torch.unique's sort is cheaper.
+MARK_MAX_RATIO = 64
+
+
+def distinct_rows(idx: torch.Tensor, num_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sorted distinct values of `idx` (row ids below `num_rows`) and each element's position among them."""
+    if num_rows is None or num_rows > MARK_MAX_RATIO * max(idx.numel(), 1):
+        return torch.unique(idx, return_inverse=True)
+    # Measured on a 512-review IMDB batch (316k occurrences, |V| = 1M): 0.06-0.09 s against unique's 0.35-0.52 s.
+    mark = torch.zeros(num_rows, dtype=torch.bool, device=idx.device)
+    mark[idx] = True
+    rows = mark.nonzero().flatten()
+    position = torch.empty(num_rows, dtype=torch.int64, device=idx.device)
+    position[rows] = torch.arange(len(rows), device=idx.device)
+    return rows, position[idx]
+
+
+def row_gradient(grad: torch.Tensor, num_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distinct rows a gradient touches (sorted) and each one's summed gradient, `[rows]` and `[rows, d]`.
+
+    A sparse gradient is read through its raw (possibly uncoalesced) indices and values; a dense one through its
+    non-zero rows. `num_rows` (the table's) lets the distinct rows be found without sorting.
+    """
+    if grad.is_sparse:
+        # _indices/_values: the raw COO arrays, with no coalescing pass (a row per n-gram occurrence).
+        idx, values = grad._indices()[0], grad._values()
+    else:
+        idx = grad.abs().sum(1).nonzero().flatten()
+        values = grad[idx]
+    rows, inverse = distinct_rows(idx, num_rows)
+    summed = torch.zeros(len(rows), values.shape[1], dtype=values.dtype, device=values.device)
+    summed.index_add_(0, inverse, values)
+    return rows, summed
+
+
+class RowwiseAdagrad(torch.optim.Optimizer):
+    """Adagrad with one accumulator per row: `G_r += mean(g_r^2)`, `w_r -= lr * g_r / (sqrt(G_r) + eps)`."""
+
+    def __init__(self, params: Iterable[torch.Tensor], lr: float = 0.01, eps: float = 1e-8) -> None:
+        if lr <= 0 or eps <= 0:
+            raise ValueError(f"lr and eps must be > 0, got {lr}, {eps}")
+        super().__init__(params, {"lr": lr, "eps": eps})
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.dim() != 2:
+                    raise ValueError(f"row-wise optimizers take 2-d tables, got a {p.dim()}-d parameter")
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: ANN001, ANN201 (torch's signature)
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["sum"] = torch.zeros(p.shape[0], dtype=torch.float32, device=p.device)
+                rows, g = row_gradient(p.grad, p.shape[0])
+                acc = state["sum"][rows] + g.float().pow(2).mean(1)
+                state["sum"].index_copy_(0, rows, acc)
+                scale = -group["lr"] / (acc.sqrt() + group["eps"])
+                p.index_add_(0, rows, (g * scale.unsqueeze(1)).to(p.dtype))
+        return loss
+
+
+class RowwiseAdam(torch.optim.Optimizer):
+    """Adam with a full first moment and one second-moment scalar per row (the mean of the squared row gradient).
+
+    Bias correction uses the optimizer's step count, as SparseAdam does.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+    ) -> None:
+        if lr <= 0 or eps <= 0 or not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
+            raise ValueError(f"invalid lr {lr}, betas {betas} or eps {eps}")
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.dim() != 2:
+                    raise ValueError(f"row-wise optimizers take 2-d tables, got a {p.dim()}-d parameter")
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: ANN001, ANN201 (torch's signature)
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                    state["exp_avg_sq"] = torch.zeros(p.shape[0], dtype=torch.float32, device=p.device)
+                state["step"] += 1
+                rows, g = row_gradient(p.grad, p.shape[0])
+                m = state["exp_avg"][rows].mul_(beta1).add_(g, alpha=1 - beta1)
+                v = state["exp_avg_sq"][rows].mul_(beta2).add_(g.float().pow(2).mean(1), alpha=1 - beta2)
+                state["exp_avg"].index_copy_(0, rows, m)
+                state["exp_avg_sq"].index_copy_(0, rows, v)
+                t = state["step"]
+                bias1, bias2 = 1 - beta1**t, 1 - beta2**t
+                denom = (v / bias2).sqrt_().add_(group["eps"])
+                p.index_add_(0, rows, (m * (-group["lr"] / bias1) / denom.unsqueeze(1)).to(p.dtype))
+        return loss
+
+
+TABLE_OPTIMIZERS = ("sparse_adam", "rowwise_adam", "rowwise_adagrad")
+
+
+def table_optimizer(name: str, table: torch.Tensor, lr: float) -> torch.optim.Optimizer:
+    """The optimizer of the n-gram table by name (see TABLE_OPTIMIZERS)."""
+    if name == "sparse_adam":
+        return torch.optim.SparseAdam([table], lr=lr)
+    if name == "rowwise_adam":
+        return RowwiseAdam([table], lr=lr)
+    if name == "rowwise_adagrad":
+        return RowwiseAdagrad([table], lr=lr)
+    raise ValueError(f"unknown table optimizer {name!r}; one of {TABLE_OPTIMIZERS}")
+
+
+def state_numel(optimizer: torch.optim.Optimizer) -> int:
+    """Elements held in an optimizer's tensor state (for the state-size comparison)."""
+    return sum(v.numel() for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor))
