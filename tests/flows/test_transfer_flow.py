@@ -13,6 +13,7 @@ import pytest
 
 from sparse_distill.config import PipelineConfig
 from sparse_distill.soft_labels import iter_soft_labels, read_manifest
+from sparse_distill.vocab import NgramVocab
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
 
@@ -60,26 +61,35 @@ def transfer_run(tmp_path_factory, tiny_data, tiny_teacher, make_tiny_pipeline, 
 
 
 def test_no_corpus_makes_a_labelled_transfer_set_that_distillation_uses(transfer_run):
-    _, run_dir, first, _, _ = transfer_run
+    from sparse_distill.teacher import teacher_word_vectors
+
+    config, run_dir, first, _, _ = transfer_run
     assert first.is_completed()
     result = first.result()
+    # One text per train row (copies_per_text 1), then the teacher's whole words, one per text.
+    words = teacher_word_vectors(config.teacher.model)[0]
+    rows = TRAIN_ROWS + len(words)
     transfer = pq.read_table(run_dir / "transfer" / "transfer.parquet")
-    assert transfer.column_names == ["id", "text"] and transfer.num_rows == TRAIN_ROWS
+    assert transfer.column_names == ["id", "text"] and transfer.num_rows == rows
+    assert transfer.column("text").to_pylist()[TRAIN_ROWS:] == words
     # Every transfer text has the teacher's soft labels (a distribution over the two classes).
     label_dir = run_dir / "labels" / "transfer"
-    assert read_manifest(label_dir).total_rows == TRAIN_ROWS
+    assert read_manifest(label_dir).total_rows == rows
     labelled, probs = [], []
     for texts, p in iter_soft_labels(label_dir):
         labelled.extend(texts)
         probs.append(p)
     probs = np.concatenate(probs)
     assert sorted(labelled) == sorted(transfer.column("text").to_pylist())
-    assert probs.shape == (TRAIN_ROWS, 2) and np.allclose(probs.sum(1), 1.0, atol=1e-5)
+    assert probs.shape == (rows, 2) and np.allclose(probs.sum(1), 1.0, atol=1e-5)
+    # The vocabulary has a row for every word of the transfer set (the counted n-grams first).
+    vocab = NgramVocab.load(run_dir / "vocab")
+    assert set(words) <= set(vocab.ngrams)
     # The train split's labels too (no corpus), and distillation read both: one pass over train + transfer.
     assert read_manifest(run_dir / "labels" / "train").total_rows == TRAIN_ROWS
     kd = result["students"]["kd"]
     assert kd["budget"]["reason"] == "epochs set"
-    assert kd["budget"]["steps"] == math.ceil(2 * TRAIN_ROWS / DISTILL_BATCH)
+    assert kd["budget"]["steps"] == math.ceil((TRAIN_ROWS + rows) / DISTILL_BATCH)
     assert Path(kd["model_dir"]).is_dir() and 0 <= kd["dev_accuracy"] <= 1
 
 
