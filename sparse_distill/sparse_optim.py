@@ -55,6 +55,13 @@ def row_gradient(grad: torch.Tensor, num_rows: int | None = None) -> tuple[torch
     return rows, summed
 
 
+def _require_tables(optimizer: torch.optim.Optimizer) -> None:
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.dim() != 2:
+                raise ValueError(f"row-wise optimizers take 2-d tables, got a {p.dim()}-d parameter")
+
+
 class RowwiseAdagrad(torch.optim.Optimizer):
     """Adagrad with one accumulator per row: `G_r += mean(g_r^2)`, `w_r -= lr * g_r / (sqrt(G_r) + eps)`."""
 
@@ -62,10 +69,7 @@ class RowwiseAdagrad(torch.optim.Optimizer):
         if lr <= 0 or eps <= 0:
             raise ValueError(f"lr and eps must be > 0, got {lr}, {eps}")
         super().__init__(params, {"lr": lr, "eps": eps})
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.dim() != 2:
-                    raise ValueError(f"row-wise optimizers take 2-d tables, got a {p.dim()}-d parameter")
+        _require_tables(self)
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: ANN001, ANN201 (torch's signature)
@@ -101,10 +105,7 @@ class RowwiseAdam(torch.optim.Optimizer):
         if lr <= 0 or eps <= 0 or not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
             raise ValueError(f"invalid lr {lr}, betas {betas} or eps {eps}")
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.dim() != 2:
-                    raise ValueError(f"row-wise optimizers take 2-d tables, got a {p.dim()}-d parameter")
+        _require_tables(self)
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: ANN001, ANN201 (torch's signature)
