@@ -31,9 +31,10 @@ def _readable(path: str, key: str) -> None:
 
 
 def check_teacher(model: str, key: str = "teacher.model") -> None:
-    """A teacher given as a path must be a folder; a bare hub name (`org/name`) passes only when online."""
+    """A teacher given as a path must be a folder; a hub id (`name` or `org/name`) passes only when online."""
     offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
-    looks_local = os.path.isabs(model) or model.startswith((".", "~")) or model.count("/") != 1
+    # Hub ids are `name` or `org/name` (e.g. roberta-large, FacebookAI/roberta-large).
+    looks_local = os.path.isabs(model) or model.startswith((".", "~")) or model.count("/") > 1
     if Path(model).is_dir():
         return
     if Path(model).exists():

@@ -571,3 +571,18 @@ def test_debug_shows_the_traceback_before_or_after_the_command(model_dir, tmp_pa
     for argv in (["--debug", "predict"], ["predict", "--debug"]):
         with pytest.raises(DataError, match="no such file"):
             main([*argv, "--model", str(model_dir), "--input", str(tmp_path / "missing.txt")])
+
+
+def test_a_hub_teacher_id_passes_preflight_only_online(monkeypatch):
+    from sparse_distill.data import DataError
+    from sparse_distill.preflight import check_teacher
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    check_teacher("roberta-large")  # legacy hub ids have no organisation
+    check_teacher("FacebookAI/roberta-large")
+    with pytest.raises(DataError, match="teacher.model: ./no/such/teacher: no such folder"):
+        check_teacher("./no/such/teacher")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DataError, match="teacher.model: roberta-large: no such folder"):
+        check_teacher("roberta-large")
