@@ -97,6 +97,32 @@ def _imdb_ratings(out: Path) -> Path:
     return out
 
 
+def _rt_three_class(out: Path) -> Path:
+    """Rotten Tomatoes snippets in three classes (fresh, rotten and plot: the demo's unlabelled plot summaries become a
+    class), no corpus: a multi-class task of short texts, run with configs/sst2.yaml as a new user would copy it.
+    Stratified: 1,500 test, 1,000 dev, the rest (about 11,300) train."""
+    if (out / "train.parquet").exists():
+        return out
+    from sparse_distill.demo import read_rotten_tomatoes, rotten_tomatoes_path
+
+    rows, _ = read_rotten_tomatoes(rotten_tomatoes_path())
+    rng = np.random.default_rng(13)
+    splits: dict[str, list[dict]] = {"test": [], "dev": [], "train": []}
+    for label in ("fresh", "rotten", "plot"):
+        group = [r for r in rows if r["category"] == label]
+        group = [group[i] for i in rng.permutation(len(group))]
+        n_test, n_dev = round(1500 * len(group) / len(rows)), round(1000 * len(group) / len(rows))
+        splits["test"] += group[:n_test]
+        splits["dev"] += group[n_test : n_test + n_dev]
+        splits["train"] += group[n_test + n_dev :]
+    out.mkdir(parents=True, exist_ok=True)
+    for name, part in splits.items():
+        part = [part[i] for i in rng.permutation(len(part))]
+        table = pa.table({"text": [r["text"] for r in part], "label": [r["category"] for r in part]})
+        pq.write_table(table, out / f"{name}.parquet")
+    return out
+
+
 IMDB_CPU = ["teacher.max_length=128", "teacher.max_train_samples=6000", "data.max_corpus_samples=25000"]
 
 TASKS: dict[str, Task] = {
@@ -104,6 +130,11 @@ TASKS: dict[str, Task] = {
         "configs/demo.yaml",
         ROOT / "data" / "demo",
         "the demo: 7,252 review snippets, 4,083 unlabelled (make demo-data)",
+    ),
+    "rt-3class": Task(
+        "configs/sst2.yaml",
+        ROOT / "data" / "rt-3class",
+        "Rotten Tomatoes in 3 classes (fresh / rotten / plot), about 11k train, no corpus, configs/sst2.yaml copied",
     ),
     "sst2": Task("configs/sst2.yaml", SHARED / "sst2", "SST-2, 67k train phrases, no corpus"),
     "sst2-5k": Task(
@@ -134,6 +165,7 @@ TASKS: dict[str, Task] = {
     ),
 }
 PREPARE = {
+    "rt-3class": lambda t: _rt_three_class(t.data_dir),
     "imdb-2k": lambda t: _imdb_small(t.data_dir),
     "imdb": lambda t: _imdb_split(t.data_dir),
     "imdb-ratings-4": lambda t: _imdb_ratings(t.data_dir),
