@@ -14,13 +14,14 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
-from sparse_distill.config import ConfigError, LabelJob, VocabJob, format_validation_error
 from sparse_distill.data import DataError, check_texts, read_table, read_text_lines
 
 if TYPE_CHECKING:
     import pandas as pd
+
+    from sparse_distill.config import LabelJob, VocabJob
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +44,8 @@ def _label_tracking(flags: Mapping[str, Any]) -> dict[str, Any] | None:
 class JobFlags:
     """How a standalone command's flags fill its job: `fields` at the job's top level, `section` its runner config."""
 
-    job: type[LabelJob] | type[VocabJob]
+    # The job model's name in `sparse_distill.config`, imported when a job is built: predicting needs no pydantic.
+    job: Literal["LabelJob", "VocabJob"]
     required: tuple[str, ...]
     fields: dict[str, FlagSource]
     section: str
@@ -63,7 +65,7 @@ _RUNNER_COMMON: dict[str, FlagSource] = {
 # The one place where the flags of `sparse-distill label` and `sparse-distill vocab` map onto their jobs.
 JOB_FLAGS: dict[str, JobFlags] = {
     "label": JobFlags(
-        job=LabelJob,
+        job="LabelJob",
         required=("teacher", "corpus", "out"),
         fields={
             "teacher": "teacher",
@@ -82,7 +84,7 @@ JOB_FLAGS: dict[str, JobFlags] = {
         },
     ),
     "vocab": JobFlags(
-        job=VocabJob,
+        job="VocabJob",
         required=("input", "out"),
         fields={"inputs": "input", "keep_spills": "keep_spills", **_JOB_COMMON},
         section="vocab",
@@ -113,10 +115,12 @@ def job_from_flags(command: str, flags: Mapping[str, Any]) -> LabelJob | VocabJo
     """
     from pydantic import ValidationError
 
+    from sparse_distill import config
+
     spec = JOB_FLAGS[command]
     missing = [f"--{k.replace('_', '-')}" for k in spec.required if not flags.get(k)]
     if missing:
-        raise ConfigError(
+        raise config.ConfigError(
             f"{command}: give a pipeline CONFIG, or {_flag_list(list(spec.required))} (missing {missing})"
         )
 
@@ -126,9 +130,9 @@ def job_from_flags(command: str, flags: Mapping[str, Any]) -> LabelJob | VocabJo
     raw = {name: value(source) for name, source in spec.fields.items()}
     raw[spec.section] = {name: value(source) for name, source in spec.section_fields.items()}
     try:
-        return spec.job(**raw)
+        return getattr(config, spec.job)(**raw)
     except ValidationError as e:
-        raise ConfigError(f"{command}: {format_validation_error(e)}") from e
+        raise config.ConfigError(f"{command}: {config.format_validation_error(e)}") from e
 
 
 def is_mlflow_uri(model: str) -> bool:
@@ -237,6 +241,10 @@ def load_mlflow_model(uri: str):
         raise DataError(f"{uri}: cannot load this model from {tracking}: {e}") from e
 
 
+# Up to this many texts, a local student folder predicts with the numpy engine (see `predict_texts`).
+NUMPY_PREDICT_MAX_TEXTS = 5_000
+
+
 def predict_texts(
     model: str,
     texts: list[str],
@@ -263,6 +271,8 @@ def predict_texts(
                 model, teacher, cascade_threshold, cascade_metric, threads=threads, max_length=teacher_max_length
             )
         except ValueError as e:  # e.g. the two folders' labels differ: a usage error, not a crash
+            from sparse_distill.config import ConfigError
+
             raise ConfigError(f"predict: {e}") from e
         frame = cascade_predictions_frame(cascade, texts, batch_size)
         logger.info("cascade: %d of %d texts deferred to the teacher", int(frame["deferred"].sum()), len(texts))
@@ -270,7 +280,10 @@ def predict_texts(
     # Not mlflow_model's: a local folder needs no MLflow import (about 0.7 s of start-up).
     from sparse_distill.inference import StudentPredictor, predictions_frame
 
-    return predictions_frame(StudentPredictor.load(model, threads=threads), texts, batch_size)
+    # A few texts: the numpy engine, which starts without importing torch (about a second); many, or several
+    # threads: torch's fused kernels, faster per batch.
+    engine = "numpy" if threads == 1 and len(texts) <= NUMPY_PREDICT_MAX_TEXTS else "torch"
+    return predictions_frame(StudentPredictor.load(model, threads=threads, engine=engine), texts, batch_size)
 
 
 def write_predictions(frame: pd.DataFrame, out: str | None) -> None:

@@ -3,7 +3,8 @@
 Featurising (tokenise, hash the words, build n-gram keys, probe the hash table) is one compiled pass per batch
 (`ngram_kernels`); the model is an embedding-bag gather and two small dense layers. `threads` runs batches side by side
 on a thread pool sharing one model: the kernel and PyTorch release the GIL, so batches use several cores. One text at
-a time goes through `predict_one`, which skips the batching.
+a time goes through `predict_one`, which skips the batching. A process that predicts a few texts and exits loads the
+student with `engine="numpy"`: neither torch nor numba is imported (see `numpy_student`).
 """
 
 from __future__ import annotations
@@ -12,17 +13,23 @@ import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-import torch
 
 from sparse_distill.data import LabelMap
-from sparse_distill.student import DanStudent, load_student
-from sparse_distill.vocab import NgramVocab
+from sparse_distill.numpy_student import NumpyDanStudent, load_numpy_student
+from sparse_distill.vocab import FeaturizeEngine, NgramVocab
 
 if TYPE_CHECKING:
     import pandas as pd
+
+    from sparse_distill.student import DanStudent
+
+# How a loaded student computes: "torch" (DanStudent: fused embedding-bag kernels, several threads) or "numpy"
+# (NumpyDanStudent and, for small inputs, the Python featuriser: no torch or numba import, so a process that predicts a
+# few texts starts in well under a second; slower per batch).
+PredictEngine = Literal["torch", "numpy"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,29 +54,46 @@ class StudentPredictor:
 
     def __init__(
         self,
-        model: DanStudent,
+        model: DanStudent | NumpyDanStudent,
         vocab: NgramVocab,
         label_map: LabelMap,
         threads: int = 1,
         max_order: int | None = None,
+        featurize_engine: FeaturizeEngine = "compiled",
     ) -> None:
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
-        self.model = model.eval()
+        self.model = model if isinstance(model, NumpyDanStudent) else model.eval()
         self.vocab = vocab
         self.label_map = label_map
         self.threads = threads
         # Use only n-grams up to this length (the n-gram-order ablation); None: all the vocabulary has.
         self.max_order = max_order
+        self.featurize_engine = featurize_engine
         self._pool: ThreadPoolExecutor | None = None
-        if threads > 1:
+        if threads > 1 and not isinstance(model, NumpyDanStudent):
+            import torch
+
             torch.set_num_threads(1)
 
     @classmethod
-    def load(cls, model_dir: str | Path, threads: int = 1, max_order: int | None = None) -> StudentPredictor:
-        """Load a model folder written by `save_student` (the table memory-mapped, so processes share its pages)."""
-        model, label_map = load_student(model_dir)
-        return cls(model, NgramVocab.load(model_dir), label_map, threads=threads, max_order=max_order)
+    def load(
+        cls, model_dir: str | Path, threads: int = 1, max_order: int | None = None, engine: PredictEngine = "torch"
+    ) -> StudentPredictor:
+        """Load a model folder written by `save_student` (the table memory-mapped, so processes share its pages).
+
+        `engine="numpy"` loads it without torch (see `PredictEngine`): for processes that predict a few texts and exit.
+        """
+        if engine == "numpy":
+            model, label_map = load_numpy_student(model_dir)
+            vocab = NgramVocab.load(model_dir)
+            return cls(model, vocab, label_map, threads=threads, max_order=max_order, featurize_engine="auto")
+        if engine != "torch":
+            raise ValueError(f"engine must be torch or numpy, not {engine!r}")
+        from sparse_distill.student import load_student
+
+        torch_model, label_map = load_student(model_dir)
+        return cls(torch_model, NgramVocab.load(model_dir), label_map, threads=threads, max_order=max_order)
 
     @property
     def labels(self) -> list:
@@ -79,10 +103,14 @@ class StudentPredictor:
     def num_classes(self) -> int:
         return self.model.config.num_classes
 
-    @torch.inference_mode()
     def _logits(self, texts: list[str]) -> np.ndarray:
-        ids, offsets = self.vocab.featurize(texts, self.max_order)
-        return self.model(torch.from_numpy(ids), torch.from_numpy(offsets)).numpy()
+        ids, offsets = self.vocab.featurize(texts, self.max_order, engine=self.featurize_engine)
+        if isinstance(self.model, NumpyDanStudent):
+            return self.model(ids, offsets)
+        import torch  # loaded already: the model is a torch module
+
+        with torch.inference_mode():
+            return self.model(torch.from_numpy(ids), torch.from_numpy(offsets)).numpy()
 
     def predict_logits(self, texts: list[str], batch_size: int = 1024) -> np.ndarray:
         """Logits, shape (len(texts), num_classes)."""

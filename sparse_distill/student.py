@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
@@ -15,33 +14,17 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
 
+from sparse_distill.dan_config import (  # noqa: F401 - re-exported: the folder format is part of this module's API
+    LABEL_MAP,
+    STUDENT_CONFIG,
+    STUDENT_WEIGHTS,
+    TABLE_DTYPES,
+    DanConfig,
+    read_dan_config,
+)
 from sparse_distill.data import DataError, LabelMap, atomic_write_text, write_dir_atomically
 
 logger = logging.getLogger(__name__)
-
-STUDENT_WEIGHTS = "student.safetensors"
-STUDENT_CONFIG = "student.json"
-LABEL_MAP = "label_map.json"
-
-
-@dataclass(frozen=True)
-class DanConfig:
-    """Shape of a DAN student."""
-
-    vocab_size: int
-    num_classes: int
-    dim: int = 100
-    hidden: int = 256
-    pooling: Literal["mean", "max", "sum"] = "mean"
-    # Dense hidden layers between the pooled vector and the output (the paper's DAN has one).
-    layers: int = 1
-    dropout: float = 0.0
-    init_std: float = 0.1
-    # How the n-gram table is stored: training always uses float32; `quantize_student` writes the smaller forms.
-    table_dtype: Literal["float32", "float16", "int8"] = "float32"
-
-
-TABLE_DTYPES = ("float32", "float16", "int8")
 
 
 class Int8EmbeddingBag(nn.Module):
@@ -186,12 +169,7 @@ def save_student(model: DanStudent, label_map: LabelMap, vocab_dir: str | Path, 
 def load_student(model_dir: str | Path, mmap: bool = True) -> tuple[DanStudent, LabelMap]:
     """Load a student and its label map from a model folder (weights memory-mapped by safetensors)."""
     model_dir = Path(model_dir)
-    if not (model_dir / STUDENT_WEIGHTS).exists():
-        raise FileNotFoundError(f"{model_dir}: not a student model folder (no {STUDENT_WEIGHTS})")
-    try:
-        config = DanConfig(**json.loads((model_dir / STUDENT_CONFIG).read_text()))
-    except (OSError, ValueError, TypeError) as e:
-        raise DataError(f"{model_dir / STUDENT_CONFIG}: not a readable student config ({e})") from e
+    config = read_dan_config(model_dir)
     try:
         state = load_file(str(model_dir / STUDENT_WEIGHTS))
     except Exception as e:  # noqa: BLE001 - safetensors raises its own (SafetensorError) for a truncated file

@@ -19,6 +19,7 @@ import functools
 import json
 import logging
 import re
+import sys
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import InitVar, dataclass, field
@@ -31,13 +32,39 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from sparse_distill.data import atomic_write, atomic_write_parquet, atomic_write_text, file_checksum
-from sparse_distill.ngram_kernels import BYTE_FOLD, featurize_bytes, ngram_keys, word_bits
 
 logger = logging.getLogger(__name__)
 
 LOOKUP = "vocab.lookup.npz"
 # Format of the saved lookup; a file of another version is rebuilt.
 _LOOKUP_VERSION = 5
+
+FeaturizeEngine = Literal["auto", "compiled", "python"]
+# Up to this many texts, "auto" featurises in Python unless the kernel is loaded already: loading it (numba and
+# the cached machine code) takes longer than featurising this many texts in Python.
+PYTHON_FEATURIZE_MAX_TEXTS = 1000
+
+# The kernel's hashing (see `ngram_kernels`) in Python integers: FNV-1a over a word's bytes, splitmix64's finaliser.
+_MASK64 = (1 << 64) - 1
+_FNV_OFFSET = 0xCBF29CE484222325
+_FNV_PRIME = 0x100000001B3
+_GOLDEN = 0x9E3779B97F4A7C15
+
+
+def _py_fnv1a(data: bytes) -> int:
+    h = _FNV_OFFSET
+    for b in data:
+        h = ((h ^ b) * _FNV_PRIME) & _MASK64
+    return h
+
+
+def _py_mix(x: int) -> int:
+    x ^= x >> 30
+    x = (x * 0xBF58476D1CE4E5B9) & _MASK64
+    x ^= x >> 27
+    x = (x * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
 
 TOKEN_PATTERN = r"(?u)\b\w\w+\b"
 _token_re = re.compile(TOKEN_PATTERN)
@@ -68,6 +95,8 @@ def _non_word_pattern() -> str:
     """An RE2 class matching what Python's `(?u)\\w` does not, built from the code points that Python's regex calls
     word characters (`ngram_kernels.word_bits`), so Arrow splits exactly where `tokenize` does (RE2's Unicode tables
     are newer)."""
+    from sparse_distill.ngram_kernels import word_bits
+
     word = np.flatnonzero(np.unpackbits(word_bits(), bitorder="little"))
     gaps = np.flatnonzero(np.diff(word) != 1)
     starts, stops = np.append(word[0], word[gaps + 1]), np.append(word[gaps], word[-1])
@@ -314,7 +343,9 @@ class NgramVocab:
         rows[words > self.ngram_max] = -1
         return rows
 
-    def featurize(self, texts: list[str], max_order: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def featurize(
+        self, texts: list[str], max_order: int | None = None, engine: FeaturizeEngine = "auto"
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Embedding-bag inputs for documents: flat row ids and per-document start offsets (int64).
 
         Each document contributes one id per occurrence of a kept n-gram (n = 1..ngram_max), so mean pooling weights
@@ -324,14 +355,49 @@ class NgramVocab:
         Tokens are `tokenize`'s, found by the compiled kernel in the texts' UTF-8 bytes: it lowercases ASCII letters
         (other texts are lowercased by `str.lower` first) and tells word characters by a bitmap of the code points
         that Python's `\\w` matches.
+
+        `engine`: "compiled" (the numba kernel), "python" (the same keys and ids from `tokenize` and a Python hash
+        loop: no numba import and no kernel load, about a second of start-up, at some tens of microseconds per short
+        text), or "auto": the kernel once it is loaded or for more than `PYTHON_FEATURIZE_MAX_TEXTS` texts, else Python.
         """
         top = self.ngram_max if max_order is None else min(max_order, self.ngram_max)
         if top < 1:
             raise ValueError(f"max_order must be >= 1, got {max_order}")
+        if engine == "auto":
+            small = len(texts) <= PYTHON_FEATURIZE_MAX_TEXTS
+            engine = "python" if small and "sparse_distill.ngram_kernels" not in sys.modules else "compiled"
+        if engine == "python":
+            return self._featurize_python(texts, top)
+        if engine != "compiled":
+            raise ValueError(f"engine must be auto, compiled or python, not {engine!r}")
         return self._featurize_encoded(*encode_texts(texts), top)
+
+    def _featurize_python(self, texts: list[str], max_order: int) -> tuple[np.ndarray, np.ndarray]:
+        """`featurize` without the kernel: the same word keys, n-gram keys and id order (unigrams in text order, then
+        bigrams, ...), looked up in the same hash table."""
+        ids: list[np.ndarray] = []
+        offsets = np.zeros(len(texts), np.int64)
+        total = 0
+        for d, text in enumerate(texts):
+            offsets[d] = total
+            words = [_py_mix(_py_fnv1a(w.encode("utf-8", "surrogatepass"))) for w in tokenize(text)]
+            keys: list[int] = []
+            current = [_GOLDEN] * len(words)
+            for n in range(1, max_order + 1):
+                for j in range(len(words) - n + 1):
+                    current[j] = _py_mix(current[j] ^ words[j + n - 1])
+                    keys.append(current[j])
+            if keys:
+                rows = self._table.get(np.array(keys, np.uint64))
+                rows = rows[rows >= 0]
+                ids.append(rows)
+                total += len(rows)
+        return (np.concatenate(ids) if ids else np.zeros(0, np.int64)), offsets
 
     def _featurize_encoded(self, buf: np.ndarray, ends: np.ndarray, max_order: int) -> tuple[np.ndarray, np.ndarray]:
         """`featurize` of texts already encoded by `encode_texts` (max_order 0 only tokenises and hashes)."""
+        from sparse_distill.ngram_kernels import BYTE_FOLD, featurize_bytes, word_bits
+
         table = self._table
         return featurize_bytes(
             buf, ends, BYTE_FOLD, word_bits(), table.keys, table.rows, max_order, self._prefix_closed
@@ -452,6 +518,8 @@ def encode_texts(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
 
 def _string_keys(ngrams: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Keys, word counts and prefix keys of n-gram strings (see `ngram_kernels.ngram_keys`)."""
+    from sparse_distill.ngram_kernels import ngram_keys
+
     data = [g.encode() for g in ngrams]
     ends = np.cumsum(np.fromiter(map(len, data), np.int64, len(data)))
     return ngram_keys(np.frombuffer(b"".join(data), np.uint8), ends)
