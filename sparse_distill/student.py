@@ -68,6 +68,33 @@ class Int8EmbeddingBag(nn.Module):
         return summed / sizes.clamp(min=1).unsqueeze(1).to(summed.dtype)
 
 
+class _TableBag(torch.autograd.Function):
+    """A sum- or mean-pooled embedding bag whose backward gives the table's gradient summed per distinct row (a
+    coalesced sparse tensor, from the compiled `table_kernels.bag_backward`), where EmbeddingBag's writes a row per
+    n-gram occurrence (316k rows of d floats for 512 IMDB reviews) that every optimizer then has to sum. The forward
+    is EmbeddingBag's own; the gradient is the same up to float rounding."""
+
+    @staticmethod
+    def forward(  # noqa: ANN205 (torch's signature)
+        ctx, weight: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor, mean: bool, position: np.ndarray
+    ):
+        ctx.save_for_backward(ids, offsets)
+        ctx.mean, ctx.position, ctx.shape = mean, position, weight.shape
+        return F.embedding_bag(ids, weight, offsets, mode="mean" if mean else "sum")
+
+    @staticmethod
+    def backward(ctx, grad_pooled: torch.Tensor):  # noqa: ANN205 (torch's signature)
+        from sparse_distill.table_kernels import bag_backward
+
+        ids, offsets = ctx.saved_tensors
+        grad = grad_pooled.detach().float().contiguous().numpy()
+        rows, summed = bag_backward(ids.numpy(), offsets.numpy(), grad, ctx.mean, ctx.position)
+        table_grad = torch.sparse_coo_tensor(
+            torch.from_numpy(rows).unsqueeze(0), torch.from_numpy(summed), ctx.shape, is_coalesced=True
+        )
+        return table_grad, None, None, None, None
+
+
 class DanStudent(nn.Module):
     """Deep Averaging Network: pooled n-gram embeddings, then two dense layers."""
 
@@ -98,6 +125,10 @@ class DanStudent(nn.Module):
         # Extra hidden layers (for the depth ablation) sit between fc1 and fc2, so one-layer students keep their keys.
         self.extra = nn.ModuleList(nn.Linear(config.hidden, config.hidden) for _ in range(config.layers - 1))
         self.fc2 = nn.Linear(config.hidden, config.num_classes)
+        # Training on a CPU: the table's gradient from the compiled kernel (see `_TableBag`); False: EmbeddingBag's.
+        self.fused_table_grad = True
+        # The kernel's table-long row numbering, all -1 between steps (made on first use; not part of the state).
+        self._position: np.ndarray | None = None
 
     def forward(self, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         """Logits for a batch of bags: `ids` flat row ids, `offsets` each bag's start."""
@@ -107,7 +138,25 @@ class DanStudent(nn.Module):
         """The pooled n-gram vector of each bag (float32), `[bags, dim]`."""
         if self.config.pooling == "max":
             return self._max_pool(ids, offsets)
+        if self._table_bag_applies(ids):
+            if self._position is None or len(self._position) != self.config.vocab_size:
+                self._position = np.full(self.config.vocab_size, -1, np.int64)
+            weight = self.embedding.weight
+            return _TableBag.apply(weight, ids, offsets, self.config.pooling == "mean", self._position)
         return self.embedding(ids, offsets).float()
+
+    def _table_bag_applies(self, ids: torch.Tensor) -> bool:
+        """Whether training takes `_TableBag`'s compiled backward: a float32 table on the CPU, a gradient wanted."""
+        weight = getattr(self.embedding, "weight", None)
+        return (
+            self.fused_table_grad
+            and weight is not None
+            and weight.requires_grad
+            and torch.is_grad_enabled()
+            and weight.device.type == "cpu"
+            and weight.dtype == torch.float32
+            and ids.dtype == torch.int64
+        )
 
     def classify(self, pooled: torch.Tensor) -> torch.Tensor:
         """Logits of pooled document vectors (float32, shape (n, dim)): the dense layers alone (`head`; used by the

@@ -11,9 +11,11 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import queue
 import random
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -301,6 +303,51 @@ def _set_rng_states(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
+# Batches `fit` prepares ahead of the step (with `prepare`): enough to hide one slow batch, few enough to bound memory.
+PREFETCH_DEPTH = 3
+_DONE = object()
+
+
+def prefetched(batches: Iterator[Any], prepare: Callable[[Any], Any], depth: int = PREFETCH_DEPTH) -> Iterator[Any]:
+    """`prepare(batch)` for each batch, computed by a background thread up to `depth` batches ahead of the consumer,
+    in order. The featuriser's kernel and PyTorch release the GIL, so preparing overlaps the training step. An error
+    in the thread is raised here; a consumer that stops early (or fails) stops the thread."""
+    results: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                results.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for batch in batches:
+                if not put((prepare(batch), None)):
+                    return
+            put((_DONE, None))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
+            put((None, e))
+
+    thread = threading.Thread(target=work, name="sparse-distill-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = results.get()
+            if error is not None:
+                raise error
+            if item is _DONE:
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
 def fit(
     optimizers: list[torch.optim.Optimizer],
     train_step: Callable[[Any], torch.Tensor],
@@ -313,6 +360,7 @@ def fit(
     name: str = "student",
     evaluate_first: bool = False,
     checkpoint: Checkpointing | None = None,
+    prepare: Callable[[Any], Any] | None = None,
 ) -> TrainResult:
     """The one training loop of every student: steps over shuffled epochs, a learning-rate schedule, dev evaluation
     every `eval_every` steps, the best dev checkpoint kept (`save_best`), early stopping after `patience` evaluations
@@ -325,6 +373,9 @@ def fit(
     With `checkpoint`, the loop's whole state is written every N steps or M minutes and a run finds it and resumes:
     the epoch's batches are replayed from its seeded start and the ones already consumed skipped, so a resumed run
     ends where an uninterrupted one would. The checkpoint is deleted when the loop finishes.
+
+    With `prepare` (e.g. featurising a batch's texts), a background thread runs it on the next batches while the
+    current step trains (see `prefetched`), and `train_step` receives its result.
     """
     if data.num_docs < 1:
         raise ValueError(f"{name}: no training documents")
@@ -406,29 +457,35 @@ def fit(
     while step < total and not stop:
         # Each epoch's batch stream is seeded by its number: a resumed run replays it and skips what was consumed.
         batches = itertools.islice(data.epoch(epoch, config.batch_size), skip, None)
+        if prepare is not None:
+            batches = prefetched(batches, prepare)
         position, skip = skip, 0
-        for batch in batches:
-            scale = lr_scale(step, total, config.schedule, warmup)
-            for opt, lrs in zip(optimizers, base_lrs, strict=True):
-                for group, lr in zip(opt.param_groups, lrs, strict=True):
-                    group["lr"] = lr * scale
-            loss = train_step(batch)
-            for opt in optimizers:
-                opt.zero_grad(set_to_none=True)
-            loss.backward()
-            for opt in optimizers:
-                opt.step()
-            step += 1
-            position += 1
-            if on_metrics and (step % 10 == 0 or step == 1):
-                on_metrics(step, {f"{metric_prefix}train_loss": loss.item()})
-            if step % budget.eval_every == 0 or step == total:
-                stop = check()
-            if step >= total or stop:
-                break
-            if checkpoint is not None and checkpoint.due(step, time.monotonic() - last_checkpoint):
-                write_checkpoint(position)
-                last_checkpoint = time.monotonic()
+        try:
+            for batch in batches:
+                scale = lr_scale(step, total, config.schedule, warmup)
+                for opt, lrs in zip(optimizers, base_lrs, strict=True):
+                    for group, lr in zip(opt.param_groups, lrs, strict=True):
+                        group["lr"] = lr * scale
+                loss = train_step(batch)
+                for opt in optimizers:
+                    opt.zero_grad(set_to_none=True)
+                loss.backward()
+                for opt in optimizers:
+                    opt.step()
+                step += 1
+                position += 1
+                if on_metrics and (step % 10 == 0 or step == 1):
+                    on_metrics(step, {f"{metric_prefix}train_loss": loss.item()})
+                if step % budget.eval_every == 0 or step == total:
+                    stop = check()
+                if step >= total or stop:
+                    break
+                if checkpoint is not None and checkpoint.due(step, time.monotonic() - last_checkpoint):
+                    write_checkpoint(position)
+                    last_checkpoint = time.monotonic()
+        finally:
+            if isinstance(batches, Generator):
+                batches.close()  # stops the prefetch thread at once, whether the epoch ended, broke off or failed
         epoch += 1
     if not history or history[-1]["step"] != step:
         check()
@@ -524,10 +581,16 @@ def train_student(
 
     rng = np.random.default_rng(config.seed)
 
-    def train_step(batch: Batch) -> torch.Tensor:
+    def featurize(batch: Batch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        # Runs in `fit`'s prefetch thread, ahead of the step.
         texts, targets = batch
-        model.train()
         ids, offsets = vocab.featurize(texts)
+        return ids, offsets, targets
+
+    def train_step(batch: tuple[np.ndarray, np.ndarray, np.ndarray]) -> torch.Tensor:
+        ids, offsets, targets = batch
+        model.train()
+        # Dropout here, in the training thread, so its random stream is the checkpointed one.
         if config.ngram_dropout:
             ids, offsets = drop_ngrams(ids, offsets, config.ngram_dropout, rng)
         pooled = model.pool(_to_device(ids, device), _to_device(offsets, device))
@@ -568,6 +631,7 @@ def train_student(
         name="DAN",
         evaluate_first=evaluate_first,
         checkpoint=checkpoint,
+        prepare=featurize,
     )
 
 

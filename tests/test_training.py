@@ -676,3 +676,27 @@ def test_pool_and_head_compose_to_forward():
         model = student_from_config(30, 3, StudentConfig(dim=4, hidden=5, pooling=pooling)).eval()
         ids, offsets = torch.tensor([1, 2, 2, 9, 4]), torch.tensor([0, 3, 3])
         assert torch.equal(model(ids, offsets), model.head(model.pool(ids, offsets)))
+
+
+def test_prefetched_keeps_order_raises_errors_and_stops_its_thread():
+    import threading
+
+    from sparse_distill.training import prefetched
+
+    assert list(prefetched(iter(range(20)), lambda x: x * x, depth=2)) == [x * x for x in range(20)]
+
+    def fail_at_5(x: int) -> int:
+        if x == 5:
+            raise ValueError("bad batch 5")
+        return x
+
+    got = []
+    with pytest.raises(ValueError, match="bad batch 5"):
+        for item in prefetched(iter(range(10)), fail_at_5):
+            got.append(item)
+    assert got == [0, 1, 2, 3, 4]
+    # A consumer that stops early: closing the generator ends the thread, which was blocked on a full queue.
+    stream = prefetched(iter(range(1_000)), lambda x: x, depth=2)
+    assert next(stream) == 0
+    stream.close()
+    assert not any(t.name == "sparse-distill-prefetch" for t in threading.enumerate())
