@@ -41,6 +41,7 @@ from sparse_distill.data import (
     resolve_path,
 )
 from sparse_distill.evaluation import classification_metrics, measure_throughput, repeat_to
+from sparse_distill.features import featurize_labels
 from sparse_distill.inference import StudentPredictor
 from sparse_distill.run_store import file_fingerprint, read_stage
 from sparse_distill.shard_plan import CorpusSource, plan_shards
@@ -426,6 +427,10 @@ def _gold(train_cfg: TrainConfig) -> Callable[[TaskData], BatchSource]:
     )
 
 
+# The distill stage's featurised label shards, inside its own folder.
+FEATURES_DIR = "features"
+
+
 def run_distill(
     cfg: PipelineConfig,
     vocab_dir: str,
@@ -433,8 +438,17 @@ def run_distill(
     out_dir: str | Path,
     on_metrics: MetricsCallback | None = None,
 ) -> dict:
-    """Distil the teacher's soft labels into a fresh DAN (streamed from the label shards)."""
-    stream = lambda _d: SoftLabelStream(label_dirs, cfg.distill.shuffle_buffer, cfg.distill.seed)  # noqa: E731
+    """Distil the teacher's soft labels into a fresh DAN (streamed from the label shards).
+
+    The labelled documents are featurised once, into `out_dir/features/<label folder>` (resumable, shard by shard;
+    see `sparse_distill.features`), and every epoch reads their n-gram ids from there instead of their texts.
+    """
+    feature_dirs = [
+        str(featurize_labels(d, vocab_dir, Path(out_dir) / FEATURES_DIR / Path(d).name)) for d in label_dirs
+    ]
+    stream = lambda _d: SoftLabelStream(  # noqa: E731
+        label_dirs, cfg.distill.shuffle_buffer, cfg.distill.seed, feature_dirs=feature_dirs
+    )
     return _train_stage(cfg, vocab_dir, out_dir, stream, cfg.distill, None, on_metrics, "kd_", "distill")
 
 

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from sparse_distill.config import StudentConfig, TrainConfig, fingerprint
 from sparse_distill.data import LabelMap, atomic_write
+from sparse_distill.features import iter_featurized
 from sparse_distill.soft_labels import iter_soft_labels, read_manifest
 from sparse_distill.sparse_optim import table_optimizer
 from sparse_distill.student import DanConfig, DanStudent, load_student, save_student
@@ -33,7 +34,32 @@ from sparse_distill.vocab import NgramVocab
 
 logger = logging.getLogger(__name__)
 
-Batch = tuple[list[str], np.ndarray]
+
+@dataclass
+class DocIds:
+    """Documents already featurised (see `sparse_distill.features`): flat n-gram ids and each document's start."""
+
+    ids: np.ndarray
+    offsets: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    @classmethod
+    def join(cls, docs: list[np.ndarray]) -> DocIds:
+        """One batch from per-document id arrays."""
+        lengths = np.fromiter(map(len, docs), np.int64, len(docs))
+        offsets = np.zeros(len(docs), np.int64)
+        np.cumsum(lengths[:-1], out=offsets[1:])
+        return cls(np.concatenate(docs) if docs else np.zeros(0, np.int64), offsets)
+
+    def split(self) -> list[np.ndarray]:
+        """Per-document views of the ids."""
+        return np.split(self.ids, self.offsets[1:]) if len(self.offsets) else []
+
+
+# A batch: texts (or the same documents featurised once) and their target distributions.
+Batch = tuple[list[str] | DocIds, np.ndarray]
 MetricsCallback = Callable[[int, dict[str, float]], None]
 
 
@@ -92,10 +118,17 @@ class InMemoryBatches:
     texts: list[str]
     targets: np.ndarray
     seed: int = 13
+    # The texts featurised once (`featurized`): epochs then yield DocIds batches instead of texts.
+    docs: list[np.ndarray] | None = None
 
     @property
     def num_docs(self) -> int:
         return len(self.texts)
+
+    def featurized(self, vocab: NgramVocab) -> InMemoryBatches:
+        """The same batches with every text featurised once, up front, instead of in every epoch."""
+        ids, offsets = vocab.featurize(self.texts, engine="compiled")
+        return InMemoryBatches(self.texts, self.targets, self.seed, DocIds(ids, offsets).split())
 
     @classmethod
     def from_labels(cls, texts: list[str], labels: list[int], num_classes: int, seed: int = 13) -> InMemoryBatches:
@@ -108,19 +141,24 @@ class InMemoryBatches:
         order = np.random.default_rng(self.seed + epoch).permutation(len(self.texts))
         for i in range(0, len(order), batch_size):
             idx = order[i : i + batch_size]
-            yield [self.texts[j] for j in idx], self.targets[idx]
+            if self.docs is not None:
+                yield DocIds.join([self.docs[j] for j in idx]), self.targets[idx]
+            else:
+                yield [self.texts[j] for j in idx], self.targets[idx]
 
 
 @dataclass
 class SoftLabelStream:
     """Soft labels streamed from labelling output folders: shards in a random order, a bounded shuffle buffer.
 
-    Memory is bounded by `buffer_size` documents, not by corpus size.
+    Memory is bounded by `buffer_size` documents, not by corpus size. With `feature_dirs` (one per label folder, made
+    by `features.featurize_labels`), documents come as their stored n-gram ids (DocIds batches), not as texts.
     """
 
     label_dirs: list[str]
     buffer_size: int = 100_000
     seed: int = 13
+    feature_dirs: list[str] | None = None
     num_docs: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -131,29 +169,35 @@ class SoftLabelStream:
         manifests = {d: read_manifest(d) for d in self.label_dirs}
         shards = [(d, i) for d, m in manifests.items() for i in range(len(m.shards))]
         rng.shuffle(shards)
-        buf_texts: list[str] = []
+        if self.feature_dirs is not None and len(self.feature_dirs) != len(self.label_dirs):
+            raise ValueError(f"{len(self.feature_dirs)} feature folders for {len(self.label_dirs)} label folders")
+        features = dict(zip(self.label_dirs, self.feature_dirs or [], strict=False))
+        buf_docs: list = []  # texts, or per-document id arrays
         buf_probs: list[np.ndarray] = []
         for d, i in shards:
-            for texts, probs in iter_soft_labels(d, [i], manifests[d]):
-                buf_texts.extend(texts)
-                buf_probs.extend(probs)
-            if len(buf_texts) >= self.buffer_size:
-                yield from self._drain(buf_texts, buf_probs, batch_size, rng, keep=self.buffer_size // 2)
-        yield from self._drain(buf_texts, buf_probs, batch_size, rng, keep=0)
+            if d in features:
+                for ids, offsets, probs in iter_featurized(d, features[d], [i], manifests[d]):
+                    buf_docs.extend(DocIds(ids, offsets).split())
+                    buf_probs.extend(probs)
+            else:
+                for texts, probs in iter_soft_labels(d, [i], manifests[d]):
+                    buf_docs.extend(texts)
+                    buf_probs.extend(probs)
+            if len(buf_docs) >= self.buffer_size:
+                yield from self._drain(buf_docs, buf_probs, batch_size, rng, keep=self.buffer_size // 2)
+        yield from self._drain(buf_docs, buf_probs, batch_size, rng, keep=0)
 
     @staticmethod
-    def _drain(
-        texts: list[str], probs: list[np.ndarray], batch_size: int, rng: random.Random, keep: int
-    ) -> Iterator[Batch]:
+    def _drain(docs: list, probs: list[np.ndarray], batch_size: int, rng: random.Random, keep: int) -> Iterator[Batch]:
         # Shuffle the buffer, emit full batches until only `keep` documents remain (the rest mix with the next shard).
-        order = list(range(len(texts)))
+        order = list(range(len(docs)))
         rng.shuffle(order)
-        texts[:] = [texts[i] for i in order]
+        docs[:] = [docs[i] for i in order]
         probs[:] = [probs[i] for i in order]
-        while len(texts) - keep >= batch_size or (keep == 0 and texts):
-            bt, bp = texts[:batch_size], probs[:batch_size]
-            del texts[:batch_size], probs[:batch_size]
-            yield bt, np.stack(bp)
+        while len(docs) - keep >= batch_size or (keep == 0 and docs):
+            bt, bp = docs[:batch_size], probs[:batch_size]
+            del docs[:batch_size], probs[:batch_size]
+            yield (bt if isinstance(bt[0], str) else DocIds.join(bt)), np.stack(bp)
 
 
 @dataclass
@@ -582,10 +626,15 @@ def train_student(
     rng = np.random.default_rng(config.seed)
 
     def featurize(batch: Batch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        # Runs in `fit`'s prefetch thread, ahead of the step.
-        texts, targets = batch
-        ids, offsets = vocab.featurize(texts)
+        # Runs in `fit`'s prefetch thread, ahead of the step; batches featurised once already pass through.
+        docs, targets = batch
+        if isinstance(docs, DocIds):
+            return docs.ids, docs.offsets, targets
+        ids, offsets = vocab.featurize(docs, engine="compiled")
         return ids, offsets, targets
+
+    if isinstance(data, InMemoryBatches) and data.docs is None:
+        data = data.featurized(vocab)  # the train set: featurised once for all epochs
 
     def train_step(batch: tuple[np.ndarray, np.ndarray, np.ndarray]) -> torch.Tensor:
         ids, offsets, targets = batch

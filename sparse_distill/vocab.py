@@ -344,7 +344,7 @@ class NgramVocab:
         return rows
 
     def featurize(
-        self, texts: list[str], max_order: int | None = None, engine: FeaturizeEngine = "auto"
+        self, texts: list[str], max_order: int | None = None, engine: FeaturizeEngine = "compiled"
     ) -> tuple[np.ndarray, np.ndarray]:
         """Embedding-bag inputs for documents: flat row ids and per-document start offsets (int64).
 
@@ -356,9 +356,10 @@ class NgramVocab:
         (other texts are lowercased by `str.lower` first) and tells word characters by a bitmap of the code points
         that Python's `\\w` matches.
 
-        `engine`: "compiled" (the numba kernel), "python" (the same keys and ids from `tokenize` and a Python hash
-        loop: no numba import and no kernel load, about a second of start-up, at some tens of microseconds per short
-        text), or "auto": the kernel once it is loaded or for more than `PYTHON_FEATURIZE_MAX_TEXTS` texts, else Python.
+        `engine`: "compiled" (default: the numba kernel); "python" (the same keys and ids from `tokenize` and a Python
+        hash loop: no numba import and no kernel load, about a second of start-up, at some tens of microseconds per
+        short text); or "auto": the kernel once it is loaded or for more than `PYTHON_FEATURIZE_MAX_TEXTS` texts, else
+        Python.
         """
         top = self.ngram_max if max_order is None else min(max_order, self.ngram_max)
         if top < 1:

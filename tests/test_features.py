@@ -1,0 +1,113 @@
+"""Featurise once: ids stored beside the soft labels equal featurising the texts, shards are kept or redone by what
+they were made from, and streaming the stored ids gives the very batches that streaming the texts gives."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from sparse_distill.data import DataError, file_checksum
+from sparse_distill.features import featurize_labels, iter_featurized
+from sparse_distill.shard_plan import CorpusSource, open_plan, write_record
+from sparse_distill.soft_labels import LABELLING, SHARDS, LabelRecord, write_soft_labels
+from sparse_distill.training import DocIds, InMemoryBatches, SoftLabelStream
+from sparse_distill.vocab import build_vocab
+
+TEXTS = [
+    f"the film number {i} was {'great' if i % 3 else 'dull and slow'} {'' if i % 4 else 'ça va'}" for i in range(23)
+]
+TEXTS[5] = "a ! b"  # a document with no n-gram at all (no word of two characters)
+
+
+def _labels(tmp_path, name="labels", shard_size=5, seed=0):
+    pq.write_table(pa.table({"text": TEXTS}), tmp_path / "c.parquet")
+    out = tmp_path / name
+    plan = open_plan(out, LABELLING, [CorpusSource(str(tmp_path / "c.parquet"))], shard_size)
+    rng = np.random.default_rng(seed)
+    for shard in plan.shards:
+        ids = [f"c.parquet:{i}" for i in range(shard.start, shard.stop)]
+        path = write_soft_labels(out / SHARDS / shard.name, ids, rng.normal(size=(shard.size, 3)))
+        record = LabelRecord(**vars(shard.spec()), status="done", rows=shard.size, checksum=file_checksum(path))
+        write_record(out, LABELLING, record)
+    return out
+
+
+def _vocab(tmp_path, size=40, name="vocab"):
+    build_vocab(TEXTS, size, 2).save(tmp_path / name)
+    return tmp_path / name
+
+
+def test_stored_ids_equal_featurising_the_texts(tmp_path):
+    labels, vocab_dir = _labels(tmp_path), _vocab(tmp_path)
+    out = featurize_labels(labels, vocab_dir, tmp_path / "features")
+    from sparse_distill.vocab import NgramVocab
+
+    vocab = NgramVocab.load(vocab_dir)
+    shards = list(iter_featurized(labels, out))
+    assert len(shards) == 5
+    got = [doc for ids, offsets, _ in shards for doc in DocIds(ids, offsets).split()]
+    expected = DocIds(*vocab.featurize(TEXTS)).split()
+    assert len(got) == len(TEXTS) and all(np.array_equal(a, b) for a, b in zip(got, expected, strict=True))
+    assert len(got[5]) == 0 and got[0].dtype == np.int64
+
+
+def test_shards_are_kept_or_redone_by_what_they_were_made_from(tmp_path):
+    labels, vocab_dir = _labels(tmp_path), _vocab(tmp_path)
+    out = featurize_labels(labels, vocab_dir, tmp_path / "features")
+    mtimes = {p.name: p.stat().st_mtime_ns for p in (out / SHARDS).glob("*.parquet")}
+    # Again: nothing is redone.
+    featurize_labels(labels, vocab_dir, out)
+    assert {p.name: p.stat().st_mtime_ns for p in (out / SHARDS).glob("*.parquet")} == mtimes
+    # A shard whose record is gone (killed while writing it) is redone, alone.
+    (out / SHARDS / "00002.json").unlink()
+    os.utime(out / SHARDS / "00002.parquet", ns=(0, 0))
+    featurize_labels(labels, vocab_dir, out)
+    now = {p.name: p.stat().st_mtime_ns for p in (out / SHARDS).glob("*.parquet")}
+    assert [n for n in now if now[n] != mtimes[n]] == ["00002.parquet"]
+    # Another vocabulary: every shard is redone.
+    other = _vocab(tmp_path, size=10, name="vocab10")
+    featurize_labels(labels, other, out)
+    assert all(p.stat().st_mtime_ns != mtimes[p.name] for p in (out / SHARDS).glob("*.parquet"))
+
+
+def test_relabelled_shard_is_refused_until_featurised_again(tmp_path):
+    labels, vocab_dir = _labels(tmp_path), _vocab(tmp_path)
+    out = featurize_labels(labels, vocab_dir, tmp_path / "features")
+    # Shard 1 labelled again (other probabilities, a new checksum in its record).
+    fresh = _labels(tmp_path, name="labels2", seed=1)
+    for suffix in ("parquet", "json"):
+        (labels / SHARDS / f"00001.{suffix}").write_bytes((fresh / SHARDS / f"00001.{suffix}").read_bytes())
+    with pytest.raises(DataError, match=r"00001.parquet: missing or made from other labels"):
+        list(iter_featurized(labels, out))
+    featurize_labels(labels, vocab_dir, out)
+    assert sum(len(p) for _, _, p in iter_featurized(labels, out)) == len(TEXTS)
+
+
+def test_streaming_stored_ids_gives_the_text_streams_batches(tmp_path):
+    labels, vocab_dir = _labels(tmp_path), _vocab(tmp_path)
+    features = featurize_labels(labels, vocab_dir, tmp_path / "features")
+    from sparse_distill.vocab import NgramVocab
+
+    vocab = NgramVocab.load(vocab_dir)
+    texts = SoftLabelStream([str(labels)], buffer_size=8, seed=3)
+    stored = SoftLabelStream([str(labels)], buffer_size=8, seed=3, feature_dirs=[str(features)])
+    assert stored.num_docs == texts.num_docs == len(TEXTS)
+    for epoch in (0, 1):
+        pairs = list(zip(texts.epoch(epoch, 4), stored.epoch(epoch, 4), strict=True))
+        for (batch_texts, probs_a), (batch_ids, probs_b) in pairs:
+            assert isinstance(batch_ids, DocIds)
+            ids, offsets = vocab.featurize(batch_texts)
+            assert np.array_equal(ids, batch_ids.ids) and np.array_equal(offsets, batch_ids.offsets)
+            assert np.array_equal(probs_a, probs_b)
+    # The train set in memory: featurised once, the same batches in the same order.
+    targets = np.eye(3, dtype=np.float32)[np.arange(len(TEXTS)) % 3]
+    plain = InMemoryBatches(TEXTS, targets, seed=5)
+    once = plain.featurized(vocab)
+    for (batch_texts, t_a), (batch_ids, t_b) in zip(plain.epoch(2, 6), once.epoch(2, 6), strict=True):
+        ids, offsets = vocab.featurize(batch_texts)
+        assert np.array_equal(ids, batch_ids.ids) and np.array_equal(offsets, batch_ids.offsets)
+        assert np.array_equal(t_a, t_b)
