@@ -70,9 +70,10 @@ def featurize_labels(label_dir: str | Path, vocab_dir: str | Path, out_dir: str 
     vocab = NgramVocab.load(vocab_dir)
     vsum = vocab_checksum(vocab_dir)
     (out_dir / SHARDS).mkdir(parents=True, exist_ok=True)
-    done = kept = 0
+    done = kept = seen = 0
     start = time.perf_counter()
     for i, shard in enumerate(plan.shards):
+        seen += shard.size
         if getattr(shard, "status", "pending") != "done":
             raise DataError(f"{label_dir}: shard {shard.name} is not labelled yet; label it before featurising")
         label_sum = getattr(shard, "checksum", None)
@@ -96,7 +97,7 @@ def featurize_labels(label_dir: str | Path, vocab_dir: str | Path, out_dir: str 
             i + 1,
             len(plan.shards),
             shard.size,
-            sum(s.size for s in plan.shards[: i + 1]) / max(time.perf_counter() - start, 1e-9),
+            seen / max(time.perf_counter() - start, 1e-9),
         )
     logger.info("%s: %d shards featurised, %d kept from before", out_dir, done, kept)
     return out_dir

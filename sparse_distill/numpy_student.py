@@ -10,15 +10,12 @@ rounding (tests/test_numpy_student.py checks every table dtype and pooling).
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import numpy as np
 
 from sparse_distill.dan_config import LABEL_MAP, STUDENT_WEIGHTS, DanConfig, read_dan_config
 from sparse_distill.data import DataError, LabelMap
-
-logger = logging.getLogger(__name__)
 
 
 class NumpyDanStudent:

@@ -58,17 +58,6 @@ def row_gradient(grad: torch.Tensor, num_rows: int | None = None) -> tuple[torch
     return rows, summed
 
 
-def _kernel_inputs(p: torch.Tensor, grad: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """The table and the raw COO gradient as numpy views when the compiled kernel can take them, else None."""
-    if not (grad.is_sparse and p.device.type == "cpu" and p.dtype == torch.float32 and p.is_contiguous()):
-        return None
-    values = grad._values()
-    if values.dtype != torch.float32:
-        return None
-    idx = grad._indices()[0]
-    return p.detach().numpy(), idx.contiguous().numpy(), values.contiguous().numpy()
-
-
 class _RowwiseOptimizer(torch.optim.Optimizer):
     """What the two row-wise optimizers share: a table-long position array for the kernel, built on first use and
     kept out of the state (it is all -1 between steps)."""
@@ -85,8 +74,13 @@ class _RowwiseOptimizer(torch.optim.Optimizer):
         return self._positions[id(p)]
 
     def _kernel_inputs(self, p: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-        assert p.grad is not None
-        return _kernel_inputs(p, p.grad) if self.fused else None
+        """The table and its raw COO gradient as numpy views when the compiled kernel can take them, else None."""
+        grad = p.grad
+        assert grad is not None
+        cpu_table = p.device.type == "cpu" and p.dtype == torch.float32 and p.is_contiguous()
+        if not (self.fused and cpu_table and grad.is_sparse and grad._values().dtype == torch.float32):
+            return None
+        return p.detach().numpy(), grad._indices()[0].contiguous().numpy(), grad._values().contiguous().numpy()
 
 
 def _require_tables(optimizer: torch.optim.Optimizer) -> None:
