@@ -299,8 +299,10 @@ class PipelineConfig(_Strict):
     student: StudentConfig = Field(default_factory=StudentConfig)
     distill: TrainConfig = Field(default_factory=TrainConfig)
     finetune: TrainConfig = Field(
-        default_factory=lambda: TrainConfig(lr=2e-4, table_lr=None),
-        description="KD+FT: the distilled student on the gold labels (gently: one learning rate, 2e-4).",
+        default_factory=TrainConfig,
+        description="KD+FT: the distilled student on the gold labels, with distillation's learning rates (by "
+        "measurement: a gentle 2e-4 could not undo what a weak teacher taught; dev is scored before the first step, "
+        "so fine-tuning only replaces the distilled student when it helps).",
     )
     scratch: TrainConfig = Field(default_factory=TrainConfig, description="The baseline: the DAN on gold labels only.")
     evaluate: EvalConfig = Field(default_factory=EvalConfig)

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sparse_distill.config import StudentConfig, TrainConfig
+from sparse_distill.config import PipelineConfig, StudentConfig, TrainConfig
 from sparse_distill.data import LabelMap
 from sparse_distill.student import load_student
 from sparse_distill.training import (
@@ -413,6 +413,39 @@ def test_train_dan_from_init_model_keeps_it_unless_dev_improves(tmp_path):
         assert torch.equal(a, b), name
 
 
+def test_default_fine_tuning_undoes_what_a_wrong_teacher_taught(tmp_path):
+    # A weak teacher's mistakes are in the distilled table; KD+FT's shipped rates must be able to move it (a gentle
+    # 2e-4 everywhere could not: measured on a 4-class task whose teacher was below the DAN from scratch).
+    texts, labels, vocab_dir = _easy_task(tmp_path)
+    label_map = LabelMap(("neg", "pos"))
+    student = StudentConfig(dim=8, hidden=8)
+    wrong = train_dan(
+        tmp_path / "kd",
+        vocab_dir,
+        InMemoryBatches.from_labels(texts, [1 - y for y in labels], 2),
+        texts,
+        [1 - y for y in labels],
+        label_map,
+        student,
+        TrainConfig(lr=0.05, batch_size=8, max_steps=80, patience=None),
+    )
+    assert wrong["dev_accuracy"] == 1.0  # it learnt the flipped task
+    finetune = PipelineConfig.model_fields["finetune"].default_factory()
+    small = finetune.model_copy(update={"batch_size": 8, "max_steps": 60, "eval_every": 5, "patience": None})
+    rec = train_dan(
+        tmp_path / "kdft",
+        vocab_dir,
+        InMemoryBatches.from_labels(texts, labels, 2),
+        texts,
+        labels,
+        label_map,
+        student,
+        small,
+        init_model=wrong["model_dir"],
+    )
+    assert rec["dev_accuracy"] == 1.0 and rec["best_step"] > 0
+
+
 def test_drop_ngrams_keeps_bags_aligned_and_never_empties_a_bag():
     from sparse_distill.training import drop_ngrams
 
@@ -437,7 +470,7 @@ def test_drop_ngrams_keeps_bags_aligned_and_never_empties_a_bag():
 _RESUME_CHILD = """
 import json, logging, sys, time
 import torch
-from sparse_distill.config import StudentConfig, TrainConfig
+from sparse_distill.config import PipelineConfig, StudentConfig, TrainConfig
 from sparse_distill.data import LabelMap
 from sparse_distill.training import InMemoryBatches, train_dan
 
