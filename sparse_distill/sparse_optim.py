@@ -110,11 +110,17 @@ class RowwiseAdagrad(_RowwiseOptimizer):
                     state["sum"] = torch.zeros(p.shape[0], dtype=torch.float32, device=p.device)
                 kernel = self._kernel_inputs(p)
                 if kernel is not None:
-                    from sparse_distill.table_kernels import rowwise_adagrad_update
+                    from sparse_distill import table_kernels as tk
 
                     table, idx, values = kernel
                     accum = state["sum"].numpy()
-                    rowwise_adagrad_update(table, accum, idx, values, group["lr"], group["eps"], self._position(p))
+                    with tk.PARALLEL_LOCK:
+                        if p.grad.is_coalesced():  # already one row per distinct row: no summing pass
+                            tk.rowwise_adagrad_rows(table, accum, idx, values, group["lr"], group["eps"])
+                        else:
+                            tk.rowwise_adagrad_update(
+                                table, accum, idx, values, group["lr"], group["eps"], self._position(p)
+                            )
                     continue
                 rows, g = row_gradient(p.grad, p.shape[0])
                 acc = state["sum"][rows] + g.float().pow(2).mean(1)
@@ -160,14 +166,18 @@ class RowwiseAdam(_RowwiseOptimizer):
                 bias1, bias2 = 1 - beta1**t, 1 - beta2**t
                 kernel = self._kernel_inputs(p)
                 if kernel is not None:
-                    from sparse_distill.table_kernels import rowwise_adam_update
+                    from sparse_distill import table_kernels as tk
 
                     table, idx, values = kernel
                     m, v = state["exp_avg"].numpy(), state["exp_avg_sq"].numpy()
                     lr, eps = group["lr"], group["eps"]
-                    rowwise_adam_update(
-                        table, m, v, idx, values, lr, beta1, beta2, eps, bias1, bias2, self._position(p)
-                    )
+                    with tk.PARALLEL_LOCK:
+                        if p.grad.is_coalesced():  # already one row per distinct row: no summing pass
+                            tk.rowwise_adam_rows(table, m, v, idx, values, lr, beta1, beta2, eps, bias1, bias2)
+                        else:
+                            tk.rowwise_adam_update(
+                                table, m, v, idx, values, lr, beta1, beta2, eps, bias1, bias2, self._position(p)
+                            )
                     continue
                 rows, g = row_gradient(p.grad, p.shape[0])
                 m = state["exp_avg"][rows].mul_(beta1).add_(g, alpha=1 - beta1)

@@ -84,11 +84,12 @@ class _TableBag(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_pooled: torch.Tensor):  # noqa: ANN205 (torch's signature)
-        from sparse_distill.table_kernels import bag_backward
+        from sparse_distill.table_kernels import PARALLEL_LOCK, bag_backward
 
         ids, offsets = ctx.saved_tensors
         grad = grad_pooled.detach().float().contiguous().numpy()
-        rows, summed = bag_backward(ids.numpy(), offsets.numpy(), grad, ctx.mean, ctx.position)
+        with PARALLEL_LOCK:
+            rows, summed = bag_backward(ids.numpy(), offsets.numpy(), grad, ctx.mean, ctx.position)
         table_grad = torch.sparse_coo_tensor(
             torch.from_numpy(rows).unsqueeze(0), torch.from_numpy(summed), ctx.shape, is_coalesced=True
         )

@@ -6,21 +6,31 @@ gathers the rows' state, computes, and scatters it back: five passes over large 
 two passes with no temporaries beyond the summed rows: it numbers the distinct rows through a table-long position
 array (left all -1 between calls), sums each occurrence into its row, then updates each row and its state in place.
 The arithmetic is the torch path's (float32 rows, the per-row mean of the squared gradient); only the order of the
-summation differs, so results agree to float rounding. Single-threaded, hence deterministic.
+summation differs, so results agree to float rounding.
+
+A gradient already summed per distinct row (the compiled `bag_backward`'s) skips the summing pass (`*_rows`). The row
+updates run in parallel over rows and `bag_backward`'s sums over blocks of columns (numba threads, as many as
+`numba.get_num_threads()`); each float is still summed by one thread in one order, so results do not depend on the
+thread count and a run stays deterministic.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
-from numba import njit
+from numba import get_num_threads, njit, prange
+
+# numba's fallback threading layer (workqueue, where neither OpenMP nor TBB loads) must not be entered by two
+# threads at once, e.g. two trainings in one process under a thread task runner: callers hold this lock.
+PARALLEL_LOCK = threading.Lock()
 
 
 @njit(nogil=True, cache=True)
 def _sum_rows(idx: np.ndarray, values: np.ndarray, position: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The distinct rows of `idx` (in order of first occurrence) and each one's summed gradient. Leaves `position`
-    set for those rows: the caller resets it."""
+    all -1, as it found it."""
     n, d = values.shape
     rows = np.empty(n, np.int64)
     n_rows = 0
@@ -35,24 +45,19 @@ def _sum_rows(idx: np.ndarray, values: np.ndarray, position: np.ndarray) -> tupl
         p = position[idx[k]]
         for j in range(d):
             summed[p, j] += values[k, j]
+    for i in range(n_rows):
+        position[rows[i]] = -1
     return rows[:n_rows], summed
 
 
-@njit(nogil=True, cache=True)
-def rowwise_adagrad_update(
-    table: np.ndarray,
-    accum: np.ndarray,
-    idx: np.ndarray,
-    values: np.ndarray,
-    lr: float,
-    eps: float,
-    position: np.ndarray,
-) -> int:
-    """One row-wise Adagrad step from a raw COO gradient (`idx` rows, `values` one row per occurrence): per distinct
-    row, `G_r += mean(g_r^2)`, `w_r -= lr * g_r / (sqrt(G_r) + eps)`. Returns the number of distinct rows."""
-    rows, summed = _sum_rows(idx, values, position)
+@njit(nogil=True, cache=True, parallel=True)
+def rowwise_adagrad_rows(
+    table: np.ndarray, accum: np.ndarray, rows: np.ndarray, summed: np.ndarray, lr: float, eps: float
+) -> None:
+    """One row-wise Adagrad step from a gradient summed per distinct row (`rows` distinct, `summed[i]` row `rows[i]`'s
+    gradient): `G_r += mean(g_r^2)`, `w_r -= lr * g_r / (sqrt(G_r) + eps)`."""
     d = table.shape[1]
-    for i in range(len(rows)):
+    for i in prange(len(rows)):
         r = rows[i]
         square = np.float32(0.0)
         for j in range(d):
@@ -62,11 +67,56 @@ def rowwise_adagrad_update(
         scale = np.float32(lr / (math.sqrt(acc) + eps))
         for j in range(d):
             table[r, j] -= scale * summed[i, j]
-        position[r] = -1
+
+
+def rowwise_adagrad_update(
+    table: np.ndarray,
+    accum: np.ndarray,
+    idx: np.ndarray,
+    values: np.ndarray,
+    lr: float,
+    eps: float,
+    position: np.ndarray,
+) -> int:
+    """`rowwise_adagrad_rows` from a raw COO gradient (`idx` rows, `values` one row per occurrence). Returns the
+    number of distinct rows."""
+    rows, summed = _sum_rows(idx, values, position)
+    rowwise_adagrad_rows(table, accum, rows, summed, lr, eps)
     return len(rows)
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, parallel=True)
+def rowwise_adam_rows(
+    table: np.ndarray,
+    exp_avg: np.ndarray,
+    exp_avg_sq: np.ndarray,
+    rows: np.ndarray,
+    summed: np.ndarray,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    bias1: float,
+    bias2: float,
+) -> None:
+    """One row-wise Adam step (a full first moment, one second-moment scalar per row) from a gradient summed per
+    distinct row; lazy like SparseAdam: only the rows in `rows` move."""
+    d = table.shape[1]
+    step_size = np.float32(lr / bias1)
+    for i in prange(len(rows)):
+        r = rows[i]
+        square = np.float32(0.0)
+        for j in range(d):
+            g = summed[i, j]
+            exp_avg[r, j] = np.float32(beta1) * exp_avg[r, j] + np.float32(1.0 - beta1) * g
+            square += g * g
+        v = np.float32(beta2) * exp_avg_sq[r] + np.float32(1.0 - beta2) * (square / np.float32(d))
+        exp_avg_sq[r] = v
+        denom = np.float32(math.sqrt(v / bias2) + eps)
+        for j in range(d):
+            table[r, j] -= step_size * exp_avg[r, j] / denom
+
+
 def rowwise_adam_update(
     table: np.ndarray,
     exp_avg: np.ndarray,
@@ -81,28 +131,13 @@ def rowwise_adam_update(
     bias2: float,
     position: np.ndarray,
 ) -> int:
-    """One row-wise Adam step (a full first moment, one second-moment scalar per row), lazy like SparseAdam: only
-    the rows the gradient touches move. Returns the number of distinct rows."""
+    """`rowwise_adam_rows` from a raw COO gradient (`idx` rows, `values` one row per occurrence). Returns the number
+    of distinct rows."""
     rows, summed = _sum_rows(idx, values, position)
-    d = table.shape[1]
-    step_size = np.float32(lr / bias1)
-    for i in range(len(rows)):
-        r = rows[i]
-        square = np.float32(0.0)
-        for j in range(d):
-            g = summed[i, j]
-            exp_avg[r, j] = np.float32(beta1) * exp_avg[r, j] + np.float32(1.0 - beta1) * g
-            square += g * g
-        v = np.float32(beta2) * exp_avg_sq[r] + np.float32(1.0 - beta2) * (square / np.float32(d))
-        exp_avg_sq[r] = v
-        denom = np.float32(math.sqrt(v / bias2) + eps)
-        for j in range(d):
-            table[r, j] -= step_size * exp_avg[r, j] / denom
-        position[r] = -1
+    rowwise_adam_rows(table, exp_avg, exp_avg_sq, rows, summed, lr, beta1, beta2, eps, bias1, bias2)
     return len(rows)
 
 
-@njit(nogil=True, cache=True)
 def bag_backward(
     ids: np.ndarray, offsets: np.ndarray, grad_pooled: np.ndarray, mean: bool, position: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -110,12 +145,20 @@ def bag_backward(
     their gradients, `sum over occurrences of grad_pooled[doc] (/ len(doc) for mean)`. Reads the small pooled
     gradient once per occurrence instead of writing a gradient row per occurrence as EmbeddingBag's backward does.
     Leaves `position` all -1, as it found it."""
-    n, n_docs = len(ids), len(offsets)
-    d = grad_pooled.shape[1]
-    # The distinct rows in ascending order (a sparse tensor's coalesced form): mark, then sort the marked rows.
-    rows = np.empty(n, np.int64)
+    rows = _number_sorted_rows(ids, position)
+    summed = np.zeros((len(rows), grad_pooled.shape[1]), np.float32)
+    blocks = max(1, min(get_num_threads(), summed.shape[1]))
+    _sum_bags(ids, offsets, grad_pooled, mean, position, summed, blocks)
+    position[rows] = -1
+    return rows, summed
+
+
+@njit(nogil=True, cache=True)
+def _number_sorted_rows(ids: np.ndarray, position: np.ndarray) -> np.ndarray:
+    """The distinct rows of `ids` in ascending order (a sparse tensor's coalesced form), each numbered in `position`."""
+    rows = np.empty(len(ids), np.int64)
     n_rows = 0
-    for k in range(n):
+    for k in range(len(ids)):
         r = ids[k]
         if position[r] < 0:
             position[r] = 0
@@ -124,17 +167,32 @@ def bag_backward(
     rows = np.sort(rows[:n_rows])
     for i in range(n_rows):
         position[rows[i]] = i
-    summed = np.zeros((n_rows, d), np.float32)
-    for doc in range(n_docs):
-        start = offsets[doc]
-        stop = offsets[doc + 1] if doc + 1 < n_docs else n
-        if stop <= start:
-            continue
-        scale = np.float32(1.0 / (stop - start)) if mean else np.float32(1.0)
-        for k in range(start, stop):
-            p = position[ids[k]]
-            for j in range(d):
-                summed[p, j] += scale * grad_pooled[doc, j]
-    for i in range(n_rows):
-        position[rows[i]] = -1
-    return rows, summed
+    return rows
+
+
+@njit(nogil=True, cache=True, parallel=True)
+def _sum_bags(
+    ids: np.ndarray,
+    offsets: np.ndarray,
+    grad_pooled: np.ndarray,
+    mean: bool,
+    position: np.ndarray,
+    summed: np.ndarray,
+    blocks: int,
+) -> None:
+    """`summed[position[row]] += grad_pooled[doc] (/ len(doc))` for every occurrence, each of `blocks` threads on its
+    own block of columns (rows are shared between documents, columns are not)."""
+    n, n_docs = len(ids), len(offsets)
+    d = summed.shape[1]
+    for b in prange(blocks):
+        lo, hi = b * d // blocks, (b + 1) * d // blocks
+        for doc in range(n_docs):
+            start = offsets[doc]
+            stop = offsets[doc + 1] if doc + 1 < n_docs else n
+            if stop <= start:
+                continue
+            scale = np.float32(1.0 / (stop - start)) if mean else np.float32(1.0)
+            for k in range(start, stop):
+                p = position[ids[k]]
+                for j in range(lo, hi):
+                    summed[p, j] += scale * grad_pooled[doc, j]

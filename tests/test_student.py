@@ -191,3 +191,34 @@ def test_compiled_table_gradient_trains_with_every_table_optimizer():
                     opt.step()
             tables.append(model.embedding.weight.detach().clone())
         torch.testing.assert_close(tables[0], tables[1], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_compiled_table_gradient_and_update_do_not_depend_on_the_thread_count():
+    # The kernels split columns (backward) or rows (update) between threads; each float is still summed in one order.
+    import numba
+
+    from sparse_distill.table_kernels import bag_backward, rowwise_adam_rows
+
+    rng = np.random.default_rng(0)
+    ids = (rng.random(4_000) ** 3 * 3_000).astype(np.int64)
+    offsets = np.arange(0, 4_000, 40, dtype=np.int64)
+    grad_pooled = rng.standard_normal((len(offsets), 33)).astype(np.float32)
+    position = np.full(3_000, -1, np.int64)
+    results = []
+    before = numba.get_num_threads()
+    try:
+        for threads in sorted({1, before}):
+            numba.set_num_threads(threads)
+            rows, summed = bag_backward(ids, offsets, grad_pooled, True, position)
+            table, m, v = (
+                np.ones((3_000, 33), np.float32),
+                np.zeros((3_000, 33), np.float32),
+                np.zeros(3_000, np.float32),
+            )
+            rowwise_adam_rows(table, m, v, rows, summed, 0.01, 0.9, 0.999, 1e-8, 0.1, 0.001)
+            results.append((rows, summed, table))
+    finally:
+        numba.set_num_threads(before)
+    for a, b in zip(results[0], results[-1], strict=True):
+        assert np.array_equal(a, b)
+    assert (position == -1).all() and len(results[0][0]) == len(np.unique(ids))
