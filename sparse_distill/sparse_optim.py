@@ -83,6 +83,12 @@ class _RowwiseOptimizer(torch.optim.Optimizer):
         return p.detach().numpy(), grad._indices()[0].contiguous().numpy(), grad._values().contiguous().numpy()
 
 
+def _one_value_per_row(grad: torch.Tensor, idx: np.ndarray) -> bool:
+    """Whether a sparse gradient already holds one value per distinct row (the student's compiled backward gives its
+    rows ascending; autograd drops the tensor's coalesced flag on the way), so the summing pass can be skipped."""
+    return grad.is_coalesced() or len(idx) < 2 or bool((idx[1:] > idx[:-1]).all())
+
+
 def _require_tables(optimizer: torch.optim.Optimizer) -> None:
     for group in optimizer.param_groups:
         for p in group["params"]:
@@ -115,7 +121,7 @@ class RowwiseAdagrad(_RowwiseOptimizer):
                     table, idx, values = kernel
                     accum = state["sum"].numpy()
                     with tk.PARALLEL_LOCK:
-                        if p.grad.is_coalesced():  # already one row per distinct row: no summing pass
+                        if _one_value_per_row(p.grad, idx):
                             tk.rowwise_adagrad_rows(table, accum, idx, values, group["lr"], group["eps"])
                         else:
                             tk.rowwise_adagrad_update(
@@ -172,7 +178,7 @@ class RowwiseAdam(_RowwiseOptimizer):
                     m, v = state["exp_avg"].numpy(), state["exp_avg_sq"].numpy()
                     lr, eps = group["lr"], group["eps"]
                     with tk.PARALLEL_LOCK:
-                        if p.grad.is_coalesced():  # already one row per distinct row: no summing pass
+                        if _one_value_per_row(p.grad, idx):
                             tk.rowwise_adam_rows(table, m, v, idx, values, lr, beta1, beta2, eps, bias1, bias2)
                         else:
                             tk.rowwise_adam_update(

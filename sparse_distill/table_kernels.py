@@ -9,9 +9,8 @@ The arithmetic is the torch path's (float32 rows, the per-row mean of the square
 summation differs, so results agree to float rounding.
 
 A gradient already summed per distinct row (the compiled `bag_backward`'s) skips the summing pass (`*_rows`). The row
-updates run in parallel over rows and `bag_backward`'s sums over blocks of columns (numba threads, as many as
-`numba.get_num_threads()`); each float is still summed by one thread in one order, so results do not depend on the
-thread count and a run stays deterministic.
+updates and `bag_backward`'s sums run in parallel over rows (numba threads, `numba.get_num_threads()`); each row is
+still summed by one thread in one order, so results do not depend on the thread count and a run stays deterministic.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ import math
 import threading
 
 import numpy as np
-from numba import get_num_threads, njit, prange
+from numba import njit, prange
 
 # numba's fallback threading layer (workqueue, where neither OpenMP nor TBB loads) must not be entered by two
 # threads at once, e.g. two trainings in one process under a thread task runner: callers hold this lock.
@@ -146,10 +145,14 @@ def bag_backward(
     gradient once per occurrence instead of writing a gradient row per occurrence as EmbeddingBag's backward does.
     Leaves `position` all -1, as it found it."""
     rows = _number_sorted_rows(ids, position)
-    summed = np.zeros((len(rows), grad_pooled.shape[1]), np.float32)
-    blocks = max(1, min(get_num_threads(), summed.shape[1]))
-    _sum_bags(ids, offsets, grad_pooled, mean, position, summed, blocks)
+    # Occurrences grouped by row (a counting sort), so each row's sum is written once, in order, by one thread;
+    # scattering straight into the rows missed the cache at every occurrence.
+    starts, docs = _docs_by_row(ids, offsets, position, len(rows))
     position[rows] = -1
+    sizes = np.diff(np.append(offsets, len(ids))).astype(np.float32)
+    scaled = grad_pooled / np.maximum(sizes, 1)[:, None] if mean else grad_pooled
+    summed = np.empty((len(rows), grad_pooled.shape[1]), np.float32)
+    _sum_docs_per_row(starts, docs, np.ascontiguousarray(scaled, np.float32), summed)
     return rows, summed
 
 
@@ -170,29 +173,37 @@ def _number_sorted_rows(ids: np.ndarray, position: np.ndarray) -> np.ndarray:
     return rows
 
 
-@njit(nogil=True, cache=True, parallel=True)
-def _sum_bags(
-    ids: np.ndarray,
-    offsets: np.ndarray,
-    grad_pooled: np.ndarray,
-    mean: bool,
-    position: np.ndarray,
-    summed: np.ndarray,
-    blocks: int,
-) -> None:
-    """`summed[position[row]] += grad_pooled[doc] (/ len(doc))` for every occurrence, each of `blocks` threads on its
-    own block of columns (rows are shared between documents, columns are not)."""
+@njit(nogil=True, cache=True)
+def _docs_by_row(
+    ids: np.ndarray, offsets: np.ndarray, position: np.ndarray, n_rows: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each occurrence's document, grouped by its row's number (`docs[starts[i]:starts[i + 1]]` for row i), in the
+    order the occurrences come."""
     n, n_docs = len(ids), len(offsets)
+    starts = np.zeros(n_rows + 1, np.int64)
+    for k in range(n):
+        starts[position[ids[k]] + 1] += 1
+    for i in range(n_rows):
+        starts[i + 1] += starts[i]
+    fill = starts[:-1].copy()
+    docs = np.empty(n, np.int64)
+    for doc in range(n_docs):
+        stop = offsets[doc + 1] if doc + 1 < n_docs else n
+        for k in range(offsets[doc], stop):
+            p = position[ids[k]]
+            docs[fill[p]] = doc
+            fill[p] += 1
+    return starts, docs
+
+
+@njit(nogil=True, cache=True, parallel=True)
+def _sum_docs_per_row(starts: np.ndarray, docs: np.ndarray, grad_pooled: np.ndarray, summed: np.ndarray) -> None:
+    """`summed[i] = sum of grad_pooled[doc] over row i's occurrences`, rows in parallel."""
     d = summed.shape[1]
-    for b in prange(blocks):
-        lo, hi = b * d // blocks, (b + 1) * d // blocks
-        for doc in range(n_docs):
-            start = offsets[doc]
-            stop = offsets[doc + 1] if doc + 1 < n_docs else n
-            if stop <= start:
-                continue
-            scale = np.float32(1.0 / (stop - start)) if mean else np.float32(1.0)
-            for k in range(start, stop):
-                p = position[ids[k]]
-                for j in range(lo, hi):
-                    summed[p, j] += scale * grad_pooled[doc, j]
+    for i in prange(len(starts) - 1):
+        for j in range(d):
+            summed[i, j] = np.float32(0.0)
+        for q in range(starts[i], starts[i + 1]):
+            doc = docs[q]
+            for j in range(d):
+                summed[i, j] += grad_pooled[doc, j]
