@@ -222,3 +222,21 @@ def test_compiled_table_gradient_and_update_do_not_depend_on_the_thread_count():
     for a, b in zip(results[0], results[-1], strict=True):
         assert np.array_equal(a, b)
     assert (position == -1).all() and len(results[0][0]) == len(np.unique(ids))
+
+
+@pytest.mark.parametrize("table_rows", [40, 100_000], ids=["scan", "sort"])
+def test_compiled_table_gradient_numbers_rows_in_order_by_scan_or_by_sort(table_rows):
+    # A table at most 64 times the batch's occurrences is scanned for the marked rows; a larger one sorts them.
+    from sparse_distill.table_kernels import bag_backward
+
+    ids = np.array([31, 4, 4, 17, 0, 31, 9, 39], np.int64)
+    offsets = np.array([0, 3, 3, 6], np.int64)
+    grad_pooled = np.arange(8, dtype=np.float32).reshape(4, 2)
+    position = np.full(table_rows, -1, np.int64)
+    rows, summed = bag_backward(ids, offsets, grad_pooled, False, position)
+    expected = np.zeros((table_rows, 2), np.float32)
+    for doc, (start, stop) in enumerate(zip(offsets, [*offsets[1:], len(ids)], strict=True)):
+        for k in range(start, stop):
+            expected[ids[k]] += grad_pooled[doc]
+    assert rows.tolist() == sorted(set(ids.tolist()))
+    assert np.array_equal(summed, expected[rows]) and (position == -1).all()
