@@ -74,19 +74,21 @@ class _RowwiseOptimizer(torch.optim.Optimizer):
         return self._positions[id(p)]
 
     def _kernel_inputs(self, p: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-        """The table and its raw COO gradient as numpy views when the compiled kernel can take them, else None."""
+        """The table, the distinct rows its gradient touches and each one's summed gradient, as numpy arrays for the
+        compiled kernels; None when they cannot take them (then the torch path runs)."""
         grad = p.grad
         assert grad is not None
         cpu_table = p.device.type == "cpu" and p.dtype == torch.float32 and p.is_contiguous()
         if not (self.fused and cpu_table and grad.is_sparse and grad._values().dtype == torch.float32):
             return None
-        return p.detach().numpy(), grad._indices()[0].contiguous().numpy(), grad._values().contiguous().numpy()
+        from sparse_distill.table_kernels import sum_rows
 
-
-def _one_value_per_row(grad: torch.Tensor, idx: np.ndarray) -> bool:
-    """Whether a sparse gradient already holds one value per distinct row (the student's compiled backward gives its
-    rows ascending; autograd drops the tensor's coalesced flag on the way), so the summing pass can be skipped."""
-    return grad.is_coalesced() or len(idx) < 2 or bool((idx[1:] > idx[:-1]).all())
+        idx, values = grad._indices()[0].contiguous().numpy(), grad._values().contiguous().numpy()
+        # The student's compiled backward already gives one value per row, ascending (autograd drops the tensor's
+        # coalesced flag on the way, so the order is checked): only EmbeddingBag's per-occurrence gradient is summed.
+        if not (grad.is_coalesced() or len(idx) < 2 or bool((idx[1:] > idx[:-1]).all())):
+            idx, values = sum_rows(idx, values, self._position(p))
+        return p.detach().numpy(), idx, values
 
 
 def _require_tables(optimizer: torch.optim.Optimizer) -> None:
@@ -118,15 +120,9 @@ class RowwiseAdagrad(_RowwiseOptimizer):
                 if kernel is not None:
                     from sparse_distill import table_kernels as tk
 
-                    table, idx, values = kernel
-                    accum = state["sum"].numpy()
+                    table, rows, summed = kernel
                     with tk.PARALLEL_LOCK:
-                        if _one_value_per_row(p.grad, idx):
-                            tk.rowwise_adagrad_rows(table, accum, idx, values, group["lr"], group["eps"])
-                        else:
-                            tk.rowwise_adagrad_update(
-                                table, accum, idx, values, group["lr"], group["eps"], self._position(p)
-                            )
+                        tk.rowwise_adagrad_rows(table, state["sum"].numpy(), rows, summed, group["lr"], group["eps"])
                     continue
                 rows, g = row_gradient(p.grad, p.shape[0])
                 acc = state["sum"][rows] + g.float().pow(2).mean(1)
@@ -174,16 +170,11 @@ class RowwiseAdam(_RowwiseOptimizer):
                 if kernel is not None:
                     from sparse_distill import table_kernels as tk
 
-                    table, idx, values = kernel
+                    table, rows, summed = kernel
                     m, v = state["exp_avg"].numpy(), state["exp_avg_sq"].numpy()
                     lr, eps = group["lr"], group["eps"]
                     with tk.PARALLEL_LOCK:
-                        if _one_value_per_row(p.grad, idx):
-                            tk.rowwise_adam_rows(table, m, v, idx, values, lr, beta1, beta2, eps, bias1, bias2)
-                        else:
-                            tk.rowwise_adam_update(
-                                table, m, v, idx, values, lr, beta1, beta2, eps, bias1, bias2, self._position(p)
-                            )
+                        tk.rowwise_adam_rows(table, m, v, rows, summed, lr, beta1, beta2, eps, bias1, bias2)
                     continue
                 rows, g = row_gradient(p.grad, p.shape[0])
                 m = state["exp_avg"][rows].mul_(beta1).add_(g, alpha=1 - beta1)

@@ -8,7 +8,7 @@ array (left all -1 between calls), sums each occurrence into its row, then updat
 The arithmetic is the torch path's (float32 rows, the per-row mean of the squared gradient); only the order of the
 summation differs, so results agree to float rounding.
 
-A gradient already summed per distinct row (the compiled `bag_backward`'s) skips the summing pass (`*_rows`). The row
+A gradient already summed per distinct row (the compiled `bag_backward`'s) skips the summing pass (`sum_rows`). The row
 updates and `bag_backward`'s sums run in parallel over rows (numba threads, `numba.get_num_threads()`); each row is
 still summed by one thread in one order, so results do not depend on the thread count and a run stays deterministic.
 """
@@ -27,7 +27,7 @@ PARALLEL_LOCK = threading.Lock()
 
 
 @njit(nogil=True, cache=True)
-def _sum_rows(idx: np.ndarray, values: np.ndarray, position: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def sum_rows(idx: np.ndarray, values: np.ndarray, position: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The distinct rows of `idx` (in order of first occurrence) and each one's summed gradient. Leaves `position`
     all -1, as it found it."""
     n, d = values.shape
@@ -68,22 +68,6 @@ def rowwise_adagrad_rows(
             table[r, j] -= scale * summed[i, j]
 
 
-def rowwise_adagrad_update(
-    table: np.ndarray,
-    accum: np.ndarray,
-    idx: np.ndarray,
-    values: np.ndarray,
-    lr: float,
-    eps: float,
-    position: np.ndarray,
-) -> int:
-    """`rowwise_adagrad_rows` from a raw COO gradient (`idx` rows, `values` one row per occurrence). Returns the
-    number of distinct rows."""
-    rows, summed = _sum_rows(idx, values, position)
-    rowwise_adagrad_rows(table, accum, rows, summed, lr, eps)
-    return len(rows)
-
-
 @njit(nogil=True, cache=True, parallel=True)
 def rowwise_adam_rows(
     table: np.ndarray,
@@ -114,27 +98,6 @@ def rowwise_adam_rows(
         denom = np.float32(math.sqrt(v / bias2) + eps)
         for j in range(d):
             table[r, j] -= step_size * exp_avg[r, j] / denom
-
-
-def rowwise_adam_update(
-    table: np.ndarray,
-    exp_avg: np.ndarray,
-    exp_avg_sq: np.ndarray,
-    idx: np.ndarray,
-    values: np.ndarray,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    bias1: float,
-    bias2: float,
-    position: np.ndarray,
-) -> int:
-    """`rowwise_adam_rows` from a raw COO gradient (`idx` rows, `values` one row per occurrence). Returns the number
-    of distinct rows."""
-    rows, summed = _sum_rows(idx, values, position)
-    rowwise_adam_rows(table, exp_avg, exp_avg_sq, rows, summed, lr, beta1, beta2, eps, bias1, bias2)
-    return len(rows)
 
 
 def bag_backward(
