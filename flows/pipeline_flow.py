@@ -12,6 +12,7 @@ from prefect import flow, get_run_logger
 from prefect.context import get_run_context
 
 from flows.count_flow import count_ngrams_flow
+from flows.feature_flow import featurize_labels_flow
 from flows.label_flow import label_corpus_flow
 from flows.runners import make_task_runner
 from sparse_distill import run_store
@@ -20,6 +21,7 @@ from sparse_distill.data import atomic_write_text
 from sparse_distill.locks import folder_lock
 from sparse_distill.pipeline import (
     distill_label_stages,
+    feature_dirs,
     label_job,
     stage_fingerprints,
     transfer_job,
@@ -105,6 +107,7 @@ def _training_stages(
     labels = _label_stages(config, run_dir, fps, tracking, teacher, transfer)
     vocab = vocab_f.result()
     scratch_f = _fresh(stages.train_scratch, run_dir, "scratch", fps).submit(**args, vocab=vocab)
+    _featurize(config, run_dir, fps, vocab, labels)
     kd = _fresh(stages.distill_student, run_dir, "distill", fps)(**args, vocab=vocab, labels=labels)
     kdft = _fresh(stages.finetune_student, run_dir, "kdft", fps)(**args, vocab=vocab, distilled=kd)
     return teacher, {"scratch": scratch_f.result(), "kd": kd, "kdft": kdft}
@@ -181,6 +184,21 @@ def _count_vocab(config: PipelineConfig, run_dir: str, fps: dict[str, str]) -> N
     count_ngrams_flow.with_options(name="count-vocab", task_runner=make_task_runner(v))(job=job, sources=sources)
 
 
+def _featurize(config: PipelineConfig, run_dir: str, fps: dict[str, str], vocab: dict, labels: list[dict]) -> None:
+    """With several labelling workers or Dask, featurise the labelled shards with the featurising flow on that runner;
+    the distill stage then finds them done. With one thread, the distill stage featurises them by itself."""
+    lc = config.label
+    if (lc.runner == "thread" and lc.workers == 1) or is_fresh(run_dir, "distill", fps["distill"]):
+        return
+    label_dirs = [x["label_dir"] for x in labels]
+    featurize_labels_flow.with_options(name="featurize-labels", task_runner=make_task_runner(lc))(
+        label_dirs=label_dirs,
+        vocab_dir=vocab["vocab_dir"],
+        out_dirs=feature_dirs(label_dirs, stage_dir(run_dir, "distill")),
+        retries=lc.retries,
+    )
+
+
 def _to_yaml(config: PipelineConfig) -> str:
     import yaml
 
@@ -233,6 +251,7 @@ def distill_flow(config: PipelineConfig, run_dir: str | None = None) -> dict:
             wanted.remove("label_transfer")
         labels = [_upstream(a["run_dir"], s) for s in wanted]
         vocab = _upstream(a["run_dir"], "vocab")
+        _featurize(config, a["run_dir"], a["fingerprints"], vocab, labels)
         return _fresh(stages.distill_student, a["run_dir"], "distill", a["fingerprints"])(
             **a, vocab=vocab, labels=labels
         )

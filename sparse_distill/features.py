@@ -62,44 +62,72 @@ def vocab_checksum(vocab_dir: str | Path) -> str:
     return file_checksum(Path(vocab_dir) / "vocab.parquet")
 
 
-def featurize_labels(label_dir: str | Path, vocab_dir: str | Path, out_dir: str | Path) -> Path:
-    """Write the n-gram ids of every row of a labelling folder's shards to `out_dir` (see the module docstring);
-    shards already done for this vocabulary and these labels are kept. Returns `out_dir`."""
+def pending_feature_shards(label_dir: str | Path, vocab_dir: str | Path, out_dir: str | Path) -> list[int]:
+    """The label shards of `label_dir` whose features in `out_dir` are missing or were made from another vocabulary or
+    other labels: the work `featurize_shard` still has to do. Raises when a label shard is not labelled yet."""
     label_dir, out_dir = Path(label_dir), Path(out_dir)
     plan = read_manifest(label_dir)
-    vocab = NgramVocab.load(vocab_dir)
     vsum = vocab_checksum(vocab_dir)
-    (out_dir / SHARDS).mkdir(parents=True, exist_ok=True)
-    done = kept = seen = 0
-    start = time.perf_counter()
+    pending = []
     for i, shard in enumerate(plan.shards):
-        seen += shard.size
         if getattr(shard, "status", "pending") != "done":
             raise DataError(f"{label_dir}: shard {shard.name} is not labelled yet; label it before featurising")
-        label_sum = getattr(shard, "checksum", None)
-        record = _read_record(out_dir, i)
-        wanted = FeatureRecord(i, shard.size, vsum, label_sum)
-        if record == wanted and (out_dir / SHARDS / shard.name).exists():
-            kept += 1
-            continue
-        texts, _ = read_shard(plan.sources[shard.source], shard)
-        ids, offsets = vocab.featurize(texts, engine="compiled")
-        bounds = np.append(offsets, len(ids)).astype(np.int32)
-        column = pa.ListArray.from_arrays(pa.array(bounds), pa.array(ids.astype(np.int32)))
-        # Data first, record last: a record always describes a whole file.
-        _record_path(out_dir, i).unlink(missing_ok=True)
-        atomic_write_parquet(pa.table({"ids": column}, schema=FEATURES_SCHEMA), out_dir / SHARDS / shard.name)
-        atomic_write_text(_record_path(out_dir, i), json.dumps(wanted.__dict__))
-        done += 1
-        logger.info(
-            "%s: featurised shard %d/%d (%d docs, %.0f docs/s so far)",
-            out_dir,
-            i + 1,
-            len(plan.shards),
-            shard.size,
-            seen / max(time.perf_counter() - start, 1e-9),
-        )
-    logger.info("%s: %d shards featurised, %d kept from before", out_dir, done, kept)
+        wanted = FeatureRecord(i, shard.size, vsum, getattr(shard, "checksum", None))
+        if _read_record(out_dir, i) != wanted or not (out_dir / SHARDS / shard.name).exists():
+            pending.append(i)
+    return pending
+
+
+def featurize_shard(
+    label_dir: str | Path, vocab: NgramVocab, vsum: str, out_dir: str | Path, index: int
+) -> FeatureRecord:
+    """Write the n-gram ids of label shard `index` (row r = the ids of row r) and its record, atomically.
+
+    `vsum` is the vocabulary's `vocab_checksum`. Any worker may run this for any shard: shards share nothing.
+    """
+    label_dir, out_dir = Path(label_dir), Path(out_dir)
+    plan = read_manifest(label_dir)
+    shard = plan.shards[index]
+    if getattr(shard, "status", "pending") != "done":
+        raise DataError(f"{label_dir}: shard {shard.name} is not labelled yet; label it before featurising")
+    record = FeatureRecord(index, shard.size, vsum, getattr(shard, "checksum", None))
+    texts, _ = read_shard(plan.sources[shard.source], shard)
+    ids, offsets = vocab.featurize(texts, engine="compiled")
+    bounds = np.append(offsets, len(ids)).astype(np.int32)
+    column = pa.ListArray.from_arrays(pa.array(bounds), pa.array(ids.astype(np.int32)))
+    (out_dir / SHARDS).mkdir(parents=True, exist_ok=True)
+    # Data first, record last: a record always describes a whole file.
+    _record_path(out_dir, index).unlink(missing_ok=True)
+    atomic_write_parquet(pa.table({"ids": column}, schema=FEATURES_SCHEMA), out_dir / SHARDS / shard.name)
+    atomic_write_text(_record_path(out_dir, index), json.dumps(record.__dict__))
+    return record
+
+
+def featurize_labels(label_dir: str | Path, vocab_dir: str | Path, out_dir: str | Path) -> Path:
+    """Write the n-gram ids of every row of a labelling folder's shards to `out_dir` (see the module docstring);
+    shards already done for this vocabulary and these labels are kept. Returns `out_dir`.
+
+    This runs the shards one after another; the pipeline fans `featurize_shard` out over its task runner first when
+    labelling runs on several workers, and this then only checks that every shard is there."""
+    label_dir, out_dir = Path(label_dir), Path(out_dir)
+    (out_dir / SHARDS).mkdir(parents=True, exist_ok=True)
+    pending = pending_feature_shards(label_dir, vocab_dir, out_dir)
+    shards = read_manifest(label_dir).shards
+    if pending:
+        vocab, vsum = NgramVocab.load(vocab_dir), vocab_checksum(vocab_dir)
+        start, docs = time.perf_counter(), 0
+        for n, i in enumerate(pending, 1):
+            docs += featurize_shard(label_dir, vocab, vsum, out_dir, i).rows
+            logger.info(
+                "%s: featurised shard %d (%d/%d to do, %d docs, %.0f docs/s so far)",
+                out_dir,
+                i,
+                n,
+                len(pending),
+                shards[i].size,
+                docs / max(time.perf_counter() - start, 1e-9),
+            )
+    logger.info("%s: %d shards featurised, %d kept from before", out_dir, len(pending), len(shards) - len(pending))
     return out_dir
 
 

@@ -431,6 +431,11 @@ def _gold(train_cfg: TrainConfig) -> Callable[[TaskData], BatchSource]:
 FEATURES_DIR = "features"
 
 
+def feature_dirs(label_dirs: list[str], out_dir: str | Path) -> list[str]:
+    """Where the distill stage in `out_dir` keeps the n-gram ids of each labelling folder's shards."""
+    return [str(Path(out_dir) / FEATURES_DIR / Path(d).name) for d in label_dirs]
+
+
 def run_distill(
     cfg: PipelineConfig,
     vocab_dir: str,
@@ -441,13 +446,13 @@ def run_distill(
     """Distil the teacher's soft labels into a fresh DAN (streamed from the label shards).
 
     The labelled documents are featurised once, into `out_dir/features/<label folder>` (resumable, shard by shard;
-    see `sparse_distill.features`), and every epoch reads their n-gram ids from there instead of their texts.
+    see `sparse_distill.features`; the pipeline flow fans the shards out over the labelling runner first when it has
+    several workers), and every epoch reads their n-gram ids from there instead of their texts.
     """
-    feature_dirs = [
-        str(featurize_labels(d, vocab_dir, Path(out_dir) / FEATURES_DIR / Path(d).name)) for d in label_dirs
-    ]
+    pairs = zip(label_dirs, feature_dirs(label_dirs, out_dir), strict=True)
+    features = [str(featurize_labels(d, vocab_dir, f)) for d, f in pairs]
     stream = lambda _d: SoftLabelStream(  # noqa: E731
-        label_dirs, cfg.distill.shuffle_buffer, cfg.distill.seed, feature_dirs=feature_dirs
+        label_dirs, cfg.distill.shuffle_buffer, cfg.distill.seed, feature_dirs=features
     )
     return _train_stage(cfg, vocab_dir, out_dir, stream, cfg.distill, None, on_metrics, "kd_", "distill")
 

@@ -39,3 +39,29 @@ def make_tiny_teacher(out_dir: str | Path, texts: Iterable[str], vocab_size: int
     BertForSequenceClassification(cfg).save_pretrained(out_dir)
     fast.save_pretrained(out_dir)
     return out_dir
+
+
+def make_labelled_shards(
+    out_dir: str | Path, texts: list[str], shard_size: int, num_classes: int = 3, seed: int = 0
+) -> Path:
+    """A finished labelling folder without a teacher: `texts` written to `<out_dir>.parquet`, planned into shards of
+    `shard_size` and each shard given random soft labels and a 'done' record, as the labelling job leaves them."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from sparse_distill.data import file_checksum
+    from sparse_distill.shard_plan import CorpusSource, open_plan, write_record
+    from sparse_distill.soft_labels import LABELLING, SHARDS, LabelRecord, write_soft_labels
+
+    out = Path(out_dir)
+    corpus = out.with_suffix(".parquet")
+    pq.write_table(pa.table({"text": texts}), corpus)
+    plan = open_plan(out, LABELLING, [CorpusSource(str(corpus))], shard_size)
+    rng = np.random.default_rng(seed)
+    for shard in plan.shards:
+        ids = [f"{corpus.name}:{i}" for i in range(shard.start, shard.stop)]
+        path = write_soft_labels(out / SHARDS / shard.name, ids, rng.normal(size=(shard.size, num_classes)))
+        record = LabelRecord(**vars(shard.spec()), status="done", rows=shard.size, checksum=file_checksum(path))
+        write_record(out, LABELLING, record)
+    return out

@@ -6,14 +6,12 @@ from __future__ import annotations
 import os
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
-from sparse_distill.data import DataError, file_checksum
+from sparse_distill.data import DataError
 from sparse_distill.features import featurize_labels, iter_featurized
-from sparse_distill.shard_plan import CorpusSource, open_plan, write_record
-from sparse_distill.soft_labels import LABELLING, SHARDS, LabelRecord, write_soft_labels
+from sparse_distill.soft_labels import SHARDS
+from sparse_distill.testing import make_labelled_shards
 from sparse_distill.training import DocIds, InMemoryBatches, SoftLabelStream
 from sparse_distill.vocab import build_vocab
 
@@ -24,16 +22,7 @@ TEXTS[5] = "a ! b"  # a document with no n-gram at all (no word of two character
 
 
 def _labels(tmp_path, name="labels", shard_size=5, seed=0):
-    pq.write_table(pa.table({"text": TEXTS}), tmp_path / "c.parquet")
-    out = tmp_path / name
-    plan = open_plan(out, LABELLING, [CorpusSource(str(tmp_path / "c.parquet"))], shard_size)
-    rng = np.random.default_rng(seed)
-    for shard in plan.shards:
-        ids = [f"c.parquet:{i}" for i in range(shard.start, shard.stop)]
-        path = write_soft_labels(out / SHARDS / shard.name, ids, rng.normal(size=(shard.size, 3)))
-        record = LabelRecord(**vars(shard.spec()), status="done", rows=shard.size, checksum=file_checksum(path))
-        write_record(out, LABELLING, record)
-    return out
+    return make_labelled_shards(tmp_path / name, TEXTS, shard_size, seed=seed)
 
 
 def _vocab(tmp_path, size=40, name="vocab"):

@@ -3,6 +3,7 @@ distillation trains on train + transfer; a second run is served from cache."""
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 from pathlib import Path
@@ -111,3 +112,27 @@ def test_distill_flow_ignores_a_transfer_set_the_config_turned_off(transfer_run,
     off = config.model_copy(update={"transfer": config.transfer.model_copy(update={"size": 0})})
     kd = distill_flow(config=off, run_dir=str(copy))
     assert kd["budget"]["steps"] == math.ceil(TRAIN_ROWS / DISTILL_BATCH)  # the train split's labels only
+
+
+def test_distill_flow_featurises_on_the_labelling_runner_when_it_has_workers(transfer_run, tmp_path, monkeypatch):
+    import sparse_distill.pipeline as pipeline
+    from flows.pipeline_flow import distill_flow
+    from sparse_distill.features import pending_feature_shards
+
+    config, run_dir, *_ = transfer_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    shutil.rmtree(copy / "students" / "kd")
+    real = pipeline.featurize_labels
+
+    def only_checks(label_dir, vocab_dir, out_dir):
+        # The stage itself finds every shard done by the featurising flow.
+        assert pending_feature_shards(label_dir, vocab_dir, out_dir) == []
+        return real(label_dir, vocab_dir, out_dir)
+
+    monkeypatch.setattr(pipeline, "featurize_labels", only_checks)
+    fanned = config.model_copy(update={"label": config.label.model_copy(update={"workers": 2})})
+    kd = distill_flow(config=fanned, run_dir=str(copy))
+    assert sorted(p.name for p in (copy / "students" / "kd" / "features").iterdir()) == ["train", "transfer"]
+    before = json.loads((run_dir / "students" / "kd" / "result.json").read_text())
+    assert kd["dev_accuracy"] == pytest.approx(before["dev_accuracy"])  # the same training, fed the same ids
