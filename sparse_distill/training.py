@@ -16,6 +16,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Generator, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -392,6 +393,51 @@ def prefetched(batches: Iterator[Any], prepare: Callable[[Any], Any], depth: int
         thread.join()
 
 
+class WeightAverage:
+    """An exponential moving average of parameters, updated at each dev evaluation (Polyak averaging).
+
+    Dev is scored, and the best checkpoint saved, with the average swapped in (`swapped`: the tensors trade places, no
+    copy), and training goes on from the weights themselves. With the high learning rates a sparse table wants, the
+    weights at any one evaluation carry the noise of the last steps; their average does not.
+    """
+
+    def __init__(self, params: list[torch.nn.Parameter], decay: float) -> None:
+        self.params, self.decay, self.updates = params, decay, 0
+        self.average: list[torch.Tensor] = []
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """Fold the current weights into the average (the first update copies them)."""
+        if not self.average:
+            self.average = [p.detach().clone() for p in self.params]
+        else:
+            for a, p in zip(self.average, self.params, strict=True):
+                a.mul_(self.decay).add_(p.detach(), alpha=1 - self.decay)
+        self.updates += 1
+
+    @contextmanager
+    def swapped(self) -> Iterator[None]:
+        """The averaged weights in the model for the duration (the current ones back afterwards, even on error)."""
+        self._swap()
+        try:
+            yield
+        finally:
+            self._swap()
+
+    def _swap(self) -> None:
+        for i, p in enumerate(self.params):
+            p.data, self.average[i] = self.average[i], p.data
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"updates": self.updates, "average": [a.detach().cpu() for a in self.average]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.updates = state["updates"]
+        # Empty when the checkpoint was written before the first evaluation.
+        saved = state["average"]
+        self.average = [a.to(p.device) for a, p in zip(saved, self.params, strict=True)] if saved else []
+
+
 def fit(
     optimizers: list[torch.optim.Optimizer],
     train_step: Callable[[Any], torch.Tensor],
@@ -420,6 +466,9 @@ def fit(
 
     With `prepare` (e.g. featurising a batch's texts), a background thread runs it on the next batches while the
     current step trains (see `prefetched`), and `train_step` receives its result.
+
+    With `config.average_decay` > 0, each evaluation also scores a running average of the weights (see
+    `WeightAverage`), and the better of the two is the evaluation's result and its candidate for the best checkpoint.
     """
     if data.num_docs < 1:
         raise ValueError(f"{name}: no training documents")
@@ -430,11 +479,15 @@ def fit(
     base_lrs = [[g["lr"] for g in opt.param_groups] for opt in optimizers]
     best_acc, best_step, step, epoch, stale, skip, seconds_before = -1.0, 0, 0, 0, 0, 0, 0.0
     history: list[dict[str, float]] = []
+    params = list({id(p): p for opt in optimizers for g in opt.param_groups for p in g["params"]}.values())
+    average = WeightAverage(params, config.average_decay) if config.average_decay > 0 else None
     resumed = checkpoint.load() if checkpoint is not None and checkpoint.enabled else None
     if resumed is not None:
         assert checkpoint is not None
         for opt, opt_state in zip(optimizers, resumed["optimizers"], strict=True):
             opt.load_state_dict(opt_state)
+        if average is not None and resumed.get("average") is not None:
+            average.load_state_dict(resumed["average"])
         checkpoint.set_state(resumed["caller"])
         _set_rng_states(resumed["rng"])
         best_acc, best_step, stale = resumed["best_acc"], resumed["best_step"], resumed["stale"]
@@ -466,14 +519,29 @@ def fit(
 
     def check() -> bool:
         nonlocal best_acc, best_step, stale
-        acc = evaluate()
+        acc, use_average = evaluate(), False
+        if average is not None:
+            # The average is a second candidate: chosen when it scores at least as well as the weights themselves
+            # (early in a short run the weights, still improving fast, can be ahead of their lagging average).
+            average.update()
+            with average.swapped():
+                averaged_acc = evaluate()
+                use_average = averaged_acc >= acc
+                if use_average and averaged_acc > best_acc:
+                    save_best()
+            acc = max(acc, averaged_acc)
+        improved = acc > best_acc
+        if improved and not use_average:
+            save_best()
         history.append({"step": step, "dev_accuracy": acc})
+        if average is not None:
+            history[-1]["averaged"] = float(use_average)
         if on_metrics:
             on_metrics(step, {f"{metric_prefix}dev_accuracy": acc})
-        logger.info("%s%s step %d/%d: dev accuracy %.4f", metric_prefix, name, step, total, acc)
-        if acc > best_acc:
+        which = " (averaged weights)" if use_average else ""
+        logger.info("%s%s step %d/%d: dev accuracy %.4f%s", metric_prefix, name, step, total, acc, which)
+        if improved:
             best_acc, best_step, stale = acc, step, 0
-            save_best()
             return False
         stale += 1
         return config.patience is not None and stale >= config.patience
@@ -491,6 +559,7 @@ def fit(
                 "history": list(history),
                 "seconds": seconds_before + time.perf_counter() - start,
                 "optimizers": [opt.state_dict() for opt in optimizers],
+                "average": average.state_dict() if average is not None else None,
                 "rng": _rng_states(),
             }
         )

@@ -191,7 +191,9 @@ class CountingBatches:
 
 
 def _scripted_fit(accuracies, config, evaluate_first=False):
-    """fit over a one-parameter model with a scripted dev accuracy; returns the result, save and eval steps."""
+    """fit over a one-parameter model with a scripted dev accuracy; returns the result, save and eval steps.
+    Weight averaging is off: each evaluation is one scripted score."""
+    config = config.model_copy(update={"average_decay": 0.0})
     w = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([w], lr=0.1)
     state = {"step": 0}
