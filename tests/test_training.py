@@ -19,6 +19,7 @@ from sparse_distill.training import (
     AUTO_MAX_EPOCHS,
     AUTO_MIN_EPOCHS,
     InMemoryBatches,
+    WeightAverage,
     accuracy,
     fit,
     kl_loss,
@@ -251,6 +252,65 @@ def test_fit_evaluate_first_scores_the_starting_model():
     )
     assert evaluated == [0, 1, 2, 3] and saved == [0]  # 0.8 at the end only ties the start
     assert res.best_step == 0 and res.best_dev_accuracy == 0.8 and res.history[0] == {"step": 0, "dev_accuracy": 0.8}
+
+
+def test_weight_average_is_an_exponential_average_swapped_in_without_copies():
+    w = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    average = WeightAverage([w], decay=0.75)
+    average.update()  # the first update copies
+    with torch.no_grad():
+        w.copy_(torch.tensor([5.0, 6.0]))
+    average.update()
+    expected = 0.75 * torch.tensor([1.0, 2.0]) + 0.25 * torch.tensor([5.0, 6.0])
+    storage = w.data_ptr()
+    with pytest.raises(RuntimeError, match="boom"), average.swapped():
+        assert torch.equal(w, expected)
+        raise RuntimeError("boom")
+    assert w.data_ptr() == storage and torch.equal(w, torch.tensor([5.0, 6.0]))  # back, even after an error
+    restored = WeightAverage([w], decay=0.75)
+    restored.load_state_dict(average.state_dict())
+    assert restored.updates == 2
+    with restored.swapped():
+        assert torch.equal(w, expected)
+    empty = WeightAverage([w], decay=0.75)
+    empty.load_state_dict(WeightAverage([w], 0.75).state_dict())  # a checkpoint from before the first evaluation
+    assert empty.updates == 0 and empty.average == []
+
+
+def test_fit_keeps_the_averaged_weights_when_they_score_better():
+    # SGD jumps the weight to +1 or -1 every step; dev prefers weights near 0, where only the average is.
+    w = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([w], lr=0.5)
+    state = {"step": 0}
+    saved = []
+
+    def train_step(_batch):
+        state["step"] += 1
+        return (w - (1.0 if state["step"] % 2 else -1.0)).pow(2).sum()
+
+    config = TrainConfig(batch_size=10, max_steps=9, eval_every=3, patience=None, schedule="constant", warmup_ratio=0)
+    res = fit(
+        [opt],
+        train_step,
+        lambda: 1.0 - abs(w.item()) / 2,
+        lambda: saved.append(w.item()),
+        CountingBatches(100),
+        config.model_copy(update={"average_decay": 0.5}),
+    )
+    # Raw weights at steps 3, 6, 9: +1, -1, +1 (dev 0.5); averages: +1, 0, +0.5.
+    assert [h["dev_accuracy"] for h in res.history] == [0.5, 1.0, 0.75]
+    assert [h["averaged"] for h in res.history] == [1.0, 1.0, 1.0]  # a tie goes to the average
+    assert saved == [1.0, 0.0] and res.best_step == 6
+    assert w.item() == 1.0  # training's own weights are back in the model
+    off = fit(
+        [opt],
+        train_step,
+        lambda: 1.0 - abs(w.item()) / 2,
+        lambda: None,
+        CountingBatches(100),
+        config.model_copy(update={"average_decay": 0.0}),
+    )
+    assert [h["dev_accuracy"] for h in off.history] == [0.5, 0.5, 0.5] and "averaged" not in off.history[0]
 
 
 def _separable(n=40, seed=0):
