@@ -199,15 +199,14 @@ class TrainConfig(_Strict):
     )
     shuffle_buffer: int = Field(100_000, ge=1, description="Documents held in the streaming shuffle buffer.")
     seed: int = Field(13, description="Random seed.")
-    average_decay: float = Field(
-        0.8,
+    average_window: float = Field(
+        0.125,
         ge=0,
         lt=1,
-        description="Weight averaging: at each dev evaluation the running average of the weights becomes "
-        "decay * average + (1 - decay) * weights; dev scores both, and the better is the evaluation's candidate for "
-        "the best checkpoint, while training goes on from the weights themselves. The average smooths the noise of "
-        "the high learning rates (README: 'Averaged weights'); it costs one more copy of the table and a second dev "
-        "pass per evaluation. 0 turns it off.",
+        description="Weight averaging: dev is scored, and the best checkpoint kept, on an exponential moving average "
+        "of the weights (updated at each evaluation) whose time constant is this share of the step budget; "
+        "training goes on from the weights themselves. The average smooths the noise of the high learning rates "
+        "(README: 'Averaged weights'); it costs one more copy of the table. 0 turns it off.",
     )
     table_optimizer: Literal["sparse_adam", "rowwise_adam", "rowwise_adagrad"] = Field(
         "rowwise_adam",
@@ -236,7 +235,7 @@ class TrainConfig(_Strict):
     RUNTIME_FIELDS: ClassVar[set[str]] = {"device", "checkpoint_every_steps", "checkpoint_every_minutes"}
     # Fields added after runs were cached, with their default: left out of the key at that default, so the old runs
     # stay valid (they were trained with exactly that behaviour).
-    ADDED_FIELDS: ClassVar[dict[str, Any]] = {"table_optimizer": "sparse_adam", "average_decay": 0.0}
+    ADDED_FIELDS: ClassVar[dict[str, Any]] = {"table_optimizer": "sparse_adam", "average_window": 0.0}
 
     def cache_dump(self) -> dict[str, Any]:
         """The section as it enters cache keys (and checkpoint keys): runtime fields and new fields at their old

@@ -16,7 +16,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Generator, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -467,8 +467,8 @@ def fit(
     With `prepare` (e.g. featurising a batch's texts), a background thread runs it on the next batches while the
     current step trains (see `prefetched`), and `train_step` receives its result.
 
-    With `config.average_decay` > 0, each evaluation also scores a running average of the weights (see
-    `WeightAverage`), and the better of the two is the evaluation's result and its candidate for the best checkpoint.
+    With `config.average_window` > 0, dev is scored and the best checkpoint saved on a moving average of the weights
+    (see `WeightAverage`), updated at each evaluation; training goes on from the weights themselves.
     """
     if data.num_docs < 1:
         raise ValueError(f"{name}: no training documents")
@@ -480,7 +480,10 @@ def fit(
     best_acc, best_step, step, epoch, stale, skip, seconds_before = -1.0, 0, 0, 0, 0, 0, 0.0
     history: list[dict[str, float]] = []
     params = list({id(p): p for opt in optimizers for g in opt.param_groups for p in g["params"]}.values())
-    average = WeightAverage(params, config.average_decay) if config.average_decay > 0 else None
+    average = None
+    if config.average_window > 0:
+        # An exponential average over about `average_window` of the budget, whatever the evaluation interval.
+        average = WeightAverage(params, math.exp(-budget.eval_every / (config.average_window * total)))
     resumed = checkpoint.load() if checkpoint is not None and checkpoint.enabled else None
     if resumed is not None:
         assert checkpoint is not None
@@ -519,26 +522,17 @@ def fit(
 
     def check() -> bool:
         nonlocal best_acc, best_step, stale
-        acc, use_average = evaluate(), False
         if average is not None:
-            # The average is a second candidate: chosen when it scores at least as well as the weights themselves
-            # (early in a short run the weights, still improving fast, can be ahead of their lagging average).
             average.update()
-            with average.swapped():
-                averaged_acc = evaluate()
-                use_average = averaged_acc >= acc
-                if use_average and averaged_acc > best_acc:
-                    save_best()
-            acc = max(acc, averaged_acc)
-        improved = acc > best_acc
-        if improved and not use_average:
-            save_best()
+        with average.swapped() if average is not None else nullcontext():
+            acc = evaluate()
+            improved = acc > best_acc
+            if improved:
+                save_best()
         history.append({"step": step, "dev_accuracy": acc})
-        if average is not None:
-            history[-1]["averaged"] = float(use_average)
         if on_metrics:
             on_metrics(step, {f"{metric_prefix}dev_accuracy": acc})
-        which = " (averaged weights)" if use_average else ""
+        which = " (averaged weights)" if average is not None else ""
         logger.info("%s%s step %d/%d: dev accuracy %.4f%s", metric_prefix, name, step, total, acc, which)
         if improved:
             best_acc, best_step, stale = acc, step, 0

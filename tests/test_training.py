@@ -194,7 +194,7 @@ class CountingBatches:
 def _scripted_fit(accuracies, config, evaluate_first=False):
     """fit over a one-parameter model with a scripted dev accuracy; returns the result, save and eval steps.
     Weight averaging is off: each evaluation is one scripted score."""
-    config = config.model_copy(update={"average_decay": 0.0})
+    config = config.model_copy(update={"average_window": 0.0})
     w = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([w], lr=0.1)
     state = {"step": 0}
@@ -277,7 +277,7 @@ def test_weight_average_is_an_exponential_average_swapped_in_without_copies():
     assert empty.updates == 0 and empty.average == []
 
 
-def test_fit_keeps_the_averaged_weights_when_they_score_better():
+def test_fit_scores_and_keeps_the_averaged_weights():
     # SGD jumps the weight to +1 or -1 every step; dev prefers weights near 0, where only the average is.
     w = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([w], lr=0.5)
@@ -289,18 +289,19 @@ def test_fit_keeps_the_averaged_weights_when_they_score_better():
         return (w - (1.0 if state["step"] % 2 else -1.0)).pow(2).sum()
 
     config = TrainConfig(batch_size=10, max_steps=9, eval_every=3, patience=None, schedule="constant", warmup_ratio=0)
+    # A window of 3 / (9 ln 2) of the 9-step budget: the average halves at each evaluation (every 3 steps).
+    averaged = config.model_copy(update={"average_window": 3 / (9 * math.log(2))})
     res = fit(
         [opt],
         train_step,
         lambda: 1.0 - abs(w.item()) / 2,
         lambda: saved.append(w.item()),
         CountingBatches(100),
-        config.model_copy(update={"average_decay": 0.5}),
+        averaged,
     )
-    # Raw weights at steps 3, 6, 9: +1, -1, +1 (dev 0.5); averages: +1, 0, +0.5.
-    assert [h["dev_accuracy"] for h in res.history] == [0.5, 1.0, 0.75]
-    assert [h["averaged"] for h in res.history] == [1.0, 1.0, 1.0]  # a tie goes to the average
-    assert saved == [1.0, 0.0] and res.best_step == 6
+    # The weights at steps 3, 6, 9: +1, -1, +1; their average: +1, 0, +0.5.
+    assert [h["dev_accuracy"] for h in res.history] == pytest.approx([0.5, 1.0, 0.75])
+    assert saved == pytest.approx([1.0, 0.0]) and res.best_step == 6
     assert w.item() == 1.0  # training's own weights are back in the model
     off = fit(
         [opt],
@@ -308,9 +309,9 @@ def test_fit_keeps_the_averaged_weights_when_they_score_better():
         lambda: 1.0 - abs(w.item()) / 2,
         lambda: None,
         CountingBatches(100),
-        config.model_copy(update={"average_decay": 0.0}),
+        config.model_copy(update={"average_window": 0.0}),
     )
-    assert [h["dev_accuracy"] for h in off.history] == [0.5, 0.5, 0.5] and "averaged" not in off.history[0]
+    assert [h["dev_accuracy"] for h in off.history] == [0.5, 0.5, 0.5]
 
 
 def _separable(n=40, seed=0):
