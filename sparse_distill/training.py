@@ -407,13 +407,16 @@ class WeightAverage:
 
     @torch.no_grad()
     def update(self) -> None:
-        """Fold the current weights into the average (the first update copies them)."""
+        """Fold the current weights into the average, bias-corrected as Adam's moments are: after n updates, snapshot
+        k weighs (1 - decay) * decay^(n - k) / (1 - decay^n), so the first snapshots (a fine-tuning's starting model,
+        say) do not dominate a short run's average."""
+        self.updates += 1
         if not self.average:
             self.average = [p.detach().clone() for p in self.params]
-        else:
-            for a, p in zip(self.average, self.params, strict=True):
-                a.mul_(self.decay).add_(p.detach(), alpha=1 - self.decay)
-        self.updates += 1
+            return
+        rate = (1 - self.decay) / (1 - self.decay**self.updates)
+        for a, p in zip(self.average, self.params, strict=True):
+            a.mul_(1 - rate).add_(p.detach(), alpha=rate)
 
     @contextmanager
     def swapped(self) -> Iterator[None]:

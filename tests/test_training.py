@@ -261,17 +261,18 @@ def test_weight_average_is_an_exponential_average_swapped_in_without_copies():
     with torch.no_grad():
         w.copy_(torch.tensor([5.0, 6.0]))
     average.update()
-    expected = 0.75 * torch.tensor([1.0, 2.0]) + 0.25 * torch.tensor([5.0, 6.0])
+    # Bias-corrected: (1 - d) * (d * w1 + w2) / (1 - d^2) = (d * w1 + w2) / (1 + d).
+    expected = (0.75 * torch.tensor([1.0, 2.0]) + torch.tensor([5.0, 6.0])) / 1.75
     storage = w.data_ptr()
     with pytest.raises(RuntimeError, match="boom"), average.swapped():
-        assert torch.equal(w, expected)
+        assert torch.allclose(w, expected)
         raise RuntimeError("boom")
     assert w.data_ptr() == storage and torch.equal(w, torch.tensor([5.0, 6.0]))  # back, even after an error
     restored = WeightAverage([w], decay=0.75)
     restored.load_state_dict(average.state_dict())
     assert restored.updates == 2
     with restored.swapped():
-        assert torch.equal(w, expected)
+        assert torch.allclose(w, expected)
     empty = WeightAverage([w], decay=0.75)
     empty.load_state_dict(WeightAverage([w], 0.75).state_dict())  # a checkpoint from before the first evaluation
     assert empty.updates == 0 and empty.average == []
@@ -299,9 +300,10 @@ def test_fit_scores_and_keeps_the_averaged_weights():
         CountingBatches(100),
         averaged,
     )
-    # The weights at steps 3, 6, 9: +1, -1, +1; their average: +1, 0, +0.5.
-    assert [h["dev_accuracy"] for h in res.history] == pytest.approx([0.5, 1.0, 0.75])
-    assert saved == pytest.approx([1.0, 0.0]) and res.best_step == 6
+    # The weights at steps 3, 6, 9: +1, -1, +1; their bias-corrected average: +1, (1 * 0.5 - 1) / 1.5 = -1/3,
+    # then 3/7 (the snapshots weigh 1/7, 2/7 and 4/7).
+    assert [h["dev_accuracy"] for h in res.history] == pytest.approx([0.5, 1 - 1 / 6, 1 - 3 / 14])
+    assert saved == pytest.approx([1.0, -1 / 3]) and res.best_step == 6
     assert w.item() == 1.0  # training's own weights are back in the model
     off = fit(
         [opt],
