@@ -17,7 +17,7 @@ import json
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -62,35 +62,50 @@ def vocab_checksum(vocab_dir: str | Path) -> str:
     return file_checksum(Path(vocab_dir) / "vocab.parquet")
 
 
-def pending_feature_shards(label_dir: str | Path, vocab_dir: str | Path, out_dir: str | Path) -> list[int]:
+def _labelled(label_dir: Path, plan: ShardPlan, index: int) -> FeatureRecord:
+    """The record a feature shard made from label shard `index` will carry (its vocabulary checksum left empty);
+    raises when that shard is not labelled yet."""
+    shard = plan.shards[index]
+    if getattr(shard, "status", "pending") != "done":
+        raise DataError(f"{label_dir}: shard {shard.name} is not labelled yet; label it before featurising")
+    return FeatureRecord(index, shard.size, "", getattr(shard, "checksum", None))
+
+
+def pending_feature_shards(
+    label_dir: str | Path,
+    vocab_dir: str | Path,
+    out_dir: str | Path,
+    vsum: str | None = None,
+    plan: ShardPlan | None = None,
+) -> list[int]:
     """The label shards of `label_dir` whose features in `out_dir` are missing or were made from another vocabulary or
-    other labels: the work `featurize_shard` still has to do. Raises when a label shard is not labelled yet."""
+    other labels: the work `featurize_shard` still has to do. Raises when a label shard is not labelled yet.
+
+    `vsum` (the vocabulary's `vocab_checksum`) and `plan` (the label folder's manifest) spare a caller that already has
+    them hashing the vocabulary and reading the manifest again."""
     label_dir, out_dir = Path(label_dir), Path(out_dir)
-    plan = read_manifest(label_dir)
-    vsum = vocab_checksum(vocab_dir)
+    plan = plan or read_manifest(label_dir)
+    vsum = vsum or vocab_checksum(vocab_dir)
     pending = []
     for i, shard in enumerate(plan.shards):
-        if getattr(shard, "status", "pending") != "done":
-            raise DataError(f"{label_dir}: shard {shard.name} is not labelled yet; label it before featurising")
-        wanted = FeatureRecord(i, shard.size, vsum, getattr(shard, "checksum", None))
+        wanted = replace(_labelled(label_dir, plan, i), vocab_checksum=vsum)
         if _read_record(out_dir, i) != wanted or not (out_dir / SHARDS / shard.name).exists():
             pending.append(i)
     return pending
 
 
 def featurize_shard(
-    label_dir: str | Path, vocab: NgramVocab, vsum: str, out_dir: str | Path, index: int
+    label_dir: str | Path, vocab: NgramVocab, vsum: str, out_dir: str | Path, index: int, plan: ShardPlan | None = None
 ) -> FeatureRecord:
     """Write the n-gram ids of label shard `index` (row r = the ids of row r) and its record, atomically.
 
-    `vsum` is the vocabulary's `vocab_checksum`. Any worker may run this for any shard: shards share nothing.
+    `vsum` is the vocabulary's `vocab_checksum`; `plan` the label folder's manifest when the caller has it. Any worker
+    may run this for any shard: shards share nothing.
     """
     label_dir, out_dir = Path(label_dir), Path(out_dir)
-    plan = read_manifest(label_dir)
+    plan = plan or read_manifest(label_dir)
     shard = plan.shards[index]
-    if getattr(shard, "status", "pending") != "done":
-        raise DataError(f"{label_dir}: shard {shard.name} is not labelled yet; label it before featurising")
-    record = FeatureRecord(index, shard.size, vsum, getattr(shard, "checksum", None))
+    record = replace(_labelled(label_dir, plan, index), vocab_checksum=vsum)
     texts, _ = read_shard(plan.sources[shard.source], shard)
     ids, offsets = vocab.featurize(texts, engine="compiled")
     bounds = np.append(offsets, len(ids)).astype(np.int32)
@@ -111,13 +126,14 @@ def featurize_labels(label_dir: str | Path, vocab_dir: str | Path, out_dir: str 
     labelling runs on several workers, and this then only checks that every shard is there."""
     label_dir, out_dir = Path(label_dir), Path(out_dir)
     (out_dir / SHARDS).mkdir(parents=True, exist_ok=True)
-    pending = pending_feature_shards(label_dir, vocab_dir, out_dir)
-    shards = read_manifest(label_dir).shards
+    plan, vsum = read_manifest(label_dir), vocab_checksum(vocab_dir)
+    shards = plan.shards
+    pending = pending_feature_shards(label_dir, vocab_dir, out_dir, vsum, plan)
     if pending:
-        vocab, vsum = NgramVocab.load(vocab_dir), vocab_checksum(vocab_dir)
+        vocab = NgramVocab.load(vocab_dir)
         start, docs = time.perf_counter(), 0
         for n, i in enumerate(pending, 1):
-            docs += featurize_shard(label_dir, vocab, vsum, out_dir, i).rows
+            docs += featurize_shard(label_dir, vocab, vsum, out_dir, i, plan).rows
             logger.info(
                 "%s: featurised shard %d (%d/%d to do, %d docs, %.0f docs/s so far)",
                 out_dir,
