@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sparse_distill.augment import make_transfer_set, nearest_words, replaceable_words
+from sparse_distill.code_version import code_fingerprint
 from sparse_distill.config import (
     DataConfig,
     LabelConfig,
@@ -169,11 +170,26 @@ def distill_label_stages(cfg: PipelineConfig) -> list[str]:
     return stages
 
 
+# The code each training and evaluation stage runs (see sparse_distill.code_version): a change to it recomputes the
+# stage even under an unchanged config, where the training algorithm changes most. The stages before them (teacher
+# fine-tuning, transfer set, labelling, vocabulary) are left out on purpose: their outputs are data checked by content
+# (the teacher's weights, shard and vocabulary checksums), and a library upgrade must not silently redo hours of
+# labelling or counting (an operator upgrading to get past a failing shard keeps the shards already labelled).
+STAGE_CODE: dict[str, tuple[str, ...]] = {
+    "distill": ("training", "pipeline:run_distill"),
+    "kdft": ("training", "pipeline:run_finetune_student"),
+    "scratch": ("training", "pipeline:run_scratch"),
+    "evaluate": ("evaluation", "explanation", "inference", "teacher", "pipeline:run_evaluate"),
+}
+
+
 def stage_fingerprints(cfg: PipelineConfig) -> dict[str, str]:
-    """Cache keys of every stage: its own config, its inputs' fingerprints and the library version.
+    """Cache keys of every stage: its own config, its inputs' fingerprints, the library version and, for the students
+    and evaluation, the code they run (`STAGE_CODE`).
 
     Changing one stage's config changes its key and the keys of the stages that depend on it, nothing else.
     """
+    code = {stage: code_fingerprint(*names) for stage, names in STAGE_CODE.items()}
     fp: dict[str, str] = {}
     teacher_cfg = cfg.teacher.model_dump(mode="json", exclude=TeacherConfig.RUNTIME_FIELDS)
     fp["teacher"] = fingerprint("teacher", data_fingerprint(cfg.data, ("train", "dev")), teacher_cfg)
@@ -195,14 +211,34 @@ def stage_fingerprints(cfg: PipelineConfig) -> dict[str, str]:
     fp["label_transfer"] = fingerprint("label_transfer", fp["teacher"], label_cfg, fp["transfer"])
     uses = [fp[stage] for stage in distill_label_stages(cfg)]
     fp["distill"] = fingerprint(
-        "distill", fp["vocab"], uses, student_key(cfg), cfg.distill, data_fingerprint(cfg.data, ("dev",))
+        "distill",
+        fp["vocab"],
+        uses,
+        student_key(cfg),
+        cfg.distill,
+        data_fingerprint(cfg.data, ("dev",)),
+        code["distill"],
     )
-    fp["kdft"] = fingerprint("kdft", fp["distill"], cfg.finetune, data_fingerprint(cfg.data, ("train", "dev")))
+    fp["kdft"] = fingerprint(
+        "kdft", fp["distill"], cfg.finetune, data_fingerprint(cfg.data, ("train", "dev")), code["kdft"]
+    )
     fp["scratch"] = fingerprint(
-        "scratch", fp["vocab"], student_key(cfg), cfg.scratch, data_fingerprint(cfg.data, ("train", "dev"))
+        "scratch",
+        fp["vocab"],
+        student_key(cfg),
+        cfg.scratch,
+        data_fingerprint(cfg.data, ("train", "dev")),
+        code["scratch"],
     )
     fp["evaluate"] = fingerprint(
-        "evaluate", fp["teacher"], fp["scratch"], fp["distill"], fp["kdft"], cfg.evaluate, data_fingerprint(cfg.data)
+        "evaluate",
+        fp["teacher"],
+        fp["scratch"],
+        fp["distill"],
+        fp["kdft"],
+        cfg.evaluate,
+        data_fingerprint(cfg.data),
+        code["evaluate"],
     )
     return fp
 

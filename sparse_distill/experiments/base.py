@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from sparse_distill import run_store
+from sparse_distill.code_version import code_fingerprint
 from sparse_distill.config import (
     ExperimentConfig,
     PipelineConfig,
@@ -224,7 +225,7 @@ def train_dan(
     student = student or ctx.base.config.student
     train = train or ctx.train_cfg
     folder = ctx.out_dir / name
-    fp = fingerprint("dan", name, source_fp, vocab_dir, student, train, init_fp)
+    fp = fingerprint("dan", name, source_fp, vocab_dir, student, train, init_fp, code_fingerprint("training"))
 
     def run() -> dict[str, Any]:
         res = train_dan_into(

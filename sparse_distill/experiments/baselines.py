@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from sparse_distill.code_version import code_fingerprint
 from sparse_distill.config import TrainConfig, fingerprint
 from sparse_distill.experiments.base import (
     Context,
@@ -50,7 +51,8 @@ def word_student(
     from sparse_distill import baselines as bl
 
     folder = ctx.out_dir / name
-    fp = fingerprint("word-student", name, kind, targets_fp, vocab_size, max_len, train, model_kwargs)
+    code = code_fingerprint("baselines")
+    fp = fingerprint("word-student", name, kind, targets_fp, vocab_size, max_len, train, model_kwargs, code)
 
     def run() -> dict[str, Any]:
         torch.manual_seed(train.seed)
