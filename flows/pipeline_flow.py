@@ -177,7 +177,7 @@ def _count_vocab(config: PipelineConfig, run_dir: str, fps: dict[str, str]) -> N
     """With several workers or Dask, count the n-grams with the counting flow on that runner; the vocab stage then
     only selects. With one thread, the stage counts by itself, alongside the teacher's training."""
     v = config.vocab
-    if (v.runner == "thread" and v.workers == 1) or is_fresh(run_dir, "vocab", fps["vocab"]):
+    if not v.fans_out or is_fresh(run_dir, "vocab", fps["vocab"]):
         return
     job = vocab_job(config, stage_dir(run_dir, "vocab"))
     sources = [asdict(s) for s in vocab_sources(config)]
@@ -188,7 +188,7 @@ def _featurize(config: PipelineConfig, run_dir: str, fps: dict[str, str], vocab:
     """With several labelling workers or Dask, featurise the labelled shards with the featurising flow on that runner;
     the distill stage then finds them done. With one thread, the distill stage featurises them by itself."""
     lc = config.label
-    if (lc.runner == "thread" and lc.workers == 1) or is_fresh(run_dir, "distill", fps["distill"]):
+    if not lc.fans_out or is_fresh(run_dir, "distill", fps["distill"]):
         return
     label_dirs = [x["label_dir"] for x in labels]
     featurize_labels_flow.with_options(name="featurize-labels", task_runner=make_task_runner(lc))(

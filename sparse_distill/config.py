@@ -77,6 +77,11 @@ class RunnerConfig(_Strict):
     # How the work is spread: these settings never change the results, so they stay out of cache keys.
     RUNTIME_FIELDS: ClassVar[set[str]] = {"runner", "workers", "dask_address", "retries"}
 
+    @property
+    def fans_out(self) -> bool:
+        """Whether the shards run on a runner with more than the calling thread (else a stage does them itself)."""
+        return not (self.runner == "thread" and self.workers == 1)
+
 
 class LabelConfig(RunnerConfig):
     """Labelling the train set and the corpus with the teacher's soft labels."""

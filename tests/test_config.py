@@ -181,3 +181,12 @@ def test_fingerprint_is_fixed_across_processes():
     code = "from sparse_distill.config import fingerprint; print(fingerprint('x', {'b': [1, 2.5], 'a': None}))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == fingerprint("x", {"b": [1, 2.5], "a": None})
+
+
+def test_a_runner_fans_out_unless_it_is_one_thread() -> None:
+    from sparse_distill.config import LabelConfig, VocabConfig
+
+    assert not LabelConfig().fans_out
+    assert LabelConfig(workers=2).fans_out
+    assert VocabConfig(runner="process").fans_out
+    assert VocabConfig(runner="dask", workers=1).fans_out
