@@ -11,7 +11,10 @@ from sparse_distill.code_version import code_fingerprint, module_closure
 from sparse_distill.config import DataConfig, PipelineConfig, TeacherConfig
 
 MODULES = {
-    "a.py": '"""Module a."""\nfrom sparse_distill import b\nfrom sparse_distill.config import X\n\n\ndef f():\n    return b.g()\n',
+    "a.py": (
+        '"""Module a."""\nfrom sparse_distill import b\nfrom sparse_distill.config import X\n\n\n'
+        "def f():\n    return b.g()\n"
+    ),
     "b.py": "from .c import h\nfrom torch.utils import data\n\n\ndef g():\n    return h() + 1\n",
     "c.py": "def h():\n    # one\n    return 1\n",
     "d.py": "import sparse_distill.c\n\n\ndef unused():\n    return 2\n",
