@@ -43,6 +43,8 @@ FeaturizeEngine = Literal["auto", "compiled", "python"]
 # Up to this many texts, "auto" featurises in Python unless the kernel is loaded already: loading it (numba and
 # the cached machine code) takes longer than featurising this many texts in Python.
 PYTHON_FEATURIZE_MAX_TEXTS = 1000
+# From this many texts per thread, the compiled featuriser splits the work over threads (see `_featurize_encoded`).
+PARALLEL_FEATURIZE_MIN_TEXTS = 2000
 
 # The kernel's hashing (see `ngram_kernels`) in Python integers: FNV-1a over a word's bytes, splitmix64's finaliser.
 _MASK64 = (1 << 64) - 1
@@ -395,14 +397,45 @@ class NgramVocab:
                 total += len(rows)
         return (np.concatenate(ids) if ids else np.zeros(0, np.int64)), offsets
 
-    def _featurize_encoded(self, buf: np.ndarray, ends: np.ndarray, max_order: int) -> tuple[np.ndarray, np.ndarray]:
-        """`featurize` of texts already encoded by `encode_texts` (max_order 0 only tokenises and hashes)."""
+    def _featurize_encoded(
+        self, buf: np.ndarray, ends: np.ndarray, max_order: int, threads: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """`featurize` of texts already encoded by `encode_texts` (max_order 0 only tokenises and hashes).
+
+        Many texts are cut into contiguous chunks featurised by `threads` threads at once (the kernel releases the
+        GIL; default: numba's thread count), and the chunks joined in order: the same ids and offsets as one call.
+        """
         from sparse_distill.ngram_kernels import BYTE_FOLD, featurize_bytes, word_bits
 
-        table = self._table
-        return featurize_bytes(
-            buf, ends, BYTE_FOLD, word_bits(), table.keys, table.rows, max_order, self._prefix_closed
-        )
+        table, bits = self._table, word_bits()
+
+        def run(chunk_buf: np.ndarray, chunk_ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            return featurize_bytes(
+                chunk_buf, chunk_ends, BYTE_FOLD, bits, table.keys, table.rows, max_order, self._prefix_closed
+            )
+
+        if threads is None:
+            import numba
+
+            threads = numba.get_num_threads()
+        chunks = min(threads, len(ends) // PARALLEL_FEATURIZE_MIN_TEXTS)
+        if chunks < 2:
+            return run(buf, ends)
+        # Cut at text boundaries into chunks of about equal bytes.
+        cuts = np.searchsorted(ends, np.linspace(0, ends[-1], chunks + 1)[1:-1], side="left")
+        bounds = [0, *sorted({int(c) + 1 for c in cuts if 0 <= c < len(ends) - 1}), len(ends)]
+        parts = []
+        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+            start = int(ends[lo - 1]) if lo else 0
+            parts.append((buf[start : int(ends[hi - 1])], ends[lo:hi] - start))
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(len(parts)) as pool:
+            results = list(pool.map(lambda part: run(*part), parts))
+        shifts = np.cumsum([0, *(len(ids) for ids, _ in results[:-1])])
+        ids = np.concatenate([ids for ids, _ in results])
+        offsets = np.concatenate([offsets + shift for (_, offsets), shift in zip(results, shifts, strict=True)])
+        return ids, offsets
 
     def top(self, size: int) -> NgramVocab:
         """The vocabulary cut to its first `size` rows (the most frequent n-grams): row i keeps its id."""

@@ -251,3 +251,32 @@ def test_max_order_keeps_only_short_ngrams_and_top_keeps_row_ids():
     ids_small, _ = small.featurize(docs)
     assert sorted(ids_small.tolist()) == sorted(i for i in ids_all.tolist() if i < 50)
     assert vocab.top(10_000) is vocab
+
+
+@pytest.mark.parametrize("threads", [2, 3, 7])
+def test_featurize_over_threads_equals_one_call(monkeypatch, threads):
+    import sparse_distill.vocab as vocab_module
+    from sparse_distill.vocab import encode_texts
+
+    docs = _docs(700, 60, seed=5)
+    docs[10:14] = ["", "", "x", ""]  # empty documents (no ids) at and around the cuts must keep their offsets
+    vocab = build_vocab(docs, 400, 3)
+    one = vocab._featurize_encoded(*encode_texts(docs), 3, threads=1)
+    import sparse_distill.ngram_kernels as kernels
+
+    calls: list[int] = []
+    kernel = kernels.featurize_bytes
+
+    def counted(buf, ends, *rest):
+        calls.append(len(ends))
+        return kernel(buf, ends, *rest)
+
+    monkeypatch.setattr(kernels, "featurize_bytes", counted)
+    monkeypatch.setattr(vocab_module, "PARALLEL_FEATURIZE_MIN_TEXTS", 50)
+    many = vocab._featurize_encoded(*encode_texts(docs), 3, threads=threads)
+    assert len(calls) == threads and sum(calls) == len(docs)
+    np.testing.assert_array_equal(many[0], one[0])
+    np.testing.assert_array_equal(many[1], one[1])
+    # Too few texts per thread: one call.
+    monkeypatch.setattr(vocab_module, "PARALLEL_FEATURIZE_MIN_TEXTS", 10_000)
+    np.testing.assert_array_equal(vocab._featurize_encoded(*encode_texts(docs), 3, threads=threads)[0], one[0])
