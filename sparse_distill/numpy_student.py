@@ -39,6 +39,7 @@ class NumpyDanStudent:
         """Rows of the n-gram table as float32 (an int8 table dequantised row by row), shape (len(ids), dim)."""
         rows = self.table[ids]
         if self.config.table_dtype == "int8":
+            # `student.Int8EmbeddingBag`'s layout (d code bytes, then float32 scale and bias), read without torch.
             scale_bias = np.ascontiguousarray(rows[:, self.config.dim :]).view(np.float32)
             return rows[:, : self.config.dim].astype(np.float32) * scale_bias[:, :1] + scale_bias[:, 1:]
         return rows.astype(np.float32, copy=False)

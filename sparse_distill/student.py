@@ -51,10 +51,12 @@ class Int8EmbeddingBag(nn.Module):
         module.register_buffer("packed", torch.ops.quantized.embedding_bag_byte_prepack(weight.detach().float()))
         return module
 
-    def dequantize(self) -> torch.Tensor:
-        """The table as float32 (for checks; inference gathers the int8 rows directly)."""
-        codes = self.packed[:, : self.embedding_dim].float()
-        scale_bias = self.packed[:, self.embedding_dim :].contiguous().view(torch.float32)
+    def dequantize(self, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows `ids` (default: the whole table) as float32, shape (len(ids), dim): for checks and explanations;
+        inference gathers the int8 rows directly. (`numpy_student` reads the same layout without torch.)"""
+        packed = self.packed if ids is None else self.packed[ids]
+        codes = packed[:, : self.embedding_dim].float()
+        scale_bias = packed[:, self.embedding_dim :].contiguous().view(torch.float32)
         return codes * scale_bias[:, :1] + scale_bias[:, 1:]
 
     def forward(self, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -174,9 +176,7 @@ class DanStudent(nn.Module):
     def table_rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows of the n-gram table as float32 (an int8 table dequantised row by row), shape (len(ids), dim)."""
         if isinstance(self.embedding, Int8EmbeddingBag):
-            packed = self.embedding.packed[ids]
-            scale_bias = packed[:, self.config.dim :].contiguous().view(torch.float32)
-            return packed[:, : self.config.dim].float() * scale_bias[:, :1] + scale_bias[:, 1:]
+            return self.embedding.dequantize(ids)
         return self.embedding.weight[ids].float()
 
     def _max_pool(self, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
