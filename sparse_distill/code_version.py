@@ -31,7 +31,12 @@ def code_fingerprint(*modules: str, package_dir: Path = PACKAGE_DIR) -> str:
     function of a module and the module's top-level functions and classes it names, followed transitively (not the
     module's imports: list those modules too). The pipeline's stage functions are hashed that way, since the
     pipeline module imports every other one.
+
+    An installation without the package's source files (compiled files only) gives "no-source": the keys then
+    fall back to config, inputs and the library version.
     """
+    if not (package_dir / "__init__.py").is_file():
+        return "no-source"
     return _fingerprint(tuple(sorted(set(modules))), package_dir.resolve())
 
 
@@ -53,7 +58,10 @@ def _fingerprint(modules: tuple[str, ...], package_dir: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def _functions(module: str, function: str, package_dir: Path) -> list[ast.AST]:
+Definition = ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef
+
+
+def _functions(module: str, function: str, package_dir: Path) -> list[Definition]:
     """The top-level definition `function` of `module` and the module's top-level definitions it names, transitively."""
     path = _module_path(module, package_dir)
     if path is None:
@@ -61,7 +69,7 @@ def _functions(module: str, function: str, package_dir: Path) -> list[ast.AST]:
     defs = {n.name: n for n in _tree(path).body if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)}
     if function not in defs:
         raise ValueError(f"{module}:{function}: no top-level function {function} in {path}")
-    seen: dict[str, ast.AST] = {}
+    seen: dict[str, Definition] = {}
     todo = [function]
     while todo:
         name = todo.pop()

@@ -44,6 +44,9 @@ def test_closure_follows_the_package_imports_only(tmp_path: Path) -> None:
     assert module_closure("d", package_dir=pkg) == ["c", "d"]
     with pytest.raises(ValueError, match="no module sparse_distill.nope"):
         code_fingerprint("nope", package_dir=pkg)
+    # Installed without its sources: no code in the key, and no error.
+    (pkg / "__init__.py").unlink()
+    assert code_fingerprint("a", package_dir=pkg) == "no-source"
 
 
 def test_fingerprint_changes_with_statements_not_comments_docstrings_or_layout(tmp_path: Path) -> None:
