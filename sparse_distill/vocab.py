@@ -22,6 +22,7 @@ import re
 import sys
 from collections import Counter
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import InitVar, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -428,8 +429,6 @@ class NgramVocab:
         for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
             start = int(ends[lo - 1]) if lo else 0
             parts.append((buf[start : int(ends[hi - 1])], ends[lo:hi] - start))
-        from concurrent.futures import ThreadPoolExecutor
-
         with ThreadPoolExecutor(len(parts)) as pool:
             results = list(pool.map(lambda part: run(*part), parts))
         shifts = np.cumsum([0, *(len(ids) for ids, _ in results[:-1])])
