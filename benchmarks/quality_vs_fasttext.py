@@ -115,11 +115,19 @@ def _rt_three_class(out: Path) -> Path:
         splits["test"] += group[:n_test]
         splits["dev"] += group[n_test : n_test + n_dev]
         splits["train"] += group[n_test + n_dev :]
+    pairs = {name: [(r["text"], r["category"]) for r in part] for name, part in splits.items()}
+    return _write_splits(out, pairs, rng)
+
+
+def _write_splits(
+    out: Path, splits: dict[str, list[tuple[str, str]]], rng: np.random.Generator, limits: dict[str, int] | None = None
+) -> Path:
+    """Each split's (text, label) rows, shuffled and cut to its limit, as `out/<split>.parquet`."""
     out.mkdir(parents=True, exist_ok=True)
-    for name, part in splits.items():
-        part = [part[i] for i in rng.permutation(len(part))]
-        table = pa.table({"text": [r["text"] for r in part], "label": [r["category"] for r in part]})
-        pq.write_table(table, out / f"{name}.parquet")
+    for split, rows in splits.items():
+        keep = rng.permutation(len(rows))[: (limits or {}).get(split)]
+        table = pa.table({"text": [rows[i][0] for i in keep], "label": [rows[i][1] for i in keep]})
+        pq.write_table(table, out / f"{split}.parquet")
     return out
 
 
@@ -164,12 +172,7 @@ def _sotu_eras(out: Path) -> Path:
                 for sentence in re.split(r"(?<=[.!?])\s+(?=[A-Z\"'])", addresses[i]["text"]):
                     if 5 <= len(sentence.split()) <= 60:
                         splits[split].append((sentence.strip(), era))
-    out.mkdir(parents=True, exist_ok=True)
-    for split, rows in splits.items():
-        keep = rng.permutation(len(rows))[: limits[split]]
-        table = pa.table({"text": [rows[i][0] for i in keep], "label": [rows[i][1] for i in keep]})
-        pq.write_table(table, out / f"{split}.parquet")
-    return out
+    return _write_splits(out, splits, rng, limits)
 
 
 IMDB_CPU = ["teacher.max_length=128", "teacher.max_train_samples=6000", "data.max_corpus_samples=25000"]

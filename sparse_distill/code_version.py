@@ -50,7 +50,7 @@ def _fingerprint(modules: tuple[str, ...], package_dir: Path) -> str:
     digest = hashlib.sha256()
     whole = [m for m in modules if ":" not in m]
     for name in sorted(_closure(tuple(whole), package_dir)):
-        digest.update(name.encode() + b"\0" + _dump(_tree(_module_path(name, package_dir))).encode() + b"\0")
+        digest.update(name.encode() + b"\0" + _module_dump(_module_path(name, package_dir)).encode() + b"\0")
     for entry in sorted(m for m in modules if ":" in m):
         module, function = entry.split(":", 1)
         for node in _functions(module, function, package_dir):
@@ -105,10 +105,11 @@ def _module_path(name: str, package_dir: Path) -> Path | None:
     return None
 
 
-def _imported(path: Path, package_dir: Path) -> set[str]:
+@lru_cache(maxsize=256)
+def _imported(path: Path, package_dir: Path) -> frozenset[str]:
     """The package modules a file imports anywhere (top level or inside functions)."""
     found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+    for node in ast.walk(_tree(path)):
         if isinstance(node, ast.Import):
             found.update(m for a in node.names if (m := _inside(a.name)))
         elif isinstance(node, ast.ImportFrom) and (base := _resolve_from(node, path, package_dir)) is not None:
@@ -116,7 +117,7 @@ def _imported(path: Path, package_dir: Path) -> set[str]:
                 found.add(base)
             # `from sparse_distill import training`: the imported names may be modules themselves.
             found.update(f"{base}.{a.name}" if base else a.name for a in node.names)
-    return {m for m in found if _module_path(m, package_dir) is not None}
+    return frozenset(m for m in found if _module_path(m, package_dir) is not None)
 
 
 def _inside(dotted: str) -> str | None:
@@ -143,6 +144,14 @@ def _dump(node: ast.AST) -> str:
     return ast.dump(node, annotate_fields=False, include_attributes=False)
 
 
+@lru_cache(maxsize=256)
+def _module_dump(path: Path | None) -> str:
+    """A whole module's tree as text."""
+    return _dump(_tree(path))
+
+
+# Each file is parsed once per process (the keys of several stages share modules); callers never modify the tree.
+@lru_cache(maxsize=256)
 def _tree(path: Path | None) -> ast.Module:
     """The module's syntax tree without docstrings."""
     assert path is not None

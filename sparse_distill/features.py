@@ -17,7 +17,7 @@ import json
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -62,13 +62,13 @@ def vocab_checksum(vocab_dir: str | Path) -> str:
     return file_checksum(Path(vocab_dir) / "vocab.parquet")
 
 
-def _labelled(label_dir: Path, plan: ShardPlan, index: int) -> FeatureRecord:
-    """The record a feature shard made from label shard `index` will carry (its vocabulary checksum left empty);
-    raises when that shard is not labelled yet."""
+def _labelled(label_dir: Path, plan: ShardPlan, index: int, vsum: str) -> FeatureRecord:
+    """The record a feature shard made from label shard `index` with vocabulary `vsum` carries; raises when that shard
+    is not labelled yet."""
     shard = plan.shards[index]
     if getattr(shard, "status", "pending") != "done":
         raise DataError(f"{label_dir}: shard {shard.name} is not labelled yet; label it before featurising")
-    return FeatureRecord(index, shard.size, "", getattr(shard, "checksum", None))
+    return FeatureRecord(index, shard.size, vsum, getattr(shard, "checksum", None))
 
 
 def pending_feature_shards(
@@ -88,7 +88,7 @@ def pending_feature_shards(
     vsum = vsum or vocab_checksum(vocab_dir)
     pending = []
     for i, shard in enumerate(plan.shards):
-        wanted = replace(_labelled(label_dir, plan, i), vocab_checksum=vsum)
+        wanted = _labelled(label_dir, plan, i, vsum)
         if _read_record(out_dir, i) != wanted or not (out_dir / SHARDS / shard.name).exists():
             pending.append(i)
     return pending
@@ -105,7 +105,7 @@ def featurize_shard(
     label_dir, out_dir = Path(label_dir), Path(out_dir)
     plan = plan or read_manifest(label_dir)
     shard = plan.shards[index]
-    record = replace(_labelled(label_dir, plan, index), vocab_checksum=vsum)
+    record = _labelled(label_dir, plan, index, vsum)
     texts, _ = read_shard(plan.sources[shard.source], shard)
     ids, offsets = vocab.featurize(texts, engine="compiled")
     bounds = np.append(offsets, len(ids)).astype(np.int32)
