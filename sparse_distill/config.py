@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from sparse_distill import __version__
 
@@ -109,6 +109,15 @@ class VocabConfig(RunnerConfig):
         "mostly seen once and add noise (the paper's 4 pays off with a corpus of tens of millions of documents).",
     )
     min_count: int = Field(1, ge=1, description="Drop n-grams seen fewer times than this.")
+    subword_buckets: int = Field(
+        200_000,
+        ge=0,
+        description="Embedding rows that each word's character n-grams (fastText's subwords) are hashed into, after "
+        "the n-grams; 0: no subwords. On by measurement (README: 'Subwords'): words the train set lacks or rarely "
+        "has still get the rows of their pieces.",
+    )
+    subword_min: int = Field(4, ge=2, description="Shortest character n-gram of a subword (fastText's minn).")
+    subword_max: int = Field(4, ge=2, description="Longest character n-gram of a subword (fastText's maxn).")
     tie_rule: Literal["alphabetical", "sklearn"] = Field(
         "alphabetical",
         description="Order among n-grams tied at the cut (see sparse_distill.vocab); 'sklearn' holds all counts "
@@ -122,6 +131,12 @@ class VocabConfig(RunnerConfig):
 
     # The kept vocabulary does not depend on these either.
     RUNTIME_FIELDS: ClassVar[set[str]] = RunnerConfig.RUNTIME_FIELDS | {"shard_size", "memory_mb", "partitions"}
+
+    @model_validator(mode="after")
+    def _subword_lengths(self) -> VocabConfig:
+        if self.subword_min > self.subword_max:
+            raise ValueError(f"subword_min ({self.subword_min}) is above subword_max ({self.subword_max})")
+        return self
 
 
 class TransferConfig(_Strict):

@@ -62,9 +62,11 @@ from sparse_distill.shard_plan import (
 from sparse_distill.vocab import (
     TOKEN_PATTERN,
     NgramVocab,
+    Subwords,
     count_ngram_table,
     merge_count_tables,
     select_top_files,
+    set_subwords,
     write_vocab,
 )
 
@@ -473,6 +475,7 @@ def finish_count(job: VocabJob, inputs: str, docs: int) -> dict[str, Any]:
             "min_count": v.min_count,
             "tie_rule": v.tie_rule,
             "selection": _selection(job, inputs),
+            **({"subwords": sub.to_json()} if (sub := Subwords.from_config(v)) else {}),
         },
     )
     NgramVocab.load(out)  # checks what was written, and saves the n-gram -> row lookup next to it
@@ -525,6 +528,7 @@ def finish_without_reduce(job: VocabJob) -> dict[str, Any]:
         if meta.get("selection") == _selection(job, success["inputs"]) and (out / "vocab.parquet").exists():
             # Already selected just so (the pipeline's stage after its counting flow): nothing to do again.
             counts = pq.read_table(out / "vocab.parquet", columns=["count"]).column("count")
+            set_subwords(out, Subwords.from_config(job.vocab))  # the one setting selection does not decide
             _mark_summed(job, success["inputs"])
             return _result(out, counts, meta["distinct_ngrams"], meta["docs"])
     except (OSError, json.JSONDecodeError, KeyError):

@@ -123,8 +123,8 @@ def explain_text(predictor: StudentPredictor, text: str, top: int = 10) -> Expla
     best = int(probs.argmax())
     effects = probs[best] - probs_all[1:, best]
     order = np.argsort(-np.abs(effects), kind="stable")[:top]
-    ngrams = predictor.vocab.ngrams
-    found = [NgramEffect(ngrams[int(unique[i])], int(counts[i]), float(effects[i])) for i in order]
+    names = predictor.vocab.row_names(text)
+    found = [NgramEffect(names.get(int(unique[i]), str(unique[i])), int(counts[i]), float(effects[i])) for i in order]
     return Explanation(
         text, labels[best], float(probs[best]), _named(labels, probs), found, model.config.pooling, len(unique)
     )
@@ -148,7 +148,8 @@ def top_ngrams(
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     model = predictor.model
-    size, classes = model.config.vocab_size, model.config.num_classes
+    # The n-gram rows only: a subword bucket is a hash of many character n-grams, no one thing to show.
+    size, classes = min(model.config.vocab_size, len(predictor.vocab.ngrams)), model.config.num_classes
     best_scores = np.full((classes, 0), -np.inf, np.float32)
     best_rows = np.zeros((classes, 0), np.int64)
     with torch.inference_mode():

@@ -111,6 +111,10 @@ def featurize_bytes(
     table_rows: np.ndarray,
     max_order: int,
     prefix_closed: bool,
+    sub_min: int = 0,
+    sub_max: int = 0,
+    sub_buckets: int = 0,
+    sub_base: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Row ids of every kept n-gram (n = 1..max_order) of each document and each document's start offset.
 
@@ -118,6 +122,10 @@ def featurize_bytes(
     ASCII (`fold` lowercases ASCII letters). Tokens are runs of at least two word characters: `fold` decides for ASCII,
     `word_bits` for the others. Within a document the ids come order by order (all unigrams in text order, then all
     bigrams, ...). With a prefix-closed vocabulary an n-gram is tried only where its first n-1 words were found.
+
+    With `sub_buckets` > 0, each token's character n-grams (n = sub_min..sub_max, of the token wrapped in `<` and `>`,
+    as fastText's subwords) follow, token by token, length by length, left to right: row `sub_base` + the n-gram's
+    hash modulo `sub_buckets` (see `subword_row`).
     """
     n_docs = len(ends)
     offsets = np.empty(n_docs, np.int64)
@@ -130,6 +138,12 @@ def featurize_bytes(
     wkeys = np.empty(longest // 2 + 1, np.uint64)
     cur = np.empty(longest // 2 + 1, np.uint64)
     alive = np.empty(longest // 2 + 1, np.bool_)
+    # Each token's first and end byte, and its folded bytes wrapped in `<` `>` with its character starts.
+    wstart = np.empty(longest // 2 + 1, np.int64)
+    wend = np.empty(longest // 2 + 1, np.int64)
+    wrapped = np.empty(longest + 2, np.uint8)
+    cstart = np.empty(longest + 3, np.int64)
+    span = max(sub_max - sub_min + 1, 0)
     out = np.empty(max(1024, len(buf) // 2), np.int64)
     n_out = 0
     start = 0
@@ -152,12 +166,15 @@ def featurize_bytes(
                         cp = (cp << 6) | (buf[i + k] & 0x3F)
                     word = (word_bits[cp >> 3] >> (cp & 7)) & 1 == 1
             if word:
+                if length == 0:
+                    wstart[n_tok] = i
                 for k in range(size):
                     h = (h ^ np.uint64(fold[buf[i]] if size == 1 else buf[i + k])) * _FNV_PRIME
                 length += 1
             elif length > 0:
                 if length >= 2:
                     wkeys[n_tok] = mix(h)
+                    wend[n_tok] = i
                     n_tok += 1
                 h, length = _FNV_OFFSET, 0
             i += size
@@ -185,4 +202,33 @@ def featurize_bytes(
                     alive[j] = False
             if prefix_closed and not found_any:
                 break
+        if sub_buckets > 0:
+            for j in range(n_tok):
+                # The token's bytes (ASCII folded) between the markers, and where each character starts.
+                nb, nc = 1, 1
+                wrapped[0] = 60  # "<"
+                cstart[0] = 0
+                for k in range(wstart[j], wend[j]):
+                    b = buf[k]
+                    if b < 0x80 or b >= 0xC0:  # not a continuation byte: a character starts here
+                        cstart[nc] = nb
+                        nc += 1
+                    wrapped[nb] = fold[b] if b < 0x80 else b
+                    nb += 1
+                wrapped[nb] = 62  # ">"
+                cstart[nc] = nb
+                nb += 1
+                nc += 1
+                cstart[nc] = nb
+                if n_out + nc * span > len(out):
+                    bigger = np.empty(max(2 * len(out), n_out + nc * span), np.int64)
+                    bigger[:n_out] = out[:n_out]
+                    out = bigger
+                for n in range(sub_min, sub_max + 1):
+                    for c in range(nc - n + 1):
+                        h = _FNV_OFFSET
+                        for k in range(cstart[c], cstart[c + n]):
+                            h = (h ^ np.uint64(wrapped[k])) * _FNV_PRIME
+                        out[n_out] = sub_base + np.int64(mix(h) % np.uint64(sub_buckets))
+                        n_out += 1
     return out[:n_out].copy(), offsets

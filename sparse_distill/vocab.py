@@ -25,7 +25,7 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import InitVar, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -33,6 +33,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from sparse_distill.data import atomic_write, atomic_write_parquet, atomic_write_text, file_checksum
+
+if TYPE_CHECKING:
+    from sparse_distill.config import VocabConfig
 
 logger = logging.getLogger(__name__)
 
@@ -305,6 +308,47 @@ class KeyTable:
         return out
 
 
+@dataclass(frozen=True)
+class Subwords:
+    """fastText's subwords: the character n-grams (n = min_n..max_n) of each word wrapped in `<` and `>`, each
+    hashed (FNV-1a of its UTF-8 bytes, then splitmix64) into one of `buckets` embedding rows. A word the train set
+    lacks still gets the rows of its pieces ("unfunny" shares "<unf", "funn", "unny" ...), so the student is not
+    blind to it."""
+
+    min_n: int
+    max_n: int
+    buckets: int
+
+    def __post_init__(self) -> None:
+        if self.buckets and not 2 <= self.min_n <= self.max_n:
+            raise ValueError(f"subwords need 2 <= min_n <= max_n, got {self.min_n}..{self.max_n}")
+
+    def rows(self, words: list[str], base: int) -> np.ndarray:
+        """Embedding rows of the words' character n-grams (after `base` n-gram rows), in the kernel's order."""
+        rows: list[int] = []
+        for word in words:
+            wrapped = f"<{word}>"
+            for n in range(self.min_n, self.max_n + 1):
+                for c in range(len(wrapped) - n + 1):
+                    key = _py_mix(_py_fnv1a(wrapped[c : c + n].encode("utf-8", "surrogatepass")))
+                    rows.append(base + key % self.buckets)
+        return np.asarray(rows, np.int64)
+
+    def to_json(self) -> dict[str, int]:
+        return {"min_n": self.min_n, "max_n": self.max_n, "buckets": self.buckets}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Subwords:
+        return cls(int(data["min_n"]), int(data["max_n"]), int(data["buckets"]))
+
+    @classmethod
+    def from_config(cls, config: VocabConfig) -> Subwords | None:
+        """The subwords a vocabulary section asks for (None when `subword_buckets` is 0)."""
+        if not config.subword_buckets:
+            return None
+        return cls(config.subword_min, config.subword_max, config.subword_buckets)
+
+
 @dataclass
 class NgramVocab:
     """The kept n-grams (row i = embedding row i), their counts, and the n-gram key -> row table that featurising
@@ -315,6 +359,8 @@ class NgramVocab:
     ngram_max: int
     # (table keys, table rows, prefix_closed) read from disk, instead of building them
     saved_lookup: InitVar[tuple[np.ndarray, np.ndarray, bool] | None] = None
+    # Character n-grams of each word (fastText's subwords), hashed into `subwords.buckets` rows after the n-grams.
+    subwords: Subwords | None = None
     _table: KeyTable = field(init=False, repr=False)
     # Every kept n-gram's (n-1)-word prefix is kept too (true of any top-|V| cut with the alphabetical tie rule,
     # since a prefix occurs at least as often and sorts first): featurising then extends only the n-grams it found.
@@ -329,7 +375,28 @@ class NgramVocab:
             self._table = KeyTable.from_arrays(table_keys, table_rows)
 
     def __len__(self) -> int:
-        return len(self.ngrams)
+        """Rows of the embedding table: the kept n-grams, then the subword buckets."""
+        return len(self.ngrams) + (self.subwords.buckets if self.subwords else 0)
+
+    def row_names(self, text: str) -> dict[int, str]:
+        """What each embedding row that `text` uses stands for: its n-gram, or for a subword bucket the text's
+        character n-grams hashed into it (`<unf|funn` ...)."""
+        ids, _ = self.featurize([text], engine="python")
+        names = {int(r): self.ngrams[r] for r in ids if r < len(self.ngrams)}
+        if self.subwords is not None:
+            pieces: dict[int, list[str]] = {}
+            for word in tokenize(text):
+                wrapped = f"<{word}>"
+                grams = [
+                    wrapped[c : c + n]
+                    for n in range(self.subwords.min_n, self.subwords.max_n + 1)
+                    for c in range(len(wrapped) - n + 1)
+                ]
+                for gram, row in zip(grams, self.subwords.rows([word], len(self.ngrams)), strict=True):
+                    if gram not in pieces.setdefault(int(row), []):
+                        pieces[int(row)].append(gram)
+            names.update({row: "|".join(grams) for row, grams in pieces.items()})
+        return names
 
     def _build_lookup(self) -> None:
         # Key every n-gram by the hashes of its words' bytes (compiled, no per-n-gram Python loop) into a hash table.
@@ -354,6 +421,9 @@ class NgramVocab:
         Each document contributes one id per occurrence of a kept n-gram (n = 1..ngram_max), so mean pooling weights
         n-grams by frequency, as a bag of n-grams should. `max_order` uses only n-grams up to that length (the
         n-gram-order ablation: a student trained on 4-grams evaluated on 1- and 2-grams).
+
+        With `subwords`, each word's character n-grams follow the document's n-grams (see `Subwords`); they do not
+        depend on `max_order`.
 
         Tokens are `tokenize`'s, found by the compiled kernel in the texts' UTF-8 bytes: it lowercases ASCII letters
         (other texts are lowercased by `str.lower` first) and tells word characters by a bitmap of the code points
@@ -396,6 +466,10 @@ class NgramVocab:
                 rows = rows[rows >= 0]
                 ids.append(rows)
                 total += len(rows)
+            if self.subwords is not None:
+                sub = self.subwords.rows(tokenize(text), len(self.ngrams))
+                ids.append(sub)
+                total += len(sub)
         return (np.concatenate(ids) if ids else np.zeros(0, np.int64)), offsets
 
     def _featurize_encoded(
@@ -409,10 +483,22 @@ class NgramVocab:
         from sparse_distill.ngram_kernels import BYTE_FOLD, featurize_bytes, word_bits
 
         table, bits = self._table, word_bits()
+        sub = self.subwords if self.subwords is not None and max_order > 0 else Subwords(0, 0, 0)
 
         def run(chunk_buf: np.ndarray, chunk_ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             return featurize_bytes(
-                chunk_buf, chunk_ends, BYTE_FOLD, bits, table.keys, table.rows, max_order, self._prefix_closed
+                chunk_buf,
+                chunk_ends,
+                BYTE_FOLD,
+                bits,
+                table.keys,
+                table.rows,
+                max_order,
+                self._prefix_closed,
+                sub.min_n,
+                sub.max_n,
+                sub.buckets,
+                len(self.ngrams),
             )
 
         if threads is None:
@@ -440,14 +526,17 @@ class NgramVocab:
         """The vocabulary cut to its first `size` rows (the most frequent n-grams): row i keeps its id."""
         if size < 1:
             raise ValueError(f"size must be >= 1, got {size}")
-        if size >= len(self):
+        if size >= len(self.ngrams):
             return self
-        return NgramVocab(ngrams=self.ngrams[:size], counts=self.counts[:size], ngram_max=self.ngram_max)
+        return NgramVocab(
+            ngrams=self.ngrams[:size], counts=self.counts[:size], ngram_max=self.ngram_max, subwords=self.subwords
+        )
 
     def save(self, out_dir: str | Path) -> Path:
         """Write `vocab.parquet` (ngram, count; row order = embedding row) and `vocab.json` (settings)."""
         table = pa.table({"ngram": pa.array(self.ngrams, pa.string()), "count": pa.array(self.counts, pa.int64())})
-        path = write_vocab(table, self.ngram_max, out_dir)
+        extra = {"subwords": self.subwords.to_json()} if self.subwords else None
+        path = write_vocab(table, self.ngram_max, out_dir, extra)
         self._save_lookup(Path(out_dir))
         return path
 
@@ -480,6 +569,7 @@ class NgramVocab:
             counts=table.column("count").to_numpy(),
             ngram_max=int(meta["ngram_max"]),
             saved_lookup=lookup,
+            subwords=Subwords.from_json(meta["subwords"]) if meta.get("subwords") else None,
         )
         if lookup is None:
             try:
@@ -537,8 +627,18 @@ def add_words(out_dir: str | Path, words: Iterable[str]) -> int:
     table = pa.table({"ngram": pa.array(ngrams, pa.string()), "count": pa.array(extended.counts, pa.int64())})
     write_vocab(table, vocab.ngram_max, out_dir, {k: v for k, v in meta.items() if k not in ("ngram_max", "size")})
     extended._save_lookup(out_dir)
-    logger.info("%s: %d words added after the %d counted n-grams", out_dir, len(new), len(vocab))
+    logger.info("%s: %d words added after the %d counted n-grams", out_dir, len(new), len(vocab.ngrams))
     return len(new)
+
+
+def set_subwords(out_dir: str | Path, subwords: Subwords | None) -> None:
+    """Record in the saved vocabulary's `vocab.json` which subwords its students use (None: none)."""
+    path = Path(out_dir) / "vocab.json"
+    meta = json.loads(path.read_text())
+    meta.pop("subwords", None)
+    if subwords is not None:
+        meta["subwords"] = subwords.to_json()
+    atomic_write_text(path, json.dumps(meta, indent=2))
 
 
 def encode_texts(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:

@@ -190,3 +190,9 @@ def test_a_runner_fans_out_unless_it_is_one_thread() -> None:
     assert LabelConfig(workers=2).fans_out
     assert VocabConfig(runner="process").fans_out
     assert VocabConfig(runner="dask", workers=1).fans_out
+
+
+def test_subword_lengths_must_be_ordered(config_file):
+    config_file.write_text(MINIMAL + "vocab:\n  subword_min: 5\n  subword_max: 4\n")
+    with pytest.raises(ConfigError, match="subword_min"):
+        load_config(config_file)

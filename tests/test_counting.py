@@ -24,7 +24,7 @@ from sparse_distill.counting import (
     run_count_job,
 )
 from sparse_distill.shard_plan import CorpusSource, ShardSpec
-from sparse_distill.vocab import NgramVocab, count_ngrams, cut_count, select_top
+from sparse_distill.vocab import NgramVocab, Subwords, count_ngrams, cut_count, select_top
 
 
 def _docs(n: int, seed: int = 0) -> list[str]:
@@ -194,7 +194,13 @@ def test_output_loads_as_the_students_vocabulary(tmp_path):
     run_count_job(_job(inputs, tmp_path / "out", size=80))
     vocab = NgramVocab.load(tmp_path / "out")
     meta = json.loads((tmp_path / "out" / "vocab.json").read_text())
-    assert len(vocab) == meta["size"] == 80 and meta["docs"] == 300 and vocab.ngram_max == 3
+    assert len(vocab.ngrams) == meta["size"] == 80 and meta["docs"] == 300 and vocab.ngram_max == 3
     ids, offsets = vocab.featurize(docs[:5])
-    assert len(offsets) == 5 and ids.max() < 80
+    assert len(offsets) == 5 and ids.max() < len(vocab)
     assert os.path.exists(tmp_path / "out" / "counts" / "_SUCCESS.json")
+    # The subwords come from the config (on by default), also when only the selection runs again.
+    assert vocab.subwords == Subwords(4, 4, 200_000) and len(vocab) == 80 + 200_000
+    run_count_job(_job(inputs, tmp_path / "out", size=80, subword_buckets=0))
+    assert NgramVocab.load(tmp_path / "out").subwords is None
+    run_count_job(_job(inputs, tmp_path / "out", size=80, subword_buckets=10, subword_min=3, subword_max=5))
+    assert NgramVocab.load(tmp_path / "out").subwords == Subwords(3, 5, 10)

@@ -280,3 +280,46 @@ def test_featurize_over_threads_equals_one_call(monkeypatch, threads):
     # Too few texts per thread: one call.
     monkeypatch.setattr(vocab_module, "PARALLEL_FEATURIZE_MIN_TEXTS", 10_000)
     np.testing.assert_array_equal(vocab._featurize_encoded(*encode_texts(docs), 3, threads=threads)[0], one[0])
+
+
+def test_subwords_follow_the_ngrams_as_fasttext_cuts_them_and_both_engines_agree():
+    from sparse_distill.vocab import Subwords
+
+    docs = _docs(300, 40, seed=8) + TRICKY + ["Unfunny, unfunnier: ÜBER-long naïve café x"]
+    vocab = build_vocab(docs, 200, 2)
+    vocab.subwords = Subwords(3, 5, 997)
+    assert len(vocab) == len(vocab.ngrams) + 997
+    compiled = vocab.featurize(docs, engine="compiled")
+    python = vocab.featurize(docs, engine="python")
+    np.testing.assert_array_equal(compiled[0], python[0])
+    np.testing.assert_array_equal(compiled[1], python[1])
+    # The ids of a text: its n-grams, then each word's character n-grams of "<word>" (lengths 3..5) in buckets.
+    text = "Unfunny film"
+    plain = NgramVocab(vocab.ngrams, vocab.counts, vocab.ngram_max).featurize([text])[0]
+    ids = vocab.featurize([text])[0]
+    np.testing.assert_array_equal(ids[: len(plain)], plain)
+    sub = ids[len(plain) :]
+    pieces = [w[c : c + n] for w in ("<unfunny>", "<film>") for n in (3, 4, 5) for c in range(len(w) - n + 1)]
+    assert len(sub) == len(pieces) and sub.min() >= len(vocab.ngrams) and sub.max() < len(vocab)
+    # A word the vocabulary lacks shares rows with a known word's pieces: "unfunnier" with "unfunny" ("<un", "unf" ...).
+    names = vocab.row_names("unfunnier")
+    assert any("<unf" in name.split("|") for name in names.values())
+    assert set(vocab.featurize(["unfunnier"])[0]) & set(vocab.featurize(["unfunny"])[0])
+    # Non-ASCII words are cut by characters, not bytes: "<été>" at n = 3 is "<ét", "été", "té>".
+    assert len(vocab.featurize(["été"])[0]) == len(vocab.featurize(["ete"])[0])
+
+
+def test_subwords_are_saved_kept_by_top_and_off_by_default(tmp_path):
+    from sparse_distill.vocab import Subwords, set_subwords
+
+    vocab = build_vocab(_docs(100, 30, seed=9), 50, 2)
+    assert vocab.subwords is None and len(vocab) == len(vocab.ngrams)
+    vocab.subwords = Subwords(4, 4, 50)
+    vocab.save(tmp_path)
+    loaded = NgramVocab.load(tmp_path)
+    assert loaded.subwords == Subwords(4, 4, 50) and len(loaded) == len(vocab)
+    assert loaded.top(10).subwords == Subwords(4, 4, 50) and len(loaded.top(10)) == 60
+    set_subwords(tmp_path, None)
+    assert NgramVocab.load(tmp_path).subwords is None
+    with pytest.raises(ValueError, match="min_n"):
+        Subwords(5, 4, 10)
