@@ -13,6 +13,7 @@ shard is never read with stale ids. `iter_featurized` streams (ids, offsets, pro
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -58,8 +59,13 @@ def _read_record(out_dir: Path, index: int) -> FeatureRecord | None:
 
 
 def vocab_checksum(vocab_dir: str | Path) -> str:
-    """The identity of a vocabulary: the checksum of its `vocab.parquet` (row i = embedding row i)."""
-    return file_checksum(Path(vocab_dir) / "vocab.parquet")
+    """The identity of a vocabulary: the checksum of its `vocab.parquet` (row i = embedding row i), and its subwords
+    when it has them (they add ids to every document)."""
+    checksum = file_checksum(Path(vocab_dir) / "vocab.parquet")
+    subwords = json.loads((Path(vocab_dir) / "vocab.json").read_text()).get("subwords")
+    if not subwords:
+        return checksum  # as before subwords existed, so older feature shards stay valid
+    return hashlib.sha256(f"{checksum}:{json.dumps(subwords, sort_keys=True)}".encode()).hexdigest()
 
 
 def _labelled(label_dir: Path, plan: ShardPlan, index: int, vsum: str) -> FeatureRecord:

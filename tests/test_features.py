@@ -13,7 +13,7 @@ from sparse_distill.features import featurize_labels, iter_featurized
 from sparse_distill.soft_labels import SHARDS
 from sparse_distill.testing import make_labelled_shards
 from sparse_distill.training import DocIds, InMemoryBatches, SoftLabelStream
-from sparse_distill.vocab import build_vocab
+from sparse_distill.vocab import NgramVocab, Subwords, build_vocab, set_subwords
 
 TEXTS = [
     f"the film number {i} was {'great' if i % 3 else 'dull and slow'} {'' if i % 4 else 'ça va'}" for i in range(23)
@@ -33,8 +33,6 @@ def _vocab(tmp_path, size=40, name="vocab"):
 def test_stored_ids_equal_featurising_the_texts(tmp_path):
     labels, vocab_dir = _labels(tmp_path), _vocab(tmp_path)
     out = featurize_labels(labels, vocab_dir, tmp_path / "features")
-    from sparse_distill.vocab import NgramVocab
-
     vocab = NgramVocab.load(vocab_dir)
     shards = list(iter_featurized(labels, out))
     assert len(shards) == 5
@@ -61,6 +59,14 @@ def test_shards_are_kept_or_redone_by_what_they_were_made_from(tmp_path):
     other = _vocab(tmp_path, size=10, name="vocab10")
     featurize_labels(labels, other, out)
     assert all(p.stat().st_mtime_ns != mtimes[p.name] for p in (out / SHARDS).glob("*.parquet"))
+    # The same n-grams with subwords: every shard is redone too, and holds the subword ids.
+    mtimes = {p.name: p.stat().st_mtime_ns for p in (out / SHARDS).glob("*.parquet")}
+    set_subwords(other, Subwords(3, 4, 50))
+    featurize_labels(labels, other, out)
+    assert all(p.stat().st_mtime_ns != mtimes[p.name] for p in (out / SHARDS).glob("*.parquet"))
+    got = [doc for ids, offsets, _ in iter_featurized(labels, out) for doc in DocIds(ids, offsets).split()]
+    expected = DocIds(*NgramVocab.load(other).featurize(TEXTS)).split()
+    assert any(len(d) for d in got) and all(np.array_equal(a, b) for a, b in zip(got, expected, strict=True))
 
 
 def test_relabelled_shard_is_refused_until_featurised_again(tmp_path):
