@@ -581,10 +581,9 @@ def run_choices(cfg: PipelineConfig, run_dir: str | Path) -> dict[str, str]:
         if added:
             why += f", plus {added:,} words of the transfer set that they lack"
         if buckets := vocab.get("subword_buckets", 0):
-            why += (
-                f", plus {buckets:,} rows for the words' character {cfg.vocab.subword_min}-"
-                f"{cfg.vocab.subword_max}-grams (vocab.subword_buckets)"
-            )
+            lo, hi = cfg.vocab.subword_min, cfg.vocab.subword_max
+            why += f", plus {buckets:,} rows for the words' character {lo if lo == hi else f'{lo}-{hi}'}-grams"
+            why += " (vocab.subword_buckets)"
         out["table"] = f"|V| = {size + buckets:,}: {why}; d = {cfg.student.dim} (student.dim)"
     transfer = read_stage(run_dir, "transfer") if cfg.transfer.size != 0 else None
     out["transfer"] = f"{transfer['rows']:,} texts: {transfer['reason']}" if transfer else "none (transfer.size 0)"

@@ -205,7 +205,10 @@ def test_the_vocabulary_takes_the_transfer_sets_new_words_after_the_counted_ngra
     run_dir = tmp_path / "run"
     (run_dir / "vocab").mkdir(parents=True)
     (run_dir / "vocab" / "result.json").write_text(json.dumps(res))
-    assert "plus 2 words of the transfer set" in run_choices(cfg, run_dir)["table"]
+    table = run_choices(cfg, run_dir)["table"]
+    assert "plus 2 words of the transfer set" in table
+    assert f"|V| = {res['size'] + 200_000:,}" in table and "200,000 rows for the words' character 4-grams" in table
+    assert vocab.subwords is not None and len(vocab) == res["size"] + 200_000
 
 
 # --- cache keys ------------------------------------------------------------------------------------------------------
