@@ -323,22 +323,28 @@ class Subwords:
         if self.buckets and not 2 <= self.min_n <= self.max_n:
             raise ValueError(f"subwords need 2 <= min_n <= max_n, got {self.min_n}..{self.max_n}")
 
+    def pieces(self, word: str) -> list[str]:
+        """The word's character n-grams, in the kernel's order: by length, then left to right."""
+        wrapped = f"<{word}>"
+        return [wrapped[c : c + n] for n in range(self.min_n, self.max_n + 1) for c in range(len(wrapped) - n + 1)]
+
     def rows(self, words: list[str], base: int) -> np.ndarray:
         """Embedding rows of the words' character n-grams (after `base` n-gram rows), in the kernel's order."""
-        rows: list[int] = []
-        for word in words:
-            wrapped = f"<{word}>"
-            for n in range(self.min_n, self.max_n + 1):
-                for c in range(len(wrapped) - n + 1):
-                    key = _py_mix(_py_fnv1a(wrapped[c : c + n].encode("utf-8", "surrogatepass")))
-                    rows.append(base + key % self.buckets)
+        rows = [
+            base + _py_mix(_py_fnv1a(piece.encode("utf-8", "surrogatepass"))) % self.buckets
+            for word in words
+            for piece in self.pieces(word)
+        ]
         return np.asarray(rows, np.int64)
 
     def to_json(self) -> dict[str, int]:
         return {"min_n": self.min_n, "max_n": self.max_n, "buckets": self.buckets}
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Subwords:
+    def from_json(cls, data: dict[str, Any] | None) -> Subwords | None:
+        """Subwords as `vocab.json` records them (None, or 0 buckets: none)."""
+        if not data or not int(data["buckets"]):
+            return None
         return cls(int(data["min_n"]), int(data["max_n"]), int(data["buckets"]))
 
     @classmethod
@@ -386,12 +392,7 @@ class NgramVocab:
         if self.subwords is not None:
             pieces: dict[int, list[str]] = {}
             for word in tokenize(text):
-                wrapped = f"<{word}>"
-                grams = [
-                    wrapped[c : c + n]
-                    for n in range(self.subwords.min_n, self.subwords.max_n + 1)
-                    for c in range(len(wrapped) - n + 1)
-                ]
+                grams = self.subwords.pieces(word)
                 for gram, row in zip(grams, self.subwords.rows([word], len(self.ngrams)), strict=True):
                     if gram not in pieces.setdefault(int(row), []):
                         pieces[int(row)].append(gram)
@@ -569,7 +570,7 @@ class NgramVocab:
             counts=table.column("count").to_numpy(),
             ngram_max=int(meta["ngram_max"]),
             saved_lookup=lookup,
-            subwords=Subwords.from_json(meta["subwords"]) if meta.get("subwords") else None,
+            subwords=Subwords.from_json(meta.get("subwords")),
         )
         if lookup is None:
             try:

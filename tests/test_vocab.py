@@ -321,5 +321,6 @@ def test_subwords_are_saved_kept_by_top_and_off_by_default(tmp_path):
     assert loaded.top(10).subwords == Subwords(4, 4, 50) and len(loaded.top(10)) == 60
     set_subwords(tmp_path, None)
     assert NgramVocab.load(tmp_path).subwords is None
+    assert Subwords.from_json({"min_n": 4, "max_n": 4, "buckets": 0}) is None  # a hand-edited 0: none, not % 0
     with pytest.raises(ValueError, match="min_n"):
         Subwords(5, 4, 10)
