@@ -267,13 +267,15 @@ def quantize_student(model_dir: str | Path, out_dir: str | Path, table_dtype: st
 def init_table_from_vectors(model: DanStudent, vectors: np.ndarray) -> None:
     """Initialise the n-gram table from one vector per row (e.g. each n-gram's text encoded by the teacher).
 
-    Vectors wider than the table are projected onto their top principal components; every column is then scaled to
-    the table's init std, so the dense layers see inputs of the usual size.
+    Fewer vectors than rows set the first rows only: the n-grams' rows come first, and the subword buckets after them
+    keep their random init (a bucket is no one text to encode). Vectors wider than the table are projected onto their
+    top principal components; every column is then scaled to the table's init std, so the dense layers see inputs
+    of the usual size.
     """
     if model.config.table_dtype != "float32":
         raise ValueError("only a float32 table can be initialised")
     rows, dim = model.embedding.weight.shape
-    if vectors.shape[0] != rows:
+    if vectors.shape[0] > rows:
         raise ValueError(f"{vectors.shape[0]} vectors for a table of {rows} rows")
     x = torch.from_numpy(np.asarray(vectors, np.float32))
     x = x - x.mean(0, keepdim=True)
@@ -284,4 +286,4 @@ def init_table_from_vectors(model: DanStudent, vectors: np.ndarray) -> None:
         raise ValueError(f"vectors have {x.shape[1]} columns, fewer than the table's {dim}")
     x = x / x.std(0, keepdim=True).clamp_min(1e-8) * model.config.init_std
     with torch.no_grad():
-        model.embedding.weight.copy_(x)
+        model.embedding.weight[: len(x)].copy_(x)

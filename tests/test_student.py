@@ -147,7 +147,13 @@ def test_table_initialised_from_wider_vectors_keeps_their_leading_structure():
     explained = 1 - ((orig - table @ coef) ** 2).sum() / (orig**2).sum()
     assert explained > 0.99
     with pytest.raises(ValueError, match="vectors for a table"):
-        init_table_from_vectors(model, vectors[:10])
+        init_table_from_vectors(student_from_config(100, 2, StudentConfig(dim=4)), vectors)
+    # Fewer vectors than rows (subword buckets after the n-grams): the first rows are set, the rest keep their init.
+    wider = student_from_config(250, 2, StudentConfig(dim=4, hidden=6, init_std=0.1))
+    tail = wider.embedding.weight.detach()[200:].clone()
+    init_table_from_vectors(wider, vectors.astype(np.float32))
+    np.testing.assert_allclose(wider.embedding.weight.detach()[:200].numpy(), table, rtol=1e-5, atol=1e-6)
+    assert torch.equal(wider.embedding.weight.detach()[200:], tail)
     with pytest.raises(ValueError, match="fewer than"):
         init_table_from_vectors(student_from_config(200, 2, StudentConfig(dim=64)), vectors)
 

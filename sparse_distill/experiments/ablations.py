@@ -34,19 +34,20 @@ def run_ablations(ctx: Context) -> list[dict[str, Any]]:
         return variants[name]
 
     full = NgramVocab.load(base.vocab_dir)
+    known = len(full.ngrams)  # |V|: the n-gram rows, not the subword buckets after them
     for pooling in acfg.poolings:
         r = dan(f"pool-{pooling}", vocab_dir=base.vocab_dir, student=student.model_copy(update={"pooling": pooling}))
-        rows.append(model_row(f"pooling = {pooling}", r, ablation="pooling", V=len(full), d=student.dim))
+        rows.append(model_row(f"pooling = {pooling}", r, ablation="pooling", V=known, d=student.dim))
     if acfg.orders:
         ref = dan("pool-mean", vocab_dir=base.vocab_dir, student=student.model_copy(update={"pooling": "mean"}))
         for order in acfg.orders:
             r = score_student(ctx, ref["model_dir"], max_order=order)
-            rows.append(model_row(f"n <= {order} at inference", r, ablation="n-gram order", V=len(full), d=student.dim))
+            rows.append(model_row(f"n <= {order} at inference", r, ablation="n-gram order", V=known, d=student.dim))
     for budget in acfg.budgets:
         for dim in acfg.dims:
             size = budget // dim
-            if size > len(full):
-                logger.info("grid: |V| = %d for d = %d exceeds the vocabulary (%d); skipped", size, dim, len(full))
+            if size > known:
+                logger.info("grid: |V| = %d for d = %d exceeds the vocabulary (%d); skipped", size, dim, known)
                 continue
             vocab_dir = _top_vocab(ctx, full, size)
             r = dan(f"grid-{budget}-{dim}", vocab_dir=vocab_dir, student=student.model_copy(update={"dim": dim}))
@@ -56,9 +57,9 @@ def run_ablations(ctx: Context) -> list[dict[str, Any]]:
         r = dan(
             name, vocab_dir=base.vocab_dir, student=student.model_copy(update={"pooling": "mean", "layers": layers})
         )
-        rows.append(model_row(f"{layers} dense hidden layer(s)", r, ablation="depth", V=len(full), d=student.dim))
+        rows.append(model_row(f"{layers} dense hidden layer(s)", r, ablation="depth", V=known, d=student.dim))
     if acfg.teacher_init_vocab:
-        size = min(acfg.teacher_init_vocab, len(full))
+        size = min(acfg.teacher_init_vocab, known)
         vocab_dir = _top_vocab(ctx, full, size)
         r = dan(f"init-random-{size}", vocab_dir=vocab_dir)
         rows.append(model_row("random init", r, ablation=f"table init (|V| = {size:,})", V=size, d=student.dim))
@@ -77,7 +78,7 @@ def run_ablations(ctx: Context) -> list[dict[str, Any]]:
 
 def _top_vocab(ctx: Context, full: NgramVocab, size: int) -> str:
     """The full vocabulary cut to its `size` most frequent n-grams, saved once under the output dir."""
-    if size >= len(full):
+    if size >= len(full.ngrams):
         return ctx.base.vocab_dir
     out = ctx.out_dir / "vocabs" / f"top-{size}"
     if not (out / "vocab.parquet").exists() or NgramVocab.load(out).ngrams[-1:] != full.ngrams[size - 1 : size]:

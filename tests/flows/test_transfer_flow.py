@@ -3,7 +3,6 @@ distillation trains on train + transfer; a second run is served from cache."""
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 from pathlib import Path
@@ -134,5 +133,17 @@ def test_distill_flow_featurises_on_the_labelling_runner_when_it_has_workers(tra
     fanned = config.model_copy(update={"label": config.label.model_copy(update={"workers": 2})})
     kd = distill_flow(config=fanned, run_dir=str(copy))
     assert sorted(p.name for p in (copy / "students" / "kd" / "features").iterdir()) == ["train", "transfer"]
-    before = json.loads((run_dir / "students" / "kd" / "result.json").read_text())
-    assert kd["dev_accuracy"] == pytest.approx(before["dev_accuracy"])  # the same training, fed the same ids
+    # The same ids as the first run's stage featurised inline. Compared on ids, not on dev accuracy: since the subword
+    # buckets came in, two trainings on the same ids in one process have given different 40-text dev scores (0.525
+    # and 0.45), a non-determinism still to be found (issue 16's note).
+    from sparse_distill.features import iter_featurized
+
+    for name in ("train", "transfer"):
+        labels = copy / "labels" / name
+        fanned_ids = list(iter_featurized(labels, copy / "students" / "kd" / "features" / name))
+        inline_ids = list(iter_featurized(run_dir / "labels" / name, run_dir / "students" / "kd" / "features" / name))
+        assert len(fanned_ids) == len(inline_ids) > 0
+        for (a_ids, a_off, _), (b_ids, b_off, _) in zip(fanned_ids, inline_ids, strict=True):
+            np.testing.assert_array_equal(a_ids, b_ids)
+            np.testing.assert_array_equal(a_off, b_off)
+    assert kd["dev_accuracy"] > 0
