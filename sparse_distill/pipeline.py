@@ -48,7 +48,7 @@ from sparse_distill.run_store import file_fingerprint, read_stage
 from sparse_distill.shard_plan import CorpusSource, plan_shards
 from sparse_distill.teacher import TeacherPredictor, finetune_teacher, teacher_fingerprint, teacher_word_vectors
 from sparse_distill.training import BatchSource, InMemoryBatches, SoftLabelStream, train_dan
-from sparse_distill.vocab import Subwords, add_words, set_subwords, tokenize
+from sparse_distill.vocab import Subwords, add_words, tokenize
 
 if TYPE_CHECKING:
     from sparse_distill.tracking import DatasetRecord
@@ -363,8 +363,7 @@ def run_vocab(cfg: PipelineConfig, out_dir: str | Path, transfer: dict | None = 
     if transfer and transfer.get("rows"):
         texts = pq.read_table(transfer["path"], columns=["text"]).column("text").to_pylist()
         added = add_words(out_dir, (w for t in texts for w in tokenize(t)))
-    subwords = Subwords.from_config(cfg.vocab)
-    set_subwords(out_dir, subwords)
+    subwords = Subwords.from_config(cfg.vocab)  # the counting job wrote them to vocab.json; here for the record
     return {
         "vocab_dir": str(out_dir),
         "size": res["size"] + added,
@@ -581,9 +580,8 @@ def run_choices(cfg: PipelineConfig, run_dir: str | Path) -> dict[str, str]:
         if added:
             why += f", plus {added:,} words of the transfer set that they lack"
         if buckets := vocab.get("subword_buckets", 0):
-            lo, hi = cfg.vocab.subword_min, cfg.vocab.subword_max
-            why += f", plus {buckets:,} rows for the words' character {lo if lo == hi else f'{lo}-{hi}'}-grams"
-            why += " (vocab.subword_buckets)"
+            subwords = Subwords(cfg.vocab.subword_min, cfg.vocab.subword_max, buckets)
+            why += f", plus {subwords.describe()} (vocab.subword_buckets)"
         out["table"] = f"|V| = {size + buckets:,}: {why}; d = {cfg.student.dim} (student.dim)"
     transfer = read_stage(run_dir, "transfer") if cfg.transfer.size != 0 else None
     out["transfer"] = f"{transfer['rows']:,} texts: {transfer['reason']}" if transfer else "none (transfer.size 0)"

@@ -337,6 +337,11 @@ class Subwords:
         ]
         return np.asarray(rows, np.int64)
 
+    def describe(self) -> str:
+        """In words, for a run's summary: "200,000 rows for the words' character 4-grams"."""
+        lengths = str(self.min_n) if self.min_n == self.max_n else f"{self.min_n}-{self.max_n}"
+        return f"{self.buckets:,} rows for the words' character {lengths}-grams"
+
     def to_json(self) -> dict[str, int]:
         return {"min_n": self.min_n, "max_n": self.max_n, "buckets": self.buckets}
 
@@ -387,8 +392,8 @@ class NgramVocab:
     def row_names(self, text: str) -> dict[int, str]:
         """What each embedding row that `text` uses stands for: its n-gram, or for a subword bucket the text's
         character n-grams hashed into it (`<unf|funn` ...)."""
-        ids, _ = self.featurize([text], engine="python")
-        names = {int(r): self.ngrams[r] for r in ids if r < len(self.ngrams)}
+        ids, _ = self._featurize_python([text], self.ngram_max, with_subwords=False)
+        names = {int(r): self.ngrams[r] for r in ids}
         if self.subwords is not None:
             pieces: dict[int, list[str]] = {}
             for word in tokenize(text):
@@ -447,9 +452,11 @@ class NgramVocab:
             raise ValueError(f"engine must be auto, compiled or python, not {engine!r}")
         return self._featurize_encoded(*encode_texts(texts), top)
 
-    def _featurize_python(self, texts: list[str], max_order: int) -> tuple[np.ndarray, np.ndarray]:
+    def _featurize_python(
+        self, texts: list[str], max_order: int, with_subwords: bool = True
+    ) -> tuple[np.ndarray, np.ndarray]:
         """`featurize` without the kernel: the same word keys, n-gram keys and id order (unigrams in text order, then
-        bigrams, ...), looked up in the same hash table."""
+        bigrams, ...), looked up in the same hash table; the subwords' rows after them unless `with_subwords` is off."""
         ids: list[np.ndarray] = []
         offsets = np.zeros(len(texts), np.int64)
         total = 0
@@ -467,7 +474,7 @@ class NgramVocab:
                 rows = rows[rows >= 0]
                 ids.append(rows)
                 total += len(rows)
-            if self.subwords is not None:
+            if self.subwords is not None and with_subwords:
                 sub = self.subwords.rows(tokenize(text), len(self.ngrams))
                 ids.append(sub)
                 total += len(sub)
