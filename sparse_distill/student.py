@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -23,6 +26,9 @@ from sparse_distill.dan_config import (  # noqa: F401 - re-exported: the folder 
     read_dan_config,
 )
 from sparse_distill.data import DataError, LabelMap, atomic_write_text, write_dir_atomically
+
+if TYPE_CHECKING:
+    from sparse_distill.table_kernels import BagGradient
 
 logger = logging.getLogger(__name__)
 
@@ -70,32 +76,48 @@ class Int8EmbeddingBag(nn.Module):
         return summed / sizes.clamp(min=1).unsqueeze(1).to(summed.dtype)
 
 
+# A fused table update (`RowwiseAdam.update_from_bag`): takes the table's factored gradient, steps the table.
+TableUpdate = Callable[["BagGradient"], None]
+
+
 class _TableBag(torch.autograd.Function):
     """A sum- or mean-pooled embedding bag whose backward gives the table's gradient summed per distinct row (a
-    coalesced sparse tensor, from the compiled `table_kernels.bag_backward`), where EmbeddingBag's writes a row per
+    coalesced sparse tensor, from the compiled `table_kernels.bag_gradient`), where EmbeddingBag's writes a row per
     n-gram occurrence (316k rows of d floats for 512 IMDB reviews) that every optimizer then has to sum. The forward
-    is EmbeddingBag's own; the gradient is the same up to float rounding."""
+    is EmbeddingBag's own; the gradient is the same up to float rounding. With `update` (a row-wise optimizer fused
+    into the backward, see `DanStudent.table_updated_in_backward`) the table is stepped here and gets no gradient."""
 
     @staticmethod
     def forward(  # noqa: ANN205 (torch's signature)
-        ctx, weight: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor, mean: bool, position: np.ndarray
+        ctx,
+        weight: torch.Tensor,
+        ids: torch.Tensor,
+        offsets: torch.Tensor,
+        mean: bool,
+        position: np.ndarray,
+        update: TableUpdate | None,
     ):
         ctx.save_for_backward(ids, offsets)
-        ctx.mean, ctx.position, ctx.shape = mean, position, weight.shape
+        ctx.mean, ctx.position, ctx.shape, ctx.update = mean, position, weight.shape, update
         return F.embedding_bag(ids, weight, offsets, mode="mean" if mean else "sum")
 
     @staticmethod
     def backward(ctx, grad_pooled: torch.Tensor):  # noqa: ANN205 (torch's signature)
-        from sparse_distill.table_kernels import PARALLEL_LOCK, bag_backward
+        from sparse_distill.table_kernels import PARALLEL_LOCK, bag_gradient
 
         ids, offsets = ctx.saved_tensors
-        grad = grad_pooled.detach().float().contiguous().numpy()
+        pooled = grad_pooled.detach().float().contiguous().numpy()
         with PARALLEL_LOCK:
-            rows, summed = bag_backward(ids.numpy(), offsets.numpy(), grad, ctx.mean, ctx.position)
+            grad = bag_gradient(ids.numpy(), offsets.numpy(), pooled, ctx.mean, ctx.position)
+        if ctx.update is not None:
+            ctx.update(grad)  # the optimizer steps the table here; it gets no .grad
+            return None, None, None, None, None, None
+        with PARALLEL_LOCK:
+            summed = grad.summed()
         table_grad = torch.sparse_coo_tensor(
-            torch.from_numpy(rows).unsqueeze(0), torch.from_numpy(summed), ctx.shape, is_coalesced=True
+            torch.from_numpy(grad.rows).unsqueeze(0), torch.from_numpy(summed), ctx.shape, is_coalesced=True
         )
-        return table_grad, None, None, None, None
+        return table_grad, None, None, None, None, None
 
 
 class DanStudent(nn.Module):
@@ -132,6 +154,8 @@ class DanStudent(nn.Module):
         self.fused_table_grad = True
         # The kernel's table-long row numbering, all -1 between steps (made on first use; not part of the state).
         self._position: np.ndarray | None = None
+        # Set while training with an optimizer fused into the backward (`table_updated_in_backward`).
+        self._table_update: TableUpdate | None = None
 
     def forward(self, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         """Logits for a batch of bags: `ids` flat row ids, `offsets` each bag's start."""
@@ -145,8 +169,32 @@ class DanStudent(nn.Module):
             if self._position is None or len(self._position) != self.config.vocab_size:
                 self._position = np.full(self.config.vocab_size, -1, np.int64)
             weight = self.embedding.weight
-            return _TableBag.apply(weight, ids, offsets, self.config.pooling == "mean", self._position)
+            mean = self.config.pooling == "mean"
+            return _TableBag.apply(weight, ids, offsets, mean, self._position, self._table_update)
         return self.embedding(ids, offsets).float()
+
+    @contextmanager
+    def table_updated_in_backward(self, optimizer: torch.optim.Optimizer) -> Iterator[bool]:
+        """While inside, the backward pass steps the table with `optimizer` (one with `update_from_bag`: the row-wise
+        ones) instead of giving it a gradient: the summed per-row gradient is never written (see `sparse_optim`).
+        Yields whether it applies: not for other optimizers, max pooling, or a table off the CPU (they keep the
+        gradient and `optimizer.step()`). Only inside, so that no other backward (an explanation's) moves the table."""
+        update = getattr(optimizer, "update_from_bag", None)
+        weight = getattr(self.embedding, "weight", None)
+        applies = (
+            update is not None
+            and getattr(optimizer, "fused", False)
+            and self.fused_table_grad
+            and self.config.pooling != "max"
+            and weight is not None
+            and weight.device.type == "cpu"
+            and weight.dtype == torch.float32
+        )
+        self._table_update = update if applies else None
+        try:
+            yield applies
+        finally:
+            self._table_update = None
 
     def _table_bag_applies(self, ids: torch.Tensor) -> bool:
         """Whether training takes `_TableBag`'s compiled backward: a float32 table on the CPU, a gradient wanted."""

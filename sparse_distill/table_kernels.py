@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import threading
+from dataclasses import dataclass
 
 import numpy as np
 from numba import njit, prange
@@ -100,12 +101,29 @@ def rowwise_adam_rows(
             table[r, j] -= step_size * exp_avg[r, j] / denom
 
 
-def bag_backward(
+@dataclass(frozen=True)
+class BagGradient:
+    """The table gradient of a pooled embedding bag, factored: row `rows[i]`'s gradient is the sum of
+    `grad[docs[q]]` for q in `starts[i]:starts[i + 1]` (`grad`: the pooled gradient, already divided by each bag's
+    size for mean pooling). A few MB where the summed rows are |rows| x d floats (610 MB for 512 IMDB reviews at
+    d = 1000): a fused update (`rowwise_adam_bag`, `rowwise_adagrad_bag`) sums each row and applies it at once."""
+
+    rows: np.ndarray
+    starts: np.ndarray
+    docs: np.ndarray
+    grad: np.ndarray
+
+    def summed(self) -> np.ndarray:
+        """The gradient summed per row, `(len(rows), d)`."""
+        out = np.empty((len(self.rows), self.grad.shape[1]), np.float32)
+        _sum_docs_per_row(self.starts, self.docs, self.grad, out)
+        return out
+
+
+def bag_gradient(
     ids: np.ndarray, offsets: np.ndarray, grad_pooled: np.ndarray, mean: bool, position: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """The table gradient of a sum- or mean-pooled embedding bag, summed per distinct row: the rows (ascending) and
-    their gradients, `sum over occurrences of grad_pooled[doc] (/ len(doc) for mean)`. Reads the small pooled
-    gradient once per occurrence instead of writing a gradient row per occurrence as EmbeddingBag's backward does.
+) -> BagGradient:
+    """The table gradient of a sum- or mean-pooled embedding bag, factored (see `BagGradient`); the rows ascending.
     Leaves `position` all -1, as it found it."""
     rows = _number_sorted_rows(ids, position)
     # Occurrences grouped by row (a counting sort), so each row's sum is written once, in order, by one thread;
@@ -114,9 +132,99 @@ def bag_backward(
     position[rows] = -1
     sizes = np.diff(np.append(offsets, len(ids))).astype(np.float32)
     scaled = grad_pooled / np.maximum(sizes, 1)[:, None] if mean else grad_pooled
-    summed = np.empty((len(rows), grad_pooled.shape[1]), np.float32)
-    _sum_docs_per_row(starts, docs, np.ascontiguousarray(scaled, np.float32), summed)
-    return rows, summed
+    return BagGradient(rows, starts, docs, np.ascontiguousarray(scaled, np.float32))
+
+
+def bag_backward(
+    ids: np.ndarray, offsets: np.ndarray, grad_pooled: np.ndarray, mean: bool, position: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The table gradient of a sum- or mean-pooled embedding bag, summed per distinct row: the rows (ascending) and
+    their gradients, `sum over occurrences of grad_pooled[doc] (/ len(doc) for mean)`. Reads the small pooled
+    gradient once per occurrence instead of writing a gradient row per occurrence as EmbeddingBag's backward does.
+    Leaves `position` all -1, as it found it."""
+    grad = bag_gradient(ids, offsets, grad_pooled, mean, position)
+    return grad.rows, grad.summed()
+
+
+# Rows are cut into this many contiguous chunks for the fused updates' threads: each chunk sums its rows' gradients
+# into one scratch vector, so no row needs an allocation, and 64 chunks keep 2-16 threads evenly loaded.
+_CHUNKS = 64
+
+
+@njit(nogil=True, cache=True, parallel=True)
+def rowwise_adam_bag(
+    table: np.ndarray,
+    exp_avg: np.ndarray,
+    exp_avg_sq: np.ndarray,
+    rows: np.ndarray,
+    starts: np.ndarray,
+    docs: np.ndarray,
+    grad: np.ndarray,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    bias1: float,
+    bias2: float,
+) -> None:
+    """`rowwise_adam_rows` from a factored gradient (`BagGradient`): each row's gradient is summed (in the same
+    order as `BagGradient.summed`) and applied at once, never written out. The same arithmetic, so the same weights."""
+    n, d = len(rows), table.shape[1]
+    step_size = np.float32(lr / bias1)
+    chunks = min(n, _CHUNKS)
+    for c in prange(chunks):
+        g = np.empty(d, np.float32)
+        for i in range(c * n // chunks, (c + 1) * n // chunks):
+            for j in range(d):
+                g[j] = np.float32(0.0)
+            for q in range(starts[i], starts[i + 1]):
+                doc = docs[q]
+                for j in range(d):
+                    g[j] += grad[doc, j]
+            r = rows[i]
+            square = np.float32(0.0)
+            for j in range(d):
+                exp_avg[r, j] = np.float32(beta1) * exp_avg[r, j] + np.float32(1.0 - beta1) * g[j]
+                square += g[j] * g[j]
+            v = np.float32(beta2) * exp_avg_sq[r] + np.float32(1.0 - beta2) * (square / np.float32(d))
+            exp_avg_sq[r] = v
+            denom = np.float32(math.sqrt(v / bias2) + eps)
+            for j in range(d):
+                table[r, j] -= step_size * exp_avg[r, j] / denom
+
+
+@njit(nogil=True, cache=True, parallel=True)
+def rowwise_adagrad_bag(
+    table: np.ndarray,
+    accum: np.ndarray,
+    rows: np.ndarray,
+    starts: np.ndarray,
+    docs: np.ndarray,
+    grad: np.ndarray,
+    lr: float,
+    eps: float,
+) -> None:
+    """`rowwise_adagrad_rows` from a factored gradient (`BagGradient`), each row summed and applied at once."""
+    n, d = len(rows), table.shape[1]
+    chunks = min(n, _CHUNKS)
+    for c in prange(chunks):
+        g = np.empty(d, np.float32)
+        for i in range(c * n // chunks, (c + 1) * n // chunks):
+            for j in range(d):
+                g[j] = np.float32(0.0)
+            for q in range(starts[i], starts[i + 1]):
+                doc = docs[q]
+                for j in range(d):
+                    g[j] += grad[doc, j]
+            r = rows[i]
+            square = np.float32(0.0)
+            for j in range(d):
+                square += g[j] * g[j]
+            acc = np.float32(accum[r] + square / np.float32(d))
+            accum[r] = acc
+            scale = np.float32(lr / (math.sqrt(acc) + eps))
+            for j in range(d):
+                table[r, j] -= scale * g[j]
 
 
 @njit(nogil=True, cache=True)

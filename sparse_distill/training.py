@@ -734,20 +734,22 @@ def train_student(
             config.checkpoint_every_minutes,
         )
 
-    return fit(
-        optimizers,
-        train_step,
-        lambda: accuracy(model, dev_ids, dev_offsets, dev_y),
-        lambda: save_best(model),
-        data,
-        config,
-        on_metrics,
-        metric_prefix,
-        name="DAN",
-        evaluate_first=evaluate_first,
-        checkpoint=checkpoint,
-        prepare=featurize,
-    )
+    # A row-wise table optimizer on the CPU steps the table inside the backward pass (no summed gradient written).
+    with model.table_updated_in_backward(optimizers[0]):
+        return fit(
+            optimizers,
+            train_step,
+            lambda: accuracy(model, dev_ids, dev_offsets, dev_y),
+            lambda: save_best(model),
+            data,
+            config,
+            on_metrics,
+            metric_prefix,
+            name="DAN",
+            evaluate_first=evaluate_first,
+            checkpoint=checkpoint,
+            prepare=featurize,
+        )
 
 
 def train_dan(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -203,7 +205,7 @@ def test_compiled_table_gradient_and_update_do_not_depend_on_the_thread_count():
     # The kernels split columns (backward) or rows (update) between threads; each float is still summed in one order.
     import numba
 
-    from sparse_distill.table_kernels import bag_backward, rowwise_adam_rows
+    from sparse_distill.table_kernels import bag_backward, bag_gradient, rowwise_adam_bag, rowwise_adam_rows
 
     rng = np.random.default_rng(0)
     ids = (rng.random(4_000) ** 3 * 3_000).astype(np.int64)
@@ -222,12 +224,19 @@ def test_compiled_table_gradient_and_update_do_not_depend_on_the_thread_count():
                 np.zeros(3_000, np.float32),
             )
             rowwise_adam_rows(table, m, v, rows, summed, 0.01, 0.9, 0.999, 1e-8, 0.1, 0.001)
-            results.append((rows, summed, table))
+            # The update fused into the backward: its chunks of rows go to the threads, each row summed in one order.
+            grad = bag_gradient(ids, offsets, grad_pooled, True, position)
+            fused = np.ones((3_000, 33), np.float32)
+            m[:], v[:] = 0, 0
+            args = (grad.rows, grad.starts, grad.docs, grad.grad, 0.01, 0.9, 0.999, 1e-8, 0.1, 0.001)
+            rowwise_adam_bag(fused, m, v, *args)
+            results.append((rows, summed, table, fused))
     finally:
         numba.set_num_threads(before)
     for a, b in zip(results[0], results[-1], strict=True):
         assert np.array_equal(a, b)
     assert (position == -1).all() and len(results[0][0]) == len(np.unique(ids))
+    assert np.array_equal(results[0][2], results[0][3])  # fused or not, the same table
 
 
 @pytest.mark.parametrize("table_rows", [40, 100_000], ids=["scan", "sort"])
@@ -246,3 +255,60 @@ def test_compiled_table_gradient_numbers_rows_in_order_by_scan_or_by_sort(table_
             expected[ids[k]] += grad_pooled[doc]
     assert rows.tolist() == sorted(set(ids.tolist()))
     assert np.array_equal(summed, expected[rows]) and (position == -1).all()
+
+
+@pytest.mark.parametrize("name", ["rowwise_adam", "rowwise_adagrad"])
+@pytest.mark.parametrize("pooling", ["sum", "mean"])
+def test_table_updated_in_backward_gives_the_weights_of_a_summed_gradient_and_step(name, pooling):
+    # Three steps, the update fused into the backward or the gradient summed and stepped: the very same floats.
+    rng = np.random.default_rng(0)
+    batches = [
+        (torch.from_numpy((rng.random(300) ** 2 * 60).astype(np.int64)), torch.tensor([0, 0, 90, 200, 200]))
+        for _ in range(3)
+    ]
+    results = []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        model = student_from_config(60, 3, StudentConfig(dim=7, hidden=5, pooling=pooling))
+        optimizers = make_optimizers(model, 1e-2, 1e-1, name)
+        with model.table_updated_in_backward(optimizers[0]) if fused else contextlib.nullcontext(False) as applies:
+            assert applies == fused
+            for ids, offsets in batches:
+                for opt in optimizers:
+                    opt.zero_grad(set_to_none=True)
+                model(ids, offsets).logsumexp(1).sum().backward()
+                # Fused, the table has moved already and holds no gradient.
+                assert (model.embedding.weight.grad is None) == fused
+                for opt in optimizers:
+                    opt.step()
+        state = {k: v.clone() if torch.is_tensor(v) else v for k, v in optimizers[0].state_dict()["state"][0].items()}
+        results.append((model.state_dict(), state))
+    (fused_weights, fused_state), (weights, state) = results
+    for key in weights:
+        assert torch.equal(fused_weights[key], weights[key]), key
+    for key in state:
+        assert (
+            torch.equal(fused_state[key], state[key]) if torch.is_tensor(state[key]) else fused_state[key] == state[key]
+        )
+
+
+def test_table_is_updated_in_backward_only_inside_the_context_and_only_by_row_wise_optimizers():
+    ids, offsets = torch.tensor([1, 2, 2, 5]), torch.tensor([0, 2])
+    model = student_from_config(12, 2, StudentConfig(dim=4, hidden=3))
+    table, dense = make_optimizers(model, 1e-2, 1e-1, "rowwise_adam")
+    with model.table_updated_in_backward(table):
+        pass
+    before = model.embedding.weight.detach().clone()
+    # After the context (an explanation's backward, say): a gradient, and the table unmoved.
+    model(ids, offsets).sum().backward()
+    assert model.embedding.weight.grad is not None and torch.equal(model.embedding.weight.detach(), before)
+    # SparseAdam has no fused update; max pooling takes no compiled backward: both keep the gradient and step().
+    sparse_adam, _ = make_optimizers(model, 1e-2, 1e-1, "sparse_adam")
+    with model.table_updated_in_backward(sparse_adam) as applies:
+        assert not applies
+    max_model = student_from_config(12, 2, StudentConfig(dim=4, hidden=3, pooling="max"))
+    with max_model.table_updated_in_backward(make_optimizers(max_model, 1e-2, 1e-1, "rowwise_adam")[0]) as applies:
+        assert not applies
+    with pytest.raises(ValueError, match="one table"):
+        torch.optim.Optimizer.add_param_group(table, {"params": [torch.zeros(3, 4)]})
+        table.update_from_bag(None)
