@@ -138,12 +138,37 @@ def teacher_word_vectors(model_dir: str | Path) -> tuple[list[str], np.ndarray]:
     """The whole words of the teacher's tokenizer (see `whole_words`) with their input-embedding vectors, for the
     transfer set's neighbour replacement and one-word texts."""
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModelForSequenceClassification.from_pretrained(str(model_dir))
-    table = model.get_input_embeddings().weight.detach().float().cpu().numpy()
+    table = input_embeddings(model_dir)
     tokens = [t for t, _ in sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])]
     pairs = [(w, i) for w, i in whole_words(tokens) if i < len(table)]
     logger.info("teacher vocabulary: %d whole words of %d tokens", len(pairs), len(tokens))
     return [w for w, _ in pairs], table[[i for _, i in pairs]]
+
+
+def input_embeddings(model_dir: str | Path) -> np.ndarray:
+    """The teacher's input-embedding table (float32, one row per token id). Read alone from the model folder's
+    safetensors files when it has them (a RoBERTa-large's 200 MB table without its 1.4 GB of other weights); otherwise,
+    as for a hub name, from the whole model loaded."""
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    files = sorted(Path(model_dir).glob("*.safetensors")) if Path(model_dir).is_dir() else []
+    if files:
+        # The table's parameter name, from the architecture built without memory; a backbone's own checkpoint (as
+        # sentence-transformers ship it) stores it without the task model's prefix ("bert.").
+        with torch.device("meta"):
+            skeleton = AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(str(model_dir)))
+        weight = skeleton.get_input_embeddings().weight
+        name = next(n for n, p in skeleton.named_parameters() if p is weight)
+        for path in files:
+            with safe_open(str(path), framework="pt") as stored:
+                keys = set(stored.keys())
+                for key in (name, name.split(".", 1)[-1]):
+                    if key in keys:
+                        return stored.get_tensor(key).float().numpy()
+        logger.info("%s: no %s in its safetensors files; loading the whole model for it", model_dir, name)
+    model = AutoModelForSequenceClassification.from_pretrained(str(model_dir))
+    return model.get_input_embeddings().weight.detach().float().cpu().numpy()
 
 
 def whole_words(tokens: list[str]) -> list[tuple[str, int]]:

@@ -51,3 +51,24 @@ def test_teacher_word_vectors_are_the_input_embeddings_of_the_whole_words(tiny_t
     table = AutoModelForSequenceClassification.from_pretrained(str(tiny_teacher)).get_input_embeddings().weight
     assert words and len(words) == len(vectors) and all(w.isalpha() and len(w) > 1 for w in words)
     np.testing.assert_allclose(vectors[0], table[vocab[words[0]]].detach().numpy())
+
+
+def test_input_embeddings_read_alone_equal_the_loaded_models(tiny_teacher, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForSequenceClassification
+
+    from sparse_distill.teacher import input_embeddings
+
+    table = AutoModelForSequenceClassification.from_pretrained(str(tiny_teacher)).get_input_embeddings().weight
+    expected = table.detach().numpy()
+    assert np.array_equal(input_embeddings(tiny_teacher), expected)
+    # A backbone's checkpoint names its weights without the task model's prefix: found all the same.
+    backbone = tmp_path / "backbone"
+    shutil.copytree(tiny_teacher, backbone)
+    [weights] = backbone.glob("*.safetensors")
+    stored = load_file(weights)
+    prefix = next(k for k in stored if k.endswith("word_embeddings.weight")).split(".", 1)[0] + "."
+    save_file({k.removeprefix(prefix): v for k, v in stored.items()}, weights, metadata={"format": "pt"})
+    assert np.array_equal(input_embeddings(backbone), expected)
