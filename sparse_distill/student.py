@@ -28,7 +28,7 @@ from sparse_distill.dan_config import (  # noqa: F401 - re-exported: the folder 
 from sparse_distill.data import DataError, LabelMap, atomic_write_text, write_dir_atomically
 
 if TYPE_CHECKING:
-    from sparse_distill.table_kernels import BagGradient
+    from sparse_distill.table_kernels import BagGradient, BagPlan
 
 logger = logging.getLogger(__name__)
 
@@ -96,9 +96,10 @@ class _TableBag(torch.autograd.Function):
         mean: bool,
         position: np.ndarray,
         update: TableUpdate | None,
+        plan: BagPlan | None,
     ):
         ctx.save_for_backward(ids, offsets)
-        ctx.mean, ctx.position, ctx.shape, ctx.update = mean, position, weight.shape, update
+        ctx.mean, ctx.position, ctx.shape, ctx.update, ctx.plan = mean, position, weight.shape, update, plan
         return F.embedding_bag(ids, weight, offsets, mode="mean" if mean else "sum")
 
     @staticmethod
@@ -108,16 +109,16 @@ class _TableBag(torch.autograd.Function):
         ids, offsets = ctx.saved_tensors
         pooled = grad_pooled.detach().float().contiguous().numpy()
         with PARALLEL_LOCK:
-            grad = bag_gradient(ids.numpy(), offsets.numpy(), pooled, ctx.mean, ctx.position)
+            grad = bag_gradient(ids.numpy(), offsets.numpy(), pooled, ctx.mean, ctx.position, ctx.plan)
         if ctx.update is not None:
             ctx.update(grad)  # the optimizer steps the table here; it gets no .grad
-            return None, None, None, None, None, None
+            return None, None, None, None, None, None, None
         with PARALLEL_LOCK:
             summed = grad.summed()
         table_grad = torch.sparse_coo_tensor(
             torch.from_numpy(grad.rows).unsqueeze(0), torch.from_numpy(summed), ctx.shape, is_coalesced=True
         )
-        return table_grad, None, None, None, None, None
+        return table_grad, None, None, None, None, None, None
 
 
 class DanStudent(nn.Module):
@@ -161,8 +162,9 @@ class DanStudent(nn.Module):
         """Logits for a batch of bags: `ids` flat row ids, `offsets` each bag's start."""
         return self.head(self.pool(ids, offsets))
 
-    def pool(self, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        """The pooled n-gram vector of each bag (float32), `[bags, dim]`."""
+    def pool(self, ids: torch.Tensor, offsets: torch.Tensor, plan: BagPlan | None = None) -> torch.Tensor:
+        """The pooled n-gram vector of each bag (float32), `[bags, dim]`. `plan`: the batch's `table_kernels.bag_plan`
+        when made ahead (training's prefetch thread makes it), for the compiled backward."""
         if self.config.pooling == "max":
             return self._max_pool(ids, offsets)
         if self._table_bag_applies(ids):
@@ -170,7 +172,7 @@ class DanStudent(nn.Module):
                 self._position = np.full(self.config.vocab_size, -1, np.int64)
             weight = self.embedding.weight
             mean = self.config.pooling == "mean"
-            return _TableBag.apply(weight, ids, offsets, mean, self._position, self._table_update)
+            return _TableBag.apply(weight, ids, offsets, mean, self._position, self._table_update, plan)
         return self.embedding(ids, offsets).float()
 
     @contextmanager

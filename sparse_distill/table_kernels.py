@@ -120,16 +120,33 @@ class BagGradient:
         return out
 
 
-def bag_gradient(
-    ids: np.ndarray, offsets: np.ndarray, grad_pooled: np.ndarray, mean: bool, position: np.ndarray
-) -> BagGradient:
-    """The table gradient of a sum- or mean-pooled embedding bag, factored (see `BagGradient`); the rows ascending.
-    Leaves `position` all -1, as it found it."""
+# Which documents touch each distinct row of a batch (`rows`, `starts`, `docs` as in `BagGradient`): it depends on the
+# batch's ids alone, so the training loop's prefetch thread can make it ahead of the step (`bag_plan`).
+BagPlan = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+def bag_plan(ids: np.ndarray, offsets: np.ndarray, position: np.ndarray) -> BagPlan:
+    """The distinct rows of a batch of bags (ascending) and each one's documents, grouped by row in the order they
+    come. Leaves `position` (table-long, all -1) as it found it."""
     rows = _number_sorted_rows(ids, position)
     # Occurrences grouped by row (a counting sort), so each row's sum is written once, in order, by one thread;
     # scattering straight into the rows missed the cache at every occurrence.
     starts, docs = _docs_by_row(ids, offsets, position, len(rows))
     position[rows] = -1
+    return rows, starts, docs
+
+
+def bag_gradient(
+    ids: np.ndarray,
+    offsets: np.ndarray,
+    grad_pooled: np.ndarray,
+    mean: bool,
+    position: np.ndarray,
+    plan: BagPlan | None = None,
+) -> BagGradient:
+    """The table gradient of a sum- or mean-pooled embedding bag, factored (see `BagGradient`); the rows ascending.
+    `plan`: the batch's `bag_plan`, when made already. Leaves `position` all -1, as it found it."""
+    rows, starts, docs = plan if plan is not None else bag_plan(ids, offsets, position)
     sizes = np.diff(np.append(offsets, len(ids))).astype(np.float32)
     scaled = grad_pooled / np.maximum(sizes, 1)[:, None] if mean else grad_pooled
     return BagGradient(rows, starts, docs, np.ascontiguousarray(scaled, np.float32))

@@ -19,7 +19,7 @@ from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -32,6 +32,9 @@ from sparse_distill.soft_labels import iter_soft_labels, read_manifest
 from sparse_distill.sparse_optim import table_optimizer
 from sparse_distill.student import DanConfig, DanStudent, load_student, save_student
 from sparse_distill.vocab import NgramVocab
+
+if TYPE_CHECKING:
+    from sparse_distill.table_kernels import BagPlan
 
 logger = logging.getLogger(__name__)
 
@@ -691,24 +694,34 @@ def train_student(
 
     rng = np.random.default_rng(config.seed)
 
-    def featurize(batch: Batch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    # The compiled backward's grouping of each batch's occurrences by row depends on the ids alone: the prefetch thread
+    # makes it ahead of the step, with its own table-long position array (not with n-gram dropout, which changes ids).
+    plan_ahead = device.type == "cpu" and not config.ngram_dropout and model.config.pooling != "max"
+    plan_position = np.full(model.config.vocab_size, -1, np.int64) if plan_ahead else None
+    if plan_ahead:
+        from sparse_distill.table_kernels import bag_plan  # numba: imported when a training needs it
+
+    def featurize(batch: Batch) -> tuple[np.ndarray, np.ndarray, np.ndarray, BagPlan | None]:
         # Runs in `fit`'s prefetch thread, ahead of the step; batches featurised once already pass through.
         docs, targets = batch
         if isinstance(docs, DocIds):
-            return docs.ids, docs.offsets, targets
-        ids, offsets = vocab.featurize(docs, engine="compiled")
-        return ids, offsets, targets
+            ids, offsets = docs.ids, docs.offsets
+        else:
+            ids, offsets = vocab.featurize(docs, engine="compiled")
+        ids = np.asarray(ids, np.int64)
+        plan = bag_plan(ids, offsets, plan_position) if plan_position is not None else None
+        return ids, offsets, targets, plan
 
     if isinstance(data, InMemoryBatches) and data.docs is None:
         data = data.featurized(vocab)  # the train set: featurised once for all epochs
 
-    def train_step(batch: tuple[np.ndarray, np.ndarray, np.ndarray]) -> torch.Tensor:
-        ids, offsets, targets = batch
+    def train_step(batch: tuple[np.ndarray, np.ndarray, np.ndarray, BagPlan | None]) -> torch.Tensor:
+        ids, offsets, targets, plan = batch
         model.train()
         # Dropout here, in the training thread, so its random stream is the checkpointed one.
         if config.ngram_dropout:
             ids, offsets = drop_ngrams(ids, offsets, config.ngram_dropout, rng)
-        pooled = model.pool(_to_device(ids, device), _to_device(offsets, device))
+        pooled = model.pool(_to_device(ids, device), _to_device(offsets, device), plan)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             logits = model.head(pooled)
         return kl_loss(logits.float(), _to_device(np.asarray(targets, np.float32), device), temperature)

@@ -312,3 +312,23 @@ def test_table_is_updated_in_backward_only_inside_the_context_and_only_by_row_wi
     with pytest.raises(ValueError, match="one table"):
         torch.optim.Optimizer.add_param_group(table, {"params": [torch.zeros(3, 4)]})
         table.update_from_bag(None)
+
+
+def test_a_plan_made_ahead_gives_the_same_table_gradient(monkeypatch):
+    # Training's prefetch thread groups a batch's occurrences by row ahead of the step (`bag_plan`, its own position
+    # array); the backward then skips that work and must give the same gradient.
+    from sparse_distill import table_kernels
+
+    ids, offsets = torch.tensor([7, 3, 3, 49, 7, 0, 3, 12, 12, 12]), torch.tensor([0, 0, 4, 4, 9, 10])
+    grads = []
+    for planned in (False, True):
+        torch.manual_seed(0)
+        model = student_from_config(50, 3, StudentConfig(dim=5, hidden=4, pooling="mean"))
+        plan = None
+        if planned:
+            plan = table_kernels.bag_plan(ids.numpy(), offsets.numpy(), np.full(50, -1, np.int64))
+            monkeypatch.setattr(table_kernels, "bag_plan", lambda *a: pytest.fail("the backward made the plan again"))
+        model.pool(ids, offsets, plan).pow(2).sum().backward()
+        grads.append(model.embedding.weight.grad)
+    assert torch.equal(grads[0].to_dense(), grads[1].to_dense())
+    assert grads[1]._indices()[0].tolist() == sorted(set(ids.tolist()))
