@@ -196,8 +196,7 @@ class RowwiseAdam(_RowwiseOptimizer):
                 if p.grad is None:
                     continue
                 state = self._state(p)
-                state["step"] += 1
-                bias1, bias2 = 1 - beta1 ** state["step"], 1 - beta2 ** state["step"]
+                bias1, bias2 = self._advance(state, group)
                 kernel = self._kernel_inputs(p)
                 if kernel is not None:
                     from sparse_distill import table_kernels as tk
@@ -225,13 +224,19 @@ class RowwiseAdam(_RowwiseOptimizer):
             state["exp_avg_sq"] = torch.zeros(p.shape[0], dtype=torch.float32, device=p.device)
         return state
 
+    @staticmethod
+    def _advance(state: dict, group: dict) -> tuple[float, float]:
+        """Count one more step; the bias corrections of the two moments at it."""
+        state["step"] += 1
+        beta1, beta2 = group["betas"]
+        return 1 - beta1 ** state["step"], 1 - beta2 ** state["step"]
+
     def _update_from_bag(self, group: dict, p: torch.Tensor, grad: BagGradient) -> None:
         from sparse_distill import table_kernels as tk
 
         state = self._state(p)
-        state["step"] += 1
+        bias1, bias2 = self._advance(state, group)
         beta1, beta2 = group["betas"]
-        bias1, bias2 = 1 - beta1 ** state["step"], 1 - beta2 ** state["step"]
         m, v = state["exp_avg"].numpy(), state["exp_avg_sq"].numpy()
         with tk.PARALLEL_LOCK:
             tk.rowwise_adam_bag(

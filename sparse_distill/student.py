@@ -182,15 +182,11 @@ class DanStudent(nn.Module):
         Yields whether it applies: not for other optimizers, max pooling, or a table off the CPU (they keep the
         gradient and `optimizer.step()`). Only inside, so that no other backward (an explanation's) moves the table."""
         update = getattr(optimizer, "update_from_bag", None)
-        weight = getattr(self.embedding, "weight", None)
         applies = (
             update is not None
             and getattr(optimizer, "fused", False)
-            and self.fused_table_grad
             and self.config.pooling != "max"
-            and weight is not None
-            and weight.device.type == "cpu"
-            and weight.dtype == torch.float32
+            and self.compiled_table_backward()
         )
         self._table_update = update if applies else None
         try:
@@ -198,16 +194,23 @@ class DanStudent(nn.Module):
         finally:
             self._table_update = None
 
-    def _table_bag_applies(self, ids: torch.Tensor) -> bool:
-        """Whether training takes `_TableBag`'s compiled backward: a float32 table on the CPU, a gradient wanted."""
+    def compiled_table_backward(self) -> bool:
+        """Whether the table's gradient can come from `_TableBag`'s compiled backward: a float32 table on the CPU
+        (not an int8 one, nor a GPU's)."""
         weight = getattr(self.embedding, "weight", None)
         return (
             self.fused_table_grad
             and weight is not None
-            and weight.requires_grad
-            and torch.is_grad_enabled()
             and weight.device.type == "cpu"
             and weight.dtype == torch.float32
+        )
+
+    def _table_bag_applies(self, ids: torch.Tensor) -> bool:
+        """Whether this call takes `_TableBag`'s compiled backward: `compiled_table_backward`, and a gradient wanted."""
+        return (
+            self.compiled_table_backward()
+            and self.embedding.weight.requires_grad
+            and torch.is_grad_enabled()
             and ids.dtype == torch.int64
         )
 

@@ -168,6 +168,18 @@ def bag_backward(
 _CHUNKS = 64
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _sum_row(out: np.ndarray, i: int, starts: np.ndarray, docs: np.ndarray, grad: np.ndarray) -> None:
+    """`out = sum of grad[doc] over row i's occurrences` (`BagGradient`'s grouping), in occurrence order: every kernel
+    sums a row the same way, so fused and unfused updates give the same floats."""
+    for j in range(len(out)):
+        out[j] = np.float32(0.0)
+    for q in range(starts[i], starts[i + 1]):
+        doc = docs[q]
+        for j in range(len(out)):
+            out[j] += grad[doc, j]
+
+
 @njit(nogil=True, cache=True, parallel=True)
 def rowwise_adam_bag(
     table: np.ndarray,
@@ -192,12 +204,7 @@ def rowwise_adam_bag(
     for c in prange(chunks):
         g = np.empty(d, np.float32)
         for i in range(c * n // chunks, (c + 1) * n // chunks):
-            for j in range(d):
-                g[j] = np.float32(0.0)
-            for q in range(starts[i], starts[i + 1]):
-                doc = docs[q]
-                for j in range(d):
-                    g[j] += grad[doc, j]
+            _sum_row(g, i, starts, docs, grad)
             r = rows[i]
             square = np.float32(0.0)
             for j in range(d):
@@ -227,12 +234,7 @@ def rowwise_adagrad_bag(
     for c in prange(chunks):
         g = np.empty(d, np.float32)
         for i in range(c * n // chunks, (c + 1) * n // chunks):
-            for j in range(d):
-                g[j] = np.float32(0.0)
-            for q in range(starts[i], starts[i + 1]):
-                doc = docs[q]
-                for j in range(d):
-                    g[j] += grad[doc, j]
+            _sum_row(g, i, starts, docs, grad)
             r = rows[i]
             square = np.float32(0.0)
             for j in range(d):
@@ -297,11 +299,5 @@ def _docs_by_row(
 @njit(nogil=True, cache=True, parallel=True)
 def _sum_docs_per_row(starts: np.ndarray, docs: np.ndarray, grad_pooled: np.ndarray, summed: np.ndarray) -> None:
     """`summed[i] = sum of grad_pooled[doc] over row i's occurrences`, rows in parallel."""
-    d = summed.shape[1]
     for i in prange(len(starts) - 1):
-        for j in range(d):
-            summed[i, j] = np.float32(0.0)
-        for q in range(starts[i], starts[i + 1]):
-            doc = docs[q]
-            for j in range(d):
-                summed[i, j] += grad_pooled[doc, j]
+        _sum_row(summed[i], i, starts, docs, grad_pooled)

@@ -696,7 +696,7 @@ def train_student(
 
     # The compiled backward's grouping of each batch's occurrences by row depends on the ids alone: the prefetch thread
     # makes it ahead of the step, with its own table-long position array (not with n-gram dropout, which changes ids).
-    plan_ahead = device.type == "cpu" and not config.ngram_dropout and model.config.pooling != "max"
+    plan_ahead = model.compiled_table_backward() and not config.ngram_dropout and model.config.pooling != "max"
     plan_position = np.full(model.config.vocab_size, -1, np.int64) if plan_ahead else None
     if plan_ahead:
         from sparse_distill.table_kernels import bag_plan  # numba: imported when a training needs it
