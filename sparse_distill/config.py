@@ -214,6 +214,16 @@ class TrainConfig(_Strict):
     )
     warmup_ratio: float = Field(0.02, ge=0, lt=1, description="Share of the step budget with a linear warm-up.")
     temperature: float = Field(1.0, gt=0, description="Softmax temperature of the KL loss (distillation only).")
+    gold_weight: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="The pipeline's distill stage only: the train set's documents (labelled by the teacher too) are "
+        "distilled towards this mix of their gold label and the teacher's distribution (`(1 - w) * teacher + w * "
+        "gold`); corpus and transfer documents keep the teacher's. 0: the teacher's alone, as in the paper. By "
+        "measurement (README: 'Gold labels in distillation') 0.5 lifts the KD student, most where the teacher is "
+        "weak.",
+    )
     ngram_dropout: float = Field(
         0.0, ge=0, lt=1, description="Drop each n-gram of a training document with this probability (DAN students)."
     )
@@ -255,7 +265,11 @@ class TrainConfig(_Strict):
     RUNTIME_FIELDS: ClassVar[set[str]] = {"device", "checkpoint_every_steps", "checkpoint_every_minutes"}
     # Fields added after runs were cached, with their default: left out of the key at that default, so the old runs
     # stay valid (they were trained with exactly that behaviour).
-    ADDED_FIELDS: ClassVar[dict[str, Any]] = {"table_optimizer": "sparse_adam", "average_window": 0.0}
+    ADDED_FIELDS: ClassVar[dict[str, Any]] = {
+        "table_optimizer": "sparse_adam",
+        "average_window": 0.0,
+        "gold_weight": 0.0,
+    }
 
     def cache_dump(self) -> dict[str, Any]:
         """The section as it enters cache keys (and checkpoint keys): runtime fields and new fields at their old

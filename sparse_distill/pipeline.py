@@ -46,6 +46,7 @@ from sparse_distill.features import featurize_labels
 from sparse_distill.inference import StudentPredictor
 from sparse_distill.run_store import file_fingerprint, read_stage
 from sparse_distill.shard_plan import CorpusSource, plan_shards
+from sparse_distill.soft_labels import SHARDS, read_manifest, read_soft_labels
 from sparse_distill.teacher import TeacherPredictor, finetune_teacher, teacher_fingerprint, teacher_word_vectors
 from sparse_distill.training import BatchSource, InMemoryBatches, SoftLabelStream, train_dan
 from sparse_distill.vocab import Subwords, add_words, tokenize
@@ -176,7 +177,7 @@ def distill_label_stages(cfg: PipelineConfig) -> list[str]:
 # (the teacher's weights, shard and vocabulary checksums), and a library upgrade must not silently redo hours of
 # labelling or counting (an operator upgrading to get past a failing shard keeps the shards already labelled).
 STAGE_CODE: dict[str, tuple[str, ...]] = {
-    "distill": ("training", "pipeline:run_distill"),
+    "distill": ("training", "pipeline:run_distill", "pipeline:train_gold"),
     "kdft": ("training", "pipeline:run_finetune_student"),
     "scratch": ("training", "pipeline:run_scratch"),
     "evaluate": ("evaluation", "explanation", "inference", "teacher", "pipeline:run_evaluate"),
@@ -489,10 +490,41 @@ def run_distill(
     """
     pairs = zip(label_dirs, feature_dirs(label_dirs, out_dir), strict=True)
     features = [str(featurize_labels(d, vocab_dir, f)) for d, f in pairs]
-    stream = lambda _d: SoftLabelStream(  # noqa: E731
-        label_dirs, cfg.distill.shuffle_buffer, cfg.distill.seed, feature_dirs=features
-    )
+
+    def stream(data: TaskData) -> SoftLabelStream:
+        gold = train_gold(cfg, data, label_dirs) if cfg.distill.gold_weight > 0 else {}
+        return SoftLabelStream(
+            label_dirs,
+            cfg.distill.shuffle_buffer,
+            cfg.distill.seed,
+            feature_dirs=features,
+            gold=gold,
+            gold_weight=cfg.distill.gold_weight,
+        )
+
     return _train_stage(cfg, vocab_dir, out_dir, stream, cfg.distill, None, on_metrics, "kd_", "distill")
+
+
+def train_gold(cfg: PipelineConfig, data: TaskData, label_dirs: list[str]) -> dict[str, np.ndarray]:
+    """The train set's gold labels as one-hot rows in file order, keyed by the label folder holding the teacher's
+    labels of the train set (for `distill.gold_weight`); each shard's ids are checked against the train rows."""
+    train_path = Path(label_sources(cfg, "train")[0].path).resolve()
+    onehot = np.zeros((len(data.train), data.label_map.num_classes), np.float32)
+    onehot[np.arange(len(data.train)), data.encoded(data.train)] = 1.0
+    out: dict[str, np.ndarray] = {}
+    for d in label_dirs:
+        plan = read_manifest(d)
+        if [Path(src.path).resolve() for src in plan.sources] != [train_path]:
+            continue
+        for shard in plan.shards:
+            ids, _ = read_soft_labels(Path(d) / SHARDS / shard.name)
+            if shard.stop > len(data.train) or ids != data.train.ids[shard.start : shard.stop]:
+                raise DataError(
+                    f"{Path(d) / SHARDS / shard.name}: ids differ from rows {shard.start}-{shard.stop} of {train_path} "
+                    "(the train set changed since it was labelled); label it again"
+                )
+        out[d] = onehot
+    return out
 
 
 def run_finetune_student(

@@ -42,10 +42,16 @@ def make_tiny_teacher(out_dir: str | Path, texts: Iterable[str], vocab_size: int
 
 
 def make_labelled_shards(
-    out_dir: str | Path, texts: list[str], shard_size: int, num_classes: int = 3, seed: int = 0
+    out_dir: str | Path,
+    texts: list[str],
+    shard_size: int,
+    num_classes: int = 3,
+    seed: int = 0,
+    columns: dict[str, list] | None = None,
 ) -> Path:
-    """A finished labelling folder without a teacher: `texts` written to `<out_dir>.parquet`, planned into shards of
-    `shard_size` and each shard given random soft labels and a 'done' record, as the labelling job leaves them."""
+    """A finished labelling folder without a teacher: `texts` (and any other `columns`) written to
+    `<out_dir>.parquet`, planned into shards of `shard_size` and each shard given random soft labels and a 'done'
+    record, as the labelling job leaves them."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -56,7 +62,7 @@ def make_labelled_shards(
 
     out = Path(out_dir)
     corpus = out.with_suffix(".parquet")
-    pq.write_table(pa.table({"text": texts}), corpus)
+    pq.write_table(pa.table({"text": texts, **(columns or {})}), corpus)
     plan = open_plan(out, LABELLING, [CorpusSource(str(corpus))], shard_size)
     rng = np.random.default_rng(seed)
     for shard in plan.shards:

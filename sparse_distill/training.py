@@ -163,6 +163,10 @@ class SoftLabelStream:
     buffer_size: int = 100_000
     seed: int = 13
     feature_dirs: list[str] | None = None
+    # Gold target distributions of a label folder's source rows (the train set's, in file order), keyed by folder:
+    # its documents' targets become `(1 - gold_weight) * teacher + gold_weight * gold`.
+    gold: dict[str, np.ndarray] = field(default_factory=dict)
+    gold_weight: float = 0.0
     num_docs: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -179,6 +183,7 @@ class SoftLabelStream:
         buf_docs: list = []  # texts, or per-document id arrays
         buf_probs: list[np.ndarray] = []
         for d, i in shards:
+            before = len(buf_probs)
             if d in features:
                 for ids, offsets, probs in iter_featurized(d, features[d], [i], manifests[d]):
                     buf_docs.extend(DocIds(ids, offsets).split())
@@ -187,6 +192,11 @@ class SoftLabelStream:
                 for texts, probs in iter_soft_labels(d, [i], manifests[d]):
                     buf_docs.extend(texts)
                     buf_probs.extend(probs)
+            if d in self.gold and self.gold_weight > 0:
+                shard = manifests[d].shards[i]
+                gold = self.gold[d][shard.start : shard.stop]
+                mixed = (1 - self.gold_weight) * np.stack(buf_probs[before:]) + self.gold_weight * gold
+                buf_probs[before:] = list(mixed.astype(np.float32))
             if len(buf_docs) >= self.buffer_size:
                 yield from self._drain(buf_docs, buf_probs, batch_size, rng, keep=self.buffer_size // 2)
         yield from self._drain(buf_docs, buf_probs, batch_size, rng, keep=0)

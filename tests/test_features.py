@@ -8,9 +8,11 @@ import os
 import numpy as np
 import pytest
 
+from sparse_distill.config import DataConfig, PipelineConfig, TeacherConfig
 from sparse_distill.data import DataError
 from sparse_distill.features import featurize_labels, iter_featurized
-from sparse_distill.soft_labels import SHARDS
+from sparse_distill.pipeline import load_task_data, train_gold
+from sparse_distill.soft_labels import SHARDS, read_soft_labels, write_soft_labels
 from sparse_distill.testing import make_labelled_shards
 from sparse_distill.training import DocIds, InMemoryBatches, SoftLabelStream
 from sparse_distill.vocab import NgramVocab, Subwords, build_vocab, set_subwords
@@ -106,3 +108,42 @@ def test_streaming_stored_ids_gives_the_text_streams_batches(tmp_path):
         ids, offsets = vocab.featurize(batch_texts)
         assert np.array_equal(ids, batch_ids.ids) and np.array_equal(offsets, batch_ids.offsets)
         assert np.array_equal(t_a, t_b)
+
+
+def _train_with_labels(tmp_path):
+    # A labelled train file whose teacher labels are in the folder beside it, and a corpus labelled likewise.
+    labels = [i % 3 for i in range(len(TEXTS))]
+    train = make_labelled_shards(tmp_path / "train", TEXTS, 5, columns={"label": labels})
+    corpus = make_labelled_shards(tmp_path / "corpus", [f"corpus text {i}" for i in range(9)], 4, seed=2)
+    path = str(tmp_path / "train.parquet")
+    cfg = PipelineConfig(name="t", data=DataConfig(train=path, dev=path), teacher=TeacherConfig(model="unused"))
+    return cfg, load_task_data(cfg.data), train, corpus, labels
+
+
+def test_distill_targets_mix_the_gold_label_into_the_train_rows_only(tmp_path):
+    cfg, data, train, corpus, labels = _train_with_labels(tmp_path)
+    gold = train_gold(cfg, data, [str(corpus), str(train)])
+    assert list(gold) == [str(train)]
+    dirs = [str(train), str(corpus)]
+    plain = SoftLabelStream(dirs, buffer_size=8, seed=3)
+    mixed = SoftLabelStream(dirs, buffer_size=8, seed=3, gold=gold, gold_weight=0.25)
+    row = {t: i for i, t in enumerate(TEXTS)}
+    seen = 0
+    for (texts_a, probs_a), (texts_b, probs_b) in zip(plain.epoch(1, 4), mixed.epoch(1, 4), strict=True):
+        assert texts_a == texts_b
+        for text, p, q in zip(texts_a, probs_a, probs_b, strict=True):
+            if text in row:
+                seen += 1
+                expected = 0.75 * p + 0.25 * np.eye(3, dtype=np.float32)[labels[row[text]]]
+                np.testing.assert_allclose(q, expected, rtol=1e-6)
+            else:
+                assert np.array_equal(p, q)  # a corpus document keeps the teacher's distribution
+    assert seen == len(TEXTS)
+
+
+def test_train_gold_refuses_labels_of_other_rows(tmp_path):
+    cfg, data, train, _, _ = _train_with_labels(tmp_path)
+    ids, probs = read_soft_labels(train / SHARDS / "00001.parquet")
+    write_soft_labels(train / SHARDS / "00001.parquet", ids[::-1], probs)
+    with pytest.raises(DataError, match=r"00001.parquet: ids differ from rows 5-10 of .*train.parquet"):
+        train_gold(cfg, data, [str(train)])

@@ -1,0 +1,102 @@
+"""Gold labels in distillation: on a finished pipeline run, the KD student (and KD+FT from it) trained again with the
+train rows' targets mixed with their gold labels at several weights (`distill.gold_weight`), over several seeds.
+
+It reads the run's own soft labels, stored n-gram ids and vocabulary, and trains through the pipeline's code
+(`SoftLabelStream` with `train_gold`, `train_dan`), so only the targets differ between rows. Test accuracy.
+
+    python benchmarks/distill_targets.py runs/bench-quality/rotten-tomatoes --weights 0 0.5 1 --seeds 13 14 15
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def test_accuracy(model_dir: str, texts: list[str], labels: list[int]) -> float:
+    """Test accuracy of a saved student."""
+    import numpy as np
+
+    from sparse_distill.student import load_student
+    from sparse_distill.training import accuracy, to_tensors
+    from sparse_distill.vocab import NgramVocab
+
+    model, _ = load_student(model_dir)
+    ids, offsets = to_tensors(NgramVocab.load(Path(model_dir)), texts)
+    return accuracy(model, ids, offsets, np.asarray(labels))
+
+
+def run_one(run_dir: Path, weight: float, seed: int, out: Path) -> dict:
+    """KD at `weight`, then KD+FT from it, both with `seed`; the run's config otherwise."""
+    from sparse_distill.config import load_config
+    from sparse_distill.features import featurize_labels
+    from sparse_distill.pipeline import distill_label_stages, feature_dirs, load_task_data, train_gold
+    from sparse_distill.run_store import stage_dir
+    from sparse_distill.training import InMemoryBatches, SoftLabelStream, train_dan
+
+    cfg = load_config(run_dir / "config.yaml")
+    no_checkpoints = {"seed": seed, "checkpoint_every_minutes": None, "checkpoint_every_steps": None}
+    distill = cfg.distill.model_copy(update={**no_checkpoints, "gold_weight": weight})
+    finetune = cfg.finetune.model_copy(update=no_checkpoints)
+    data = load_task_data(cfg.data)
+    vocab_dir = str(stage_dir(run_dir, "vocab"))
+    label_dirs = [str(stage_dir(run_dir, s)) for s in distill_label_stages(cfg)]
+    features = [
+        str(featurize_labels(d, vocab_dir, f))
+        for d, f in zip(label_dirs, feature_dirs(label_dirs, stage_dir(run_dir, "distill")), strict=True)
+    ]
+    gold = train_gold(cfg, data, label_dirs) if weight > 0 else {}
+    stream = SoftLabelStream(label_dirs, distill.shuffle_buffer, seed, features, gold=gold, gold_weight=weight)
+    dev = (data.dev.texts, data.encoded(data.dev), data.label_map)
+    test = (data.test.texts, data.encoded(data.test)) if data.test is not None else (data.dev.texts, dev[1])
+    start = time.perf_counter()
+    kd = train_dan(out / "kd", vocab_dir, stream, *dev, cfg.student, distill)
+    gold_batches = InMemoryBatches.from_labels(data.train.texts, data.encoded(data.train), dev[2].num_classes, seed)
+    ft = train_dan(out / "kdft", vocab_dir, gold_batches, *dev, cfg.student, finetune, init_model=kd["model_dir"])
+    return {
+        "run": run_dir.name,
+        "gold_weight": weight,
+        "seed": seed,
+        "kd_dev": kd["dev_accuracy"],
+        "kd_test": test_accuracy(kd["model_dir"], *test),
+        "kdft_dev": ft["dev_accuracy"],
+        "kdft_test": test_accuracy(ft["model_dir"], *test),
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dirs", nargs="+", type=Path, help="Finished pipeline runs (runs/<name>).")
+    p.add_argument("--weights", nargs="+", type=float, default=[0.0, 0.5, 1.0], help="gold_weight values.")
+    p.add_argument("--seeds", nargs="+", type=int, default=[13, 14, 15], help="Training seeds (KD and KD+FT).")
+    p.add_argument("--work", type=Path, default=ROOT / "data" / "bench-distill-targets", help="Students go here.")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "distill_targets.json")
+    args = p.parse_args()
+    rows = []
+    for run_dir in args.run_dirs:
+        for seed in args.seeds:
+            for weight in args.weights:
+                row = run_one(run_dir, weight, seed, args.work / run_dir.name / f"w{weight:g}-s{seed}")
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+    # The mean over seeds per run and weight: the figures the README quotes.
+    summary = []
+    for run_dir in args.run_dirs:
+        for weight in args.weights:
+            mine = [r for r in rows if r["run"] == run_dir.name and r["gold_weight"] == weight]
+            mean = {k: round(sum(r[k] for r in mine) / len(mine), 4) for k in ("kd_test", "kdft_test")}
+            summary.append({"run": run_dir.name, "gold_weight": weight, "seeds": len(mine), **mean})
+            print(f"{run_dir.name:20s} weight {weight:<4g} KD {mean['kd_test']:.3f}  KD+FT {mean['kdft_test']:.3f}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"runs": rows, "mean": summary}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
