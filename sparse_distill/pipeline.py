@@ -221,13 +221,13 @@ def stage_fingerprints(cfg: PipelineConfig) -> dict[str, str]:
         code["distill"],
     )
     fp["kdft"] = fingerprint(
-        "kdft", fp["distill"], cfg.finetune, data_fingerprint(cfg.data, ("train", "dev")), code["kdft"]
+        "kdft", fp["distill"], _without_gold(cfg.finetune), data_fingerprint(cfg.data, ("train", "dev")), code["kdft"]
     )
     fp["scratch"] = fingerprint(
         "scratch",
         fp["vocab"],
         student_key(cfg),
-        cfg.scratch,
+        _without_gold(cfg.scratch),
         data_fingerprint(cfg.data, ("train", "dev")),
         code["scratch"],
     )
@@ -525,6 +525,12 @@ def train_gold(cfg: PipelineConfig, data: TaskData, label_dirs: list[str]) -> di
                 )
         out[d] = onehot
     return out
+
+
+def _without_gold(section: TrainConfig) -> TrainConfig:
+    """A gold-label stage's section as it enters its cache key: `gold_weight` only acts in distillation, so it stays
+    out (a new weight does not retrain the baseline or KD+FT for nothing; KD+FT's key holds KD's)."""
+    return section.model_copy(update={"gold_weight": TrainConfig.ADDED_FIELDS["gold_weight"]})
 
 
 def run_finetune_student(

@@ -54,6 +54,18 @@ def test_a_config_change_recomputes_its_stage_and_its_dependants_only(tiny_confi
     assert _changed(fps, stage_fingerprints(_with(tiny_config, "evaluate", speed_docs=128))) == {"evaluate"}
 
 
+def test_the_gold_weight_counts_in_distillation_only(tiny_config):
+    fps = stage_fingerprints(tiny_config)
+    assert _changed(fps, stage_fingerprints(_with(tiny_config, "distill", gold_weight=0.2))) == {
+        "distill",
+        "kdft",
+        "evaluate",
+    }
+    # the gold-label stages ignore the setting, so it stays out of their keys
+    assert stage_fingerprints(_with(tiny_config, "scratch", gold_weight=0.2)) == fps
+    assert stage_fingerprints(_with(tiny_config, "finetune", gold_weight=1.0)) == fps
+
+
 def test_how_the_work_is_spread_stays_out_of_the_keys(tiny_config):
     fps = stage_fingerprints(tiny_config)
     spread = _with(tiny_config, "label", runner="process", workers=4, retries=5)
