@@ -68,19 +68,21 @@ def random_targets(n: int, seed: int = 13) -> np.ndarray:
     return np.random.default_rng(seed).dirichlet(np.ones(NUM_CLASSES), size=n).astype(np.float32)
 
 
-def warm_up(vocab: NgramVocab, texts: list[str], targets: np.ndarray, optimizer: str) -> None:
+def warm_up(vocab: NgramVocab, texts: list[str], targets: np.ndarray, optimizer: str, device: str = "cpu") -> None:
     """One step of a tiny student through `train_student`: imports and loads everything a training needs once."""
     from sparse_distill.config import StudentConfig, TrainConfig
     from sparse_distill.training import InMemoryBatches, student_from_config, train_student
 
     model = student_from_config(len(vocab), NUM_CLASSES, StudentConfig(dim=4, hidden=4, pooling=PAPER_POOLING))
     cfg = TrainConfig(
-        max_steps=1, patience=None, table_optimizer=optimizer, device="cpu", checkpoint_every_minutes=None
+        max_steps=1, patience=None, table_optimizer=optimizer, device=device, checkpoint_every_minutes=None
     )
     train_student(model, vocab, InMemoryBatches(texts, targets), texts[:2], [0, 1], cfg, lambda m: None)
 
 
-def child_dan(work: Path, dim: int, optimizer: str, batch_size: int, threads: int, passes: int) -> dict:
+def child_dan(
+    work: Path, dim: int, optimizer: str, batch_size: int, threads: int, passes: int, device: str = "cpu"
+) -> dict:
     """DAN training on the texts, as fastText is measured: a run of `passes` passes and one of 2 x `passes`, each with
     a new student; docs/s per pass from the difference of the two (set-up, featurising the texts once, and the first
     touch of the table's and its optimizer's memory cancel: 6 of 8 s at d = 1000), and the first run's whole call."""
@@ -100,7 +102,7 @@ def child_dan(work: Path, dim: int, optimizer: str, batch_size: int, threads: in
     # out as well: torch's optimizers import torch._dynamo when the first one is made (about 3 s on this machine), and
     # the compiled kernels (featurising, the table's backward and update) load from numba's cache on their first call
     # (about 1.5 s): a one-step training of a d = 4 student on a few texts pays both.
-    warm_up(vocab, texts[:64], targets[:64], optimizer)
+    warm_up(vocab, texts[:64], targets[:64], optimizer, device)
     runs = []
     for run_passes in (passes, 2 * passes):
         torch.manual_seed(13)
@@ -114,7 +116,7 @@ def child_dan(work: Path, dim: int, optimizer: str, batch_size: int, threads: in
             schedule="constant",
             warmup_ratio=0,
             table_optimizer=optimizer,
-            device="cpu",
+            device=device,
             checkpoint_every_minutes=None,
         )
         # Timed around the whole call: `train_student` featurises the texts once before its first step (raw text in).
@@ -135,6 +137,20 @@ def child_dan(work: Path, dim: int, optimizer: str, batch_size: int, threads: in
         "docs_per_s_per_pass": round(len(texts) / per_pass, 1),
         "docs_per_s_whole_call": round(len(texts) * passes / seconds, 1),
         "child_maxrss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        **_gpu_memory(device),
+    }
+
+
+def _gpu_memory(device: str) -> dict:
+    """The GPU's name and the most memory torch allocated on it in this process (a GPU run's table and state live
+    there, so the process's RSS does not show them)."""
+    import torch
+
+    if not device.startswith("cuda"):
+        return {}
+    return {
+        "gpu": torch.cuda.get_device_name(),
+        "gpu_peak_allocated_mb": round(torch.cuda.max_memory_allocated() / 2**20),
     }
 
 
@@ -283,13 +299,15 @@ def prepare_work(work: Path, data_dir: Path, docs: int, vocab_size: int) -> dict
 
 def write_markdown(result: dict, path: Path) -> None:
     s = result["settings"]
+    gpu = next((r["gpu"] for r in result["rows"] if "gpu" in r), None)
     lines = [
         f"Training throughput, one pass = {s['docs']:,} IMDB reviews (train + unlabelled), raw text in, "
         f"{s['threads']} threads, batch {s['batch_size']}, |V| = {result['vocab_size']:,}, random Dirichlet targets "
-        f"({result['date']}).",
+        f"({result['date']}); the DAN on {gpu or 'the CPU'}, fastText on the CPU.",
         "",
-        "| trainer | d | table optimizer | docs/s per pass | vs fastText | docs/s, whole call | peak RSS (MB) |",
-        "|---|---|---|---|---|---|---|",
+        "| trainer | d | table optimizer | docs/s per pass | vs fastText | docs/s, whole call | peak RSS (MB) |"
+        + (" GPU peak (MB) |" if gpu else ""),
+        "|---|---|---|---|---|---|---|" + ("---|" if gpu else ""),
     ]
     for row in result["rows"]:
         if "error" in row:
@@ -300,6 +318,7 @@ def write_markdown(result: dict, path: Path) -> None:
         lines.append(
             f"| {row['trainer']} | {row['dim']} | {row.get('optimizer', '-')} | {row['docs_per_s_per_pass']:,.0f} "
             f"| {ratio} | {row.get('docs_per_s_whole_call', 0):,.0f} | {row['peak_rss_mb']:,} |"
+            + (f" {row['gpu_peak_allocated_mb']:,} |" if "gpu_peak_allocated_mb" in row else (" |" if gpu else ""))
         )
     if result.get("time_to_accuracy"):
         t = result["time_to_accuracy"]
@@ -339,6 +358,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--passes", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="Where the DAN trains: cpu, cuda or cuda:N (fastText: the CPU).")
     p.add_argument("--buckets", type=int, default=4_000_000, help="fastText hash buckets.")
     p.add_argument(
         "--fasttext-dims",
@@ -366,7 +386,7 @@ def main() -> None:
     work = Path(a.work)
 
     if a.child == "dan":
-        print(json.dumps(child_dan(work, a.dim, a.optimizer, a.batch_size, a.threads, a.passes)))
+        print(json.dumps(child_dan(work, a.dim, a.optimizer, a.batch_size, a.threads, a.passes, a.device)))
         return
     if a.child == "fasttext":
         print(json.dumps(child_fasttext(work, a.dim, a.threads, a.passes, a.buckets)))
@@ -382,7 +402,7 @@ def main() -> None:
     print(f"texts: {a.docs:,}, |V| = {prep['vocab_size']:,} (counted in {prep['count_seconds']} s)", file=sys.stderr)
     rows = []
     common = ["--batch-size", str(a.batch_size), "--threads", str(a.threads)]
-    common += ["--passes", str(a.passes), "--buckets", str(a.buckets)]
+    common += ["--passes", str(a.passes), "--buckets", str(a.buckets), "--device", a.device]
     ft_dims = a.dims if a.fasttext_dims is None else a.fasttext_dims
     runs = [("fastText", d, None) for d in ft_dims] + [("DAN", d, o) for d in a.dims for o in a.optimizers]
 
@@ -425,6 +445,7 @@ def main() -> None:
             "batch_size": a.batch_size,
             "threads": a.threads,
             "passes": a.passes,
+            "device": a.device,
             "targets": "random Dirichlet(1, 1), seeded (a throughput benchmark: no teacher)",
             "tta_docs": a.tta_docs,
             "tta_dev": a.tta_dev,

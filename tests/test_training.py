@@ -770,6 +770,28 @@ def test_explicit_cpu_device_trains_the_same_student_as_auto_on_a_cpu(tmp_path):
     assert model.embedding.weight.device.type == "cpu"
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("optimizer", ["rowwise_adam", "sparse_adam", "rowwise_adagrad"])
+def test_a_gpu_student_learns_resumes_where_it_stopped_and_loads_on_a_cpu(tmp_path, caplog, optimizer):
+    caplog.set_level("INFO", logger="sparse_distill.training")
+    on_gpu = _resume_cfg(device="cuda", table_optimizer=optimizer)
+    whole = _run(tmp_path, "whole", on_gpu)
+    on_cpu = _run(tmp_path, "cpu", _resume_cfg(device="cpu", table_optimizer=optimizer))
+    # the same easy task learnt on both devices (bf16 dense layers on the GPU: not the same floats)
+    assert whole["dev_accuracy"] >= on_cpu["dev_accuracy"] - 0.1
+    with pytest.raises(_Crash):
+        _run(tmp_path, "crash", on_gpu, on_metrics=_crash_at(20))
+    caplog.clear()
+    again = _run(tmp_path, "crash", on_gpu)
+    assert "resuming from the checkpoint at step 18/30" in caplog.text
+    assert again["steps"] == whole["steps"]
+    # the GPU's scatter-adds are not bit-deterministic, so close rather than equal
+    a, b = _weights(tmp_path / "whole" / "model"), _weights(tmp_path / "crash" / "model")
+    assert all(torch.allclose(a[k], b[k], atol=1e-3) for k in a)
+    model, _ = load_student(tmp_path / "whole" / "model", mmap=False)
+    assert model.embedding.weight.device.type == "cpu"
+
+
 def test_pool_and_head_compose_to_forward():
     torch.manual_seed(0)
     for pooling in ("mean", "max", "sum"):
