@@ -18,5 +18,5 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out
 "$py" -m pytest -q -p no:cacheprovider tests/test_training.py -k "gpu or device" 2>&1 | tee "$out/gpu_tests.log" | tail -n 15
 "$py" benchmarks/train_throughput.py --device cuda --data "$data" --docs 25000 --vocab-size 1000000 \
     --dims 100 1000 --fasttext-dims 100 --optimizers rowwise_adam sparse_adam rowwise_adagrad --batch-size 2048 \
-    --threads "$threads" --passes 2 --kill-above-mb 100000 --work /tmp/bench-train-gpu \
+    --threads "$threads" --passes 8 --kill-above-mb 100000 --work /tmp/bench-train-gpu \
     --out "$out/train_throughput_gpu.json"
