@@ -8,7 +8,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: install demo demo-data test test-fast lint mlflow-ui sst2 imdb bench-label bench-vocab bench-inference bench-quality bench-train sotu-data server \
+.PHONY: install demo demo-data test test-fast lint mlflow-ui sst2 imdb bench-label bench-vocab bench-inference bench-quality bench-train bench-gpu sotu-data server \
 	worker stop status deploy clean imdb-d1000 sst2-d1000
 
 $(STAMP): pyproject.toml
@@ -137,6 +137,12 @@ BENCH_TRAIN_DIMS ?= 100
 bench-train: $(STAMP)
 	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) benchmarks/train_throughput.py --docs $(BENCH_TRAIN_DOCS) --vocab-size 1000000 --dims $(BENCH_TRAIN_DIMS)
+
+# The GPU checks on a machine with a CUDA GPU (README, "On a GPU"): the GPU tests, then the training benchmark with
+# the DAN on the GPU beside fastText on every CPU thread.
+bench-gpu: $(STAMP)
+	$(PY) -m pip install -q -e ".[bench]"
+	PYTHON=$(PY) benchmarks/gpu_check.sh benchmarks/results/gpu
 
 mlflow-ui: $(STAMP)
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
