@@ -89,6 +89,12 @@ def make_optimizers(
     ]
 
 
+# torch's default generator is one per process. The pipeline flow trains the baseline beside KD in one process, and
+# a stage seeding it while the other draws its initial weights would make those weights depend on thread timing (seen:
+# students a few dev texts apart from the same stage run alone). Seeding and the draws that follow it hold this lock.
+SEEDED_DRAWS = threading.Lock()
+
+
 def resolve_device(spec: str) -> torch.device:
     """The torch device of a `device` setting: auto (a CUDA GPU when torch sees one, else the CPU), cpu, cuda[:N].
 
@@ -694,7 +700,8 @@ def train_student(
     trained, so only the same training resumes from them).
     """
     device = resolve_device(config.device)
-    torch.manual_seed(config.seed)
+    with SEEDED_DRAWS:
+        torch.manual_seed(config.seed)
     model.to(device)
     optimizers = make_optimizers(model, config.lr, config.table_lr, config.table_optimizer)
     dev_ids, dev_offsets = (t.to(device) for t in to_tensors(vocab, dev_texts))
@@ -803,10 +810,11 @@ def train_dan(
     if init_model:
         model, _ = load_student(init_model, mmap=False)
     else:
-        torch.manual_seed(config.seed)
-        model = student_from_config(len(vocab), label_map.num_classes, student)
-        if init is not None:
-            init(model)
+        with SEEDED_DRAWS:
+            torch.manual_seed(config.seed)
+            model = student_from_config(len(vocab), label_map.num_classes, student)
+            if init is not None:
+                init(model)
     model_dir = Path(out_dir) / "model"
     key = fingerprint(
         "train_dan",

@@ -656,7 +656,7 @@ def _resume_cfg(**kw):
     return TrainConfig(**{**base, **kw})
 
 
-def _run(tmp_path, out, cfg, on_metrics=None, resume_key="fp"):
+def _run(tmp_path, out, cfg, on_metrics=None, resume_key="fp", dropout=0.1):
     texts, labels, vocab_dir = _easy_task(tmp_path)
     return train_dan(
         tmp_path / out,
@@ -665,7 +665,7 @@ def _run(tmp_path, out, cfg, on_metrics=None, resume_key="fp"):
         texts[:20],
         labels[:20],
         LabelMap(("neg", "pos")),
-        StudentConfig(dim=8, hidden=8, dropout=0.1),
+        StudentConfig(dim=8, hidden=8, dropout=dropout),
         cfg,
         on_metrics=on_metrics,
         resume_key=resume_key,
@@ -730,6 +730,44 @@ def test_no_checkpoint_settings_write_no_checkpoint(tmp_path, caplog):
         _run(tmp_path, "kd", cfg, on_metrics=_crash_at(10))
     assert not (tmp_path / "kd" / "checkpoint" / "train_state.pt").exists()
     assert "checkpoint written" not in caplog.text
+
+
+def test_students_trained_at_once_in_one_process_start_from_their_own_seeds(tmp_path, monkeypatch):
+    """The flow trains the baseline beside KD in one process; each must start from the weights its seed gives alone."""
+    import threading
+    import time
+
+    import sparse_distill.training as training
+
+    cfgs = {s: _resume_cfg(seed=s, checkpoint_every_steps=None, ngram_dropout=0.0) for s in (1, 2)}
+    for s, cfg in cfgs.items():
+        _run(tmp_path / f"alone{s}", "kd", cfg, dropout=0.0)
+    original = training.student_from_config
+    first = threading.Event()
+
+    def slow_first_init(*args, **kwargs):
+        if not first.is_set():
+            first.set()
+            time.sleep(0.5)  # the other stage seeds and draws meanwhile, unless seeding and drawing are one step
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(training, "student_from_config", slow_first_init)
+    # (no dropout: its masks come from torch's process-wide generator during training, which this does not cover)
+    threads = [
+        threading.Thread(target=_run, args=(tmp_path / f"together{s}", "kd", cfg), kwargs={"dropout": 0.0})
+        for s, cfg in cfgs.items()
+    ]
+    threads[0].start()
+    assert first.wait(10)
+    threads[1].start()
+    for t in threads:
+        t.join()
+    for s in cfgs:
+        alone, together = (
+            _weights(tmp_path / f"alone{s}" / "kd" / "model"),
+            _weights(tmp_path / f"together{s}" / "kd" / "model"),
+        )
+        assert all(torch.equal(alone[k], together[k]) for k in alone), f"seed {s}"
 
 
 # --- devices ----------------------------------------------------------------------------------------------------------
