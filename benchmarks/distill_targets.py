@@ -2,7 +2,8 @@
 train rows' targets mixed with their gold labels at several weights (`distill.gold_weight`), over several seeds.
 
 It reads the run's own soft labels, stored n-gram ids and vocabulary, and trains through the pipeline's code
-(`SoftLabelStream` with `train_gold`, `train_dan`), so only the targets differ between rows. Test accuracy.
+(`pipeline.distill_stream`, `train_dan`, `pipeline.run_finetune_student`), so only the targets differ between rows.
+Test accuracy.
 
     python benchmarks/distill_targets.py runs/bench-quality/rotten-tomatoes --weights 0 0.5 1 --seeds 13 14 15
 """
@@ -36,29 +37,38 @@ def run_one(run_dir: Path, weight: float, seed: int, out: Path) -> dict:
     """KD at `weight`, then KD+FT from it, both with `seed`; the run's config otherwise."""
     from sparse_distill.config import load_config
     from sparse_distill.features import featurize_labels
-    from sparse_distill.pipeline import distill_label_stages, feature_dirs, load_task_data, train_gold
+    from sparse_distill.pipeline import (
+        distill_label_stages,
+        distill_stream,
+        feature_dirs,
+        load_task_data,
+        run_finetune_student,
+    )
     from sparse_distill.run_store import stage_dir
-    from sparse_distill.training import InMemoryBatches, SoftLabelStream, train_dan
+    from sparse_distill.training import train_dan
 
     cfg = load_config(run_dir / "config.yaml")
     no_checkpoints = {"seed": seed, "checkpoint_every_minutes": None, "checkpoint_every_steps": None}
-    distill = cfg.distill.model_copy(update={**no_checkpoints, "gold_weight": weight})
-    finetune = cfg.finetune.model_copy(update=no_checkpoints)
+    cfg = cfg.model_copy(
+        update={
+            "distill": cfg.distill.model_copy(update={**no_checkpoints, "gold_weight": weight}),
+            "finetune": cfg.finetune.model_copy(update=no_checkpoints),
+        }
+    )
     data = load_task_data(cfg.data)
     vocab_dir = str(stage_dir(run_dir, "vocab"))
     label_dirs = [str(stage_dir(run_dir, s)) for s in distill_label_stages(cfg)]
+    # The run's own stored n-gram ids (already made: featurising only checks them), not a copy per weight and seed.
     features = [
         str(featurize_labels(d, vocab_dir, f))
         for d, f in zip(label_dirs, feature_dirs(label_dirs, stage_dir(run_dir, "distill")), strict=True)
     ]
-    gold = train_gold(cfg, data, label_dirs) if weight > 0 else {}
-    stream = SoftLabelStream(label_dirs, distill.shuffle_buffer, seed, features, gold=gold, gold_weight=weight)
+    stream = distill_stream(cfg, data, label_dirs, features)
     dev = (data.dev.texts, data.encoded(data.dev), data.label_map)
     test = (data.test.texts, data.encoded(data.test)) if data.test is not None else (data.dev.texts, dev[1])
     start = time.perf_counter()
-    kd = train_dan(out / "kd", vocab_dir, stream, *dev, cfg.student, distill)
-    gold_batches = InMemoryBatches.from_labels(data.train.texts, data.encoded(data.train), dev[2].num_classes, seed)
-    ft = train_dan(out / "kdft", vocab_dir, gold_batches, *dev, cfg.student, finetune, init_model=kd["model_dir"])
+    kd = train_dan(out / "kd", vocab_dir, stream, *dev, cfg.student, cfg.distill)
+    ft = run_finetune_student(cfg, vocab_dir, kd["model_dir"], out / "kdft")
     return {
         "run": run_dir.name,
         "gold_weight": weight,

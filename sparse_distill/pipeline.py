@@ -177,7 +177,7 @@ def distill_label_stages(cfg: PipelineConfig) -> list[str]:
 # (the teacher's weights, shard and vocabulary checksums), and a library upgrade must not silently redo hours of
 # labelling or counting (an operator upgrading to get past a failing shard keeps the shards already labelled).
 STAGE_CODE: dict[str, tuple[str, ...]] = {
-    "distill": ("training", "pipeline:run_distill", "pipeline:train_gold"),
+    "distill": ("training", "pipeline:run_distill", "pipeline:distill_stream", "pipeline:train_gold"),
     "kdft": ("training", "pipeline:run_finetune_student"),
     "scratch": ("training", "pipeline:run_scratch"),
     "evaluate": ("evaluation", "explanation", "inference", "teacher", "pipeline:run_evaluate"),
@@ -490,19 +490,22 @@ def run_distill(
     """
     pairs = zip(label_dirs, feature_dirs(label_dirs, out_dir), strict=True)
     features = [str(featurize_labels(d, vocab_dir, f)) for d, f in pairs]
-
-    def stream(data: TaskData) -> SoftLabelStream:
-        gold = train_gold(cfg, data, label_dirs) if cfg.distill.gold_weight > 0 else {}
-        return SoftLabelStream(
-            label_dirs,
-            cfg.distill.shuffle_buffer,
-            cfg.distill.seed,
-            feature_dirs=features,
-            gold=gold,
-            gold_weight=cfg.distill.gold_weight,
-        )
-
+    stream = lambda data: distill_stream(cfg, data, label_dirs, features)  # noqa: E731
     return _train_stage(cfg, vocab_dir, out_dir, stream, cfg.distill, None, on_metrics, "kd_", "distill")
+
+
+def distill_stream(cfg: PipelineConfig, data: TaskData, label_dirs: list[str], features: list[str]) -> SoftLabelStream:
+    """The distill stage's batches: the label folders' soft labels over their stored n-gram ids (`features`, one
+    folder per label folder), the train rows' targets mixed with their gold labels by `distill.gold_weight`."""
+    gold = train_gold(cfg, data, label_dirs) if cfg.distill.gold_weight > 0 else {}
+    return SoftLabelStream(
+        label_dirs,
+        cfg.distill.shuffle_buffer,
+        cfg.distill.seed,
+        feature_dirs=features,
+        gold=gold,
+        gold_weight=cfg.distill.gold_weight,
+    )
 
 
 def train_gold(cfg: PipelineConfig, data: TaskData, label_dirs: list[str]) -> dict[str, np.ndarray]:
