@@ -35,6 +35,7 @@ from fasttext_baseline import prepare  # noqa: E402  (fastText's one-line input,
 
 SHARED = ROOT.parent / "shared" / "data"
 RESULTS = ROOT / "benchmarks" / "results"
+SST2_CORPUS = ROOT / "data" / "sst2-corpus" / "imdb_sentences_200k.parquet"
 README_START, README_END = "<!-- quality:start -->", "<!-- quality:end -->"
 
 
@@ -55,6 +56,17 @@ def _imdb_split(out: Path) -> Path:
     if not (out / "train.parquet").exists():
         subprocess.run(
             [sys.executable, str(ROOT / "benchmarks" / "make_imdb_split.py"), str(SHARED / "imdb"), str(out)],
+            check=True,
+        )
+    return out
+
+
+def _sentence_corpus(out: Path) -> Path:
+    # SST-2 has no corpus of its own: sentences cut from IMDB's unlabelled reviews (make_sentence_corpus.py).
+    if not out.exists():
+        script = str(ROOT / "benchmarks" / "make_sentence_corpus.py")
+        subprocess.run(
+            [sys.executable, script, str(SHARED / "imdb" / "unsup.parquet"), str(out), "--max-sentences", "200000"],
             check=True,
         )
     return out
@@ -189,6 +201,12 @@ TASKS: dict[str, Task] = {
         "Rotten Tomatoes in 3 classes (fresh / rotten / plot), about 11k train, no corpus, configs/sst2.yaml copied",
     ),
     "sst2": Task("configs/sst2.yaml", SHARED / "sst2", "SST-2, 67k train phrases, no corpus"),
+    "sst2-corpus": Task(
+        "configs/sst2.yaml",
+        SHARED / "sst2",
+        "SST-2, 67k train phrases, 200k IMDB review sentences as corpus (the paper's recipe at a 2-core scale)",
+        [f"data.corpus=[{SST2_CORPUS}]"],
+    ),
     "sst2-5k": Task(
         "configs/sst2.yaml",
         SHARED / "sst2",
@@ -223,6 +241,7 @@ TASKS: dict[str, Task] = {
     ),
 }
 PREPARE = {
+    "sst2-corpus": lambda t: _sentence_corpus(SST2_CORPUS),
     "rt-3class": lambda t: _rt_three_class(t.data_dir),
     "sotu-eras": lambda t: _sotu_eras(t.data_dir),
     "imdb-2k": lambda t: _imdb_small(t.data_dir),
