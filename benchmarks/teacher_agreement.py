@@ -37,6 +37,8 @@ def source_texts(label_dir: Path) -> list[str]:
     """The texts a labelling folder's shards were made from, from its manifest's sources."""
     texts: list[str] = []
     for s in json.loads((label_dir / "manifest.json").read_text())["sources"]:
+        if not s["path"].endswith(".parquet"):
+            raise SystemExit(f"{label_dir}: source {s['path']} is not Parquet; this script reads Parquet sources only")
         column = pq.read_table(s["path"], columns=[s["text_column"]]).column(0).to_pylist()
         texts += [str(t) for t in column[: s["limit"]]]
     return texts
