@@ -19,29 +19,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 CONTRAST = r"\b(not|n't|no|never|nothing|without|but|yet|though|although|however|despite)\b"
-
-
-def label_dir_probs(label_dir: Path) -> np.ndarray:
-    """The teacher's distributions in a labelling folder, in its sources' row order (shards are numbered in order)."""
-    shards = sorted((label_dir / "shards").glob("*.parquet"))
-    return np.concatenate([np.stack(pq.read_table(f, columns=["probs"]).column(0).to_numpy(False)) for f in shards])
-
-
-def source_texts(label_dir: Path) -> list[str]:
-    """The texts a labelling folder's shards were made from, from its manifest's sources."""
-    texts: list[str] = []
-    for s in json.loads((label_dir / "manifest.json").read_text())["sources"]:
-        if not s["path"].endswith(".parquet"):
-            raise SystemExit(f"{label_dir}: source {s['path']} is not Parquet; this script reads Parquet sources only")
-        column = pq.read_table(s["path"], columns=[s["text_column"]]).column(0).to_pylist()
-        texts += [str(t) for t in column[: s["limit"]]]
-    return texts
 
 
 def main() -> None:
@@ -53,15 +35,12 @@ def main() -> None:
     p.add_argument("--out", type=Path, help="JSON file for the figures (default: benchmarks/results/...).")
     args = p.parse_args()
 
-    import torch
-
     from sparse_distill.config import load_config
+    from sparse_distill.inference import StudentPredictor
     from sparse_distill.pipeline import load_task_data
     from sparse_distill.run_store import stage_dir
-    from sparse_distill.student import load_student
+    from sparse_distill.soft_labels import iter_soft_labels
     from sparse_distill.teacher import TeacherPredictor
-    from sparse_distill.training import to_tensors
-    from sparse_distill.vocab import NgramVocab
 
     run = args.run_dir
     cfg = load_config(run / "config.yaml")
@@ -75,9 +54,10 @@ def main() -> None:
         folder = stage_dir(run, stage)
         if not (folder / "manifest.json").exists():
             continue
-        texts, probs = source_texts(folder), label_dir_probs(folder)
-        if len(texts) != len(probs):
-            raise SystemExit(f"{folder}: {len(texts)} source texts but {len(probs)} labelled rows")
+        # Shard by shard, with each shard's ids checked against its source rows.
+        shards = list(iter_soft_labels(folder))
+        texts = [t for shard_texts, _ in shards for t in shard_texts]
+        probs = np.concatenate([p for _, p in shards])
         pick = np.linspace(0, len(texts) - 1, min(args.sample, len(texts))).astype(int)
         seen[folder.name] = ([texts[i] for i in pick], probs[pick].argmax(1))
 
@@ -88,20 +68,10 @@ def main() -> None:
         model_dir = stage_dir(run, stage) / "model"
         if not model_dir.exists():
             continue
-        model, _ = load_student(model_dir)
-        vocab = NgramVocab.load(model_dir)
-
-        def classes(texts: list[str], model=model, vocab=vocab) -> np.ndarray:
-            out = []
-            for i in range(0, len(texts), 4096):
-                ids, offsets = to_tensors(vocab, texts[i : i + 4096])
-                with torch.no_grad():
-                    out.append(model(ids, offsets).argmax(-1).numpy())
-            return np.concatenate(out)
-
-        dev = classes(dev_texts)
+        student = StudentPredictor.load(model_dir)
+        dev = student.predict_proba(dev_texts).argmax(1)
         lost = (teacher_dev == dev_gold) & (dev != dev_gold)
-        row = {f"agree_{k}": float((classes(t) == c).mean()) for k, (t, c) in seen.items()}
+        row = {f"agree_{k}": float((student.predict_proba(t).argmax(1) == c).mean()) for k, (t, c) in seen.items()}
         row |= {
             "agree_dev": float((dev == teacher_dev).mean()),
             "dev_accuracy": float((dev == dev_gold).mean()),
