@@ -23,6 +23,10 @@ logger = logging.getLogger(__name__)
 
 MetricsCallback = Callable[[int, dict[str, float]], None]
 
+# Fine-tuning logs its step, loss and time left at least this often, so a run with few evaluations (a CPU teacher on
+# long reviews can go tens of minutes between two) still shows that it moves.
+PROGRESS_SECONDS = 60.0
+
 
 def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
     """Index batches of similar length (less padding), in sorted order."""
@@ -305,6 +309,8 @@ def finetune_teacher(
             state_path,
         )
     logger.info("fine-tuning teacher %s: %d docs, %d steps", config.model, len(train_texts), total_steps)
+    first_step = step
+    loop_start = last_log = time.perf_counter()
     while step < total_steps:
         pass_rng = rng.getstate()  # the pass's batches are drawn from here: a resume draws the same ones again
         batches = _bucketed_batches(lengths, config.batch_size, rng)
@@ -332,6 +338,9 @@ def finetune_teacher(
             step += 1
             if step % 10 == 0 and on_metrics:
                 on_metrics(step, {"teacher_train_loss": loss.item()})
+            if time.perf_counter() - last_log >= PROGRESS_SECONDS and step < total_steps:
+                last_log = time.perf_counter()
+                _log_progress(step, first_step, total_steps, loss.item(), last_log - loop_start)
             if step % eval_every == 0 or step == total_steps:
                 acc = _dev_accuracy(model, tokenizer, dev_texts, dev_labels, config, device)
                 logger.info("teacher step %d/%d: loss %.4f, dev accuracy %.4f", step, total_steps, loss.item(), acc)
@@ -438,6 +447,21 @@ def _bucketed_batches(lengths: list[int], batch_size: int, rng: random.Random) -
 
 
 @torch.inference_mode()
+def _log_progress(step: int, first_step: int, total_steps: int, loss: float, seconds: float) -> None:
+    # The rate counts only this process's steps: a resumed run's earlier steps took no time here.
+    rate = (step - first_step) / max(seconds, 1e-9)
+    left = (total_steps - step) / rate if rate > 0 else float("inf")
+    logger.info(
+        "teacher step %d/%d (%.0f%%): loss %.4f, %.2f steps/s, about %.0f min left",
+        step,
+        total_steps,
+        100 * step / total_steps,
+        loss,
+        rate,
+        left / 60,
+    )
+
+
 def _dev_accuracy(model, tokenizer, texts: list[str], labels: list[int], config: TeacherConfig, device: str) -> float:
     model.eval()
     correct = 0

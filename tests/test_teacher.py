@@ -72,3 +72,26 @@ def test_input_embeddings_read_alone_equal_the_loaded_models(tiny_teacher, tmp_p
     prefix = next(k for k in stored if k.endswith("word_embeddings.weight")).split(".", 1)[0] + "."
     save_file({k.removeprefix(prefix): v for k, v in stored.items()}, weights, metadata={"format": "pt"})
     assert np.array_equal(input_embeddings(backbone), expected)
+
+
+def test_fine_tuning_logs_its_progress_between_evaluations(tiny_teacher, tiny_data, tmp_path, caplog, monkeypatch):
+    import logging
+
+    from sparse_distill import teacher
+    from sparse_distill.config import TeacherConfig
+    from sparse_distill.data import LabelMap, load_split
+
+    train, dev = (load_split(str(tiny_data / f"{s}.parquet")) for s in ("train", "dev"))
+    lm = LabelMap.from_values(train.labels)
+    # One evaluation at the end: without the timed progress line, nothing would be logged until then.
+    cfg = TeacherConfig(model=str(tiny_teacher), max_length=32, batch_size=32, epochs=1, checkpoint_every=None)
+    monkeypatch.setattr(teacher, "PROGRESS_SECONDS", 0.0)
+    with caplog.at_level(logging.INFO, logger="sparse_distill.teacher"):
+        result = teacher.finetune_teacher(
+            cfg, train.texts, lm.encode(train.labels), dev.texts, lm.encode(dev.labels), lm, tmp_path
+        )
+    lines = [r.getMessage() for r in caplog.records if "steps/s" in r.getMessage()]
+    # Every step but the last (which the final evaluation reports) says where it is and how long is left.
+    assert len(lines) == result.steps - 1
+    assert lines[0].startswith(f"teacher step 1/{result.steps} (")
+    assert "min left" in lines[-1]
