@@ -446,7 +446,6 @@ def _bucketed_batches(lengths: list[int], batch_size: int, rng: random.Random) -
     return batches
 
 
-@torch.inference_mode()
 def _log_progress(step: int, first_step: int, total_steps: int, loss: float, seconds: float) -> None:
     # The rate counts only this process's steps: a resumed run's earlier steps took no time here.
     rate = (step - first_step) / max(seconds, 1e-9)
@@ -462,6 +461,7 @@ def _log_progress(step: int, first_step: int, total_steps: int, loss: float, sec
     )
 
 
+@torch.inference_mode()
 def _dev_accuracy(model, tokenizer, texts: list[str], labels: list[int], config: TeacherConfig, device: str) -> float:
     model.eval()
     correct = 0
