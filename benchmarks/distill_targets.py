@@ -1,11 +1,13 @@
-"""Gold labels in distillation: on a finished pipeline run, the KD student (and KD+FT from it) trained again with the
-train rows' targets mixed with their gold labels at several weights (`distill.gold_weight`), over several seeds.
+"""Distillation targets and loss: on a finished pipeline run, the KD student (and KD+FT from it) trained again with the
+train rows' targets mixed with their gold labels at several weights (`distill.gold_weight`), with each distillation
+loss asked for (`distill.loss`: kl, logit_mse), over several seeds.
 
 It reads the run's own soft labels, stored n-gram ids and vocabulary, and trains through the pipeline's code
 (`pipeline.distill_stream`, `train_dan`, `pipeline.run_finetune_student`), so only the targets differ between rows.
 Test accuracy.
 
     python benchmarks/distill_targets.py runs/bench-quality/rotten-tomatoes --weights 0 0.5 1 --seeds 13 14 15
+    python benchmarks/distill_targets.py runs/bench-quality/sst2 --weights 0.5 --losses kl logit_mse
 """
 
 from __future__ import annotations
@@ -33,8 +35,9 @@ def test_accuracy(model_dir: str, texts: list[str], labels: list[int]) -> float:
     return accuracy(model, ids, offsets, np.asarray(labels))
 
 
-def run_one(run_dir: Path, weight: float, seed: int, out: Path) -> dict:
-    """KD at `weight`, then KD+FT from it, both with `seed`; the run's config otherwise."""
+def run_one(run_dir: Path, weight: float, seed: int, out: Path, loss: str | None = None) -> dict:
+    """KD at `weight` with `loss` (None: the config's), then KD+FT from it, both with `seed`; the run's config
+    otherwise."""
     from sparse_distill.config import load_config
     from sparse_distill.features import featurize_labels
     from sparse_distill.pipeline import (
@@ -48,10 +51,11 @@ def run_one(run_dir: Path, weight: float, seed: int, out: Path) -> dict:
     from sparse_distill.training import train_dan
 
     cfg = load_config(run_dir / "config.yaml")
+    loss = loss or cfg.distill.loss
     no_checkpoints = {"seed": seed, "checkpoint_every_minutes": None, "checkpoint_every_steps": None}
     cfg = cfg.model_copy(
         update={
-            "distill": cfg.distill.model_copy(update={**no_checkpoints, "gold_weight": weight}),
+            "distill": cfg.distill.model_copy(update={**no_checkpoints, "gold_weight": weight, "loss": loss}),
             "finetune": cfg.finetune.model_copy(update=no_checkpoints),
         }
     )
@@ -67,11 +71,12 @@ def run_one(run_dir: Path, weight: float, seed: int, out: Path) -> dict:
     dev = (data.dev.texts, data.encoded(data.dev), data.label_map)
     test = (data.test.texts, data.encoded(data.test)) if data.test is not None else (data.dev.texts, dev[1])
     start = time.perf_counter()
-    kd = train_dan(out / "kd", vocab_dir, stream, *dev, cfg.student, cfg.distill)
+    kd = train_dan(out / "kd", vocab_dir, stream, *dev, cfg.student, cfg.distill, loss=cfg.distill.loss)
     ft = run_finetune_student(cfg, vocab_dir, kd["model_dir"], out / "kdft")
     return {
         "run": run_dir.name,
         "gold_weight": weight,
+        "loss": loss,
         "seed": seed,
         "kd_dev": kd["dev_accuracy"],
         "kd_test": test_accuracy(kd["model_dir"], *test),
@@ -85,6 +90,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dirs", nargs="+", type=Path, help="Finished pipeline runs (runs/<name>).")
     p.add_argument("--weights", nargs="+", type=float, default=[0.0, 0.5, 1.0], help="gold_weight values.")
+    p.add_argument(
+        "--losses",
+        nargs="+",
+        choices=["kl", "logit_mse"],
+        default=[None],
+        help="distill.loss values (default: the config's).",
+    )
     p.add_argument("--seeds", nargs="+", type=int, default=[13, 14, 15], help="Training seeds (KD and KD+FT).")
     p.add_argument("--work", type=Path, default=ROOT / "data" / "bench-distill-targets", help="Students go here.")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "distill_targets.json")
@@ -93,17 +105,23 @@ def main() -> None:
     for run_dir in args.run_dirs:
         for seed in args.seeds:
             for weight in args.weights:
-                row = run_one(run_dir, weight, seed, args.work / run_dir.name / f"w{weight:g}-s{seed}")
-                print(json.dumps(row), flush=True)
-                rows.append(row)
+                for loss in args.losses:
+                    name = f"w{weight:g}-s{seed}" + (f"-{loss}" if loss else "")
+                    row = run_one(run_dir, weight, seed, args.work / run_dir.name / name, loss)
+                    print(json.dumps(row), flush=True)
+                    rows.append(row)
     # The mean over seeds per run and weight: the figures the README quotes.
     summary = []
     for run_dir in args.run_dirs:
         for weight in args.weights:
-            mine = [r for r in rows if r["run"] == run_dir.name and r["gold_weight"] == weight]
-            mean = {k: round(sum(r[k] for r in mine) / len(mine), 4) for k in ("kd_test", "kdft_test")}
-            summary.append({"run": run_dir.name, "gold_weight": weight, "seeds": len(mine), **mean})
-            print(f"{run_dir.name:20s} weight {weight:<4g} KD {mean['kd_test']:.3f}  KD+FT {mean['kdft_test']:.3f}")
+            for loss in sorted({r["loss"] for r in rows}):
+                mine = [r for r in rows if (r["run"], r["gold_weight"], r["loss"]) == (run_dir.name, weight, loss)]
+                mean = {k: round(sum(r[k] for r in mine) / len(mine), 4) for k in ("kd_test", "kdft_test")}
+                summary.append({"run": run_dir.name, "gold_weight": weight, "loss": loss, "seeds": len(mine), **mean})
+                print(
+                    f"{run_dir.name:20s} weight {weight:<4g} {loss:9s} KD {mean['kd_test']:.3f}  "
+                    f"KD+FT {mean['kdft_test']:.3f}"
+                )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"runs": rows, "mean": summary}, indent=2) + "\n")
 

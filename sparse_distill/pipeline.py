@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -439,6 +439,7 @@ def _train_stage(
     on_metrics: MetricsCallback | None,
     prefix: str,
     stage: str,
+    loss: Literal["kl", "logit_mse"] = "kl",
 ) -> dict:
     data = load_task_data(cfg.data)
     res = train_dan(
@@ -455,6 +456,7 @@ def _train_stage(
         metric_prefix=prefix,
         # A checkpoint left in the stage folder resumes only the stage it was made for.
         resume_key=stage_fingerprints(cfg)[stage],
+        loss=loss,
     )
     return res
 
@@ -491,7 +493,9 @@ def run_distill(
     pairs = zip(label_dirs, feature_dirs(label_dirs, out_dir), strict=True)
     features = [str(featurize_labels(d, vocab_dir, f)) for d, f in pairs]
     stream = lambda data: distill_stream(cfg, data, label_dirs, features)  # noqa: E731
-    return _train_stage(cfg, vocab_dir, out_dir, stream, cfg.distill, None, on_metrics, "kd_", "distill")
+    return _train_stage(
+        cfg, vocab_dir, out_dir, stream, cfg.distill, None, on_metrics, "kd_", "distill", cfg.distill.loss
+    )
 
 
 def distill_stream(cfg: PipelineConfig, data: TaskData, label_dirs: list[str], features: list[str]) -> SoftLabelStream:
@@ -531,9 +535,10 @@ def train_gold(cfg: PipelineConfig, data: TaskData, label_dirs: list[str]) -> di
 
 
 def _without_gold(section: TrainConfig) -> TrainConfig:
-    """A gold-label stage's section as it enters its cache key: `gold_weight` only acts in distillation, so it stays
-    out (a new weight does not retrain the baseline or KD+FT for nothing; KD+FT's key holds KD's)."""
-    return section.model_copy(update={"gold_weight": TrainConfig.ADDED_FIELDS["gold_weight"]})
+    """A gold-label stage's section as it enters its cache key: `gold_weight` and `loss` only act in distillation, so
+    they stay out (a new weight or loss does not retrain the baseline or KD+FT for nothing; KD+FT's key holds KD's)."""
+    added = TrainConfig.ADDED_FIELDS
+    return section.model_copy(update={"gold_weight": added["gold_weight"], "loss": added["loss"]})
 
 
 def run_finetune_student(

@@ -19,7 +19,7 @@ from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 import torch
@@ -65,6 +65,16 @@ class DocIds:
 # A batch: texts (or the same documents featurised once) and their target distributions.
 Batch = tuple[list[str] | DocIds, np.ndarray]
 MetricsCallback = Callable[[int, dict[str, float]], None]
+
+
+def logit_mse_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:
+    """Mean squared error between the student's logits and the log of the target distribution, both centred per
+    row (logits are defined up to a constant). Unlike KL it keeps pulling on texts both already give one class with
+    near certainty, so the student learns how sure the teacher is, not only which class it prefers. Probabilities
+    under 1e-6 count as 1e-6, so no margin counts beyond about 14 (and gold one-hot targets stay finite)."""
+    target = torch.log(teacher_probs.clamp_min(1e-6))
+    target = target - target.mean(dim=-1, keepdim=True)
+    return F.mse_loss(student_logits - student_logits.mean(dim=-1, keepdim=True), target)
 
 
 def kl_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -692,8 +702,10 @@ def train_student(
     evaluate_first: bool = False,
     checkpoint_dir: str | Path | None = None,
     checkpoint_key: str = "",
+    loss: Literal["kl", "logit_mse"] = "kl",
 ) -> TrainResult:
-    """Train a DAN with KL to the batches' targets (see `fit`); the best dev model goes to `save_best`.
+    """Train a DAN towards the batches' target distributions by `loss` (KL at `temperature`, or `logit_mse_loss`;
+    see `fit`); the best dev model goes to `save_best`.
 
     The model trains on `config.device` (a GPU: the table and the step on it, bf16 autocast for the dense layers
     only). With `checkpoint_dir`, resumable checkpoints go there (see `Checkpointing`; `checkpoint_key` names what is
@@ -741,7 +753,10 @@ def train_student(
         pooled = model.pool(_to_device(ids, device), _to_device(offsets, device), plan)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             logits = model.head(pooled)
-        return kl_loss(logits.float(), _to_device(np.asarray(targets, np.float32), device), temperature)
+        targets = _to_device(np.asarray(targets, np.float32), device)
+        if loss == "logit_mse":
+            return logit_mse_loss(logits.float(), targets)
+        return kl_loss(logits.float(), targets, temperature)
 
     checkpoint = None
     if checkpoint_dir is not None:
@@ -796,6 +811,7 @@ def train_dan(
     on_metrics: MetricsCallback | None = None,
     metric_prefix: str = "",
     resume_key: str = "",
+    loss: Literal["kl", "logit_mse"] = "kl",
 ) -> dict[str, Any]:
     """Train a DAN into `out_dir/model` (the best dev checkpoint) and return its record.
 
@@ -826,6 +842,7 @@ def train_dan(
         data.num_docs,
         len(dev_texts),
         label_map.to_json(),
+        loss,
     )
     res = train_student(
         model,
@@ -838,6 +855,7 @@ def train_dan(
         on_metrics=on_metrics,
         metric_prefix=metric_prefix,
         temperature=config.temperature,
+        loss=loss,
         evaluate_first=init_model is not None,
         checkpoint_dir=Path(out_dir) / CHECKPOINT_DIR,
         checkpoint_key=key,

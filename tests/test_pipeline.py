@@ -66,6 +66,19 @@ def test_the_gold_weight_counts_in_distillation_only(tiny_config):
     assert stage_fingerprints(_with(tiny_config, "finetune", gold_weight=1.0)) == fps
 
 
+def test_the_distillation_loss_counts_in_distillation_only_and_kl_keeps_old_keys(tiny_config):
+    fps = stage_fingerprints(tiny_config)
+    assert tiny_config.distill.loss == "logit_mse"
+    assert _changed(fps, stage_fingerprints(_with(tiny_config, "distill", loss="kl"))) == {
+        "distill",
+        "kdft",
+        "evaluate",
+    }
+    assert "loss" not in _with(tiny_config, "distill", loss="kl").distill.cache_dump()
+    assert stage_fingerprints(_with(tiny_config, "scratch", loss="kl")) == fps
+    assert stage_fingerprints(_with(tiny_config, "finetune", loss="kl")) == fps
+
+
 def test_how_the_work_is_spread_stays_out_of_the_keys(tiny_config):
     fps = stage_fingerprints(tiny_config)
     spread = _with(tiny_config, "label", runner="process", workers=4, retries=5)

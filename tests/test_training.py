@@ -23,6 +23,7 @@ from sparse_distill.training import (
     accuracy,
     fit,
     kl_loss,
+    logit_mse_loss,
     lr_scale,
     make_optimizers,
     plan_budget,
@@ -53,6 +54,19 @@ def test_kl_loss_with_one_hot_targets_is_cross_entropy_and_temperature_scales():
     pt = F.softmax(torch.tensor([[1.0, 0.0]]), -1)
     expected = 4 * (pt * (pt.log() - np.log(0.5))).sum()
     assert torch.allclose(t2, expected, atol=1e-5)
+
+
+def test_logit_mse_loss_is_zero_at_the_teachers_logits_whatever_their_offset_and_keeps_pulling_when_sure():
+    teacher_logits = torch.tensor([[4.0, -2.0, 1.0], [0.0, 0.0, 9.0]])
+    p = F.softmax(teacher_logits, -1)
+    assert logit_mse_loss(teacher_logits + 5.0, p).item() < 1e-8
+    # Both put nearly all mass on class 0, so KL barely moves; the logits still differ by a margin of 8 against 12.
+    sure, surer = torch.tensor([[4.0, -4.0]], requires_grad=True), F.softmax(torch.tensor([[6.0, -6.0]]), -1)
+    assert kl_loss(sure, surer).item() < 1e-3
+    loss = logit_mse_loss(sure, surer)
+    assert torch.allclose(loss, torch.tensor(4.0), atol=1e-3)  # centred: (4 - 6)^2 on each class
+    loss.backward()
+    assert sure.grad[0, 0] < 0 < sure.grad[0, 1]  # towards a wider margin
 
 
 def test_sparse_adam_updates_only_rows_in_the_batch():
