@@ -8,6 +8,7 @@ embedding rows a batch touches; Adam updates the dense layers. The loop can writ
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import math
@@ -744,6 +745,9 @@ def train_student(
     if isinstance(data, InMemoryBatches) and data.docs is None:
         data = data.featurized(vocab)  # the train set: featurised once for all epochs
 
+    # Chosen once, not per step.
+    objective = logit_mse_loss if loss == "logit_mse" else functools.partial(kl_loss, temperature=temperature)
+
     def train_step(batch: tuple[np.ndarray, np.ndarray, np.ndarray, BagPlan | None]) -> torch.Tensor:
         ids, offsets, targets, plan = batch
         model.train()
@@ -753,10 +757,7 @@ def train_student(
         pooled = model.pool(_to_device(ids, device), _to_device(offsets, device), plan)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             logits = model.head(pooled)
-        targets = _to_device(np.asarray(targets, np.float32), device)
-        if loss == "logit_mse":
-            return logit_mse_loss(logits.float(), targets)
-        return kl_loss(logits.float(), targets, temperature)
+        return objective(logits.float(), _to_device(np.asarray(targets, np.float32), device))
 
     checkpoint = None
     if checkpoint_dir is not None:
