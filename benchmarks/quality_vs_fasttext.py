@@ -358,6 +358,11 @@ def write_results(rows: list[dict], readme: bool) -> None:
         path.write_text(f"{head}{README_START}\n{table(rows)}\n{README_END}{tail}")
 
 
+def _read_results() -> dict[str, dict]:
+    path = RESULTS / "quality.json"
+    return {r["task"]: r for r in json.loads(path.read_text())} if path.exists() else {}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tasks", nargs="+", choices=sorted(TASKS), help="Tasks to run (default: all but full IMDB).")
@@ -366,8 +371,7 @@ def main() -> None:
     p.add_argument("--readme", action="store_true", help="Also write the table into README.md.")
     a = p.parse_args()
     names = a.tasks or [n for n in TASKS if n != "imdb"]
-    old = json.loads((RESULTS / "quality.json").read_text()) if (RESULTS / "quality.json").exists() else []
-    results = {r["task"]: r for r in old}
+    results = _read_results()
     for name in names:
         task = TASKS[name]
         if name in PREPARE:
@@ -378,6 +382,7 @@ def main() -> None:
         start = time.perf_counter()
         summary = run_pipeline(name, task, a.run_root)
         ft = run_fasttext(task, a.autotune_seconds)
+        results = _read_results()  # read again: another run of this script may have written its tasks meanwhile
         results[name] = row(name, task, summary, ft, (time.perf_counter() - start) / 60)
         print(table([results[name]]), flush=True)
         write_results([results[n] for n in TASKS if n in results], a.readme)

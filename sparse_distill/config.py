@@ -48,8 +48,15 @@ class TeacherConfig(_Strict):
     lr: float = Field(5e-5, gt=0, description="AdamW learning rate.")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
     warmup_ratio: float = Field(0.06, ge=0, le=1, description="Share of steps with linear warm-up.")
-    epochs: float = Field(2.0, gt=0, description="Training epochs (fractions allowed).")
-    eval_every: int | None = Field(None, ge=1, description="Evaluate on dev every N steps (default: once per epoch).")
+    epochs: float | None = Field(
+        None,
+        gt=0,
+        description="Passes over the train rows (fractions allowed); None: a budget from the data, enough passes to "
+        "see about 30,000 train texts, within 1 to 5 (teacher.plan_teacher_budget).",
+    )
+    eval_every: int | None = Field(
+        None, ge=1, description="Evaluate on dev every N steps (None: about 6 times per budget, at most once a pass)."
+    )
     max_train_samples: int | None = Field(None, ge=1, description="Fine-tune on a random sample of N train rows.")
     seed: int = Field(13, description="Random seed.")
     skip_finetune: bool = Field(False, description="Use the checkpoint as it is (already fine-tuned on the task).")

@@ -266,6 +266,7 @@ def run_finetune_teacher(cfg: PipelineConfig, out_dir: str | Path, on_metrics: M
         "best_step": res.best_step,
         "steps": res.steps,
         "seconds": res.seconds,
+        "budget": res.budget,
         "teacher_fingerprint": teacher_fingerprint(res.model_dir),
     }
 
@@ -612,8 +613,11 @@ def explain_dev_errors(cfg: PipelineConfig, model_dir: str, out_dir: str | Path)
 
 
 def run_choices(cfg: PipelineConfig, run_dir: str | Path) -> dict[str, str]:
-    """What the shipped defaults chose for this run and why: the table, the transfer set, each student's budget."""
+    """What the shipped defaults chose for this run and why: the teacher's budget, the table, the transfer set, each
+    student's budget."""
     out: dict[str, str] = {}
+    if budget := (read_stage(run_dir, "teacher") or {}).get("budget"):
+        out["budget_teacher"] = f"teacher: {budget}"
     vocab = read_stage(run_dir, "vocab")
     if vocab:
         added = vocab.get("transfer_words", 0)

@@ -95,3 +95,38 @@ def test_fine_tuning_logs_its_progress_between_evaluations(tiny_teacher, tiny_da
     assert len(lines) == result.steps - 1
     assert lines[0].startswith(f"teacher step 1/{result.steps} (")
     assert "min left" in lines[-1]
+
+
+def test_the_teacher_budget_comes_from_the_data_unless_epochs_are_set():
+    from sparse_distill.config import TeacherConfig
+    from sparse_distill.teacher import TEACHER_DOCS_SEEN, plan_teacher_budget
+
+    cfg = TeacherConfig(model="m", batch_size=32)
+    # A 30k sample is one pass; 12k rows get 2.5 passes; a tiny train set stops at the 5-pass cap.
+    large, mid, small = (plan_teacher_budget(n, cfg) for n in (TEACHER_DOCS_SEEN, 12_000, 500))
+    assert (large.epochs, large.steps) == (1.0, 938)
+    assert (mid.epochs, mid.steps) == (2.5, 938)
+    assert (small.epochs, small.steps) == (5.0, 80)
+    assert "2.5 passes over 12,000 texts" in mid.reason
+    # Dev is scored about 6 times per budget, and never more than once a pass.
+    assert (large.eval_every, mid.eval_every, small.eval_every) == (157, 157, 14)
+    assert plan_teacher_budget(100_000, cfg).steps == 3125  # a large train set is passed over once, not cut
+    set_by_hand = plan_teacher_budget(12_000, cfg.model_copy(update={"epochs": 1.0, "eval_every": 50}))
+    assert (set_by_hand.steps, set_by_hand.eval_every, set_by_hand.reason) == (375, 50, "epochs set")
+
+
+def test_fine_tuning_runs_the_planned_budget_and_reports_it(tiny_teacher, tiny_data, tmp_path):
+    from sparse_distill import teacher
+    from sparse_distill.config import TeacherConfig
+    from sparse_distill.data import LabelMap, load_split
+
+    train, dev = (load_split(str(tiny_data / f"{s}.parquet")) for s in ("train", "dev"))
+    lm = LabelMap.from_values(train.labels)
+    cfg = TeacherConfig(model=str(tiny_teacher), max_length=32, batch_size=32, checkpoint_every=None)
+    result = teacher.finetune_teacher(
+        cfg, train.texts, lm.encode(train.labels), dev.texts, lm.encode(dev.labels), lm, tmp_path
+    )
+    planned = teacher.plan_teacher_budget(len(train.texts), cfg)
+    assert planned.epochs == teacher.TEACHER_MAX_EPOCHS  # the tiny train set gets the most passes
+    assert result.steps == planned.steps
+    assert result.budget.startswith(f"{planned.steps:,} steps, dev every {planned.eval_every} (auto: ")

@@ -57,6 +57,8 @@ def test_pipeline_runs_then_serves_from_cache(tiny_config, tmp_path):
     assert SUMMARY_KEYS <= set(summary)
     assert summary["config_fingerprint"] == fingerprint(tiny_config)
     assert 0 <= summary["student_kd_accuracy"] <= 1 and summary["speedup"] > 0
+    # The summary says how long the teacher trained and why (the tiny config sets its epochs).
+    assert summary["choices"]["budget_teacher"].endswith("(epochs set)")
     first = _task_states(state.state_details.flow_run_id)
     assert all(s == "Completed" for s in first.values()), first
 
