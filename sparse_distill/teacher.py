@@ -260,7 +260,7 @@ class TeacherResult:
     best_step: int
     steps: int
     seconds: float
-    budget: str = "checkpoint used as it is (skip_finetune)"
+    budget: str
 
 
 def sample_rows(n_rows: int, size: int, seed: int) -> list[int]:
@@ -307,7 +307,8 @@ def finetune_teacher(
         _save_checkpoint(
             model, tokenizer, best_dir, label_map, {"dev_accuracy": acc, "step": 0, "max_length": config.max_length}
         )
-        return TeacherResult(str(best_dir), acc, 0, 0, time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        return TeacherResult(str(best_dir), acc, 0, 0, seconds, "none: the checkpoint as it is (skip_finetune)")
 
     # Length-grouped batches, shuffled as whole batches: far less padding, still a random order per epoch.
     lengths = [len(t) for t in train_texts]
