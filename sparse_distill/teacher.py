@@ -18,6 +18,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from sparse_distill.config import TeacherConfig, fingerprint
 from sparse_distill.data import LabelMap, atomic_write, atomic_write_text, write_dir_atomically
+from sparse_distill.training import Budget
 
 logger = logging.getLogger(__name__)
 
@@ -36,17 +37,7 @@ TEACHER_MAX_EPOCHS = 5.0
 TEACHER_EVALS = 6  # dev evaluations per budget by default (at most one a pass): the best one is kept
 
 
-@dataclass(frozen=True)
-class TeacherBudget:
-    """How long fine-tuning runs: its steps, how often dev is scored, and why."""
-
-    steps: int
-    eval_every: int
-    epochs: float
-    reason: str
-
-
-def plan_teacher_budget(num_docs: int, config: TeacherConfig) -> TeacherBudget:
+def plan_teacher_budget(num_docs: int, config: TeacherConfig) -> Budget:
     """The teacher's step budget: `epochs` when set, else derived from the data size (see TEACHER_DOCS_SEEN)."""
     per_epoch = max(1, math.ceil(num_docs / config.batch_size))
     if config.epochs is not None:
@@ -59,7 +50,7 @@ def plan_teacher_budget(num_docs: int, config: TeacherConfig) -> TeacherBudget:
         )
     steps = max(1, math.ceil(per_epoch * epochs))
     eval_every = config.eval_every or max(1, min(per_epoch, math.ceil(steps / TEACHER_EVALS)))
-    return TeacherBudget(steps, eval_every, epochs, reason)
+    return Budget(steps, eval_every, epochs, reason)
 
 
 def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
