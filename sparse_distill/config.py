@@ -195,6 +195,10 @@ class StudentConfig(_Strict):
     init_std: float = Field(0.1, gt=0, description="Std of the normal init of the embedding table.")
 
 
+# The distillation losses `TrainConfig.loss` names (the pipeline and the training loop take the same names).
+DistillLoss = Literal["kl", "logit_mse"]
+
+
 class TrainConfig(_Strict):
     """One student training stage: distillation, fine-tuning, or the from-scratch baseline."""
 
@@ -231,7 +235,7 @@ class TrainConfig(_Strict):
         "measurement (README: 'Gold labels in distillation') 0.5 lifts the KD student, most where the teacher is "
         "weak.",
     )
-    loss: Literal["kl", "logit_mse"] = Field(
+    loss: DistillLoss = Field(
         "logit_mse",
         description="The pipeline's distill stage only (the gold-label stages learn by cross-entropy): kl is the "
         "paper's KL to the target distribution; logit_mse is the mean squared error between the student's centred "

@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -22,6 +22,7 @@ from sparse_distill.augment import make_transfer_set, nearest_words, replaceable
 from sparse_distill.code_version import code_fingerprint
 from sparse_distill.config import (
     DataConfig,
+    DistillLoss,
     LabelConfig,
     LabelJob,
     PipelineConfig,
@@ -440,7 +441,7 @@ def _train_stage(
     on_metrics: MetricsCallback | None,
     prefix: str,
     stage: str,
-    loss: Literal["kl", "logit_mse"] = "kl",
+    loss: DistillLoss = "kl",
 ) -> dict:
     data = load_task_data(cfg.data)
     res = train_dan(

@@ -20,13 +20,13 @@ from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sparse_distill.config import StudentConfig, TrainConfig, fingerprint
+from sparse_distill.config import DistillLoss, StudentConfig, TrainConfig, fingerprint
 from sparse_distill.data import LabelMap, atomic_write
 from sparse_distill.features import iter_featurized
 from sparse_distill.soft_labels import iter_soft_labels, read_manifest
@@ -703,7 +703,7 @@ def train_student(
     evaluate_first: bool = False,
     checkpoint_dir: str | Path | None = None,
     checkpoint_key: str = "",
-    loss: Literal["kl", "logit_mse"] = "kl",
+    loss: DistillLoss = "kl",
 ) -> TrainResult:
     """Train a DAN towards the batches' target distributions by `loss` (KL at `temperature`, or `logit_mse_loss`;
     see `fit`); the best dev model goes to `save_best`.
@@ -812,7 +812,7 @@ def train_dan(
     on_metrics: MetricsCallback | None = None,
     metric_prefix: str = "",
     resume_key: str = "",
-    loss: Literal["kl", "logit_mse"] = "kl",
+    loss: DistillLoss = "kl",
 ) -> dict[str, Any]:
     """Train a DAN into `out_dir/model` (the best dev checkpoint) and return its record.
 
