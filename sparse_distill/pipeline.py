@@ -108,6 +108,13 @@ def data_fingerprint(data: DataConfig, splits: tuple[str, ...] = ("train", "dev"
     cols = data.model_dump(
         include={"text_column", "label_column", "id_column", "max_train_samples", "max_corpus_samples"}
     )
+    # A row limit counts only where its data does: the teacher's key must not move with max_corpus_samples (a
+    # retrained teacher, for nothing), nor the corpus labels' with max_train_samples. Pinned to None rather than
+    # dropped, so that keys made with the limits unset stay as they were.
+    if "train" not in splits:
+        cols["max_train_samples"] = None
+    if not corpus:
+        cols["max_corpus_samples"] = None
     return fingerprint(files, cols)
 
 

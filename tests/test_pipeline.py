@@ -8,7 +8,7 @@ import os
 import shutil
 from pathlib import Path
 
-from sparse_distill.pipeline import stage_fingerprints, student_key
+from sparse_distill.pipeline import data_fingerprint, stage_fingerprints, student_key
 
 STAGES = {"teacher", "label_train", "label_corpus", "vocab", "distill", "kdft", "scratch", "evaluate"}
 
@@ -52,6 +52,18 @@ def test_a_config_change_recomputes_its_stage_and_its_dependants_only(tiny_confi
     assert _changed(fps, stage_fingerprints(_with(tiny_config, "teacher", lr=1e-3))) == STAGES - {"vocab", "scratch"}
     assert _changed(fps, stage_fingerprints(_with(tiny_config, "scratch", lr=1e-4))) == {"scratch", "evaluate"}
     assert _changed(fps, stage_fingerprints(_with(tiny_config, "evaluate", speed_docs=128))) == {"evaluate"}
+
+
+def test_a_row_limit_reaches_only_the_stages_that_read_its_data(tiny_config):
+    fps = stage_fingerprints(tiny_config)
+    assert tiny_config.data.corpus and tiny_config.data.max_corpus_samples is None
+    # fewer corpus documents: the teacher and the train set's labels stay cached
+    fewer_docs = stage_fingerprints(_with(tiny_config, "data", max_corpus_samples=10))
+    assert _changed(fps, fewer_docs) == STAGES - {"teacher", "label_train"}
+    # fewer train rows: everything moves, the corpus labels because their teacher does, not through the limit
+    fewer_rows = _with(tiny_config, "data", max_train_samples=10)
+    assert _changed(fps, stage_fingerprints(fewer_rows)) == STAGES
+    assert data_fingerprint(fewer_rows.data, (), corpus=True) == data_fingerprint(tiny_config.data, (), corpus=True)
 
 
 def test_the_gold_weight_counts_in_distillation_only(tiny_config):
