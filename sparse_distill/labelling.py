@@ -36,9 +36,16 @@ logger = logging.getLogger(__name__)
 
 
 def label_shard(
-    source: CorpusSource, shard: ShardSpec, out_dir: str | Path, teacher, teacher_fp: str, batch_size: int = 64
+    source: CorpusSource,
+    shard: ShardSpec,
+    out_dir: str | Path,
+    teacher,
+    teacher_fp: str,
+    batch_size: int = 64,
+    settings: dict[str, Any] | None = None,
 ) -> LabelRecord:
-    """Label one shard: read its rows, run the teacher, write the Parquet file, then the shard's record.
+    """Label one shard: read its rows, run the teacher, write the Parquet file, then the shard's record (with the
+    teacher's fingerprint and `settings`, how it was run: see `label_settings`).
 
     Both writes are atomic and the record comes last, so a record always describes a complete file.
     """
@@ -57,23 +64,32 @@ def label_shard(
         rows=len(ids),
         checksum=file_checksum(path),
         teacher_fingerprint=teacher_fp,
+        settings=settings,
         input_checksum=in_sum,
         seconds=round(seconds, 3),
     )
     return write_record(out_dir, LABELLING, record)
 
 
-def shard_is_complete(out_dir: str | Path, shard: ShardSpec, teacher_fp: str) -> bool:
-    """Done for this teacher, with the recorded row count and a file whose checksum matches the record."""
+def shard_is_complete(
+    out_dir: str | Path, shard: ShardSpec, teacher_fp: str, settings: dict[str, Any] | None = None
+) -> bool:
+    """Done for this teacher run with these `settings` (None: any), with the recorded row count and a file whose
+    checksum matches the record. A record made before settings were recorded counts as made with them."""
     if not isinstance(shard, LabelRecord) or shard.status != "done" or shard.teacher_fingerprint != teacher_fp:
+        return False
+    if settings is not None and shard.settings is not None and shard.settings != settings:
         return False
     path = Path(out_dir) / SHARDS / shard.name
     return shard.rows == shard.size and path.exists() and shard.checksum == file_checksum(path)
 
 
-def pending_shards(out_dir: str | Path, manifest: ShardPlan, teacher_fp: str) -> list[int]:
-    """Indices of the shards still to label: missing, partial, corrupt, failed, or made by another teacher."""
-    return [s.index for s in manifest.shards if not shard_is_complete(out_dir, s, teacher_fp)]
+def pending_shards(
+    out_dir: str | Path, manifest: ShardPlan, teacher_fp: str, settings: dict[str, Any] | None = None
+) -> list[int]:
+    """Indices of the shards still to label: missing, partial, corrupt, failed, or made by another teacher or with
+    other `settings` (None: not checked)."""
+    return [s.index for s in manifest.shards if not shard_is_complete(out_dir, s, teacher_fp, settings)]
 
 
 def label_status(out_dir: str | Path) -> dict[str, Any]:
@@ -183,6 +199,12 @@ def job_max_length(job: LabelJob) -> int:
     return job.label.max_length or job.max_length
 
 
+def label_settings(job: LabelJob) -> dict[str, Any]:
+    """What the soft labels depend on besides the teacher's weights and the input: its truncation and numerics. A
+    shard labelled with other settings is labelled again."""
+    return {"max_length": job_max_length(job), "precision": job.label.precision, "int8": job.label.quantize_int8}
+
+
 def prepare_job(job: LabelJob) -> dict[str, Any]:
     """Plan (or reopen) the job's output and list the shards still to label; returns a small manifest."""
     from sparse_distill.teacher import teacher_fingerprint
@@ -191,7 +213,8 @@ def prepare_job(job: LabelJob) -> dict[str, Any]:
         raise DataError(f"{job.teacher}: teacher folder not found")
     plan = open_plan(job.out, LABELLING, job_sources(job), job.label.shard_size, job.replan)
     teacher_fp = teacher_fingerprint(job.teacher)
-    return {**pending_work(job.out, plan, pending_shards(job.out, plan, teacher_fp)), "teacher_fingerprint": teacher_fp}
+    pending = pending_shards(job.out, plan, teacher_fp, label_settings(job))
+    return {**pending_work(job.out, plan, pending), "teacher_fingerprint": teacher_fp}
 
 
 def label_job_shard(job: LabelJob, work: dict[str, Any], teacher_fp: str) -> dict[str, Any]:
@@ -202,7 +225,8 @@ def label_job_shard(job: LabelJob, work: dict[str, Any], teacher_fp: str) -> dic
     source, shard = work_item(work)
     try:
         teacher = cached_teacher(job.teacher, job_max_length(job), job.label.precision, job.label.quantize_int8)
-        return asdict(label_shard(source, shard, job.out, teacher, teacher_fp, job.label.batch_size))
+        record = label_shard(source, shard, job.out, teacher, teacher_fp, job.label.batch_size, label_settings(job))
+        return asdict(record)
     except Exception as e:
         # Recorded here, on the worker (a full disk, a bad row): `label-status` reports it even if the flow dies.
         record_failure_if_possible(job.out, LABELLING, shard, e)

@@ -18,7 +18,7 @@ import json
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -185,6 +185,11 @@ class ShardPlan:
         key = lambda m: [(s.source, s.start, s.stop) for s in m.shards]  # noqa: E731
         return self.sources == other.sources and self.shard_size == other.shard_size and key(self) == key(other)
 
+    def same_files(self, other: ShardPlan) -> bool:
+        """Same files read the same way and the same shard size; only the sources' row limits may differ."""
+        unlimited = lambda m: [replace(s, limit=None) for s in m.sources]  # noqa: E731
+        return self.shard_size == other.shard_size and unlimited(self) == unlimited(other)
+
     def work(self, indices: list[int]) -> list[dict[str, Any]]:
         """What the workers of these shards need (their spec and source), so no worker reads the manifest."""
         return [
@@ -245,6 +250,10 @@ def open_plan(
         plan = old
     elif old is not None and same_settings and old.same_ranges(plan):
         _forget_changed_shards(out, kind, plan)
+    elif old is not None and same_settings and not kind.more_folders and old.same_files(plan):
+        # The same files with another row limit (a corpus grown or cut): the shards both plans share keep their
+        # outputs, as labelling them again would cost what they cost the first time.
+        _keep_shared_shards(out, kind, plan)
     elif old is not None:
         if not replan:
             extra = f", settings {_read_settings(out / kind.settings_file)}" if kind.settings_file else ""
@@ -286,6 +295,28 @@ def _forget_changed_shards(out: Path, kind: PlanKind, plan: ShardPlan) -> None:
                 redo += 1
     logger.warning(
         "%s: a corpus file changed since planning; %d done shards have new input and will be redone", out, redo
+    )
+
+
+def _keep_shared_shards(out: Path, kind: PlanKind, plan: ShardPlan) -> None:
+    # A done shard of the new plan is kept when the old plan had the same rows and they still read the same; every
+    # other record and output goes (a cut corpus's shards past the limit, a last shard that grew).
+    keep: set[str] = set()
+    for shard in plan.shards:
+        rec = read_record(out, kind, shard)
+        if (
+            rec is not None
+            and rec.status == "done"
+            and input_unchanged(plan.sources[shard.source], shard, rec.input_checksum)
+        ):
+            keep.add(Path(shard.name).stem)
+    dropped = 0
+    for path in (out / kind.records).glob("*"):
+        if path.stem not in keep:
+            path.unlink(missing_ok=True)
+            dropped += path.suffix == ".json"
+    logger.warning(
+        "%s: the corpus' row limits changed; %d done shards are kept, %d records dropped", out, len(keep), dropped
     )
 
 

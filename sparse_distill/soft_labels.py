@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -32,6 +33,8 @@ class LabelRecord(ShardRecord):
     rows: int = 0
     checksum: str | None = None
     teacher_fingerprint: str | None = None
+    # How the teacher was run (`labelling.label_settings`); None in records made before it was recorded.
+    settings: dict[str, Any] | None = None
 
 
 LABELLING = PlanKind(name="labelling", outputs="labels", records=SHARDS, record_type=LabelRecord, manifest_states=True)

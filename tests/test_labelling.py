@@ -164,3 +164,38 @@ def test_soft_labels_join_back_to_an_edited_text_file(tiny_teacher, tmp_path):
     path.write_text("\n".join(texts) + "\n")
     run_label_job(_job(tiny_teacher, path, out))
     assert [t for batch, _ in iter_soft_labels(out) for t in batch] == texts
+
+
+def test_labels_made_with_another_max_length_are_made_again(tiny_teacher, corpus, tmp_path):
+    out = tmp_path / "labels"
+    run_label_job(_job(tiny_teacher, corpus, out))
+    record = json.loads((out / "shards" / "00000.json").read_text())
+    assert record["settings"] == {"max_length": 32, "precision": "auto", "int8": False}
+    shorter = _job(tiny_teacher, corpus, out, max_length=8)
+    assert prepare_job(shorter)["pending"] == [0, 1, 2]
+    run_label_job(shorter)
+    probs = np.concatenate([p for _, p in iter_soft_labels(out)])
+    np.testing.assert_allclose(probs, TeacherPredictor(tiny_teacher, max_length=8).predict_proba(_texts()), atol=1e-5)
+    # a record from before settings were recorded is taken as made with the job's settings, not labelled again
+    for path in (out / "shards").glob("*.json"):
+        path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "settings"}))
+    assert prepare_job(_job(tiny_teacher, corpus, out))["pending"] == []
+
+
+def test_a_grown_or_cut_row_limit_keeps_the_shards_both_plans_share(tiny_teacher, corpus, tmp_path):
+    out = tmp_path / "labels"
+    limited = _job(tiny_teacher, corpus, out).model_copy(update={"limit": 150})
+    assert run_label_job(limited)["rows_written"] == 150  # shards 0-99 and 100-149
+    mtimes = _mtimes(out)
+    grown = _job(tiny_teacher, corpus, out)
+    assert prepare_job(grown)["pending"] == [1, 2]  # 100-149 grew to 100-199; 200-249 is new
+    status = run_label_job(grown)
+    assert (status["done"], status["rows_written"]) == (3, 250)
+    after = _mtimes(out)
+    assert after["00000.parquet"] == mtimes["00000.parquet"] and after["00001.parquet"] != mtimes["00001.parquet"]
+    assert [len(t) for t, _ in iter_soft_labels(out)] == [100, 100, 50]
+    # cut back: the shards past the limit go, the first stays as it was
+    status = run_label_job(_job(tiny_teacher, corpus, out).model_copy(update={"limit": 100}))
+    assert (status["shards"], status["rows_written"]) == (1, 100)
+    assert sorted(os.listdir(out / "shards")) == ["00000.json", "00000.parquet"]
+    assert _mtimes(out)["00000.parquet"] == mtimes["00000.parquet"]
