@@ -315,7 +315,7 @@ def _keep_shared_shards(out: Path, kind: PlanKind, plan: ShardPlan) -> None:
         if path.stem not in keep:
             path.unlink(missing_ok=True)
             dropped += path.suffix == ".json"
-    logger.warning(
+    logger.info(
         "%s: the corpus' row limits changed; %d done shards are kept, %d records dropped", out, len(keep), dropped
     )
 
