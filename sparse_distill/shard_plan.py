@@ -284,15 +284,21 @@ def _read_settings(path: Path) -> Any:
         return None
 
 
+def _done_with_same_input(out: Path, kind: PlanKind, plan: ShardPlan, shard: ShardSpec) -> bool | None:
+    """None when the shard has no done record for these rows; else whether its rows, read as the new plan finds them
+    (byte offsets move when a line's length changes), still have the input the record was made from."""
+    rec = read_record(out, kind, shard)
+    if rec is None or rec.status != "done":
+        return None
+    return input_unchanged(plan.sources[shard.source], shard, rec.input_checksum)
+
+
 def _forget_changed_shards(out: Path, kind: PlanKind, plan: ShardPlan) -> None:
-    # Each done shard's rows are read as the new plan finds them (byte offsets move when a line's length changes).
     redo = 0
     for shard in plan.shards:
-        rec = read_record(out, kind, shard)
-        if rec is not None and rec.status == "done":
-            if not input_unchanged(plan.sources[shard.source], shard, rec.input_checksum):
-                (out / kind.records / shard.record_name).unlink(missing_ok=True)
-                redo += 1
+        if _done_with_same_input(out, kind, plan, shard) is False:
+            (out / kind.records / shard.record_name).unlink(missing_ok=True)
+            redo += 1
     logger.warning(
         "%s: a corpus file changed since planning; %d done shards have new input and will be redone", out, redo
     )
@@ -301,15 +307,7 @@ def _forget_changed_shards(out: Path, kind: PlanKind, plan: ShardPlan) -> None:
 def _keep_shared_shards(out: Path, kind: PlanKind, plan: ShardPlan) -> None:
     # A done shard of the new plan is kept when the old plan had the same rows and they still read the same; every
     # other record and output goes (a cut corpus's shards past the limit, a last shard that grew).
-    keep: set[str] = set()
-    for shard in plan.shards:
-        rec = read_record(out, kind, shard)
-        if (
-            rec is not None
-            and rec.status == "done"
-            and input_unchanged(plan.sources[shard.source], shard, rec.input_checksum)
-        ):
-            keep.add(Path(shard.name).stem)
+    keep = {Path(s.name).stem for s in plan.shards if _done_with_same_input(out, kind, plan, s)}
     dropped = 0
     for path in (out / kind.records).glob("*"):
         if path.stem not in keep:
