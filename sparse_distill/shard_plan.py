@@ -252,7 +252,8 @@ def open_plan(
         _forget_changed_shards(out, kind, plan)
     elif old is not None and same_settings and not kind.more_folders and old.same_files(plan):
         # The same files with another row limit (a corpus grown or cut): the shards both plans share keep their
-        # outputs, as labelling them again would cost what they cost the first time.
+        # outputs, as labelling them again would cost what they cost the first time. Only for shards whose outputs
+        # stand alone: counting's partition sums span every shard.
         _keep_shared_shards(out, kind, plan)
     elif old is not None:
         if not replan:
