@@ -49,7 +49,7 @@ from sparse_distill.run_store import file_fingerprint, read_stage
 from sparse_distill.shard_plan import CorpusSource, plan_shards
 from sparse_distill.soft_labels import SHARDS, read_manifest, read_soft_labels
 from sparse_distill.teacher import TeacherPredictor, finetune_teacher, teacher_fingerprint, teacher_word_vectors
-from sparse_distill.training import BatchSource, InMemoryBatches, SoftLabelStream, train_dan
+from sparse_distill.training import BatchSource, Budget, InMemoryBatches, SoftLabelStream, train_dan
 from sparse_distill.vocab import Subwords, add_words, tokenize
 
 if TYPE_CHECKING:
@@ -647,7 +647,8 @@ def run_choices(cfg: PipelineConfig, run_dir: str | Path) -> dict[str, str]:
         record = read_stage(run_dir, stage) or {}
         if b := record.get("budget"):
             stop = f", stopped early, best at step {record['best_step']}" if b["early_stopped"] else ""
-            out[f"budget_{stage}"] = f"{name}: {b['steps']:,} steps, dev every {b['eval_every']} ({b['reason']}{stop})"
+            budget = Budget(b["steps"], b["eval_every"], b["epochs"], b["reason"])
+            out[f"budget_{stage}"] = f"{name}: {budget.describe(stop)}"
     return out
 
 

@@ -400,8 +400,8 @@ def finetune_teacher(
                 )
         skip = 0
     shutil.rmtree(out_dir / RESUME_DIR, ignore_errors=True)  # finished: nothing to resume
-    budget_text = f"{total_steps:,} steps, dev every {eval_every} ({budget.reason})"
-    return TeacherResult(str(best_dir), best_acc, best_step, step, time.perf_counter() - start, budget_text)
+    seconds = time.perf_counter() - start
+    return TeacherResult(str(best_dir), best_acc, best_step, step, seconds, budget.describe())
 
 
 # --- resuming fine-tuning: the training state every `checkpoint_every` steps ----------------------------------------

@@ -261,6 +261,10 @@ class Budget:
     epochs: float
     reason: str
 
+    def describe(self, note: str = "") -> str:
+        """One line for a run's summary, e.g. "785 steps, dev every 300 (auto: ...)"; `note` ends the bracket."""
+        return f"{self.steps:,} steps, dev every {self.eval_every} ({self.reason}{note})"
+
 
 def plan_budget(num_docs: int, config: TrainConfig) -> Budget:
     """The step budget: `max_steps`, else `epochs`, else derived from the data size (see AUTO_DOCS_SEEN)."""
