@@ -35,9 +35,8 @@ from fasttext_baseline import prepare  # noqa: E402  (fastText's one-line input,
 
 SHARED = ROOT.parent / "shared" / "data"
 RESULTS = ROOT / "benchmarks" / "results"
-SST2_CORPUS = ROOT / "data" / "sst2-corpus" / "imdb_sentences_200k.parquet"
 # Every sentence of 5-40 tokens in IMDB's 50k unlabelled reviews (530k).
-SST2_CORPUS_ALL = ROOT / "data" / "sst2-corpus" / "imdb_sentences_all.parquet"
+SST2_CORPUS = ROOT / "data" / "sst2-corpus" / "imdb_sentences_all.parquet"
 README_START, README_END = "<!-- quality:start -->", "<!-- quality:end -->"
 
 
@@ -63,14 +62,12 @@ def _imdb_split(out: Path) -> Path:
     return out
 
 
-def _sentence_corpus(out: Path, max_sentences: int | None = 200_000) -> Path:
-    # SST-2 has no corpus of its own: sentences cut from IMDB's unlabelled reviews (make_sentence_corpus.py); None:
-    # all of them.
+def _sentence_corpus(out: Path) -> Path:
+    # SST-2 has no corpus of its own: every sentence cut from IMDB's unlabelled reviews (make_sentence_corpus.py).
     if not out.exists():
         script = str(ROOT / "benchmarks" / "make_sentence_corpus.py")
-        limit = str(max_sentences or 10**9)
         subprocess.run(
-            [sys.executable, script, str(SHARED / "imdb" / "unsup.parquet"), str(out), "--max-sentences", limit],
+            [sys.executable, script, str(SHARED / "imdb" / "unsup.parquet"), str(out), "--max-sentences", str(10**9)],
             check=True,
         )
     return out
@@ -208,7 +205,7 @@ TASKS: dict[str, Task] = {
     "sst2-corpus": Task(
         "configs/sst2.yaml",
         SHARED / "sst2",
-        "SST-2, 67k train phrases, 200k IMDB review sentences as corpus (the paper's recipe at a 2-core scale)",
+        "SST-2, 67k train phrases, every IMDB review sentence (530k) as corpus (the paper's recipe at a 2-core scale)",
         [f"data.corpus=[{SST2_CORPUS}]"],
     ),
     "sst2-5k": Task(
@@ -222,7 +219,7 @@ TASKS: dict[str, Task] = {
         "configs/sst2.yaml",
         SHARED / "sst2",
         "SST-2 with its first 5,000 train rows, every IMDB review sentence (530k) as corpus",
-        ["data.max_train_samples=5000", f"data.corpus=[{SST2_CORPUS_ALL}]"],
+        ["data.max_train_samples=5000", f"data.corpus=[{SST2_CORPUS}]"],
         train_limit=5000,
     ),
     "sotu-eras": Task(
@@ -253,7 +250,7 @@ TASKS: dict[str, Task] = {
 }
 PREPARE = {
     "sst2-corpus": lambda t: _sentence_corpus(SST2_CORPUS),
-    "sst2-5k-corpus": lambda t: _sentence_corpus(SST2_CORPUS_ALL, None),
+    "sst2-5k-corpus": lambda t: _sentence_corpus(SST2_CORPUS),
     "rt-3class": lambda t: _rt_three_class(t.data_dir),
     "sotu-eras": lambda t: _sotu_eras(t.data_dir),
     "imdb-2k": lambda t: _imdb_small(t.data_dir),
