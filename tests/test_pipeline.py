@@ -122,3 +122,16 @@ def test_lineage_datasets_describe_the_data_without_loading_the_corpus(tiny_conf
     assert len(records["train"].digest) == 16 and records["train"].digest != records["dev"].digest
     manifest = json.loads(Path(records["corpus"].source).read_text())
     assert manifest["rows"] == 400 and manifest["files"][0]["path"].endswith("corpus.parquet")
+
+
+def test_the_summary_names_the_corpus_and_advises_one_where_there_is_none(tiny_config, tmp_path):
+    from sparse_distill.pipeline import run_choices
+    from sparse_distill.run_store import stage_dir, write_result
+
+    run_dir = tmp_path / "run"
+    assert "corpus" not in run_choices(tiny_config, run_dir)  # listed but not labelled yet: nothing to say
+    write_result(stage_dir(run_dir, "label_corpus"), "label_corpus", "fp", {"rows": 400, "shards": 1})
+    assert run_choices(tiny_config, run_dir)["corpus"].startswith("400 unlabelled documents labelled by the teacher")
+    no_corpus = tiny_config.model_copy(update={"data": tiny_config.data.model_copy(update={"corpus": []})})
+    advice = run_choices(no_corpus, run_dir)["corpus"]
+    assert advice.startswith("none (data.corpus empty)") and "unlabelled texts of the task's domain" in advice
