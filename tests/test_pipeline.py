@@ -1,5 +1,6 @@
 """Stage cache keys (`pipeline.stage_fingerprints`): a config change reaches its stage and the stages after it, and
-nothing else; runtime settings and old runs' defaults stay out of the keys; input files are part of them."""
+nothing else; runtime settings and old runs' defaults stay out of the keys; input files are part of them. Also what a
+run's summary says about its data (`lineage_datasets`, `run_choices`)."""
 
 from __future__ import annotations
 
