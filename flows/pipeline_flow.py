@@ -29,7 +29,7 @@ from sparse_distill.pipeline import (
     vocab_sources,
 )
 from sparse_distill.preflight import check_pipeline_inputs
-from sparse_distill.run_store import RESULT, is_fresh, read_stage, stage_dir
+from sparse_distill.run_store import RESULT, is_current, is_fresh, read_stage, stage_dir
 from sparse_distill.tracking import TrackingRef
 from tasks import stages
 
@@ -145,25 +145,32 @@ def _label_stages(
     which = (["corpus"] if config.data.corpus else []) + (
         ["train"] if config.label.include_train or not config.data.corpus else []
     )
-    out = []
-    for w in which:
-        stage = f"label_{w}"
-        if not is_fresh(run_dir, stage, fps[stage]):
-            _run_labelling(config, label_job(config, w, teacher["model_dir"], stage_dir(run_dir, stage)), w, tracking)
-        out.append(_fresh(LABEL_TASKS[stage], run_dir, stage, fps)(**args, teacher=teacher))
+    jobs = [(w, label_job(config, w, teacher["model_dir"], stage_dir(run_dir, f"label_{w}"))) for w in which]
     if transfer and transfer["rows"]:
         # The transfer set is labelled like a corpus (skipped when it came out empty).
-        if not is_fresh(run_dir, "label_transfer", fps["label_transfer"]):
-            out_dir = stage_dir(run_dir, "label_transfer")
-            _run_labelling(
-                config, transfer_job(config, transfer["path"], teacher["model_dir"], out_dir), "transfer", tracking
-            )
-        out.append(_fresh(stages.record_transfer_labels, run_dir, "label_transfer", fps)(**args, teacher=teacher))
+        out_dir = stage_dir(run_dir, "label_transfer")
+        jobs.append(("transfer", transfer_job(config, transfer["path"], teacher["model_dir"], out_dir)))
+    out = []
+    for w, job in jobs:
+        stage = f"label_{w}"
+        # Fresh for its key is not enough: a teacher trained again under the same key (Prefect's cache gone, the run
+        # folder copied) has other weights, and labels by the old ones would be refused by the distillation.
+        record = read_stage(run_dir, stage) or {}
+        by_this_teacher = record.get("teacher_fingerprint") == teacher.get("teacher_fingerprint")
+        fresh = is_current(record or None, fps[stage]) and by_this_teacher
+        if not fresh:
+            _run_labelling(config, job, w, tracking)
+        record_task = LABEL_TASKS[stage] if fresh else LABEL_TASKS[stage].with_options(refresh_cache=True)
+        out.append(record_task(**args, teacher=teacher))
     return out
 
 
 # The tasks that record a labelling stage once the labelling flow has labelled its shards, by stage name.
-LABEL_TASKS = {"label_train": stages.record_train_labels, "label_corpus": stages.record_corpus_labels}
+LABEL_TASKS = {
+    "label_train": stages.record_train_labels,
+    "label_corpus": stages.record_corpus_labels,
+    "label_transfer": stages.record_transfer_labels,
+}
 
 
 def _run_labelling(config: PipelineConfig, job, which: str, tracking: TrackingRef | None) -> None:

@@ -11,6 +11,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from sparse_distill.config import fingerprint
+from sparse_distill.run_store import RESULT
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -129,3 +130,15 @@ def test_pipeline_runs_then_serves_from_cache(tiny_config, tmp_path):
     assert {"kdft", "evaluate"} <= recomputed
     assert not recomputed & {"teacher", "label-train", "label-corpus", "vocab", "distill", "scratch"}, third
     assert Path(run_dir / "summary.json").exists()
+
+    # Train labels recorded for another teacher's weights (as after a teacher trained again under the same key, with
+    # Prefect's cache gone): the stage is made again, not trusted for its key and refused later by the distillation.
+    train_record = run_dir / "labels" / "train" / RESULT
+    record = json.loads(train_record.read_text())
+    train_record.write_text(json.dumps({**record, "teacher_fingerprint": "another-teacher"}))
+    state4 = pipeline_flow(config=changed, run_dir=str(run_dir), return_state=True)
+    assert state4.is_completed()
+    fourth = _task_states(state4.state_details.flow_run_id)
+    recomputed = {k.rsplit("-", 1)[0] for k, v in fourth.items() if v == "Completed"}
+    assert "label-train" in recomputed and "label-corpus" not in recomputed, fourth
+    assert json.loads(train_record.read_text())["teacher_fingerprint"] == record["teacher_fingerprint"]
