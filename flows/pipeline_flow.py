@@ -29,7 +29,7 @@ from sparse_distill.pipeline import (
     vocab_sources,
 )
 from sparse_distill.preflight import check_pipeline_inputs
-from sparse_distill.run_store import RESULT, is_current, is_fresh, read_stage, stage_dir
+from sparse_distill.run_store import RESULT, is_fresh, read_stage, stage_dir
 from sparse_distill.tracking import TrackingRef
 from tasks import stages
 
@@ -153,11 +153,7 @@ def _label_stages(
     out = []
     for w, job in jobs:
         stage = f"label_{w}"
-        # Fresh for its key is not enough: a teacher trained again under the same key (Prefect's cache gone, the run
-        # folder copied) has other weights, and labels by the old ones would be refused by the distillation.
-        record = read_stage(run_dir, stage) or {}
-        by_this_teacher = record.get("teacher_fingerprint") == teacher.get("teacher_fingerprint")
-        fresh = is_current(record or None, fps[stage]) and by_this_teacher
+        fresh = is_fresh(run_dir, stage, fps[stage], teacher.get("teacher_fingerprint"))  # made by this teacher too
         if not fresh:
             _run_labelling(config, job, w, tracking)
         record_task = LABEL_TASKS[stage] if fresh else LABEL_TASKS[stage].with_options(refresh_cache=True)

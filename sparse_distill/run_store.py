@@ -112,9 +112,13 @@ def is_current(record: dict[str, Any] | None, stage_fingerprint: str) -> bool:
     return record is not None and record.get("fingerprint") == stage_fingerprint
 
 
-def is_fresh(run_dir: str | Path, stage: str, stage_fingerprint: str) -> bool:
-    """Whether a pipeline stage's outputs in the run directory were made for this fingerprint."""
-    return is_current(read_stage(run_dir, stage), stage_fingerprint)
+def is_fresh(run_dir: str | Path, stage: str, stage_fingerprint: str, teacher_fingerprint: str | None = None) -> bool:
+    """Whether a pipeline stage's outputs in the run directory were made for this fingerprint and, where
+    `teacher_fingerprint` is given (labels), by that teacher's weights: a teacher trained again under the same key
+    (Prefect's cache gone, the run folder copied) has other weights, and the old labels would be refused later."""
+    record = read_stage(run_dir, stage)
+    by_teacher = teacher_fingerprint is None or (record or {}).get("teacher_fingerprint") == teacher_fingerprint
+    return is_current(record, stage_fingerprint) and by_teacher
 
 
 def fresh_result(folder: str | Path, stage_fingerprint: str) -> dict[str, Any] | None:
