@@ -3,11 +3,15 @@
 Cache keys are explicit: the stage fingerprint (its config, its inputs' fingerprints, the library version) and the
 run directory (`run_store.stage_key`). Results (small JSON manifests of paths) are persisted, so a re-run of the same
 config is served from cache. Each task records its finished stage once in the run store; a stage the store does not
-call fresh is re-run (the flow passes `refresh_cache`).
+call fresh is re-run (the flow passes `refresh_cache`), and one it calls fresh is never re-run, even where Prefect
+has lost its cached result (`_stage_task`).
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,16 +48,39 @@ def _retry_on_io(_task, _task_run, state) -> bool:
     return isinstance(exc, OSError)
 
 
-def _stage_task(stage: str, **kwargs):
-    return task(
-        name=stage.replace("_", "-"),
-        cache_key_fn=_stage_key(stage),
-        persist_result=True,
-        retries=2,
-        retry_delay_seconds=2,
-        retry_condition_fn=_retry_on_io,
-        **kwargs,
-    )
+def _stage_task(stage: str, from_store: bool = True):
+    """A stage's task, cached under its stage key.
+
+    With `from_store`, a stage that the run store calls fresh returns its record without running, also when Prefect
+    has no cached result for the key (another PREFECT_HOME, a cleared cache, another machine on the same run folder):
+    a teacher is not trained again, nor a student, because Prefect forgot them. The label stages opt out: their record
+    is cheap to make again, and the flow checks which teacher made them.
+    """
+
+    def decorate(fn: Callable[..., dict]):
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def run(*args: Any, **kwargs: Any) -> dict:
+            params = signature.bind(*args, **kwargs).arguments
+            folder = run_store.stage_dir(params["run_dir"], stage)
+            record = run_store.fresh_result(folder, params["fingerprints"][stage]) if from_store else None
+            # Only a record written in this folder: one copied with its run folder names the old folder's files.
+            if record is not None and Path(record.get("out_dir", "")).resolve() == folder.resolve():
+                get_run_logger().info("%s: done already in the run folder (its record is fresh); not run again", stage)
+                return record
+            return fn(*args, **kwargs)
+
+        return task(
+            name=stage.replace("_", "-"),
+            cache_key_fn=_stage_key(stage),
+            persist_result=True,
+            retries=2,
+            retry_delay_seconds=2,
+            retry_condition_fn=_retry_on_io,
+        )(run)
+
+    return decorate
 
 
 def _key(run_dir: str, stage: str, fps: dict[str, str]) -> str:
@@ -145,7 +172,7 @@ def _record_labels(
     return _done(stage, fingerprints, out, res)
 
 
-@_stage_task("label_train")
+@_stage_task("label_train", from_store=False)
 def record_train_labels(
     config: PipelineConfig, run_dir: str, fingerprints: dict[str, str], tracking: TrackingRef | None, teacher: dict
 ) -> dict:
@@ -153,7 +180,7 @@ def record_train_labels(
     return _record_labels(config, run_dir, fingerprints, teacher, "train")
 
 
-@_stage_task("label_corpus")
+@_stage_task("label_corpus", from_store=False)
 def record_corpus_labels(
     config: PipelineConfig, run_dir: str, fingerprints: dict[str, str], tracking: TrackingRef | None, teacher: dict
 ) -> dict:
@@ -180,7 +207,7 @@ def make_transfer_set(
     return _done("transfer", fingerprints, out, res)
 
 
-@_stage_task("label_transfer")
+@_stage_task("label_transfer", from_store=False)
 def record_transfer_labels(
     config: PipelineConfig, run_dir: str, fingerprints: dict[str, str], tracking: TrackingRef | None, teacher: dict
 ) -> dict:
