@@ -115,7 +115,12 @@ def _label_args(p: argparse.ArgumentParser) -> None:
     _runner_args(g, "Shards labelled at once (default 1).")
     g.add_argument("--batch-size", type=int, default=64, help="Teacher batch size (default 64).")
     g.add_argument("--max-length", type=int, default=128, help="Teacher tokens per document (default 128).")
-    g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto", help="Teacher numerics.")
+    g.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        default="auto",
+        help="Teacher numerics (auto: bf16 on a GPU or a CPU with bf16 instructions, else fp32).",
+    )
     g.add_argument("--int8", action="store_true", help="Dynamic int8 quantisation of the teacher (CPU).")
     g.add_argument("--retries", type=int, default=2, help="Retries of a failing shard (default 2).")
     g.add_argument("--limit", type=int, help="Only the first N documents of each file.")

@@ -99,7 +99,10 @@ class LabelConfig(RunnerConfig):
     include_train: bool = Field(True, description="Label the train set too (KD on corpus + train).")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto",
-        description="Teacher numerics: bf16 (GPU or CPU) or fp16 (GPU) autocast; auto = bf16 on a GPU, fp32 on a CPU.",
+        description=(
+            "Teacher numerics: bf16 (GPU or CPU) or fp16 (GPU) autocast; auto = bf16 on a GPU and on a CPU with bf16"
+            " instructions (AVX512-BF16, AMX), fp32 elsewhere. Set fp32 or bf16 to pin labels across machines."
+        ),
     )
     quantize_int8: bool = Field(False, description="Dynamic int8 quantisation of the teacher on a CPU (faster).")
 

@@ -64,7 +64,7 @@ class TeacherPredictor:
 
     Texts are tokenised once, sorted by token count and batched, so each batch pads only to its own longest text.
     `precision` picks autocast (bf16 on a GPU or a CPU with bf16 instructions, fp16 on a GPU; 'auto' is bf16 on a
-    GPU, fp32 on a CPU); `quantize_int8`
+    GPU and on a CPU with bf16 instructions, fp32 elsewhere); `quantize_int8`
     applies dynamic int8 quantisation to the Linear layers on a CPU (faster; probabilities move slightly).
     """
 
@@ -86,7 +86,7 @@ class TeacherPredictor:
                 raise ValueError("dynamic int8 quantisation runs on a CPU only; use precision bf16/fp16 on a GPU")
             self.model = torch.ao.quantization.quantize_dynamic(self.model, {torch.nn.Linear}, dtype=torch.qint8)
         self.max_length = max_length
-        self.autocast_dtype = _autocast_dtype(precision, self.device)
+        self.autocast_dtype = _autocast_dtype(precision, self.device, quantize_int8)
         self.pad_id = self.tokenizer.pad_token_id or 0
 
     @property
@@ -148,10 +148,18 @@ class TeacherPredictor:
         return out
 
 
-def _autocast_dtype(precision: str, device: str) -> torch.dtype | None:
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX): there bf16 autocast labels 2-3 times faster
+    than fp32; elsewhere it is emulated and slower."""
+    probes = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
+    return any(probe is not None and probe() for probe in probes)
+
+
+def _autocast_dtype(precision: str, device: str, quantize_int8: bool = False) -> torch.dtype | None:
     on_gpu = device.startswith("cuda")
     if precision == "auto":
-        return torch.bfloat16 if on_gpu else None
+        # The fastest numerics whose probabilities stay within about 0.01 of fp32; int8 layers run as they are.
+        return torch.bfloat16 if on_gpu or (not quantize_int8 and cpu_has_bf16()) else None
     if precision == "fp32":
         return None
     if precision == "bf16":

@@ -130,3 +130,27 @@ def test_fine_tuning_runs_the_planned_budget_and_reports_it(tiny_teacher, tiny_d
     assert planned.epochs == teacher.TEACHER_MAX_EPOCHS  # the tiny train set gets the most passes
     assert result.steps == planned.steps
     assert result.budget.startswith(f"{planned.steps:,} steps, dev every {planned.eval_every} (auto: ")
+
+
+def test_auto_precision_is_bf16_where_the_cpu_runs_it_natively_and_fp32_elsewhere(monkeypatch):
+    import torch
+
+    from sparse_distill import teacher
+
+    monkeypatch.setattr(teacher, "cpu_has_bf16", lambda: True)
+    assert teacher._autocast_dtype("auto", "cpu") == torch.bfloat16
+    assert teacher._autocast_dtype("auto", "cpu", quantize_int8=True) is None  # int8 layers run as they are
+    assert teacher._autocast_dtype("fp32", "cpu") is None
+    monkeypatch.setattr(teacher, "cpu_has_bf16", lambda: False)
+    assert teacher._autocast_dtype("auto", "cpu") is None
+    assert teacher._autocast_dtype("auto", "cuda:0") == torch.bfloat16
+    assert teacher._autocast_dtype("bf16", "cpu") == torch.bfloat16
+
+
+def test_auto_precision_labels_close_to_fp32(tiny_teacher):
+    from sparse_distill.teacher import TeacherPredictor
+
+    texts = ["a wonderful and moving film", "dull and tedious", "not bad at all", "the plot goes nowhere"] * 8
+    exact = TeacherPredictor(tiny_teacher, max_length=16, precision="fp32").predict_proba(texts)
+    auto = TeacherPredictor(tiny_teacher, max_length=16, precision="auto").predict_proba(texts)
+    np.testing.assert_allclose(auto, exact, atol=0.02)
