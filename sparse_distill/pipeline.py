@@ -32,6 +32,7 @@ from sparse_distill.config import (
     VocabJob,
     fingerprint,
 )
+from sparse_distill.corpus import read_rows
 from sparse_distill.counting import run_count_job
 from sparse_distill.data import (
     DataError,
@@ -46,6 +47,7 @@ from sparse_distill.evaluation import classification_metrics, measure_throughput
 from sparse_distill.features import featurize_labels
 from sparse_distill.inference import StudentPredictor
 from sparse_distill.run_store import file_fingerprint, read_stage
+from sparse_distill.sentences import sentence_advice
 from sparse_distill.shard_plan import CorpusSource, plan_shards
 from sparse_distill.soft_labels import SHARDS, read_manifest, read_soft_labels
 from sparse_distill.teacher import TeacherPredictor, finetune_teacher, teacher_fingerprint, teacher_word_vectors
@@ -84,9 +86,6 @@ def corpus_paths(data: DataConfig) -> list[str]:
 
 def corpus_sentence_advice(data: DataConfig, sample: int = 1000) -> str | None:
     """`sentences.sentence_advice` on the first `sample` train texts and documents of the first corpus file."""
-    from sparse_distill.corpus import read_rows
-    from sparse_distill.sentences import sentence_advice
-
     corpus = corpus_paths(data)
     if not corpus:
         return None
