@@ -87,15 +87,15 @@ def write_sentence_corpus(
     return {"out": str(out), "documents": documents, "sentences": sentences}
 
 
-def sentence_advice(task_texts: list[str], corpus_texts: list[str], where: str = "data.corpus") -> str | None:
+def sentence_advice(task_texts: list[str], corpus_texts: list[str]) -> str | None:
     """Advice to split the corpus into sentences when its documents are far longer than the task's texts (the
     median over 4 times the task's and over 60 words), else None."""
     task, corpus = median_words(task_texts), median_words(corpus_texts)
     if corpus <= max(4 * task, 60):
         return None
     return (
-        f"{where}'s documents have a median of {corpus:.0f} words against {task:.0f} for the train texts: the teacher "
-        "labels each document as one text, which teaches the student little about texts like the task's; split "
+        f"data.corpus's documents have a median of {corpus:.0f} words against {task:.0f} for the train texts: the "
+        "teacher labels each document as one text, which teaches the student little about texts like the task's; split "
         "them into sentences (`sparse-distill sentences --corpus FILES --out sentences.parquet`) and list that file "
         "instead (SST-2 with 5,000 train phrases: whole IMDB reviews KD 0.761, their sentences 0.821)"
     )
