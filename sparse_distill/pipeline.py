@@ -84,14 +84,16 @@ def corpus_paths(data: DataConfig) -> list[str]:
     return expand_paths(data.corpus, data.data_dir) if data.corpus else []
 
 
-def corpus_sentence_advice(data: DataConfig, sample: int = 1000) -> str | None:
-    """`sentences.sentence_advice` on the first `sample` train texts and documents of the first corpus file."""
+def corpus_sentence_advice(data: DataConfig, train_texts: list[str] | None = None, sample: int = 1000) -> str | None:
+    """`sentences.sentence_advice` on the first `sample` train texts (read unless given) and documents of the first
+    corpus file."""
     corpus = corpus_paths(data)
     if not corpus:
         return None
-    train_texts, _ = read_rows(split_path(data, "train"), 0, sample, data.text_column)
+    if train_texts is None:
+        train_texts, _ = read_rows(split_path(data, "train"), 0, sample, data.text_column)
     corpus_texts, _ = read_rows(corpus[0], 0, sample, data.text_column)
-    return sentence_advice(train_texts, corpus_texts)
+    return sentence_advice(train_texts[:sample], corpus_texts)
 
 
 def load_task_data(data: DataConfig) -> TaskData:

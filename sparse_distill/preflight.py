@@ -77,7 +77,8 @@ def check_pipeline_inputs(cfg: PipelineConfig) -> None:
         except DataError as e:
             raise (e if str(e).startswith(key) else _keyed(key, e)) from e
     check_teacher(cfg.teacher.model)
-    if advice := corpus_sentence_advice(d):  # before hours of labelling documents the task never sees
+    # Before hours of labelling documents unlike the task's texts; the train split is loaded already.
+    if advice := corpus_sentence_advice(d, splits["train"].texts):
         logger.warning(advice)
     logger.info(
         "pre-flight checks passed: %s", ", ".join([f"data.{n}" for n in splits] + ["data.corpus"] * bool(d.corpus))

@@ -112,13 +112,26 @@ def is_current(record: dict[str, Any] | None, stage_fingerprint: str) -> bool:
     return record is not None and record.get("fingerprint") == stage_fingerprint
 
 
-def is_fresh(run_dir: str | Path, stage: str, stage_fingerprint: str, teacher_fingerprint: str | None = None) -> bool:
-    """Whether a pipeline stage's outputs in the run directory were made for this fingerprint and, where
-    `teacher_fingerprint` is given (labels), by that teacher's weights: a teacher trained again under the same key
-    (Prefect's cache gone, the run folder copied) has other weights, and the old labels would be refused later."""
+def fresh_stage(
+    run_dir: str | Path, stage: str, stage_fingerprint: str, teacher_fingerprint: str | None = None
+) -> dict[str, Any] | None:
+    """The record of a pipeline stage when its outputs in the run directory are fresh, else None.
+
+    Fresh: made for this fingerprint, in this folder (a record copied with its run folder names the old folder's
+    files), and, where `teacher_fingerprint` is given (labels), by that teacher's weights: a teacher trained again
+    under the same key has other weights, and the old labels would be refused later.
+    """
     record = read_stage(run_dir, stage)
-    by_teacher = teacher_fingerprint is None or (record or {}).get("teacher_fingerprint") == teacher_fingerprint
-    return is_current(record, stage_fingerprint) and by_teacher
+    if record is None or not is_current(record, stage_fingerprint):
+        return None
+    made_here = "out_dir" not in record or Path(record["out_dir"]).resolve() == stage_dir(run_dir, stage).resolve()
+    by_teacher = teacher_fingerprint is None or record.get("teacher_fingerprint") == teacher_fingerprint
+    return record if made_here and by_teacher else None
+
+
+def is_fresh(run_dir: str | Path, stage: str, stage_fingerprint: str, teacher_fingerprint: str | None = None) -> bool:
+    """Whether a pipeline stage is fresh (`fresh_stage`)."""
+    return fresh_stage(run_dir, stage, stage_fingerprint, teacher_fingerprint) is not None
 
 
 def fresh_result(folder: str | Path, stage_fingerprint: str) -> dict[str, Any] | None:

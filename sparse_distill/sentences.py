@@ -31,7 +31,7 @@ _WORD = re.compile(r"\w+")
 
 
 def count_words(text: str) -> int:
-    """Words as the vocabulary sees them (runs of word characters)."""
+    """Words: runs of word characters (one-letter words count too, unlike the vocabulary's tokens)."""
     return len(_WORD.findall(text))
 
 

@@ -63,10 +63,9 @@ def _stage_task(stage: str, from_store: bool = True):
         @functools.wraps(fn)
         def run(*args: Any, **kwargs: Any) -> dict:
             params = signature.bind(*args, **kwargs).arguments
-            folder = run_store.stage_dir(params["run_dir"], stage)
-            record = run_store.fresh_result(folder, params["fingerprints"][stage]) if from_store else None
-            # Only a record written in this folder: one copied with its run folder names the old folder's files.
-            if record is not None and Path(record.get("out_dir", "")).resolve() == folder.resolve():
+            run_dir, fingerprint = params["run_dir"], params["fingerprints"][stage]
+            record = run_store.fresh_stage(run_dir, stage, fingerprint) if from_store else None
+            if record is not None:
                 get_run_logger().info("%s: done already in the run folder (its record is fresh); not run again", stage)
                 return record
             return fn(*args, **kwargs)

@@ -125,8 +125,9 @@ def test_lineage_datasets_describe_the_data_without_loading_the_corpus(tiny_conf
     assert manifest["rows"] == 400 and manifest["files"][0]["path"].endswith("corpus.parquet")
 
 
-def test_the_summary_names_the_corpus_and_advises_one_where_there_is_none(tiny_config, tmp_path):
+def test_the_summary_names_the_corpus_and_advises_one_where_there_is_none(tiny_config, tmp_path, caplog):
     from sparse_distill.pipeline import run_choices
+    from sparse_distill.preflight import check_pipeline_inputs
     from sparse_distill.run_store import stage_dir, write_result
 
     run_dir = tmp_path / "run"
@@ -140,10 +141,15 @@ def test_the_summary_names_the_corpus_and_advises_one_where_there_is_none(tiny_c
     import pandas as pd
 
     long_docs = tmp_path / "long.parquet"
-    pd.DataFrame({tiny_config.data.text_column: [" ".join(["a good film"] * 40)] * 5}).to_parquet(long_docs)
+    d, review = tiny_config.data, " ".join(["a good film"] * 40)
+    pd.DataFrame({d.id_column: list("abcde"), d.text_column: [review] * 5}).to_parquet(long_docs)
     documents = tiny_config.model_copy(
         update={"data": tiny_config.data.model_copy(update={"corpus": [str(long_docs)]})}
     )
     line = run_choices(documents, run_dir)["corpus"]
     assert line.startswith("400 unlabelled documents") and "median of 120 words" in line
     assert "`sparse-distill sentences --corpus FILES --out sentences.parquet`" in line
+    with caplog.at_level("WARNING", logger="sparse_distill.preflight"):
+        check_pipeline_inputs(documents)
+        check_pipeline_inputs(tiny_config)  # the tiny corpus is of texts like the train set's: no warning
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [line.split("; ", 1)[1]]

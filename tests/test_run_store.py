@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pyarrow as pa
@@ -38,6 +39,14 @@ def test_fresh_means_a_record_made_for_the_same_fingerprint(tmp_path: Path) -> N
     (run_store.stage_dir(tmp_path, "vocab") / run_store.RESULT).write_text(json.dumps({"size": 3}))
     assert not run_store.is_fresh(tmp_path, "vocab", "fp1")
     assert run_store.fresh_result(tmp_path / "nowhere", "fp1") is None
+
+
+def test_a_record_copied_from_another_run_folder_is_not_fresh_there(tmp_path: Path) -> None:
+    record = {"size": 3, "out_dir": str(run_store.stage_dir(tmp_path / "a", "vocab"))}
+    run_store.write_result(run_store.stage_dir(tmp_path / "a", "vocab"), "vocab", "fp1", record)
+    assert run_store.fresh_stage(tmp_path / "a", "vocab", "fp1")["size"] == 3
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    assert not run_store.is_fresh(tmp_path / "b", "vocab", "fp1")  # its files are the old folder's
 
 
 def test_cached_computes_once_per_fingerprint(tmp_path: Path) -> None:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import mlflow
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
+from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
 from sparse_distill.config import fingerprint
 from sparse_distill.run_store import RESULT
@@ -132,10 +134,19 @@ def test_pipeline_runs_then_serves_from_cache(tiny_config, tmp_path):
     assert Path(run_dir / "summary.json").exists()
 
     # Train labels recorded for another teacher's weights (as after a teacher trained again under the same key, with
+    # Prefect's cache gone): the stage is made again, not trusted for its key and refused later by the distillation.
+    train_record = run_dir / "labels" / "train" / RESULT
+    record = json.loads(train_record.read_text())
+    train_record.write_text(json.dumps({**record, "teacher_fingerprint": "another-teacher"}))
+    state4 = pipeline_flow(config=changed, run_dir=str(run_dir), return_state=True)
+    assert state4.is_completed()
+    fourth = _task_states(state4.state_details.flow_run_id)
+    recomputed = {k.rsplit("-", 1)[0] for k, v in fourth.items() if v == "Completed"}
+    assert "label-train" in recomputed and "label-corpus" not in recomputed, fourth
+    assert json.loads(train_record.read_text())["teacher_fingerprint"] == record["teacher_fingerprint"]
+
     # Prefect's cache gone (another PREFECT_HOME, a cleared cache, another machine on the same run folder): the
     # stages the run store calls fresh return their records; the teacher and the students are not trained again.
-    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
-
     def stamps() -> dict[str, int]:
         return {d: (run_dir / d / RESULT).stat().st_mtime_ns for d in ("teacher", "students/kd", "students/kdft")}
 
@@ -148,8 +159,6 @@ def test_pipeline_runs_then_serves_from_cache(tiny_config, tmp_path):
     assert stamps() == before
 
     # A run folder copied to a new path: its records name the old folder's files, so the stages run again there.
-    import shutil
-
     copied = tmp_path / "copied"
     shutil.copytree(run_dir, copied)
     with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp_path / "another-prefect-storage"}):
