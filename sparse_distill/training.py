@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from sparse_distill.config import DistillLoss, StudentConfig, TrainConfig, fingerprint
-from sparse_distill.data import LabelMap, atomic_write
+from sparse_distill.data import LabelMap, atomic_write, remove_temporaries
 from sparse_distill.features import iter_featurized
 from sparse_distill.soft_labels import iter_soft_labels, read_manifest
 from sparse_distill.sparse_optim import table_optimizer
@@ -360,6 +360,8 @@ class Checkpointing:
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
+        # A run killed while writing its next checkpoint left a temporary: swept too (its writer is gone).
+        remove_temporaries(self.folder)
         try:
             Path(self.folder).rmdir()
         except OSError:

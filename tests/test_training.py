@@ -874,3 +874,20 @@ def test_prefetched_keeps_order_raises_errors_and_stops_its_thread():
     assert next(stream) == 0
     stream.close()
     assert not any(t.name == "sparse-distill-prefetch" for t in threading.enumerate())
+
+
+def test_removing_a_checkpoint_sweeps_the_temporary_of_a_writer_killed_mid_write(tmp_path):
+    import os
+    import subprocess
+
+    from sparse_distill.data import TMP_SUFFIX, owner_tag
+    from sparse_distill.training import Checkpointing
+
+    folder = tmp_path / "checkpoint"
+    folder.mkdir()
+    (folder / "train_state.pt").write_bytes(b"state")
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a writer that is gone, as after SIGKILL
+    (folder / f".train_state.pt.{owner_tag().replace(str(os.getpid()), str(dead.pid))}x{TMP_SUFFIX}").write_bytes(b"")
+    Checkpointing(folder, "key", dict, lambda _: None).remove()
+    assert not folder.exists()
