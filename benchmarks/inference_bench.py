@@ -140,7 +140,7 @@ def breakdown(predictor, texts: list[str], batch: int, bandwidth: float) -> dict
     with torch.inference_mode():
         gather = best_of(lambda: [model.embedding(i, o) for i, o in feats])
         pooled = [model.embedding(i, o).float() for i, o in feats]
-        dense = best_of(lambda: [model.fc2(torch.relu(model.fc1(p))) for p in pooled])
+        dense = best_of(lambda: [model.head(p) for p in pooled])
     total = best_of(lambda: predictor.predict_logits(texts, batch_size=batch))
     ids = sum(len(i) for i, _ in feats)
     row_bytes = {"float32": 4, "float16": 2, "int8": 1}[model.config.table_dtype] * model.config.dim

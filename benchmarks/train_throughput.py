@@ -73,7 +73,8 @@ def warm_up(vocab: NgramVocab, texts: list[str], targets: np.ndarray, optimizer:
     from sparse_distill.config import StudentConfig, TrainConfig
     from sparse_distill.training import InMemoryBatches, student_from_config, train_student
 
-    model = student_from_config(len(vocab), NUM_CLASSES, StudentConfig(dim=4, hidden=4, pooling=PAPER_POOLING))
+    student = StudentConfig(dim=4, hidden=4, pooling=PAPER_POOLING, members=1)
+    model = student_from_config(len(vocab), NUM_CLASSES, student)
     cfg = TrainConfig(
         max_steps=1, patience=None, table_optimizer=optimizer, device=device, checkpoint_every_minutes=None
     )
@@ -106,7 +107,7 @@ def child_dan(
     runs = []
     for run_passes in (passes, 2 * passes):
         torch.manual_seed(13)
-        model = student_from_config(len(vocab), NUM_CLASSES, StudentConfig(dim=dim, pooling=PAPER_POOLING))
+        model = student_from_config(len(vocab), NUM_CLASSES, StudentConfig(dim=dim, pooling=PAPER_POOLING, members=1))
         steps = run_passes * math.ceil(len(texts) / batch_size)
         cfg = TrainConfig(
             batch_size=batch_size,
@@ -201,7 +202,7 @@ def child_tta_dan(
     d = json.loads((work / "tta.json").read_text())
     vocab = NgramVocab.load(work / "vocab")
     torch.manual_seed(13)
-    model = student_from_config(len(vocab), NUM_CLASSES, StudentConfig(dim=dim, pooling=PAPER_POOLING))
+    model = student_from_config(len(vocab), NUM_CLASSES, StudentConfig(dim=dim, pooling=PAPER_POOLING, members=1))
     per_epoch = math.ceil(len(d["train_texts"]) / batch_size)
     cfg = TrainConfig(
         batch_size=batch_size,

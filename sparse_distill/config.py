@@ -196,6 +196,19 @@ class StudentConfig(_Strict):
     layers: int = Field(1, ge=1, le=8, description="Dense hidden layers after pooling (the paper's DAN has 1).")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the pooled vector.")
     init_std: float = Field(0.1, gt=0, description="Std of the normal init of the embedding table.")
+    members: int = Field(
+        3,
+        ge=1,
+        description="Independent DANs in one student, trained one after another with their own seeds; each pools "
+        "dim // members columns of the table through its own dense layers, and the student predicts the mean of "
+        "their probabilities: an ensemble for the memory and speed of one table.",
+    )
+
+    @model_validator(mode="after")
+    def _members_fit_dim(self) -> StudentConfig:
+        if self.members > self.dim:
+            raise ValueError(f"student.members ({self.members}) is more than student.dim ({self.dim}) columns")
+        return self
 
 
 # The distillation losses `TrainConfig.loss` names (the pipeline and the training loop take the same names).

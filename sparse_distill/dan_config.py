@@ -30,6 +30,9 @@ class DanConfig:
     init_std: float = 0.1
     # How the n-gram table is stored: training always uses float32; `quantize_student` writes the smaller forms.
     table_dtype: Literal["float32", "float16", "int8"] = "float32"
+    # Independent DANs in one model: each pools its own dim / members columns of the table and has its own dense
+    # layers; the output is the mean of their probabilities (an ensemble at the cost of one table).
+    members: int = 1
 
 
 def read_dan_config(model_dir: str | Path) -> DanConfig:

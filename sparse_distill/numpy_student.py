@@ -61,12 +61,22 @@ class NumpyDanStudent:
         return pooled
 
     def head(self, pooled: np.ndarray) -> np.ndarray:
-        """The dense layers: pooled vectors to logits."""
-        hidden = pooled
-        for weight, bias in self.dense[:-1]:
-            hidden = np.maximum(hidden @ weight.T + bias, 0)
-        weight, bias = self.dense[-1]
-        return hidden @ weight.T + bias
+        """The dense layers: pooled vectors to logits. Several members (weights `[members, out, in]`) each read their
+        share of the columns; the result is the log of the mean of their probabilities, as `DanStudent.head`."""
+        k = self.config.members
+        # [members, n, dim / members]: member k reads its own block of columns.
+        hidden = pooled[None] if k == 1 else pooled.reshape(len(pooled), k, -1).transpose(1, 0, 2)
+        for i, (weight, bias) in enumerate(self.dense):
+            weight, bias = (weight[None], bias[None]) if k == 1 else (weight, bias)
+            hidden = hidden @ weight.transpose(0, 2, 1) + bias[:, None, :]
+            if i < len(self.dense) - 1:
+                hidden = np.maximum(hidden, 0)
+        if k == 1:
+            return hidden[0]
+        shifted = hidden - hidden.max(axis=-1, keepdims=True)
+        log_probs = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+        top = log_probs.max(axis=0)
+        return top + np.log(np.exp(log_probs - top).mean(axis=0))
 
     def __call__(self, ids: np.ndarray, offsets: np.ndarray) -> np.ndarray:
         """Logits for a batch of bags: `ids` flat row ids, `offsets` each bag's start (int64 arrays)."""

@@ -134,7 +134,7 @@ def data_fingerprint(data: DataConfig, splits: tuple[str, ...] = ("train", "dev"
 
 # Fields added after runs were cached, with their default: left out of the key at that default, so the old runs stay
 # valid (they were trained with exactly that behaviour).
-_ADDED_STUDENT_FIELDS = {"layers": 1}
+_ADDED_STUDENT_FIELDS = {"layers": 1, "members": 1}
 
 
 def _rows(path: str, limit: int | None) -> int | None:
@@ -655,6 +655,11 @@ def run_choices(cfg: PipelineConfig, run_dir: str | Path) -> dict[str, str]:
             subwords = Subwords(cfg.vocab.subword_min, cfg.vocab.subword_max, buckets)
             why += f", plus {subwords.describe()} (vocab.subword_buckets)"
         out["table"] = f"|V| = {size + buckets:,}: {why}; d = {cfg.student.dim} (student.dim)"
+        if (k := cfg.student.members) > 1:
+            out["table"] += (
+                f", shared by {k} members of {cfg.student.dim // k} columns each (student.members): {k} DANs trained "
+                "one after another with their own seeds, predicting the mean of their probabilities"
+            )
     # An in-domain corpus is the lever the quality benchmark found (README, sst2-corpus): say so where there is none.
     if not cfg.data.corpus:
         out["corpus"] = (
@@ -678,6 +683,10 @@ def run_choices(cfg: PipelineConfig, run_dir: str | Path) -> dict[str, str]:
             stop = f", stopped early, best at step {record['best_step']}" if b["early_stopped"] else ""
             budget = Budget(b["steps"], b["eval_every"], b["epochs"], b["reason"])
             out[f"budget_{stage}"] = f"{name}: {budget.describe(stop)}"
+            if members := record.get("members"):
+                alone = ", ".join(f"{m['dev_accuracy']:.3f}" for m in members)
+                together = record["dev_accuracy"]
+                out[f"budget_{stage}"] += f"; per member (dev accuracy alone {alone}, together {together:.3f})"
     return out
 
 

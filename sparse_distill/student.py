@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -121,8 +122,25 @@ class _TableBag(torch.autograd.Function):
         return table_grad, None, None, None, None, None, None
 
 
+class MemberLinear(nn.Module):
+    """`members` independent linear layers applied at once: input `[members, n, in]`, output `[members, n, out]`
+    (one batched matmul). Each member's weights are initialised as `nn.Linear`'s."""
+
+    def __init__(self, members: int, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(members, out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(members, out_features))
+        bound = 1 / in_features**0.5  # nn.Linear's default: uniform within 1/sqrt(fan_in), weights and bias alike
+        nn.init.uniform_(self.weight, -bound, bound)
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight.transpose(1, 2))
+
+
 class DanStudent(nn.Module):
-    """Deep Averaging Network: pooled n-gram embeddings, then two dense layers."""
+    """Deep Averaging Network: pooled n-gram embeddings, then two dense layers. With `config.members` > 1, that many
+    DANs side by side, each on its own share of the table's columns, averaged (see `head`)."""
 
     def __init__(self, config: DanConfig, *, init_table: bool = True) -> None:
         """`init_table=False`: the table is left uninitialised, for a model about to receive loaded weights (on the
@@ -130,6 +148,8 @@ class DanStudent(nn.Module):
         super().__init__()
         if config.layers < 1:
             raise ValueError(f"layers must be >= 1, got {config.layers}")
+        if config.members < 1 or config.dim % config.members:
+            raise ValueError(f"dim {config.dim} does not split into {config.members} equal members")
         self.config = config
         # sparse=True: the backward pass yields gradients for the looked-up rows only, which SparseAdam consumes.
         # EmbeddingBag has no sparse max mode: max pooling gathers rows sparsely and reduces them itself.
@@ -147,10 +167,13 @@ class DanStudent(nn.Module):
             if init_table:
                 nn.init.normal_(self.embedding.weight, std=config.init_std)
         self.dropout = nn.Dropout(config.dropout)
-        self.fc1 = nn.Linear(config.dim, config.hidden)
+        # One member keeps plain Linear layers (and the keys and shapes of every student saved before members).
+        k = config.members
+        linear = (lambda i, o: nn.Linear(i, o)) if k == 1 else (lambda i, o: MemberLinear(k, i, o))
+        self.fc1 = linear(config.dim // k, config.hidden)
         # Extra hidden layers (for the depth ablation) sit between fc1 and fc2, so one-layer students keep their keys.
-        self.extra = nn.ModuleList(nn.Linear(config.hidden, config.hidden) for _ in range(config.layers - 1))
-        self.fc2 = nn.Linear(config.hidden, config.num_classes)
+        self.extra = nn.ModuleList(linear(config.hidden, config.hidden) for _ in range(config.layers - 1))
+        self.fc2 = linear(config.hidden, config.num_classes)
         # Training on a CPU: the table's gradient from the compiled kernel (see `_TableBag`); False: EmbeddingBag's.
         self.fused_table_grad = True
         # The kernel's table-long row numbering, all -1 between steps (made on first use; not part of the state).
@@ -220,11 +243,28 @@ class DanStudent(nn.Module):
         return self.head(pooled)
 
     def head(self, pooled: torch.Tensor) -> torch.Tensor:
-        """The dense layers: pooled vectors to logits (training runs them in bf16 autocast on a GPU)."""
-        hidden = torch.relu(self.fc1(self.dropout(pooled)))
+        """The dense layers: pooled vectors to logits. With several members, the log of the mean of their
+        probabilities (a softmax of it gives the ensemble's distribution)."""
+        logits = self.member_logits(pooled)
+        if self.config.members == 1:
+            return logits[:, 0]
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        return torch.logsumexp(log_probs, dim=1) - math.log(self.config.members)
+
+    def member_logits(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Each member's logits, `[n, members, classes]`: what training fits, member by member (training runs them
+        in bf16 autocast on a GPU). Member k reads columns `[k * dim / members, (k + 1) * dim / members)`."""
+        x = self.dropout(pooled)
+        k = self.config.members
+        if k == 1:
+            hidden = torch.relu(self.fc1(x))
+            for layer in self.extra:
+                hidden = torch.relu(layer(hidden))
+            return self.fc2(hidden).unsqueeze(1)
+        hidden = torch.relu(self.fc1(x.reshape(len(x), k, -1).transpose(0, 1)))
         for layer in self.extra:
             hidden = torch.relu(layer(hidden))
-        return self.fc2(hidden)
+        return self.fc2(hidden).transpose(0, 1)
 
     def table_rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows of the n-gram table as float32 (an int8 table dequantised row by row), shape (len(ids), dim)."""
@@ -315,6 +355,42 @@ def quantize_student(model_dir: str | Path, out_dir: str | Path, table_dtype: st
     out.load_state_dict(state, assign=True)
     logger.info("%s: table stored as %s -> %s", model_dir, table_dtype, out_dir)
     return save_student(out.eval(), label_map, model_dir, out_dir)
+
+
+def merge_members(models: list[DanStudent]) -> DanStudent:
+    """One student of `len(models)` members from single-member students of one shape (trained apart, e.g. with
+    their own seeds): their tables side by side as one table's columns, their dense layers stacked. It predicts the
+    mean of their probabilities, and costs one table of their summed width to store and to gather."""
+    first = models[0].config
+    if any(m.config != first for m in models) or first.members != 1 or first.table_dtype != "float32":
+        raise ValueError("members must be float32 single-member students of one shape")
+    config = DanConfig(**{**asdict(first), "dim": first.dim * len(models), "members": len(models)})
+    with torch.device("meta"):
+        merged = DanStudent(config, init_table=False)
+    states = [m.state_dict() for m in models]
+    state = {"embedding.weight": torch.cat([s["embedding.weight"] for s in states], dim=1)}
+    for key in states[0]:
+        if key != "embedding.weight":
+            state[key] = torch.stack([s[key] for s in states])
+    merged.load_state_dict(state, assign=True)
+    return merged.train(models[0].training)
+
+
+def split_member(model: DanStudent, index: int) -> DanStudent:
+    """Member `index` of a student of several members, as a single-member student (the inverse of
+    `merge_members`)."""
+    k = model.config.members
+    if not 0 <= index < k or model.config.table_dtype != "float32":
+        raise ValueError(f"member {index} of a {model.config.table_dtype} student of {k}: not a float32 member")
+    width = model.config.dim // k
+    config = DanConfig(**{**asdict(model.config), "dim": width, "members": 1})
+    with torch.device("meta"):
+        single = DanStudent(config, init_table=False)
+    state = model.state_dict()
+    one = {"embedding.weight": state["embedding.weight"][:, index * width : (index + 1) * width].clone()}
+    one.update({key: value[index].clone() for key, value in state.items() if key != "embedding.weight"})
+    single.load_state_dict(one, assign=True)
+    return single
 
 
 def init_table_from_vectors(model: DanStudent, vectors: np.ndarray) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import json
 import logging
 import math
 import queue
@@ -18,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -27,11 +28,11 @@ import torch
 import torch.nn.functional as F
 
 from sparse_distill.config import DistillLoss, StudentConfig, TrainConfig, fingerprint
-from sparse_distill.data import LabelMap, atomic_write, remove_temporaries
+from sparse_distill.data import LabelMap, atomic_write, atomic_write_text, remove_temporaries
 from sparse_distill.features import iter_featurized
 from sparse_distill.soft_labels import iter_soft_labels, read_manifest
 from sparse_distill.sparse_optim import table_optimizer
-from sparse_distill.student import DanConfig, DanStudent, load_student, save_student
+from sparse_distill.student import DanConfig, DanStudent, load_student, merge_members, save_student, split_member
 from sparse_distill.vocab import NgramVocab
 
 if TYPE_CHECKING:
@@ -718,6 +719,8 @@ def train_student(
     only). With `checkpoint_dir`, resumable checkpoints go there (see `Checkpointing`; `checkpoint_key` names what is
     trained, so only the same training resumes from them).
     """
+    if model.config.members > 1:
+        raise ValueError("a student of several members trains one member at a time: train it through train_dan")
     device = resolve_device(config.device)
     with SEEDED_DRAWS:
         torch.manual_seed(config.seed)
@@ -828,7 +831,16 @@ def train_dan(
     Resumable checkpoints go to `out_dir/checkpoint/`. Their key combines `resume_key` (the caller's fingerprint of
     the stage: its data and inputs) with the training and student settings, the vocabulary, the data size and the
     starting model, so a checkpoint left by a different configuration is ignored.
+
+    A student of several members (`student.members`) is trained one member at a time (`_train_members`), each a
+    DAN of `dim / members` columns with its own seed and data order, then merged into one model.
     """
+    if student.members > 1:
+        return _train_members(
+            Path(out_dir), vocab_dir, data, dev_texts, dev_labels, label_map, student, config,
+            init_model=init_model, init=init, on_metrics=on_metrics, metric_prefix=metric_prefix,
+            resume_key=resume_key, loss=loss,
+        )  # fmt: skip
     vocab = NgramVocab.load(vocab_dir)
     if init_model:
         model, _ = load_student(init_model, mmap=False)
@@ -878,17 +890,103 @@ def train_dan(
     }
 
 
+MEMBERS_DIR = "members"
+MEMBER_RECORD = "member.json"
+
+
+def _train_members(
+    out_dir: Path,
+    vocab_dir: str | Path,
+    data: BatchSource,
+    dev_texts: list[str],
+    dev_labels: list[int],
+    label_map: LabelMap,
+    student: StudentConfig,
+    config: TrainConfig,
+    *,
+    init_model: str | Path | None,
+    init: Callable[[DanStudent], None] | None,
+    on_metrics: MetricsCallback | None,
+    metric_prefix: str,
+    resume_key: str,
+    loss: DistillLoss,
+) -> dict[str, Any]:
+    """`train_dan` for a student of several members: each trained on its own, as a single DAN of `dim / members`
+    columns with seed `config.seed + k` and its own data order (members trained together on the same batches
+    differed too little to gain as an ensemble: README, 'Members'), then merged (`merge_members`). A member that
+    finished is kept in `out_dir/members/k/` with its record, so a killed stage resumes at the next member. From
+    `init_model` (KD+FT), member k starts from that student's member k."""
+    k = student.members
+    single = student.model_copy(update={"dim": student.dim // k, "members": 1})
+    records = []
+    for m in range(k):
+        member_dir = out_dir / MEMBERS_DIR / str(m)
+        member_init = None
+        if init_model:
+            start, start_labels = load_student(init_model, mmap=False)
+            if start.config.members != k:
+                raise ValueError(f"{init_model}: a student of {start.config.members} members, not {k}")
+            member_init = save_student(split_member(start, m), start_labels, vocab_dir, member_dir / "init")
+        member_config = config.model_copy(update={"seed": config.seed + m})
+        key = fingerprint("member", resume_key, m, k)
+        record_file = member_dir / MEMBER_RECORD
+        done = json.loads(record_file.read_text()) if record_file.exists() else None
+        if done is None or done.get("key") != key:
+            logger.info("member %d of %d: training", m + 1, k)
+            done = train_dan(
+                member_dir, vocab_dir, _reseeded(data, m), dev_texts, dev_labels, label_map, single, member_config,
+                init_model=member_init, init=init, on_metrics=on_metrics, metric_prefix=f"{metric_prefix}member{m}_",
+                resume_key=f"{resume_key}:member{m}", loss=loss,
+            )  # fmt: skip
+            atomic_write_text(record_file, json.dumps({**done, "key": key}))
+        else:
+            logger.info("member %d of %d: done already (%s)", m + 1, k, member_dir)
+        records.append(done)
+    merged = merge_members([load_student(r["model_dir"], mmap=False)[0] for r in records])
+    model_dir = out_dir / "model"
+    save_student(merged, label_map, vocab_dir, model_dir)
+    dev_ids, dev_offsets = to_tensors(NgramVocab.load(vocab_dir), dev_texts)
+    dev_accuracy = accuracy(merged, dev_ids, dev_offsets, np.asarray(dev_labels))
+    logger.info(
+        "%d members: dev accuracy %.4f together (%s alone)",
+        k, dev_accuracy, ", ".join(f"{r['dev_accuracy']:.4f}" for r in records),
+    )  # fmt: skip
+    return {
+        "model_dir": str(model_dir),
+        "dev_accuracy": dev_accuracy,
+        # The first member's step counts and budget (each member has the same budget); every member's below.
+        "best_step": records[0]["best_step"],
+        "steps": records[0]["steps"],
+        "seconds": round(sum(r["seconds"] for r in records), 3),
+        "params": merged.param_counts(),
+        "budget": records[0]["budget"],
+        "members": [
+            {key: r[key] for key in ("dev_accuracy", "best_step", "steps", "seconds", "model_dir")} for r in records
+        ],
+    }
+
+
+def _reseeded(data: BatchSource, member: int) -> BatchSource:
+    """The same documents in member `member`'s own order: a batch source whose epochs are seeded by `seed + epoch`
+    gets its seed moved by 1000 per member (past any epoch count), so no member replays another's order."""
+    if member == 0 or not is_dataclass(data) or not hasattr(data, "seed"):
+        return data
+    return replace(data, seed=data.seed + 1000 * member)
+
+
 def student_from_config(vocab_size: int, num_classes: int, student_cfg: StudentConfig) -> DanStudent:
     """A fresh DAN from the student section of the config."""
     return DanStudent(
         DanConfig(
             vocab_size=vocab_size,
             num_classes=num_classes,
-            dim=student_cfg.dim,
+            # Each member gets dim // members columns.
+            dim=student_cfg.dim // student_cfg.members * student_cfg.members,
             hidden=student_cfg.hidden,
             pooling=student_cfg.pooling,
             layers=student_cfg.layers,
             dropout=student_cfg.dropout,
             init_std=student_cfg.init_std,
+            members=student_cfg.members,
         )
     )

@@ -36,7 +36,7 @@ def model_dir(tmp_path: Path) -> Path:
 def sentiment_dir(tmp_path: Path) -> Path:
     """A student that says pos iff the text has more `great` than `dull` (sum pooling, weights set by hand)."""
     vocab = build_vocab(["great dull film"], 10, 1)
-    model = student_from_config(len(vocab), 2, StudentConfig(dim=2, hidden=2, pooling="sum"))
+    model = student_from_config(len(vocab), 2, StudentConfig(dim=2, hidden=2, pooling="sum", members=1))
     great, dull = (int(i) for i in vocab.lookup(["great", "dull"]))
     with torch.no_grad():
         model.embedding.weight.zero_()

@@ -26,11 +26,12 @@ TEXTS = ["", "a great film", "zzz qqq", "the film was great and great fun", "", 
 UNICODE = ["Ça VA très BIEN, naïve café", "İstanbul straße ΣΟΦΙΑ ǅemal", "x_y 12 __ 3a a", "emoji 😀 ok ok", ""]
 
 
-def _student(tmp_path: Path, pooling: str = "mean", layers: int = 1) -> Path:
+def _student(tmp_path: Path, pooling: str = "mean", layers: int = 1, members: int = 1) -> Path:
     vocab = build_vocab(TRAIN, 100, 3)
     vocab.save(tmp_path / "vocab")
     torch.manual_seed(0)
-    model = student_from_config(len(vocab), 3, StudentConfig(dim=6, hidden=5, pooling=pooling, layers=layers))
+    config = StudentConfig(dim=6, hidden=5, pooling=pooling, layers=layers, members=members)
+    model = student_from_config(len(vocab), 3, config)
     return save_student(model, LabelMap.from_values(["a", "b", "c"]), tmp_path / "vocab", tmp_path / "model")
 
 
@@ -40,9 +41,12 @@ def _logits_both(model_dir: Path, texts: list[str]) -> tuple[np.ndarray, np.ndar
     return torch_predictor.predict_logits(texts), numpy_predictor.predict_logits(texts)
 
 
-@pytest.mark.parametrize(("pooling", "layers"), [("mean", 1), ("sum", 1), ("max", 1), ("sum", 3)])
-def test_numpy_student_gives_the_torch_logits(tmp_path, pooling, layers):
-    expected, got = _logits_both(_student(tmp_path, pooling, layers), TEXTS)
+@pytest.mark.parametrize(
+    ("pooling", "layers", "members"),
+    [("mean", 1, 1), ("sum", 1, 1), ("max", 1, 1), ("sum", 3, 1), ("sum", 1, 3), ("mean", 2, 2)],
+)
+def test_numpy_student_gives_the_torch_logits(tmp_path, pooling, layers, members):
+    expected, got = _logits_both(_student(tmp_path, pooling, layers, members), TEXTS)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
     # the empty documents are predicted from the biases alone, the same for all of them
     np.testing.assert_allclose(got[0], got[4])
@@ -57,8 +61,9 @@ def test_numpy_student_reads_quantised_tables(tmp_path, table_dtype):
     np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-3)
 
 
-def test_numpy_student_counts_parameters_as_torch_does(tmp_path):
-    model_dir = _student(tmp_path, layers=2)
+@pytest.mark.parametrize("members", [1, 2])
+def test_numpy_student_counts_parameters_as_torch_does(tmp_path, members):
+    model_dir = _student(tmp_path, layers=2, members=members)
     assert load_numpy_student(model_dir)[0].param_counts() == load_student(model_dir)[0].param_counts()
 
 

@@ -119,10 +119,10 @@ def test_threads_give_the_same_predictions_and_bad_settings_are_refused(tmp_path
 def test_extra_dense_layers_save_load_and_one_layer_keeps_its_keys(tmp_path):
     vocab = build_vocab(TEXTS, 50, 3)
     vocab.save(tmp_path / "vocab")
-    one = student_from_config(len(vocab), 2, StudentConfig(dim=8, hidden=6))
+    one = student_from_config(len(vocab), 2, StudentConfig(dim=8, hidden=6, members=1))
     assert not any(k.startswith("extra.") for k in one.state_dict())
     torch.manual_seed(0)
-    three = student_from_config(len(vocab), 2, StudentConfig(dim=8, hidden=6, layers=3))
+    three = student_from_config(len(vocab), 2, StudentConfig(dim=8, hidden=6, layers=3, members=1))
     assert three.param_counts()["dense"] == one.param_counts()["dense"] + 2 * (6 * 6 + 6)
     label_map = LabelMap.from_values(["neg", "pos"])
     before = StudentPredictor(three, vocab, label_map).predict_proba(TEXTS)
@@ -132,6 +132,35 @@ def test_extra_dense_layers_save_load_and_one_layer_keeps_its_keys(tmp_path):
     np.testing.assert_array_equal(loaded.predict_proba(TEXTS), before)
 
 
+def test_members_are_independent_dans_on_their_own_columns_averaged_in_probability(tmp_path):
+    vocab = build_vocab(TEXTS, 50, 3)
+    vocab.save(tmp_path / "vocab")
+    torch.manual_seed(0)
+    model = student_from_config(len(vocab), 3, StudentConfig(dim=8, hidden=6, members=2)).eval()
+    ids, offsets = torch.tensor([1, 2, 3, 4, 2]), torch.tensor([0, 3])
+    with torch.no_grad():
+        pooled = model.pool(ids, offsets)
+        members = model.member_logits(pooled)
+        # Member 1 by hand: columns 4-7 of the pooled vector through its own two layers.
+        by_hand = torch.relu(pooled[:, 4:] @ model.fc1.weight[1].T + model.fc1.bias[1]) @ model.fc2.weight[1].T
+        np.testing.assert_allclose(members[:, 1], by_hand + model.fc2.bias[1], rtol=1e-5, atol=1e-6)
+        # The student predicts the mean of its members' probabilities.
+        np.testing.assert_allclose(
+            torch.softmax(model(ids, offsets), -1), torch.softmax(members, -1).mean(1), rtol=1e-5, atol=1e-6
+        )
+    # One member keeps the plain layers (and the keys of students saved before members); members save and load.
+    one = student_from_config(len(vocab), 3, StudentConfig(dim=8, hidden=6, members=1))
+    assert one.state_dict()["fc1.weight"].shape == (6, 8)
+    assert model.state_dict()["fc1.weight"].shape == (2, 6, 4)
+    assert model.param_counts()["dense"] == 2 * (4 * 6 + 6 + 6 * 3 + 3)
+    label_map = LabelMap.from_values(["neg", "neutral", "pos"])
+    before = StudentPredictor(model, vocab, label_map).predict_proba(TEXTS)
+    save_student(model, label_map, tmp_path / "vocab", tmp_path / "model")
+    np.testing.assert_array_equal(StudentPredictor.load(tmp_path / "model").predict_proba(TEXTS), before)
+    with pytest.raises(ValueError, match="more than student.dim"):
+        StudentConfig(dim=2, members=3)
+
+
 def test_table_initialised_from_wider_vectors_keeps_their_leading_structure():
     from sparse_distill.student import init_table_from_vectors
 
@@ -139,7 +168,7 @@ def test_table_initialised_from_wider_vectors_keeps_their_leading_structure():
     # 200 rows in 32 dims whose variance lies mostly in 4 directions: PCA to d = 4 keeps them.
     basis = rng.normal(size=(4, 32))
     vectors = rng.normal(size=(200, 4)) * [5, 4, 3, 2] @ basis + 0.01 * rng.normal(size=(200, 32))
-    model = student_from_config(200, 2, StudentConfig(dim=4, hidden=6, init_std=0.1))
+    model = student_from_config(200, 2, StudentConfig(dim=4, hidden=6, init_std=0.1, members=1))
     init_table_from_vectors(model, vectors.astype(np.float32))
     table = model.embedding.weight.detach().numpy()
     np.testing.assert_allclose(table.std(0, ddof=1), 0.1, rtol=1e-3)
@@ -149,15 +178,15 @@ def test_table_initialised_from_wider_vectors_keeps_their_leading_structure():
     explained = 1 - ((orig - table @ coef) ** 2).sum() / (orig**2).sum()
     assert explained > 0.99
     with pytest.raises(ValueError, match="vectors for a table"):
-        init_table_from_vectors(student_from_config(100, 2, StudentConfig(dim=4)), vectors)
+        init_table_from_vectors(student_from_config(100, 2, StudentConfig(dim=4, members=1)), vectors)
     # Fewer vectors than rows (subword buckets after the n-grams): the first rows are set, the rest keep their init.
-    wider = student_from_config(250, 2, StudentConfig(dim=4, hidden=6, init_std=0.1))
+    wider = student_from_config(250, 2, StudentConfig(dim=4, hidden=6, init_std=0.1, members=1))
     tail = wider.embedding.weight.detach()[200:].clone()
     init_table_from_vectors(wider, vectors.astype(np.float32))
     np.testing.assert_allclose(wider.embedding.weight.detach()[:200].numpy(), table, rtol=1e-5, atol=1e-6)
     assert torch.equal(wider.embedding.weight.detach()[200:], tail)
     with pytest.raises(ValueError, match="fewer than"):
-        init_table_from_vectors(student_from_config(200, 2, StudentConfig(dim=64)), vectors)
+        init_table_from_vectors(student_from_config(200, 2, StudentConfig(dim=64, members=1)), vectors)
 
 
 @pytest.mark.parametrize("pooling", ["sum", "mean"])

@@ -3,6 +3,7 @@ the learning-rate schedule, the training loop (early stopping, best checkpoint, 
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 
 from sparse_distill.config import PipelineConfig, StudentConfig, TrainConfig
 from sparse_distill.data import LabelMap
-from sparse_distill.student import load_student
+from sparse_distill.student import load_student, split_member
 from sparse_distill.training import (
     AUTO_DOCS_SEEN,
     AUTO_EVALS,
@@ -71,7 +72,7 @@ def test_logit_mse_loss_is_zero_at_the_teachers_logits_whatever_their_offset_and
 
 def test_sparse_adam_updates_only_rows_in_the_batch():
     torch.manual_seed(0)
-    model = student_from_config(50, 2, StudentConfig(dim=8, hidden=32))
+    model = student_from_config(50, 2, StudentConfig(dim=8, hidden=32, members=1))
     before = model.embedding.weight.detach().clone()
     dense_before = model.fc1.weight.detach().clone()
     optimizers = make_optimizers(model, lr=0.1)
@@ -90,7 +91,7 @@ def test_sparse_adam_updates_only_rows_in_the_batch():
 
 
 def test_param_counts():
-    model = student_from_config(1000, 3, StudentConfig(dim=10, hidden=5))
+    model = student_from_config(1000, 3, StudentConfig(dim=10, hidden=5, members=1))
     counts = model.param_counts()
     assert counts == {"sparse": 10_000, "dense": 10 * 5 + 5 + 5 * 3 + 3, "total": 10_000 + 73}
 
@@ -99,7 +100,7 @@ def test_training_learns_a_bag_of_words_task():
     texts = ["good fine great"] * 20 + ["bad awful poor"] * 20
     labels = [1] * 20 + [0] * 20
     vocab = build_vocab(texts, 100, 2)
-    model = student_from_config(len(vocab), 2, StudentConfig(dim=8, hidden=8, pooling="max"))
+    model = student_from_config(len(vocab), 2, StudentConfig(dim=8, hidden=8, pooling="max", members=1))
     saved = []
     res = train_student(
         model,
@@ -374,7 +375,7 @@ def test_fit_keeps_the_starting_model_when_training_only_makes_it_worse(evaluate
 @pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
 def test_fit_sets_each_group_lr_by_the_schedule_and_table_lr_reaches_sparse_adam(schedule):
     torch.manual_seed(0)
-    model = student_from_config(30, 2, StudentConfig(dim=4, hidden=4))
+    model = student_from_config(30, 2, StudentConfig(dim=4, hidden=4, members=1))
     optimizers = make_optimizers(model, lr=0.01, table_lr=0.5)
     assert optimizers[0].param_groups[0]["lr"] == 0.5 and optimizers[1].param_groups[0]["lr"] == 0.01
     seen = []
@@ -394,7 +395,7 @@ def test_fit_sets_each_group_lr_by_the_schedule_and_table_lr_reaches_sparse_adam
 
 
 def test_make_optimizers_table_lr_defaults_to_lr():
-    model = student_from_config(30, 2, StudentConfig(dim=4, hidden=4))
+    model = student_from_config(30, 2, StudentConfig(dim=4, hidden=4, members=1))
     sparse, dense = make_optimizers(model, lr=0.02)
     assert sparse.param_groups[0]["lr"] == 0.02 and dense.param_groups[0]["lr"] == 0.02
 
@@ -412,7 +413,7 @@ def test_train_student_passes_table_lr_to_the_optimizers(monkeypatch):
     monkeypatch.setattr(training, "make_optimizers", spy)
     texts, labels = ["good fine", "bad awful"] * 4, [1, 0] * 4
     vocab = build_vocab(texts, 50, 1)
-    model = student_from_config(len(vocab), 2, StudentConfig(dim=4, hidden=4))
+    model = student_from_config(len(vocab), 2, StudentConfig(dim=4, hidden=4, members=1))
     cfg = TrainConfig(lr=0.003, table_lr=0.3, batch_size=4, max_steps=2, table_optimizer="rowwise_adagrad")
     train_student(model, vocab, InMemoryBatches.from_labels(texts, labels, 2), texts, labels, cfg, lambda m: None)
     assert calls == [(0.003, 0.3, "rowwise_adagrad")]
@@ -442,7 +443,14 @@ def test_train_dan_writes_a_loadable_student_and_its_record(tmp_path):
     data = InMemoryBatches.from_labels(texts, labels, 2)
     cfg = TrainConfig(lr=0.05, batch_size=8, max_steps=40, eval_every=10)
     rec = train_dan(
-        tmp_path / "kd", vocab_dir, data, texts[:20], labels[:20], label_map, StudentConfig(dim=8, hidden=8), cfg
+        tmp_path / "kd",
+        vocab_dir,
+        data,
+        texts[:20],
+        labels[:20],
+        label_map,
+        StudentConfig(dim=8, hidden=8, members=1),
+        cfg,
     )
     assert set(rec) >= {"model_dir", "dev_accuracy", "best_step", "steps", "seconds", "params", "budget"}
     assert rec["model_dir"] == str(tmp_path / "kd" / "model")
@@ -455,6 +463,63 @@ def test_train_dan_writes_a_loadable_student_and_its_record(tmp_path):
     assert accuracy(model, *to_tensors(vocab, texts[:20]), np.asarray(labels[:20])) == 1.0
 
 
+def test_members_train_one_at_a_time_with_their_own_seeds_and_a_killed_stage_resumes_at_the_next(tmp_path, caplog):
+    texts, labels, vocab_dir = _easy_task(tmp_path)
+    label_map = LabelMap(("neg", "pos"))
+    cfg = TrainConfig(lr=0.05, batch_size=8, max_steps=30, eval_every=10, checkpoint_every_minutes=None)
+
+    def run(out, student, train_cfg=cfg, init_model=None):
+        data = InMemoryBatches.from_labels(texts, labels, 2)
+        return train_dan(
+            out, vocab_dir, data, texts[:20], labels[:20], label_map, student, train_cfg, init_model=init_model
+        )
+
+    rec = run(tmp_path / "kd", StudentConfig(dim=9, hidden=8, members=2))
+    model, _ = load_student(rec["model_dir"], mmap=False)
+    # dim 9 in 2 members: 4 columns each.
+    assert model.config.members == 2 and model.config.dim == 8 and len(rec["members"]) == 2
+    assert rec["dev_accuracy"] == 1.0 and rec["params"] == model.param_counts()
+    # Member k is the single DAN of dim // members columns trained with seed + k and its own data order.
+    for k in range(2):
+        alone = run(
+            tmp_path / f"alone{k}", StudentConfig(dim=4, hidden=8, members=1), cfg.model_copy(update={"seed": 13 + k})
+        )
+        assert alone["dev_accuracy"] == rec["members"][k]["dev_accuracy"]
+        if k == 0:
+            expected = load_student(alone["model_dir"], mmap=False)[0].state_dict()
+            got = split_member(model, 0).state_dict()
+            assert all(torch.equal(expected[n], got[n]) for n in expected)
+    first, second = (split_member(model, k).embedding.weight for k in range(2))
+    assert not torch.allclose(first, second)
+    # Each member classifies on its own: each fitted the targets, not only their average.
+    ids, offsets = to_tensors(NgramVocab.load(rec["model_dir"]), texts[:20])
+    with torch.no_grad():
+        each = model.member_logits(model.pool(ids, offsets)).argmax(-1).numpy()
+    assert (each == np.asarray(labels[:20])[:, None]).all()
+
+    # A stage killed after its first member: the finished member is kept, only the second trains again.
+    (tmp_path / "kd" / "members" / "1" / "member.json").unlink()
+    caplog.set_level(logging.INFO, logger="sparse_distill.training")
+    again = run(tmp_path / "kd", StudentConfig(dim=9, hidden=8, members=2))
+    assert "member 1 of 2: done already" in caplog.text and "member 2 of 2: training" in caplog.text
+    assert again["dev_accuracy"] == rec["dev_accuracy"]
+
+    # Fine-tuning a student of members starts each member from its own member.
+    ft = run(tmp_path / "kdft", StudentConfig(dim=9, hidden=8, members=2), init_model=rec["model_dir"])
+    assert load_student(ft["model_dir"])[0].config.members == 2 and ft["dev_accuracy"] == 1.0
+    start = split_member(model, 1).state_dict()
+    assert all(
+        torch.equal(start[n], v)
+        for n, v in load_student(tmp_path / "kdft" / "members" / "1" / "init")[0].state_dict().items()
+    )
+
+
+def test_a_student_of_members_is_not_trained_as_one_model():
+    model = student_from_config(10, 2, StudentConfig(dim=4, hidden=4, members=2))
+    with pytest.raises(ValueError, match="one member at a time"):
+        train_student(model, None, None, [], [], TrainConfig(), lambda m: None)
+
+
 def test_train_dan_from_init_model_keeps_it_unless_dev_improves(tmp_path):
     texts, labels, vocab_dir = _easy_task(tmp_path)
     label_map = LabelMap(("neg", "pos"))
@@ -465,7 +530,7 @@ def test_train_dan_from_init_model_keeps_it_unless_dev_improves(tmp_path):
         texts,
         labels,
         label_map,
-        StudentConfig(dim=8, hidden=8),
+        StudentConfig(dim=8, hidden=8, members=1),
         TrainConfig(lr=0.05, batch_size=8, max_steps=80, patience=None),
     )
     assert good["dev_accuracy"] == 1.0
@@ -481,7 +546,7 @@ def test_train_dan_from_init_model_keeps_it_unless_dev_improves(tmp_path):
         texts,
         labels,
         label_map,
-        StudentConfig(dim=4, hidden=4),
+        StudentConfig(dim=4, hidden=4, members=1),
         cfg,
         init_model=good["model_dir"],
     )
@@ -497,7 +562,7 @@ def test_default_fine_tuning_undoes_what_a_wrong_teacher_taught(tmp_path):
     # 2e-4 everywhere could not: measured on a 4-class task whose teacher was below the DAN from scratch).
     texts, labels, vocab_dir = _easy_task(tmp_path)
     label_map = LabelMap(("neg", "pos"))
-    student = StudentConfig(dim=8, hidden=8)
+    student = StudentConfig(dim=8, hidden=8, members=1)
     wrong = train_dan(
         tmp_path / "kd",
         vocab_dir,
@@ -574,7 +639,7 @@ cfg = TrainConfig(
 )
 data = Slow.from_labels(texts, labels, 2, seed=3)
 rec = train_dan(out_dir, vocab_dir, data, texts[:20], labels[:20], LabelMap(("neg", "pos")),
-                StudentConfig(dim=8, hidden=8, dropout=0.2), cfg, resume_key="stage-fp")
+                StudentConfig(dim=8, hidden=8, dropout=0.2, members=1), cfg, resume_key="stage-fp")
 print(json.dumps(rec))
 """
 
@@ -679,7 +744,7 @@ def _run(tmp_path, out, cfg, on_metrics=None, resume_key="fp", dropout=0.1):
         texts[:20],
         labels[:20],
         LabelMap(("neg", "pos")),
-        StudentConfig(dim=8, hidden=8, dropout=dropout),
+        StudentConfig(dim=8, hidden=8, dropout=dropout, members=1),
         cfg,
         on_metrics=on_metrics,
         resume_key=resume_key,
@@ -847,7 +912,7 @@ def test_a_gpu_student_learns_resumes_where_it_stopped_and_loads_on_a_cpu(tmp_pa
 def test_pool_and_head_compose_to_forward():
     torch.manual_seed(0)
     for pooling in ("mean", "max", "sum"):
-        model = student_from_config(30, 3, StudentConfig(dim=4, hidden=5, pooling=pooling)).eval()
+        model = student_from_config(30, 3, StudentConfig(dim=4, hidden=5, pooling=pooling, members=1)).eval()
         ids, offsets = torch.tensor([1, 2, 2, 9, 4]), torch.tensor([0, 3, 3])
         assert torch.equal(model(ids, offsets), model.head(model.pool(ids, offsets)))
 

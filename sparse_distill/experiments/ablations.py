@@ -24,7 +24,8 @@ def run_ablations(ctx: Context) -> list[dict[str, Any]]:
     acfg, base = ctx.config.ablations, ctx.base
     which = [w for w in ("corpus", "train") if w in base.label_dirs]
     src, src_fp = label_source(ctx, which)
-    student = base.config.student
+    # The grid varies one DAN's table (|V| x d): members, which split d, stay out of it.
+    student = base.config.student.model_copy(update={"members": 1})
     rows: list[dict[str, Any]] = []
     variants: dict[str, dict[str, Any]] = {}
 
