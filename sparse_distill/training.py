@@ -951,6 +951,9 @@ def _train_members(
         "%d members: dev accuracy %.4f together (%s alone)",
         k, dev_accuracy, ", ".join(f"{r['dev_accuracy']:.4f}" for r in records),
     )  # fmt: skip
+    if on_metrics is not None:
+        # Each member's curve is logged under its own name (`<prefix>member<k>_...`); the merged model's score once.
+        on_metrics(max(r["steps"] for r in records), {f"{metric_prefix}dev_accuracy": dev_accuracy})
     return {
         "model_dir": str(model_dir),
         "dev_accuracy": dev_accuracy,

@@ -62,6 +62,9 @@ def test_pipeline_runs_then_serves_from_cache(tiny_config, tmp_path):
     assert 0 <= summary["student_kd_accuracy"] <= 1 and summary["speedup"] > 0
     # The summary says how long the teacher trained and why (the tiny config sets its epochs).
     assert summary["choices"]["budget_teacher"].endswith("(epochs set)")
+    # The student is the default 3 members, each on 16 // 3 = 5 columns; each stage says how each member did.
+    assert "shared by 3 members of 5 columns each" in summary["choices"]["table"]
+    assert all("per member (dev accuracy alone" in summary["choices"][f"budget_{s}"] for s in ("distill", "kdft"))
     first = _task_states(state.state_details.flow_run_id)
     assert all(s == "Completed" for s in first.values()), first
 
@@ -105,7 +108,10 @@ def test_pipeline_runs_then_serves_from_cache(tiny_config, tmp_path):
             (run_dir / "students" / student).rglob("README.md")
         )
     distill_run = next(r for r in children if r.info.run_name == "distill")
-    assert len(client.get_metric_history(distill_run.info.run_id, "kd_dev_accuracy")) >= 2
+    # A learning curve per member (3 by default), and the merged student's dev accuracy.
+    for m in range(3):
+        assert len(client.get_metric_history(distill_run.info.run_id, f"kd_member{m}_dev_accuracy")) >= 2
+    assert len(client.get_metric_history(distill_run.info.run_id, "kd_dev_accuracy")) == 1
     mlflow.set_tracking_uri(tiny_config.tracking.tracking_uri)
     model = mlflow.pyfunc.load_model(summary["mlflow_model_uri"])
     out = model.predict(pd.DataFrame({"text": ["a wonderful and moving film", "dull and tedious"]}))
