@@ -88,7 +88,7 @@ class Student:
         c = self.predictor.model.config
         return (
             f"Student(source={self.source!r}, labels={self.labels!r}, ngrams={c.vocab_size:,}, dim={c.dim}, "
-            f"pooling={c.pooling!r})"
+            f"pooling={c.pooling!r}" + (f", members={c.members})" if c.members > 1 else ")")
         )
 
     @property

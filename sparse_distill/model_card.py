@@ -48,6 +48,8 @@ class ModelCard:
     config_yaml: str
     pooling: str
     table_dtype: str
+    # DANs averaged in the student, each on its share of the table's columns (`student.members`).
+    members: int = 1
     mlflow_uris: list[str] = field(default_factory=list)
 
     def to_markdown(self) -> str:
@@ -65,7 +67,12 @@ class ModelCard:
             + (f" (fingerprint `{self.teacher_fingerprint}`)" if self.teacher_fingerprint else ""),
             f"- **Size**: {size / 2**20:.1f} MiB on disk; {self.params.get('total', 0):,} parameters "
             f"({self.params.get('sparse', 0):,} in the n-gram table, {self.params.get('dense', 0):,} dense); "
-            f"{self.pooling} pooling, table stored as {self.table_dtype}",
+            f"{self.pooling} pooling, table stored as {self.table_dtype}"
+            + (
+                f"; {self.members} members (DANs on their own share of the table's columns, averaged in probability)"
+                if self.members > 1
+                else ""
+            ),
             "",
             "## Results",
             "",

@@ -125,6 +125,7 @@ def write_model_cards(
             config_yaml=config_yaml,
             pooling=shape.get("pooling", "mean"),
             table_dtype=shape.get("table_dtype", "float32"),
+            members=shape.get("members", 1),
             mlflow_uris=uris,
         )
         paths.append(write_model_card(card))

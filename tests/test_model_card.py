@@ -4,6 +4,7 @@ there, the folder's size without the card itself."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 from sparse_distill.model_card import ModelCard, ModelRow, folder_bytes, read_fasttext_row, write_model_card
 
@@ -49,6 +50,9 @@ def test_card_sections_and_fasttext_row(tmp_path):
     assert "110 parameters (100 in the n-gram table, 10 dense)" in text
     assert "# or: load_student('runs:/r1/student')" in text and "dim: 100" in text
     assert folder_bytes(model_dir) == 2048  # the card itself does not count
+    assert "members" not in text
+    three = write_model_card(replace(_card(model_dir, rows), members=3)).read_text()
+    assert "table stored as float32; 3 members (DANs on their own share of the table's columns" in three
 
 
 def test_fasttext_result_on_dev_and_unreadable(tmp_path):
