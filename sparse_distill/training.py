@@ -30,9 +30,18 @@ import torch.nn.functional as F
 from sparse_distill.config import DistillLoss, StudentConfig, TrainConfig, fingerprint
 from sparse_distill.data import LabelMap, atomic_write, atomic_write_text, remove_temporaries
 from sparse_distill.features import iter_featurized
+from sparse_distill.run_store import file_fingerprint
 from sparse_distill.soft_labels import iter_soft_labels, read_manifest
 from sparse_distill.sparse_optim import table_optimizer
-from sparse_distill.student import DanConfig, DanStudent, load_student, merge_members, save_student, split_member
+from sparse_distill.student import (
+    STUDENT_WEIGHTS,
+    DanConfig,
+    DanStudent,
+    load_student,
+    merge_members,
+    save_student,
+    split_member,
+)
 from sparse_distill.vocab import NgramVocab
 
 if TYPE_CHECKING:
@@ -851,18 +860,7 @@ def train_dan(
             if init is not None:
                 init(model)
     model_dir = Path(out_dir) / "model"
-    key = fingerprint(
-        "train_dan",
-        resume_key,
-        config,
-        student if not init_model else str(Path(init_model).resolve()),
-        str(Path(vocab_dir).resolve()),
-        len(vocab),
-        data.num_docs,
-        len(dev_texts),
-        label_map.to_json(),
-        loss,
-    )
+    key = _train_key(resume_key, config, student, init_model, vocab_dir, len(vocab), data, dev_texts, label_map, loss)
     res = train_student(
         model,
         vocab,
@@ -888,6 +886,28 @@ def train_dan(
         "params": model.param_counts(),
         "budget": res.budget,
     }
+
+
+def _train_key(
+    resume_key: str,
+    config: TrainConfig,
+    student: StudentConfig,
+    init_model: str | Path | None,
+    vocab_dir: str | Path,
+    vocab_size: int,
+    data: BatchSource,
+    dev_texts: list[str],
+    label_map: LabelMap,
+    loss: DistillLoss,
+) -> str:
+    """What a training is: the caller's `resume_key` (the stage's data and inputs), the settings, the starting model,
+    the vocabulary and the data's size."""
+    start = student if not init_model else str(Path(init_model).resolve())
+    vocab = str(Path(vocab_dir).resolve())
+    return fingerprint(
+        "train_dan", resume_key, config, start, vocab, vocab_size, data.num_docs, len(dev_texts), label_map.to_json(),
+        loss,
+    )  # fmt: skip
 
 
 MEMBERS_DIR = "members"
@@ -918,21 +938,28 @@ def _train_members(
     `init_model` (KD+FT), member k starts from that student's member k."""
     k = student.members
     single = student.model_copy(update={"dim": student.dim // k, "members": 1})
+    start = load_student(init_model, mmap=False) if init_model else None
+    if start is not None and start[0].config.members != k:
+        raise ValueError(f"{init_model}: a student of {start[0].config.members} members, not {k}")
+    vocab_size = len(NgramVocab.load(vocab_dir))
     records = []
     for m in range(k):
         member_dir = out_dir / MEMBERS_DIR / str(m)
-        member_init = None
-        if init_model:
-            start, start_labels = load_student(init_model, mmap=False)
-            if start.config.members != k:
-                raise ValueError(f"{init_model}: a student of {start.config.members} members, not {k}")
-            member_init = save_student(split_member(start, m), start_labels, vocab_dir, member_dir / "init")
         member_config = config.model_copy(update={"seed": config.seed + m})
-        key = fingerprint("member", resume_key, m, k)
+        # A finished member is reused only under the caller's resume key (the pipeline's stage fingerprint, which
+        # names the data); the starting model counts by its weights file's stamp, as a KD stage may be retrained.
+        init_stamp = file_fingerprint(str(Path(init_model) / STUDENT_WEIGHTS)) if init_model else None
+        train_key = _train_key(
+            resume_key, member_config, single, None, vocab_dir, vocab_size, data, dev_texts, label_map, loss
+        )
+        key = fingerprint("member", train_key, init_stamp, m, k)
         record_file = member_dir / MEMBER_RECORD
-        done = json.loads(record_file.read_text()) if record_file.exists() else None
+        done = json.loads(record_file.read_text()) if resume_key and record_file.exists() else None
         if done is None or done.get("key") != key:
             logger.info("member %d of %d: training", m + 1, k)
+            member_init = None
+            if start is not None:
+                member_init = save_student(split_member(start[0], m), start[1], vocab_dir, member_dir / "init")
             done = train_dan(
                 member_dir, vocab_dir, _reseeded(data, m), dev_texts, dev_labels, label_map, single, member_config,
                 init_model=member_init, init=init, on_metrics=on_metrics, metric_prefix=f"{metric_prefix}member{m}_",

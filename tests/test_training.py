@@ -468,10 +468,19 @@ def test_members_train_one_at_a_time_with_their_own_seeds_and_a_killed_stage_res
     label_map = LabelMap(("neg", "pos"))
     cfg = TrainConfig(lr=0.05, batch_size=8, max_steps=30, eval_every=10, checkpoint_every_minutes=None)
 
-    def run(out, student, train_cfg=cfg, init_model=None):
+    def run(out, student, train_cfg=cfg, init_model=None, resume_key="stage-fp"):
         data = InMemoryBatches.from_labels(texts, labels, 2)
         return train_dan(
-            out, vocab_dir, data, texts[:20], labels[:20], label_map, student, train_cfg, init_model=init_model
+            out,
+            vocab_dir,
+            data,
+            texts[:20],
+            labels[:20],
+            label_map,
+            student,
+            train_cfg,
+            init_model,
+            resume_key=resume_key,
         )
 
     rec = run(tmp_path / "kd", StudentConfig(dim=9, hidden=8, members=2))
@@ -503,6 +512,11 @@ def test_members_train_one_at_a_time_with_their_own_seeds_and_a_killed_stage_res
     again = run(tmp_path / "kd", StudentConfig(dim=9, hidden=8, members=2))
     assert "member 1 of 2: done already" in caplog.text and "member 2 of 2: training" in caplog.text
     assert again["dev_accuracy"] == rec["dev_accuracy"]
+    # Other settings, or no resume key to say what the data is: nothing is reused.
+    caplog.clear()
+    run(tmp_path / "kd", StudentConfig(dim=9, hidden=8, members=2), cfg.model_copy(update={"lr": 0.04}))
+    run(tmp_path / "kd", StudentConfig(dim=9, hidden=8, members=2), resume_key="")
+    assert "done already" not in caplog.text and caplog.text.count("member 1 of 2: training") == 2
 
     # Fine-tuning a student of members starts each member from its own member.
     ft = run(tmp_path / "kdft", StudentConfig(dim=9, hidden=8, members=2), init_model=rec["model_dir"])
