@@ -15,6 +15,7 @@ import logging
 import math
 import queue
 import random
+import shutil
 import threading
 import time
 from collections.abc import Callable, Generator, Iterator
@@ -955,7 +956,7 @@ def _train_members(
         key = fingerprint("member", train_key, init_stamp, m, k)
         record_file = member_dir / MEMBER_RECORD
         done = json.loads(record_file.read_text()) if resume_key and record_file.exists() else None
-        if done is None or done.get("key") != key:
+        if done is None or done.get("key") != key or not Path(done["model_dir"]).exists():
             logger.info("member %d of %d: training", m + 1, k)
             member_init = None
             if start is not None:
@@ -972,6 +973,10 @@ def _train_members(
     merged = merge_members([load_student(r["model_dir"], mmap=False)[0] for r in records])
     model_dir = out_dir / "model"
     save_student(merged, label_map, vocab_dir, model_dir)
+    # The merged model holds every member: their folders (a table's worth of disk each) go, their records stay.
+    for m in range(k):
+        for folder in ("model", "init"):
+            shutil.rmtree(out_dir / MEMBERS_DIR / str(m) / folder, ignore_errors=True)
     dev_ids, dev_offsets = to_tensors(NgramVocab.load(vocab_dir), dev_texts)
     dev_accuracy = accuracy(merged, dev_ids, dev_offsets, np.asarray(dev_labels))
     logger.info(
@@ -991,7 +996,7 @@ def _train_members(
         "params": merged.param_counts(),
         "budget": records[0]["budget"],
         "members": [
-            {key: r[key] for key in ("dev_accuracy", "best_step", "steps", "seconds", "model_dir")} for r in records
+            {key: r[key] for key in ("dev_accuracy", "best_step", "steps", "seconds")} for r in records
         ],
     }
 

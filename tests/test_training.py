@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from sparse_distill import training
 from sparse_distill.config import PipelineConfig, StudentConfig, TrainConfig
 from sparse_distill.data import LabelMap
 from sparse_distill.student import load_student, split_member
@@ -463,7 +465,9 @@ def test_train_dan_writes_a_loadable_student_and_its_record(tmp_path):
     assert accuracy(model, *to_tensors(vocab, texts[:20]), np.asarray(labels[:20])) == 1.0
 
 
-def test_members_train_one_at_a_time_with_their_own_seeds_and_a_killed_stage_resumes_at_the_next(tmp_path, caplog):
+def test_members_train_one_at_a_time_with_their_own_seeds_and_a_killed_stage_resumes_at_the_next(
+    tmp_path, caplog, monkeypatch
+):
     texts, labels, vocab_dir = _easy_task(tmp_path)
     label_map = LabelMap(("neg", "pos"))
     cfg = TrainConfig(lr=0.05, batch_size=8, max_steps=30, eval_every=10, checkpoint_every_minutes=None)
@@ -506,26 +510,43 @@ def test_members_train_one_at_a_time_with_their_own_seeds_and_a_killed_stage_res
         each = model.member_logits(model.pool(ids, offsets)).argmax(-1).numpy()
     assert (each == np.asarray(labels[:20])[:, None]).all()
 
-    # A stage killed after its first member: the finished member is kept, only the second trains again.
-    (tmp_path / "kd" / "members" / "1" / "member.json").unlink()
-    caplog.set_level(logging.INFO, logger="sparse_distill.training")
-    again = run(tmp_path / "kd", StudentConfig(dim=9, hidden=8, members=2))
-    assert "member 1 of 2: done already" in caplog.text and "member 2 of 2: training" in caplog.text
-    assert again["dev_accuracy"] == rec["dev_accuracy"]
-    # Other settings, or no resume key to say what the data is: nothing is reused.
-    caplog.clear()
-    run(tmp_path / "kd", StudentConfig(dim=9, hidden=8, members=2), cfg.model_copy(update={"lr": 0.04}))
-    run(tmp_path / "kd", StudentConfig(dim=9, hidden=8, members=2), resume_key="")
-    assert "done already" not in caplog.text and caplog.text.count("member 1 of 2: training") == 2
+    # The merged model holds the members: their folders are gone, their records stay.
+    assert not (tmp_path / "kd" / "members" / "0" / "model").exists()
+    assert (tmp_path / "kd" / "members" / "0" / "member.json").exists()
 
-    # Fine-tuning a student of members starts each member from its own member.
+    # A stage killed while training its second member resumes there, under the same settings and resume key only.
+    real_train_dan = training.train_dan
+
+    def killed(out, **kw):
+        def dies_in_the_second_member(out_dir, *args, **kwargs):
+            if Path(out_dir).parts[-2:] == ("members", "1"):
+                raise RuntimeError("killed")
+            return real_train_dan(out_dir, *args, **kwargs)
+
+        monkeypatch.setattr(training, "train_dan", dies_in_the_second_member)
+        with pytest.raises(RuntimeError, match="killed"):
+            run(out, StudentConfig(dim=9, hidden=8, members=2), **kw)
+        monkeypatch.setattr(training, "train_dan", real_train_dan)
+
+    caplog.set_level(logging.INFO, logger="sparse_distill.training")
+    for other in ({"train_cfg": cfg.model_copy(update={"lr": 0.04})}, {"resume_key": ""}):
+        killed(tmp_path / "other")
+        caplog.clear()
+        run(tmp_path / "other", StudentConfig(dim=9, hidden=8, members=2), **other)
+        assert "done already" not in caplog.text and "member 1 of 2: training" in caplog.text
+    killed(tmp_path / "killed")
+    caplog.clear()
+    again = run(tmp_path / "killed", StudentConfig(dim=9, hidden=8, members=2))
+    assert "member 1 of 2: done already" in caplog.text and "member 2 of 2: training" in caplog.text
+    resumed = load_student(again["model_dir"])[0].state_dict()
+    assert all(torch.equal(resumed[n], v) for n, v in model.state_dict().items())
+
+    # Fine-tuning a student of members starts each member from its own member: here, where dev cannot improve on
+    # the start, each keeps it, so the merged fine-tuned student is the distilled one.
     ft = run(tmp_path / "kdft", StudentConfig(dim=9, hidden=8, members=2), init_model=rec["model_dir"])
-    assert load_student(ft["model_dir"])[0].config.members == 2 and ft["dev_accuracy"] == 1.0
-    start = split_member(model, 1).state_dict()
-    assert all(
-        torch.equal(start[n], v)
-        for n, v in load_student(tmp_path / "kdft" / "members" / "1" / "init")[0].state_dict().items()
-    )
+    tuned = load_student(ft["model_dir"])[0]
+    assert tuned.config.members == 2 and ft["dev_accuracy"] == 1.0
+    assert all(torch.equal(tuned.state_dict()[n], v) for n, v in model.state_dict().items())
 
 
 def test_a_student_of_members_is_not_trained_as_one_model():
