@@ -201,14 +201,13 @@ class StudentConfig(_Strict):
         ge=1,
         description="Independent DANs in one student, trained one after another with their own seeds; each pools "
         "dim // members columns of the table through its own dense layers, and the student predicts the mean of "
-        "their probabilities: an ensemble for the memory and speed of one table.",
+        "their probabilities: an ensemble for the memory and speed of one table. At most dim members are made.",
     )
 
-    @model_validator(mode="after")
-    def _members_fit_dim(self) -> StudentConfig:
-        if self.members > self.dim:
-            raise ValueError(f"student.members ({self.members}) is more than student.dim ({self.dim}) columns")
-        return self
+    @property
+    def member_count(self) -> int:
+        """Members actually trained: `members`, but never more than `dim` (each member needs a column)."""
+        return min(self.members, self.dim)
 
 
 # The distillation losses `TrainConfig.loss` names (the pipeline and the training loop take the same names).

@@ -655,10 +655,11 @@ def run_choices(cfg: PipelineConfig, run_dir: str | Path) -> dict[str, str]:
             subwords = Subwords(cfg.vocab.subword_min, cfg.vocab.subword_max, buckets)
             why += f", plus {subwords.describe()} (vocab.subword_buckets)"
         out["table"] = f"|V| = {size + buckets:,}: {why}; d = {cfg.student.dim} (student.dim)"
-        if (k := cfg.student.members) > 1:
+        if (k := cfg.student.member_count) > 1:
+            width = cfg.student.dim // k
             out["table"] += (
-                f", shared by {k} members of {cfg.student.dim // k} columns each (student.members): {k} DANs trained "
-                "one after another with their own seeds, predicting the mean of their probabilities"
+                f", shared by {k} members of {width} column{'s' if width > 1 else ''} each (student.members): {k} DANs "
+                "trained one after another with their own seeds, predicting the mean of their probabilities"
             )
     # An in-domain corpus is the lever the quality benchmark found (README, sst2-corpus): say so where there is none.
     if not cfg.data.corpus:

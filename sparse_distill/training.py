@@ -845,7 +845,7 @@ def train_dan(
     A student of several members (`student.members`) is trained one member at a time (`_train_members`), each a
     DAN of `dim / members` columns with its own seed and data order, then merged into one model.
     """
-    if student.members > 1:
+    if student.member_count > 1:
         return _train_members(
             Path(out_dir), vocab_dir, data, dev_texts, dev_labels, label_map, student, config,
             init_model=init_model, init=init, on_metrics=on_metrics, metric_prefix=metric_prefix,
@@ -937,12 +937,22 @@ def _train_members(
     differed too little to gain as an ensemble: README, 'Members'), then merged (`merge_members`). A member that
     finished is kept in `out_dir/members/k/` with its record, so a killed stage resumes at the next member. From
     `init_model` (KD+FT), member k starts from that student's member k."""
-    k = student.members
+    k = student.member_count
     single = student.model_copy(update={"dim": student.dim // k, "members": 1})
     start = load_student(init_model, mmap=False) if init_model else None
     if start is not None and start[0].config.members != k:
         raise ValueError(f"{init_model}: a student of {start[0].config.members} members, not {k}")
     vocab_size = len(NgramVocab.load(vocab_dir))
+    member_inits: list[Callable[[DanStudent], None] | None] = [None] * k
+    if init is not None:
+        # `init` sets up the whole student (e.g. a trained one's weights, or a table from vectors); each member then
+        # starts from its share of it.
+        with SEEDED_DRAWS:
+            torch.manual_seed(config.seed)
+            whole = student_from_config(vocab_size, label_map.num_classes, student)
+            init(whole)
+        shares = [split_member(whole, m).state_dict() for m in range(k)]
+        member_inits = [functools.partial(_load_share, share=share) for share in shares]
     records = []
     for m in range(k):
         member_dir = out_dir / MEMBERS_DIR / str(m)
@@ -963,7 +973,8 @@ def _train_members(
                 member_init = save_student(split_member(start[0], m), start[1], vocab_dir, member_dir / "init")
             done = train_dan(
                 member_dir, vocab_dir, _reseeded(data, m), dev_texts, dev_labels, label_map, single, member_config,
-                init_model=member_init, init=init, on_metrics=on_metrics, metric_prefix=f"{metric_prefix}member{m}_",
+                init_model=member_init, init=member_inits[m], on_metrics=on_metrics,
+                metric_prefix=f"{metric_prefix}member{m}_",
                 resume_key=f"{resume_key}:member{m}", loss=loss,
             )  # fmt: skip
             atomic_write_text(record_file, json.dumps({**done, "key": key}))
@@ -995,10 +1006,12 @@ def _train_members(
         "seconds": round(sum(r["seconds"] for r in records), 3),
         "params": merged.param_counts(),
         "budget": records[0]["budget"],
-        "members": [
-            {key: r[key] for key in ("dev_accuracy", "best_step", "steps", "seconds")} for r in records
-        ],
+        "members": [{key: r[key] for key in ("dev_accuracy", "best_step", "steps", "seconds")} for r in records],
     }
+
+
+def _load_share(model: DanStudent, share: dict[str, torch.Tensor]) -> None:
+    model.load_state_dict(share)
 
 
 def _reseeded(data: BatchSource, member: int) -> BatchSource:
@@ -1016,12 +1029,12 @@ def student_from_config(vocab_size: int, num_classes: int, student_cfg: StudentC
             vocab_size=vocab_size,
             num_classes=num_classes,
             # Each member gets dim // members columns.
-            dim=student_cfg.dim // student_cfg.members * student_cfg.members,
+            dim=student_cfg.dim // student_cfg.member_count * student_cfg.member_count,
             hidden=student_cfg.hidden,
             pooling=student_cfg.pooling,
             layers=student_cfg.layers,
             dropout=student_cfg.dropout,
             init_std=student_cfg.init_std,
-            members=student_cfg.members,
+            members=student_cfg.member_count,
         )
     )

@@ -157,8 +157,9 @@ def test_members_are_independent_dans_on_their_own_columns_averaged_in_probabili
     before = StudentPredictor(model, vocab, label_map).predict_proba(TEXTS)
     save_student(model, label_map, tmp_path / "vocab", tmp_path / "model")
     np.testing.assert_array_equal(StudentPredictor.load(tmp_path / "model").predict_proba(TEXTS), before)
-    with pytest.raises(ValueError, match="more than student.dim"):
-        StudentConfig(dim=2, members=3)
+    # Never more members than columns.
+    assert StudentConfig(dim=2, members=3).member_count == 2
+    assert student_from_config(len(vocab), 3, StudentConfig(dim=2, members=3)).config.members == 2
 
 
 def test_table_initialised_from_wider_vectors_keeps_their_leading_structure():

@@ -541,6 +541,18 @@ def test_members_train_one_at_a_time_with_their_own_seeds_and_a_killed_stage_res
     resumed = load_student(again["model_dir"])[0].state_dict()
     assert all(torch.equal(resumed[n], v) for n, v in model.state_dict().items())
 
+    # An `init` sets up the whole student, and each member starts from its share: here the distilled student's
+    # weights, trained no further (learning rates of 1e-12).
+    frozen = cfg.model_copy(update={"lr": 1e-12, "table_lr": 1e-12, "max_steps": 2, "eval_every": 1})
+    from_init = train_dan(
+        tmp_path / "init", vocab_dir, InMemoryBatches.from_labels(texts, labels, 2), texts[:20], labels[:20],
+        label_map, StudentConfig(dim=9, hidden=8, members=2), frozen, init=lambda whole: whole.load_state_dict(
+            model.state_dict()
+        ),
+    )  # fmt: skip
+    started = load_student(from_init["model_dir"])[0].state_dict()
+    assert all(torch.allclose(started[n], v, atol=1e-6) for n, v in model.state_dict().items())
+
     # Fine-tuning a student of members starts each member from its own member: here, where dev cannot improve on
     # the start, each keeps it, so the merged fine-tuned student is the distilled one.
     ft = run(tmp_path / "kdft", StudentConfig(dim=9, hidden=8, members=2), init_model=rec["model_dir"])
