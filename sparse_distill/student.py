@@ -252,8 +252,8 @@ class DanStudent(nn.Module):
         return torch.logsumexp(log_probs, dim=1) - math.log(self.config.members)
 
     def member_logits(self, pooled: torch.Tensor) -> torch.Tensor:
-        """Each member's logits, `[n, members, classes]`: what training fits, member by member (training runs them
-        in bf16 autocast on a GPU). Member k reads columns `[k * dim / members, (k + 1) * dim / members)`."""
+        """Each member's logits, `[n, members, classes]` (one member: the student's own; training runs them in bf16
+        autocast on a GPU). Member k reads columns `[k * dim / members, (k + 1) * dim / members)`."""
         x = self.dropout(pooled)
         k = self.config.members
         if k == 1:
