@@ -409,7 +409,11 @@ def init_table_from_vectors(model: DanStudent, vectors: np.ndarray) -> None:
     x = torch.from_numpy(np.asarray(vectors, np.float32))
     x = x - x.mean(0, keepdim=True)
     if x.shape[1] > dim:
-        _, _, v = torch.pca_lowrank(x, q=dim, center=False)
+        # pca_lowrank draws a random projection: a fixed seed, apart from the global stream, makes the table (and the
+        # components' signs) the same whatever ran before.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            _, _, v = torch.pca_lowrank(x, q=dim, center=False)
         x = x @ v[:, :dim]
     elif x.shape[1] < dim:
         raise ValueError(f"vectors have {x.shape[1]} columns, fewer than the table's {dim}")
