@@ -255,13 +255,8 @@ class DanStudent(nn.Module):
         """Each member's logits, `[n, members, classes]` (one member: the student's own; training runs them in bf16
         autocast on a GPU). Member k reads columns `[k * dim / members, (k + 1) * dim / members)`."""
         x = self.dropout(pooled)
-        k = self.config.members
-        if k == 1:
-            hidden = torch.relu(self.fc1(x))
-            for layer in self.extra:
-                hidden = torch.relu(layer(hidden))
-            return self.fc2(hidden).unsqueeze(1)
-        hidden = torch.relu(self.fc1(x.reshape(len(x), k, -1).transpose(0, 1)))
+        # [members, n, dim / members]; nn.Linear (one member) and MemberLinear both map the last axis.
+        hidden = torch.relu(self.fc1(x.reshape(len(x), self.config.members, -1).transpose(0, 1)))
         for layer in self.extra:
             hidden = torch.relu(layer(hidden))
         return self.fc2(hidden).transpose(0, 1)

@@ -942,7 +942,10 @@ def _train_members(
     start = load_student(init_model, mmap=False) if init_model else None
     if start is not None and start[0].config.members != k:
         raise ValueError(f"{init_model}: a student of {start[0].config.members} members, not {k}")
-    vocab_size = len(NgramVocab.load(vocab_dir))
+    vocab = NgramVocab.load(vocab_dir)
+    vocab_size = len(vocab)
+    # The starting model counts by its weights file's stamp, as a KD stage may be retrained.
+    init_stamp = file_fingerprint(str(Path(init_model) / STUDENT_WEIGHTS)) if init_model else None
     member_inits: list[Callable[[DanStudent], None] | None] = [None] * k
     if init is not None:
         # `init` sets up the whole student (e.g. a trained one's weights, or a table from vectors); each member then
@@ -958,8 +961,7 @@ def _train_members(
         member_dir = out_dir / MEMBERS_DIR / str(m)
         member_config = config.model_copy(update={"seed": config.seed + m})
         # A finished member is reused only under the caller's resume key (the pipeline's stage fingerprint, which
-        # names the data); the starting model counts by its weights file's stamp, as a KD stage may be retrained.
-        init_stamp = file_fingerprint(str(Path(init_model) / STUDENT_WEIGHTS)) if init_model else None
+        # names the data).
         train_key = _train_key(
             resume_key, member_config, single, None, vocab_dir, vocab_size, data, dev_texts, label_map, loss
         )
@@ -988,7 +990,7 @@ def _train_members(
     for m in range(k):
         for folder in ("model", "init"):
             shutil.rmtree(out_dir / MEMBERS_DIR / str(m) / folder, ignore_errors=True)
-    dev_ids, dev_offsets = to_tensors(NgramVocab.load(vocab_dir), dev_texts)
+    dev_ids, dev_offsets = to_tensors(vocab, dev_texts)
     dev_accuracy = accuracy(merged, dev_ids, dev_offsets, np.asarray(dev_labels))
     logger.info(
         "%d members: dev accuracy %.4f together (%s alone)",
