@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -101,8 +102,12 @@ def test_scheduled_retraining_registers_a_champion_and_a_worse_run_leaves_it(ser
         assert len(runs) == 1 and runs[0]["state_type"] == "COMPLETED", done.stdout[-3000:] + done.stderr[-3000:]
         return runs[0]
 
-    # The cron schedule has queued the next runs; a bad parameter is refused before any run is created.
-    assert _api(api, "/flow_runs/filter", {})
+    # The cron schedule queues the next runs; the server's scheduler runs on a loop, so wait for its next pass.
+    deadline = time.monotonic() + 180
+    while not _api(api, "/flow_runs/filter", {}) and time.monotonic() < deadline:
+        time.sleep(2)
+    assert _api(api, "/flow_runs/filter", {}), "the cron schedule queued no runs within 180 s"
+    # A bad parameter is refused before any run is created.
     bad = subprocess.run(
         [sys.executable, "-m", "prefect", "deployment", "run", "sparse-distill-retrain/retrain"]
         + ["--flow-run-name", "bad", "--params", json.dumps({"config": {**cfg, "student": {"dim": -1}}})],
