@@ -215,6 +215,13 @@ TASKS: dict[str, Task] = {
         ["data.max_train_samples=5000"],
         train_limit=5000,
     ),
+    "sst2-1k": Task(
+        "configs/sst2.yaml",
+        SHARED / "sst2",
+        "SST-2 with its first 1,000 train rows, no corpus: a task with little labelled data",
+        ["data.max_train_samples=1000"],
+        train_limit=1000,
+    ),
     "sst2-5k-corpus": Task(
         "configs/sst2.yaml",
         SHARED / "sst2",

@@ -253,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-going", action="store_true", help="With several experiments, run the rest when one fails.")
     p = sub.add_parser(
         "sentences",
-        help="Split corpus documents into a Parquet file of sentences (id, text): a corpus for a task of sentences.",
+        help="Split corpus documents into a Parquet file of sentences (columns named as the input's id and text): a "
+        "corpus for a task of sentences. A pipeline run does this itself where data.corpus_split says so.",
     )
     _corpus_args(p, "--corpus")
     p.add_argument("--out", required=True, help="Output Parquet file.")

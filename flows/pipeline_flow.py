@@ -20,9 +20,11 @@ from sparse_distill.config import PipelineConfig, fingerprint
 from sparse_distill.data import atomic_write_text
 from sparse_distill.locks import folder_lock
 from sparse_distill.pipeline import (
+    corpus_split_fingerprint,
     distill_label_stages,
     feature_dirs,
     label_job,
+    split_config,
     stage_fingerprints,
     transfer_job,
     vocab_job,
@@ -64,7 +66,8 @@ def pipeline_flow(config: PipelineConfig, run_dir: str | None = None) -> dict[st
     run_dir = resolve_run_dir(config, run_dir)
     check_pipeline_inputs(config)  # before the first stage: names the config key of a missing or bad input
     with folder_lock(run_dir):  # one writer per run directory (re-entrant: the command line may hold it already)
-        atomic_write_text(Path(run_dir) / "config.yaml", _to_yaml(config))
+        config = _split_corpus(config, run_dir)
+        atomic_write_text(Path(run_dir) / "config.yaml", _to_yaml(config))  # as the stages run it
         fps = stage_fingerprints(config)
         config_fp = fingerprint(config)
         get_run_logger().info("run dir %s, config fingerprint %s", run_dir, config_fp)
@@ -118,8 +121,20 @@ def base_stages_flow(config: PipelineConfig, run_dir: str | None = None) -> dict
     """The stages the experiments build on (all but evaluation and publishing), with no MLflow run of their own."""
     run_dir = resolve_run_dir(config, run_dir)
     with folder_lock(run_dir):
+        config = _split_corpus(config, run_dir)
         teacher, students = _training_stages(config, run_dir, stage_fingerprints(config), None)
     return {"run_dir": run_dir, "teacher": teacher, "students": students}
+
+
+def _split_corpus(config: PipelineConfig, run_dir: str) -> PipelineConfig:
+    """The config the stages run with: where `data.corpus_split` says so, the corpus split into sentences first (a
+    stage of its own, cached), and the config's corpus replaced by them."""
+    fp = corpus_split_fingerprint(config)
+    if fp is None:
+        return config
+    fps = {"sentences": fp}
+    _fresh(stages.split_corpus, run_dir, "sentences", fps)(config, run_dir, fps, None)
+    return split_config(config, run_dir)
 
 
 def _transfer_set(
@@ -216,6 +231,7 @@ def _stage_args(config: PipelineConfig, run_dir: str | None) -> Iterator[dict[st
     """A single stage's arguments, while it holds the run directory's lock."""
     run_dir = resolve_run_dir(config, run_dir)
     with folder_lock(run_dir):
+        config = _split_corpus(config, run_dir)
         yield {"config": config, "run_dir": run_dir, "fingerprints": stage_fingerprints(config), "tracking": None}
 
 
@@ -231,16 +247,16 @@ def label_flow(config: PipelineConfig, run_dir: str | None = None) -> list[dict]
     """Label the train set and the corpus with the run's fine-tuned teacher."""
     with _stage_args(config, run_dir) as a:
         teacher = _upstream(a["run_dir"], "teacher")
-        transfer = _transfer_set(config, a["run_dir"], a["fingerprints"], None)
-        return _label_stages(config, a["run_dir"], a["fingerprints"], None, teacher, transfer)
+        transfer = _transfer_set(a["config"], a["run_dir"], a["fingerprints"], None)
+        return _label_stages(a["config"], a["run_dir"], a["fingerprints"], None, teacher, transfer)
 
 
 @flow(name="vocab")
 def vocab_flow(config: PipelineConfig, run_dir: str | None = None) -> dict:
     """Build the n-gram vocabulary only."""
     with _stage_args(config, run_dir) as a:
-        transfer = _transfer_set(config, a["run_dir"], a["fingerprints"], None)
-        _count_vocab(config, a["run_dir"], a["fingerprints"])
+        transfer = _transfer_set(a["config"], a["run_dir"], a["fingerprints"], None)
+        _count_vocab(a["config"], a["run_dir"], a["fingerprints"])
         return _fresh(stages.make_vocabulary, a["run_dir"], "vocab", a["fingerprints"])(**a, transfer=transfer)
 
 
@@ -249,12 +265,12 @@ def distill_flow(config: PipelineConfig, run_dir: str | None = None) -> dict:
     """Distil into a DAN from the run's soft labels and vocabulary."""
     with _stage_args(config, run_dir) as a:
         # The config says which labels distillation reads; an empty transfer set has no labelling stage.
-        wanted = distill_label_stages(config)
+        wanted = distill_label_stages(a["config"])
         if "label_transfer" in wanted and not _upstream(a["run_dir"], "transfer")["rows"]:
             wanted.remove("label_transfer")
         labels = [_upstream(a["run_dir"], s) for s in wanted]
         vocab = _upstream(a["run_dir"], "vocab")
-        _featurize(config, a["run_dir"], a["fingerprints"], vocab, labels)
+        _featurize(a["config"], a["run_dir"], a["fingerprints"], vocab, labels)
         return _fresh(stages.distill_student, a["run_dir"], "distill", a["fingerprints"])(
             **a, vocab=vocab, labels=labels
         )
@@ -280,7 +296,7 @@ def evaluate_flow(config: PipelineConfig, run_dir: str | None = None) -> dict:
         evaluation = _fresh(stages.evaluate, a["run_dir"], "evaluate", a["fingerprints"])(
             **a, teacher=teacher, students=students
         )
-        return stages.publish_results(config, a["run_dir"], fingerprint(config), None, evaluation, students)
+        return stages.publish_results(a["config"], a["run_dir"], fingerprint(a["config"]), None, evaluation, students)
 
 
 @flow(name="sparse-distill-retrain")

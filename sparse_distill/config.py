@@ -35,7 +35,15 @@ class DataConfig(_Strict):
     label_column: str = Field("label", description="Column holding the gold label (int or string).")
     id_column: str | None = Field(None, description="Column holding a document id; None derives ids from row numbers.")
     max_train_samples: int | None = Field(None, ge=1, description="Use only the first N train rows (quick runs).")
-    max_corpus_samples: int | None = Field(None, ge=1, description="Use only the first N corpus documents.")
+    max_corpus_samples: int | None = Field(
+        None, ge=1, description="Use only the first N corpus texts (its sentences, when the corpus is split)."
+    )
+    corpus_split: Literal["auto", "sentences", "none"] = Field(
+        "auto",
+        description="Split the corpus's documents into sentences of 5-40 words before labelling: 'auto' when their "
+        "median length is over 4 times the train texts' and over 60 words (a task of sentences, a corpus of "
+        "documents), 'sentences' always, 'none' never.",
+    )
 
 
 class TeacherConfig(_Strict):

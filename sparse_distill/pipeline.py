@@ -46,8 +46,8 @@ from sparse_distill.data import (
 from sparse_distill.evaluation import classification_metrics, measure_throughput, repeat_to
 from sparse_distill.features import featurize_labels
 from sparse_distill.inference import StudentPredictor
-from sparse_distill.run_store import file_fingerprint, read_stage
-from sparse_distill.sentences import sentence_advice
+from sparse_distill.run_store import content_fingerprint, file_fingerprint, fresh_stage, read_stage
+from sparse_distill.sentences import far_longer, median_words, sentence_advice, write_sentence_corpus
 from sparse_distill.shard_plan import CorpusSource, plan_shards
 from sparse_distill.soft_labels import SHARDS, read_manifest, read_soft_labels
 from sparse_distill.teacher import TeacherPredictor, finetune_teacher, teacher_fingerprint, teacher_word_vectors
@@ -87,13 +87,70 @@ def corpus_paths(data: DataConfig) -> list[str]:
 def corpus_sentence_advice(data: DataConfig, train_texts: list[str] | None = None, sample: int = 1000) -> str | None:
     """`sentences.sentence_advice` on the first `sample` train texts (read unless given) and documents of the first
     corpus file."""
-    corpus = corpus_paths(data)
-    if not corpus:
+    if not data.corpus:
         return None
+    return sentence_advice(*_length_samples(data, train_texts, sample))
+
+
+def _length_samples(data: DataConfig, train_texts: list[str] | None = None, sample: int = 1000) -> tuple[list, list]:
+    """The first `sample` train texts (read unless given) and documents of the first corpus file."""
     if train_texts is None:
         train_texts, _ = read_rows(split_path(data, "train"), 0, sample, data.text_column)
-    corpus_texts, _ = read_rows(corpus[0], 0, sample, data.text_column)
-    return sentence_advice(train_texts[:sample], corpus_texts)
+    corpus_texts, _ = read_rows(corpus_paths(data)[0], 0, sample, data.text_column)
+    return train_texts[:sample], corpus_texts
+
+
+SENTENCES_FILE = "sentences.parquet"
+
+
+def corpus_split_fingerprint(cfg: PipelineConfig) -> str | None:
+    """The sentences stage's cache key: the corpus and train files (the decision samples both) and the split
+    settings; None when there is no corpus or `data.corpus_split` is "none" (no such stage)."""
+    d = cfg.data
+    if not d.corpus or d.corpus_split == "none":
+        return None
+    # The whole corpus is split, whatever max_corpus_samples keeps of it afterwards.
+    files = data_fingerprint(d.model_copy(update={"max_corpus_samples": None}), ("train",), corpus=True)
+    return fingerprint("sentences", d.corpus_split, files, d.text_column, d.id_column)
+
+
+def run_corpus_sentences(cfg: PipelineConfig, out_dir: str | Path) -> dict[str, Any]:
+    """Split `data.corpus` into one Parquet file of sentences (`SENTENCES_FILE`) when `data.corpus_split` is
+    "sentences", or "auto" and its documents are far longer than the train texts (`sentences.sentence_advice`). The
+    record's `corpus` lists the files the later stages read (the sentences, or the corpus as it was) and `reason` says
+    why."""
+    d = cfg.data
+    files = corpus_paths(d)
+    task, corpus = (median_words(texts) for texts in _length_samples(d))
+    lengths = f"median {corpus:.0f} words a corpus document against {task:.0f} a train text"
+    if d.corpus_split == "auto" and not far_longer(task, corpus):
+        reason = f"auto: {lengths}, not over 4 times and 60 words, so the documents are labelled whole"
+        logger.info("corpus: %s", reason)
+        return {"split": False, "corpus": files, "reason": reason}
+    out = Path(out_dir).resolve() / SENTENCES_FILE
+    logger.info("corpus: splitting %d file(s) into sentences (%s)", len(files), lengths)
+    counts = write_sentence_corpus(files, out, d.text_column, d.id_column)
+    reason = (
+        f"{d.corpus_split}: {lengths}, so split into {counts['sentences']:,} sentences of 5-40 words from "
+        f"{counts['documents']:,} documents (a bag of n-grams learns little from a long document's one label)"
+    )
+    return {"split": True, "corpus": [str(out)], "source": files, "reason": reason, **counts}
+
+
+def with_corpus_split(cfg: PipelineConfig, record: dict[str, Any]) -> PipelineConfig:
+    """The config the later stages run with: its corpus replaced by the sentences stage's file where it split."""
+    if not record["split"]:
+        return cfg
+    data = cfg.data.model_copy(update={"corpus": record["corpus"], "corpus_split": "none"})
+    return cfg.model_copy(update={"data": data})
+
+
+def split_config(cfg: PipelineConfig, run_dir: str | Path) -> PipelineConfig:
+    """`cfg` as the stages of the run in `run_dir` ran it: with the sentences stage's file as its corpus where that
+    stage (fresh for `cfg`) split the corpus."""
+    fp = corpus_split_fingerprint(cfg)
+    record = fresh_stage(run_dir, "sentences", fp) if fp else None
+    return with_corpus_split(cfg, record) if record else cfg
 
 
 def load_task_data(data: DataConfig) -> TaskData:
@@ -115,10 +172,10 @@ def load_task_data(data: DataConfig) -> TaskData:
 
 
 def data_fingerprint(data: DataConfig, splits: tuple[str, ...] = ("train", "dev", "test"), corpus: bool = False) -> str:
-    """Fingerprint of the named splits' files and the column settings."""
-    files = {s: file_fingerprint(p) for s in splits if (p := split_path(data, s))}
+    """Fingerprint of the named splits' files (by content: `run_store.content_fingerprint`) and the column settings."""
+    files = {s: content_fingerprint(p) for s in splits if (p := split_path(data, s))}
     if corpus:
-        files["corpus"] = [file_fingerprint(p) for p in corpus_paths(data)]
+        files["corpus"] = [content_fingerprint(p) for p in corpus_paths(data)]
     cols = data.model_dump(
         include={"text_column", "label_column", "id_column", "max_train_samples", "max_corpus_samples"}
     )
@@ -668,14 +725,15 @@ def run_choices(cfg: PipelineConfig, run_dir: str | Path) -> dict[str, str]:
             "of the task's domain are what lifted the student most (README: 'Quality against fastText')"
         )
     elif corpus := read_stage(run_dir, "label_corpus"):
-        out["corpus"] = f"{corpus['rows']:,} unlabelled documents labelled by the teacher (data.corpus)"
+        out["corpus"] = f"{corpus['rows']:,} unlabelled texts labelled by the teacher (data.corpus)"
+        split = read_stage(run_dir, "sentences") or {}
         try:
-            advice = corpus_sentence_advice(cfg.data)
+            if split.get("corpus") == corpus_paths(cfg.data):  # this run's corpus came out of that stage
+                out["corpus"] += f"; data.corpus_split {split['reason']}"
+            elif advice := corpus_sentence_advice(cfg.data):
+                out["corpus"] += f"; {advice} (data.corpus_split is 'none')"
         except (DataError, OSError) as e:  # a corpus moved since it was labelled: the summary goes on without advice
             logger.warning("corpus: not sampled for the summary (%s)", e)
-            advice = None
-        if advice:
-            out["corpus"] += f"; {advice}"
     transfer = read_stage(run_dir, "transfer") if cfg.transfer.size != 0 else None
     out["transfer"] = f"{transfer['rows']:,} texts: {transfer['reason']}" if transfer else "none (transfer.size 0)"
     for stage, name in (("distill", "KD"), ("kdft", "KD+FT"), ("scratch", "scratch")):

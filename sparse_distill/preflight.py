@@ -77,9 +77,10 @@ def check_pipeline_inputs(cfg: PipelineConfig) -> None:
         except DataError as e:
             raise (e if str(e).startswith(key) else _keyed(key, e)) from e
     check_teacher(cfg.teacher.model)
-    # Before hours of labelling documents unlike the task's texts; the train split is loaded already.
-    if advice := corpus_sentence_advice(d, splits["train"].texts):
-        logger.warning(advice)
+    # Before hours of labelling documents unlike the task's texts, where the run will not split them itself; the
+    # train split is loaded already.
+    if d.corpus_split == "none" and (advice := corpus_sentence_advice(d, splits["train"].texts)):
+        logger.warning("%s; set data.corpus_split to 'auto' (the default) to split them", advice)
     logger.info(
         "pre-flight checks passed: %s", ", ".join([f"data.{n}" for n in splits] + ["data.corpus"] * bool(d.corpus))
     )

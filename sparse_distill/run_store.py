@@ -3,8 +3,9 @@
 A run directory holds one folder per stage (`STAGE_DIRS`). A stage (or an experiment's variant, in its own folder)
 finishes by writing `result.json` once: its record, with the fingerprint it was made for, the stage's name and the
 library version. The one freshness rule: a stage is fresh when that record exists and carries the same fingerprint.
-Fingerprints are built from `config.fingerprint` and, for input files, from `file_fingerprint` (path, size, mtime)
-below; every cache key in the project (the stages', the experiments', the shard plans' stamps) goes through these.
+Fingerprints are built from `config.fingerprint` and, for input files, from `content_fingerprint` (the data's bytes:
+the pipeline's stage keys) or `file_fingerprint` (path, size, mtime: stamps of the run's own files) below; every
+cache key in the project (the stages', the experiments', the shard plans' stamps) goes through these.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ RESULT = "result.json"
 
 # Stage name -> folder under the run directory.
 STAGE_DIRS = {
+    "sentences": "sentences",
     "teacher": "teacher",
     "label_train": "labels/train",
     "label_corpus": "labels/corpus",
@@ -55,6 +57,48 @@ def file_fingerprint(path: str) -> dict[str, Any]:
         return {"path": path}
     st = os.stat(path)
     return {"path": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def digest_cache_dir() -> Path:
+    """Where content digests of input files are kept between runs: `$SPARSE_DISTILL_CACHE`, else
+    `~/.cache/sparse-distill`, under `digests/`."""
+    root = os.environ.get("SPARSE_DISTILL_CACHE") or Path.home() / ".cache" / "sparse-distill"
+    return Path(root) / "digests"
+
+
+def _file_digest(path: str) -> str:
+    """blake2b of a file's bytes, read once per version of the file: the digest is kept in `digest_cache_dir()` under
+    the file's path, size, modification time and inode, so an unchanged file is not read again."""
+    st = os.stat(path)
+    stamp = f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+    cached = digest_cache_dir() / hashlib.sha256(stamp.encode()).hexdigest()[:32]
+    try:
+        return cached.read_text().strip()
+    except OSError:
+        pass
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    digest = h.hexdigest()
+    try:
+        atomic_write_text(cached, digest)
+    except OSError as e:  # a read-only home only costs reading the file again next time
+        logger.warning("%s: digest not cached (%s)", path, e)
+    return digest
+
+
+def content_fingerprint(path: str) -> dict[str, Any]:
+    """Identity of an input file (or folder of files, such as a saved `datasets` folder) by its bytes, not its path
+    or modification time: a data set copied, moved or re-synced unchanged keeps its stages' cache keys, so a teacher is
+    not trained again for it; any changed byte changes the key. A `hub:` dataset has no local file: its name is all
+    there is."""
+    if path.startswith("hub:"):
+        return {"path": path}
+    if os.path.isdir(path):
+        files = sorted(p for p in Path(path).rglob("*") if p.is_file())
+        return {"files": [[str(f.relative_to(path)), f.stat().st_size, _file_digest(str(f))] for f in files]}
+    return {"size": os.stat(path).st_size, "blake2b": _file_digest(path)}
 
 
 def label_dir_fingerprint(label_dir: str | Path) -> dict[str, Any]:

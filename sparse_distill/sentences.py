@@ -62,40 +62,48 @@ def write_sentence_corpus(
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, int | str]:
     """Split every document of the corpus files `inputs` (globs allowed) into sentences and write them to one Parquet
-    file `out` (columns `id`: `<document id>#<k>`, `text`), streamed a chunk of documents at a time and renamed into
-    place when complete. Returns the counts; `progress(documents_done, documents_total)` after each chunk."""
+    file `out` under the input's column names (`id_column`, else `id`: `<document id>#<k>`; `text_column`: the
+    sentence), so that a config reads the sentences as it read the documents. Streamed a chunk of documents at a time
+    and renamed into place when complete. Returns the counts; `progress(documents_done, documents_total)` after each
+    chunk."""
     plan = plan_shards([CorpusSource(p, text_column, id_column) for p in expand_paths(inputs)], chunk_size)
     documents = sentences = 0
-    schema = pa.schema([("id", pa.string()), ("text", pa.string())])
+    id_name = id_column or "id"
+    schema = pa.schema([(id_name, pa.string()), (text_column, pa.string())])
     with atomic_path(out) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
         for shard in plan.shards:
             src = plan.sources[shard.source]
             texts, ids = read_rows(
                 src.path, shard.start, shard.stop, src.text_column, src.id_column, shard.offset, src.id_prefix
             )
-            rows: dict[str, list[str]] = {"id": [], "text": []}
+            rows: dict[str, list[str]] = {id_name: [], text_column: []}
             for doc_id, text in zip(ids, texts, strict=True):
                 for k, sentence in enumerate(split_sentences(text, min_words, max_words)):
-                    rows["id"].append(f"{doc_id}#{k}")
-                    rows["text"].append(sentence)
+                    rows[id_name].append(f"{doc_id}#{k}")
+                    rows[text_column].append(sentence)
             writer.write_table(pa.table(rows, schema=schema))
             documents += len(texts)
-            sentences += len(rows["id"])
+            sentences += len(rows[id_name])
             if progress:
                 progress(documents, plan.total_rows)
             logger.info("sentences: %d documents of %d split, %d sentences", documents, plan.total_rows, sentences)
     return {"out": str(out), "documents": documents, "sentences": sentences}
 
 
+def far_longer(task_median: float, corpus_median: float) -> bool:
+    """Corpus documents far longer than the task's texts: a median over 4 times theirs and over 60 words."""
+    return corpus_median > max(4 * task_median, 60)
+
+
 def sentence_advice(task_texts: list[str], corpus_texts: list[str]) -> str | None:
     """Advice to split the corpus into sentences when its documents are far longer than the task's texts (the
     median over 4 times the task's and over 60 words), else None."""
     task, corpus = median_words(task_texts), median_words(corpus_texts)
-    if corpus <= max(4 * task, 60):
+    if not far_longer(task, corpus):
         return None
     return (
         f"data.corpus's documents have a median of {corpus:.0f} words against {task:.0f} for the train texts: the "
-        "teacher labels each document as one text, which teaches the student little about texts like the task's; split "
-        "them into sentences (`sparse-distill sentences --corpus FILES --out sentences.parquet`) and list that file "
-        "instead (SST-2 with 5,000 train phrases: KD 0.761 on 50k whole IMDB reviews, 0.820 on 200k of their sentences)"
+        "teacher would label each document as one text, which teaches the student little about texts like the task's; "
+        "split into sentences, they help (SST-2 with 5,000 train phrases: KD 0.761 on 50k whole IMDB reviews, 0.820 on "
+        "200k of their sentences)"
     )

@@ -91,6 +91,17 @@ def _done(stage: str, fps: dict[str, str], out: Path, result: dict) -> dict:
     return run_store.write_result(out, stage, fps[stage], {**result, "out_dir": str(out)})
 
 
+@_stage_task("sentences")
+def split_corpus(
+    config: PipelineConfig, run_dir: str, fingerprints: dict[str, str], tracking: TrackingRef | None
+) -> dict:
+    """Split the corpus's documents into sentences where `data.corpus_split` says so (its record says why)."""
+    out = run_store.stage_dir(run_dir, "sentences")
+    res = pipeline.run_corpus_sentences(config, out)
+    get_run_logger().info("corpus: %s", res["reason"])
+    return _done("sentences", fingerprints, out, res)
+
+
 @task(name="start-tracking")
 def start_tracking(config: PipelineConfig, run_dir: str, config_fp: str, flow_run_id: str | None) -> TrackingRef:
     """Create (once) the experiment and the pipeline's parent MLflow run."""

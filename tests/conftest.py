@@ -15,6 +15,7 @@ import pytest
 _STATE = Path(__file__).resolve().parent.parent / ".pytest_state"
 for key, value in {
     "PREFECT_HOME": str(_STATE / "prefect"),
+    "SPARSE_DISTILL_CACHE": str(_STATE / "cache"),
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "DO_NOT_TRACK": "1",
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",

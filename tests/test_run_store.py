@@ -74,6 +74,34 @@ def test_the_file_fingerprint_follows_the_file(tmp_path: Path) -> None:
     assert run_store.file_fingerprint("hub:imdb") == {"path": "hub:imdb"}  # no local file to stat
 
 
+def test_the_content_fingerprint_follows_the_bytes_not_the_path_or_time(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("SPARSE_DISTILL_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "train.csv"
+    path.write_text("text,label\na good film,pos\n")
+    before = run_store.content_fingerprint(str(path))
+    assert before["size"] == path.stat().st_size and "path" not in before
+    # Copied elsewhere, or touched: the same data, the same key (a re-synced data set keeps its teacher).
+    copy = tmp_path / "elsewhere" / "train.csv"
+    copy.parent.mkdir()
+    shutil.copy(path, copy)
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    assert run_store.content_fingerprint(str(copy)) == before == run_store.content_fingerprint(str(path))
+    # One label changed, the same length: another key.
+    path.write_text("text,label\na good film,neg\n")
+    assert run_store.content_fingerprint(str(path)) != before
+    # Each version's digest is kept (read once per version): the original, its copy, the touched and the edited file.
+    assert len(list((tmp_path / "cache" / "digests").iterdir())) == 4
+    # A folder of files (a saved `datasets` folder) by its files' names and bytes.
+    folder = tmp_path / "saved"
+    (folder / "train").mkdir(parents=True)
+    (folder / "train" / "data.arrow").write_bytes(b"1234")
+    first = run_store.content_fingerprint(str(folder))
+    (folder / "train" / "data.arrow").write_bytes(b"1235")
+    assert run_store.content_fingerprint(str(folder)) != first
+    assert run_store.content_fingerprint("hub:imdb") == {"path": "hub:imdb"}
+
+
 def test_the_stage_key_names_the_stage_its_fingerprint_and_the_run_dir(tmp_path: Path) -> None:
     key = run_store.stage_key(tmp_path / "run", "teacher", "abc")
     assert key.startswith("sparse-distill-teacher-abc-")

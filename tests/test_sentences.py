@@ -63,7 +63,7 @@ def test_the_advice_comes_for_long_documents_and_a_task_of_sentences_only():
     phrases = ["a gorgeous , witty film", "dull", "not bad at all", "the plot goes nowhere fast"] * 10
     reviews = [" ".join(["word"] * 200)] * 10
     sentences = [" ".join(["word"] * 16)] * 10
-    assert "sparse-distill sentences" in sentence_advice(phrases, reviews)
+    assert "split into sentences, they help" in sentence_advice(phrases, reviews)
     assert sentence_advice(phrases, sentences) is None  # a sentence corpus, 4 times the phrases' length at most
     assert sentence_advice(reviews, reviews) is None  # a task of reviews reads whole reviews
 

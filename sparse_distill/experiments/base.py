@@ -25,7 +25,7 @@ from sparse_distill.config import (
 from sparse_distill.data import DataError
 from sparse_distill.evaluation import measure_throughput, repeat_to
 from sparse_distill.inference import StudentPredictor
-from sparse_distill.pipeline import TaskData, stage_fingerprints
+from sparse_distill.pipeline import TaskData, split_config, stage_fingerprints
 from sparse_distill.run_store import label_dir_fingerprint
 from sparse_distill.soft_labels import iter_soft_labels
 from sparse_distill.student import DanStudent
@@ -66,6 +66,7 @@ class BaseRun:
     def from_run_dir(cls, config: PipelineConfig, run_dir: str | Path) -> BaseRun:
         """Read the stages' `result.json`; each must have been made for this config (same fingerprint)."""
         run_dir = Path(run_dir)
+        config = split_config(config, run_dir)  # the corpus the stages read, where the run split it into sentences
         fps = stage_fingerprints(config)
 
         def stage(name: str, required: bool = True) -> dict | None:
