@@ -170,7 +170,13 @@ class TransferConfig(_Strict):
     copies_per_text: int = Field(
         8, ge=1, description="Auto size: distil on at least this many documents per train row (corpus + transfer)."
     )
-    max_size: int = Field(200_000, ge=1, description="Auto size: at most this many texts.")
+    min_documents: int = Field(
+        64_000,
+        ge=0,
+        description="Auto size: distil on at least this many documents (corpus + transfer) however few the train "
+        "rows, at most max_size.",
+    )
+    max_size: int = Field(600_000, ge=1, description="Auto size: at most this many texts.")
     methods: list[Literal["eda", "ngram", "dropout", "mix", "neighbour"]] = Field(
         ["eda", "ngram", "dropout", "mix", "neighbour"],
         min_length=1,

@@ -192,6 +192,11 @@ def data_fingerprint(data: DataConfig, splits: tuple[str, ...] = ("train", "dev"
 # Fields added after runs were cached, with their default: left out of the key at that default, so the old runs stay
 # valid (they were trained with exactly that behaviour).
 _ADDED_STUDENT_FIELDS = {"layers": 1, "members": 1}
+_ADDED_TRANSFER_FIELDS = {"min_documents": 0}
+
+
+def _without_added(section: dict[str, Any], added: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in section.items() if added.get(k, object()) != v}
 
 
 def _rows(path: str, limit: int | None) -> int | None:
@@ -235,8 +240,7 @@ def lineage_datasets(cfg: PipelineConfig, out_dir: str | Path) -> list[DatasetRe
 
 def student_key(cfg: PipelineConfig) -> dict[str, Any]:
     """The student section as it enters cache keys."""
-    dumped = cfg.student.model_dump(mode="json")
-    return {k: v for k, v in dumped.items() if _ADDED_STUDENT_FIELDS.get(k, object()) != v}
+    return _without_added(cfg.student.model_dump(mode="json"), _ADDED_STUDENT_FIELDS)
 
 
 def distill_label_stages(cfg: PipelineConfig) -> list[str]:
@@ -280,9 +284,8 @@ def stage_fingerprints(cfg: PipelineConfig) -> dict[str, str]:
     )
     # Neighbour replacement and the teacher's words read the teacher's backbone (by name: a hub id or a local folder).
     backbone = cfg.teacher.model if "neighbour" in cfg.transfer.methods or cfg.transfer.teacher_words else None
-    fp["transfer"] = fingerprint(
-        "transfer", cfg.transfer, data_fingerprint(cfg.data, ("train",), corpus=True), backbone
-    )
+    transfer = _without_added(cfg.transfer.model_dump(mode="json"), _ADDED_TRANSFER_FIELDS)
+    fp["transfer"] = fingerprint("transfer", transfer, data_fingerprint(cfg.data, ("train",), corpus=True), backbone)
     vocab_cfg = cfg.vocab.model_dump(exclude=VocabConfig.RUNTIME_FIELDS)
     counted = [data_fingerprint(cfg.data, ("train",), corpus=True)]
     if cfg.transfer.size != 0:
@@ -462,11 +465,13 @@ def transfer_size(cfg: PipelineConfig, train_rows: int, corpus_rows: int) -> tup
     t = cfg.transfer
     if t.size is not None:
         return t.size, "transfer.size set"
-    wanted = t.copies_per_text * train_rows
+    copies = t.copies_per_text * train_rows
+    wanted = max(copies, t.min_documents) if train_rows else 0
+    floor = f", at least transfer.min_documents {t.min_documents:,}," if wanted > copies else ""
     size = min(t.max_size, max(0, wanted - corpus_rows))
     return size, (
-        f"auto: {t.copies_per_text} distillation documents per train row wanted ({wanted:,}), the corpus has "
-        f"{corpus_rows:,}, so {size:,} transfer texts (at most transfer.max_size {t.max_size:,})"
+        f"auto: {t.copies_per_text} distillation documents per train row ({copies:,}){floor} wanted ({wanted:,}), "
+        f"the corpus has {corpus_rows:,}, so {size:,} transfer texts (at most transfer.max_size {t.max_size:,})"
     )
 
 

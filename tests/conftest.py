@@ -89,6 +89,7 @@ def tiny_pipeline(tiny_data: Path, tiny_teacher: Path, mlflow_uri: str, name: st
         "teacher": {"model": str(tiny_teacher), "max_length": 32, "batch_size": 32, "lr": 3e-3, "epochs": 4},
         "label": {"shard_size": 128, "batch_size": 64},
         "vocab": {"size": 500, "ngram_max": 2},
+        "transfer": {"min_documents": 0},  # copies per train row only: a tiny task labels a tiny transfer set
         "student": {"dim": 16, "hidden": 16},
         "distill": {"lr": 1e-2, "batch_size": 64, "epochs": 6, "eval_every": 10, "shuffle_buffer": 200},
         "finetune": {"lr": 1e-3, "batch_size": 64, "epochs": 1, "eval_every": 5},

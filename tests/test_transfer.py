@@ -45,7 +45,13 @@ def _config(
             "data": {"data_dir": str(d), "train": "train.parquet", "dev": "dev.parquet", "corpus": corpus, **data},
             # Without the neighbour method run_transfer never loads the teacher (tests of it give one).
             "teacher": {"model": str(teacher or tmp_path / "no-teacher-here")},
-            "transfer": {"methods": ["eda", "ngram", "dropout", "mix"], "teacher_words": False, **(transfer or {})},
+            # Copies per train row only (no floor of documents), unless a test sets it.
+            "transfer": {
+                "methods": ["eda", "ngram", "dropout", "mix"],
+                "teacher_words": False,
+                "min_documents": 0,
+                **(transfer or {}),
+            },
         }
     )
 
@@ -72,7 +78,20 @@ def test_auto_without_a_corpus_is_copies_per_train_row_capped_at_max_size(tmp_pa
     size, reason = transfer_size(cfg, 400, 0)
     assert size == 1000 and "max_size" in reason and "1,000" in reason
     assert transfer_size(cfg, 0, 0)[0] == 0
-    assert transfer_size(_config(tmp_path), 100, 0)[0] == TransferConfig().copies_per_text * 100  # the default
+    default = PipelineConfig.model_validate({**_config(tmp_path).model_dump(), "transfer": TransferConfig()})
+    assert transfer_size(default, 100_000, 0)[0] == TransferConfig().max_size  # the defaults: capped ...
+    assert transfer_size(default, 10_000, 0)[0] == TransferConfig().copies_per_text * 10_000
+    assert transfer_size(default, 1_000, 0)[0] == TransferConfig().min_documents  # ... with a floor
+
+
+def test_auto_wants_at_least_min_documents_however_few_the_train_rows(tmp_path):
+    cfg = _config(tmp_path, {"copies_per_text": 3, "max_size": 1000, "min_documents": 500})
+    size, reason = transfer_size(cfg, 100, 0)
+    assert size == 500 and "at least transfer.min_documents 500" in reason
+    assert transfer_size(cfg, 100, 200)[0] == 300  # the corpus counts towards it
+    assert transfer_size(cfg, 200, 0)[0] == 600  # copies per row above the floor: the floor plays no part
+    assert "min_documents" not in transfer_size(cfg, 200, 0)[1]
+    assert transfer_size(cfg, 0, 0)[0] == 0  # no train rows, nothing to make texts from
 
 
 def test_auto_beside_a_big_corpus_is_empty(tmp_path):

@@ -37,7 +37,7 @@ def _task_states(flow_run_id) -> dict[str, str]:
 def _no_corpus_config(raw: dict, **transfer) -> PipelineConfig:
     raw = {**raw, "data": {**raw["data"], "corpus": []}}
     raw["teacher"] = {**raw["teacher"], "skip_finetune": True}  # the random tiny teacher labels as it is: faster
-    raw["transfer"] = {"copies_per_text": 1, **transfer}  # auto size: one text per train row (no corpus)
+    raw["transfer"] = {"copies_per_text": 1, "min_documents": 0, **transfer}  # auto: one text per train row
     # One pass over the distillation data: the step budget tells how many documents it had.
     raw["distill"] = {"lr": 1e-2, "batch_size": DISTILL_BATCH, "epochs": 1, "eval_every": 4, "shuffle_buffer": 200}
     raw["finetune"] = {"lr": 1e-3, "batch_size": 64, "max_steps": 3, "eval_every": 3}
