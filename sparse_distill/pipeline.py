@@ -116,7 +116,7 @@ def corpus_split_fingerprint(cfg: PipelineConfig) -> str | None:
 
 def run_corpus_sentences(cfg: PipelineConfig, out_dir: str | Path) -> dict[str, Any]:
     """Split `data.corpus` into one Parquet file of sentences (`SENTENCES_FILE`) when `data.corpus_split` is
-    "sentences", or "auto" and its documents are far longer than the train texts (`sentences.sentence_advice`). The
+    "sentences", or "auto" and its documents are far longer than the train texts (`sentences.far_longer`). The
     record's `corpus` lists the files the later stages read (the sentences, or the corpus as it was) and `reason` says
     why."""
     d = cfg.data
