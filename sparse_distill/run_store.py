@@ -66,21 +66,28 @@ def digest_cache_dir() -> Path:
     return Path(root) / "digests"
 
 
+# Digests already looked up by this process, by file stamp: every stage's key fingerprints the same input files.
+_DIGESTS: dict[str, str] = {}
+
+
 def _file_digest(path: str) -> str:
     """blake2b of a file's bytes, read once per version of the file: the digest is kept in `digest_cache_dir()` under
     the file's path, size, modification time and inode, so an unchanged file is not read again."""
     st = os.stat(path)
     stamp = f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+    if stamp in _DIGESTS:
+        return _DIGESTS[stamp]
     cached = digest_cache_dir() / hashlib.sha256(stamp.encode()).hexdigest()[:32]
     try:
-        return cached.read_text().strip()
+        _DIGESTS[stamp] = cached.read_text().strip()
+        return _DIGESTS[stamp]
     except OSError:
         pass
     h = hashlib.blake2b(digest_size=16)
     with open(path, "rb") as f:
         while block := f.read(1 << 22):
             h.update(block)
-    digest = h.hexdigest()
+    digest = _DIGESTS[stamp] = h.hexdigest()
     try:
         atomic_write_text(cached, digest)
     except OSError as e:  # a read-only home only costs reading the file again next time
