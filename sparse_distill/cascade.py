@@ -22,7 +22,7 @@ import numpy as np
 from sparse_distill.data import LabelMap
 from sparse_distill.inference import StudentPredictor
 from sparse_distill.student import LABEL_MAP
-from sparse_distill.teacher import TeacherPredictor
+from sparse_distill.teacher import TRAINING_INFO, TeacherPredictor
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +31,6 @@ METRICS: tuple[str, ...] = ("max_prob", "margin")
 # Teachers fine-tuned before training_info.json recorded max_length: TeacherConfig's default, which
 # the pipeline also labels and evaluates with unless the config says otherwise.
 DEFAULT_TEACHER_MAX_LENGTH = 128
-TEACHER_TRAINING_INFO = "training_info.json"
 # Percentiles of the confidences tried by default (0, 1, ..., 100): about a hundred points on the curve.
 _DEFAULT_QUANTILES = np.linspace(0.0, 1.0, 101)
 
@@ -151,7 +150,7 @@ def teacher_max_length(teacher_dir: str | Path) -> int:
 
     Not the tokenizer's model_max_length: that is the architecture's limit (512 for BERT), not what it was tuned on.
     """
-    info = Path(teacher_dir) / TEACHER_TRAINING_INFO
+    info = Path(teacher_dir) / TRAINING_INFO
     if info.exists():
         value = json.loads(info.read_text()).get("max_length")
         if isinstance(value, int) and value > 0:

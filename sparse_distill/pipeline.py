@@ -26,7 +26,6 @@ from sparse_distill.config import (
     LabelConfig,
     LabelJob,
     PipelineConfig,
-    TeacherConfig,
     TrainConfig,
     VocabConfig,
     VocabJob,
@@ -275,8 +274,7 @@ def stage_fingerprints(cfg: PipelineConfig) -> dict[str, str]:
     """
     code = {stage: code_fingerprint(*names) for stage, names in STAGE_CODE.items()}
     fp: dict[str, str] = {}
-    teacher_cfg = cfg.teacher.model_dump(mode="json", exclude=TeacherConfig.RUNTIME_FIELDS)
-    fp["teacher"] = fingerprint("teacher", data_fingerprint(cfg.data, ("train", "dev")), teacher_cfg)
+    fp["teacher"] = fingerprint("teacher", data_fingerprint(cfg.data, ("train", "dev")), cfg.teacher.cache_dump())
     label_cfg = cfg.label.model_dump(exclude={"include_train", *LabelConfig.RUNTIME_FIELDS})
     fp["label_train"] = fingerprint("label_train", fp["teacher"], label_cfg, data_fingerprint(cfg.data, ("train",)))
     fp["label_corpus"] = fingerprint(

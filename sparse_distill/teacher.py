@@ -53,6 +53,50 @@ def plan_teacher_budget(num_docs: int, config: TeacherConfig) -> Budget:
     return Budget(steps, eval_every, epochs, reason)
 
 
+# Where a teacher folder records how it was fine-tuned (written with its weights, read by every consumer).
+TRAINING_INFO = "training_info.json"
+# A long document's characters kept at each end before tokenising for head_tail: far more than the tokens kept (no
+# tokenizer packs 16 characters into one token), so the tokens are those of the whole text, at a bounded cost.
+_CHARS_PER_TOKEN_BOUND = 16
+
+
+def tokenize(tokenizer, texts: list[str], max_length: int, truncation: str = "head") -> dict[str, list[list[int]]]:
+    """Token ids (and token type ids, where the tokenizer has them) of each text, special tokens included, at most
+    `max_length` per text: `head` keeps the first ones; `head_tail` the first half and the last half, so the
+    opening special token and the closing one both stay (TeacherConfig.truncation)."""
+    if truncation == "head":
+        enc = tokenizer(texts, truncation=True, max_length=max_length)
+    elif truncation == "head_tail":
+        keep = max_length * _CHARS_PER_TOKEN_BOUND
+        texts = [t if len(t) <= 2 * keep else f"{t[:keep]} {t[-keep:]}" for t in texts]
+        enc = tokenizer(texts, truncation=False, verbose=False)
+    else:
+        raise ValueError(f"unknown truncation {truncation!r} (head, head_tail)")
+    return {
+        k: [_head_tail(list(ids), max_length) for ids in enc[k]] for k in ("input_ids", "token_type_ids") if k in enc
+    }
+
+
+def _head_tail(ids: list[int], max_length: int) -> list[int]:
+    """The first max_length // 2 ids and the last of the rest, or all of them when they fit."""
+    head = max_length // 2
+    return ids if len(ids) <= max_length else ids[:head] + ids[len(ids) - (max_length - head) :]
+
+
+def padded_inputs(tokenizer, texts: list[str], max_length: int, truncation: str, device: str) -> dict:
+    """A batch of texts as padded model inputs on `device` (see `tokenize`)."""
+    enc = tokenizer.pad(tokenize(tokenizer, texts, max_length, truncation), return_tensors="pt")
+    return {k: v.to(device) for k, v in enc.items()}
+
+
+def teacher_truncation(model_dir: str | Path) -> str:
+    """How the teacher in `model_dir` was fine-tuned to cut long documents (its training_info.json); `head` for a
+    folder that does not say (a checkpoint from elsewhere, or a teacher fine-tuned before this was recorded)."""
+    info = Path(model_dir) / TRAINING_INFO
+    value = json.loads(info.read_text()).get("truncation") if info.exists() else None
+    return value if value in ("head", "head_tail") else "head"
+
+
 def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
     """Index batches of similar length (less padding), in sorted order."""
     order = np.argsort(np.asarray(lengths), kind="stable")
@@ -75,8 +119,11 @@ class TeacherPredictor:
         device: str | None = None,
         precision: str = "auto",
         quantize_int8: bool = False,
+        truncation: str | None = None,
     ) -> None:
         self.model_dir = Path(model_dir)
+        # Long documents are cut the way the teacher was fine-tuned on them unless the caller says otherwise.
+        self.truncation = truncation or teacher_truncation(model_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         self.model = AutoModelForSequenceClassification.from_pretrained(str(model_dir))
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -99,7 +146,7 @@ class TeacherPredictor:
         out = np.zeros((len(texts), self.num_labels), np.float32)
         if not texts:
             return out
-        enc = self.tokenizer(texts, truncation=True, max_length=self.max_length)
+        enc = tokenize(self.tokenizer, texts, self.max_length, self.truncation)
         ids = enc["input_ids"]
         types = enc.get("token_type_ids")
         for batch in length_sorted_batches([len(x) for x in ids], batch_size):
@@ -137,8 +184,7 @@ class TeacherPredictor:
         done = 0
         for start in range(0, len(texts), batch_size):
             chunk = texts[start : start + batch_size]
-            enc = self.tokenizer(chunk, truncation=True, max_length=self.max_length, padding=True, return_tensors="pt")
-            enc = {k: v.to(self.device) for k, v in enc.items()}
+            enc = padded_inputs(self.tokenizer, chunk, self.max_length, self.truncation, self.device)
             hidden = encoder(**enc).last_hidden_state.float()
             mask = enc["attention_mask"].unsqueeze(-1).float()
             out[start : start + len(chunk)] = ((hidden * mask).sum(1) / mask.sum(1).clamp_min(1)).cpu().numpy()
@@ -303,9 +349,7 @@ def finetune_teacher(
     best_dir = out_dir / "model"
     if config.skip_finetune:
         acc = _dev_accuracy(model, tokenizer, dev_texts, dev_labels, config, device)
-        _save_checkpoint(
-            model, tokenizer, best_dir, label_map, {"dev_accuracy": acc, "step": 0, "max_length": config.max_length}
-        )
+        _save_checkpoint(model, tokenizer, best_dir, label_map, _training_info(config, acc, 0))
         seconds = time.perf_counter() - start
         return TeacherResult(str(best_dir), acc, 0, 0, seconds, "none: the checkpoint as it is (skip_finetune)")
 
@@ -361,13 +405,9 @@ def finetune_teacher(
             if step >= total_steps:
                 break
             model.train()
-            enc = tokenizer(
-                [train_texts[i] for i in batch],
-                truncation=True,
-                max_length=config.max_length,
-                padding=True,
-                return_tensors="pt",
-            ).to(device)
+            enc = padded_inputs(
+                tokenizer, [train_texts[i] for i in batch], config.max_length, config.truncation, device
+            )
             labels = torch.tensor([train_labels[i] for i in batch], device=device)
             with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
                 loss = model(**enc, labels=labels).loss
@@ -394,7 +434,7 @@ def finetune_teacher(
                         tokenizer,
                         best_dir,
                         label_map,
-                        {"dev_accuracy": acc, "step": step, "max_length": config.max_length},
+                        _training_info(config, acc, step),
                     )
             if config.checkpoint_every and step % config.checkpoint_every == 0 and step < total_steps:
                 _save_state(
@@ -425,7 +465,7 @@ RESUME_STATE = "state.pt"
 
 
 def _setup_key(config: TeacherConfig, texts: list[str], labels: list[int], label_map: LabelMap) -> str:
-    exact = config.model_dump(mode="json", exclude=TeacherConfig.RUNTIME_FIELDS)
+    exact = config.cache_dump()
     data = fingerprint(len(texts), texts[:100], texts[-100:], labels)
     return fingerprint("teacher-resume", exact, data, [str(v) for v in label_map.labels])
 
@@ -508,12 +548,20 @@ def _dev_accuracy(model, tokenizer, texts: list[str], labels: list[int], config:
     model.eval()
     correct = 0
     for batch in length_sorted_batches([len(t) for t in texts], config.eval_batch_size):
-        enc = tokenizer(
-            [texts[i] for i in batch], truncation=True, max_length=config.max_length, padding=True, return_tensors="pt"
-        ).to(device)
+        enc = padded_inputs(tokenizer, [texts[i] for i in batch], config.max_length, config.truncation, device)
         pred = model(**enc).logits.argmax(-1).cpu().numpy()
         correct += int((pred == np.asarray([labels[i] for i in batch])).sum())
     return correct / max(1, len(texts))
+
+
+def _training_info(config: TeacherConfig, dev_accuracy: float, step: int) -> dict:
+    """What the teacher folder records about its fine-tuning: its consumers read how it cuts long documents here."""
+    return {
+        "dev_accuracy": dev_accuracy,
+        "step": step,
+        "max_length": config.max_length,
+        "truncation": config.truncation,
+    }
 
 
 def _save_checkpoint(model, tokenizer, out_dir: Path, label_map: LabelMap, info: dict) -> None:
@@ -522,6 +570,6 @@ def _save_checkpoint(model, tokenizer, out_dir: Path, label_map: LabelMap, info:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
         label_map.save(tmp / "label_map.json")
-        atomic_write_text(tmp / "training_info.json", json.dumps(info, indent=2))
+        atomic_write_text(tmp / TRAINING_INFO, json.dumps(info, indent=2))
 
     write_dir_atomically(out_dir, write)

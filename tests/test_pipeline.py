@@ -95,6 +95,14 @@ def test_the_distillation_loss_counts_in_distillation_only_and_kl_keeps_old_keys
     assert stage_fingerprints(_with(tiny_config, "finetune", loss="kl")) == fps
 
 
+def test_the_teachers_truncation_is_the_teachers_and_head_keeps_old_keys(tiny_config):
+    fps = stage_fingerprints(tiny_config)
+    assert tiny_config.teacher.truncation == "head_tail"
+    head = _with(tiny_config, "teacher", truncation="head")
+    assert _changed(fps, stage_fingerprints(head)) == STAGES - {"vocab", "scratch"}
+    assert "truncation" not in head.teacher.cache_dump() and "truncation" in tiny_config.teacher.cache_dump()
+
+
 def test_how_the_work_is_spread_stays_out_of_the_keys(tiny_config):
     fps = stage_fingerprints(tiny_config)
     spread = _with(tiny_config, "label", runner="process", workers=4, retries=5)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from sparse_distill.teacher import sample_rows
 
@@ -154,3 +155,53 @@ def test_auto_precision_labels_close_to_fp32(tiny_teacher):
     exact = TeacherPredictor(tiny_teacher, max_length=16, precision="fp32").predict_proba(texts)
     auto = TeacherPredictor(tiny_teacher, max_length=16, precision="auto").predict_proba(texts)
     np.testing.assert_allclose(auto, exact, atol=0.02)
+
+
+def test_head_tail_keeps_both_ends_of_a_long_text_and_leaves_short_ones_alone(tiny_teacher):
+    from transformers import AutoTokenizer
+
+    from sparse_distill.teacher import padded_inputs, tokenize
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_teacher))
+    long = "great " * 10 + "the film " * 40 + "awful " * 10
+    full = tok(long)["input_ids"]
+    assert len(full) > 32
+    head = tokenize(tok, [long], 32, "head")["input_ids"][0]
+    both = tokenize(tok, [long], 32, "head_tail")["input_ids"][0]
+    assert head == full[:31] + [tok.sep_token_id]  # the head alone never reaches "awful"
+    assert both == full[:16] + full[-16:]  # first half with [CLS], last half with "awful" and [SEP]
+    assert tok.convert_tokens_to_ids("awful") in both and tok.convert_tokens_to_ids("awful") not in head
+    short = "great film"
+    assert tokenize(tok, [short], 32, "head_tail") == tokenize(tok, [short], 32, "head")
+    # A text far longer than the character bound is cut the same way as if tokenised whole.
+    huge = "great " * 20 + "plot " * 5000 + "awful " * 20
+    assert tokenize(tok, [huge], 32, "head_tail")["input_ids"][0] == tok(huge)["input_ids"][:16] + tok(huge)[
+        "input_ids"
+    ][-16:]
+    batch = padded_inputs(tok, [long, short], 32, "head_tail", "cpu")
+    assert batch["input_ids"].shape == (2, 32) and batch["attention_mask"][1].sum() == len(tok(short)["input_ids"])
+    with pytest.raises(ValueError, match="truncation"):
+        tokenize(tok, [long], 32, "tail")
+
+
+def test_the_teacher_records_its_truncation_and_its_predictor_reads_it(tiny_teacher, tiny_data, tmp_path):
+    from sparse_distill import teacher
+    from sparse_distill.config import TeacherConfig
+    from sparse_distill.data import LabelMap, load_split
+
+    train, dev = (load_split(str(tiny_data / f"{s}.parquet")) for s in ("train", "dev"))
+    lm = LabelMap.from_values(train.labels)
+    assert teacher.teacher_truncation(tiny_teacher) == "head"  # a folder that does not say: as before
+    cfg = TeacherConfig(model=str(tiny_teacher), max_length=16, epochs=0.1, checkpoint_every=None)
+    assert cfg.truncation == "head_tail"
+    result = teacher.finetune_teacher(
+        cfg, train.texts, lm.encode(train.labels), dev.texts, lm.encode(dev.labels), lm, tmp_path
+    )
+    assert teacher.teacher_truncation(result.model_dir) == "head_tail"
+    predictor = teacher.TeacherPredictor(result.model_dir, max_length=16, precision="fp32")
+    assert predictor.truncation == "head_tail"
+    texts = [" ".join(["the film"] * 20 + ["awful"] * 5), "great"]
+    tail = predictor.predict_logits(texts)
+    head = teacher.TeacherPredictor(result.model_dir, max_length=16, precision="fp32", truncation="head")
+    assert not np.allclose(tail[0], head.predict_logits(texts)[0])  # the long text is read differently
+    np.testing.assert_allclose(tail[1], head.predict_logits(texts)[1], rtol=1e-5)  # the short one is not
