@@ -175,9 +175,10 @@ def test_head_tail_keeps_both_ends_of_a_long_text_and_leaves_short_ones_alone(ti
     assert tokenize(tok, [short], 32, "head_tail") == tokenize(tok, [short], 32, "head")
     # A text far longer than the character bound is cut the same way as if tokenised whole.
     huge = "great " * 20 + "plot " * 5000 + "awful " * 20
-    assert tokenize(tok, [huge], 32, "head_tail")["input_ids"][0] == tok(huge)["input_ids"][:16] + tok(huge)[
-        "input_ids"
-    ][-16:]
+    assert (
+        tokenize(tok, [huge], 32, "head_tail")["input_ids"][0]
+        == tok(huge)["input_ids"][:16] + tok(huge)["input_ids"][-16:]
+    )
     batch = padded_inputs(tok, [long, short], 32, "head_tail", "cpu")
     assert batch["input_ids"].shape == (2, 32) and batch["attention_mask"][1].sum() == len(tok(short)["input_ids"])
     with pytest.raises(ValueError, match="truncation"):
