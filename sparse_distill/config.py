@@ -22,6 +22,18 @@ class ConfigError(ValueError):
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
+    # Where and how a section's work runs, not what it computes: left out of cache keys.
+    RUNTIME_FIELDS: ClassVar[set[str]] = set()
+    # Fields added after runs were cached, with the value that reproduces those runs: left out of the key at that
+    # value, so the old runs stay valid (they were made with exactly that behaviour).
+    ADDED_FIELDS: ClassVar[dict[str, Any]] = {}
+
+    def cache_dump(self) -> dict[str, Any]:
+        """The section as it enters cache keys (and checkpoint keys): runtime fields and new fields at their old
+        behaviour left out."""
+        dumped = self.model_dump(mode="json", exclude=self.RUNTIME_FIELDS)
+        return {k: v for k, v in dumped.items() if self.ADDED_FIELDS.get(k, object()) != v}
+
 
 class DataConfig(_Strict):
     """Where the splits live and which columns hold what."""
@@ -84,14 +96,7 @@ class TeacherConfig(_Strict):
 
     # How the work is checkpointed, not what it computes: left out of the stage's cache key.
     RUNTIME_FIELDS: ClassVar[set[str]] = {"checkpoint_every"}
-    # Fields added after teachers were cached, with the value that reproduces them: left out of the key at that value.
     ADDED_FIELDS: ClassVar[dict[str, Any]] = {"truncation": "head"}
-
-    def cache_dump(self) -> dict[str, Any]:
-        """The section as it enters the teacher stage's key: runtime fields and new fields at their old behaviour
-        left out."""
-        dumped = self.model_dump(mode="json", exclude=self.RUNTIME_FIELDS)
-        return {k: v for k, v in dumped.items() if self.ADDED_FIELDS.get(k, object()) != v}
 
 
 class RunnerConfig(_Strict):
@@ -211,6 +216,8 @@ class TransferConfig(_Strict):
     dropout: float = Field(0.2, gt=0, lt=1, description="Word dropout: probability of dropping each word.")
     seed: int = Field(13, description="Random seed of the generator.")
 
+    ADDED_FIELDS: ClassVar[dict[str, Any]] = {"min_documents": 0}
+
 
 class StudentConfig(_Strict):
     """The Deep Averaging Network."""
@@ -232,6 +239,8 @@ class StudentConfig(_Strict):
         "dim // members columns of the table through its own dense layers, and the student predicts the mean of "
         "their probabilities: an ensemble for the memory and speed of one table. At most dim members are made.",
     )
+
+    ADDED_FIELDS: ClassVar[dict[str, Any]] = {"layers": 1, "members": 1}
 
     @property
     def member_count(self) -> int:
@@ -333,12 +342,6 @@ class TrainConfig(_Strict):
         "gold_weight": 0.0,
         "loss": "kl",
     }
-
-    def cache_dump(self) -> dict[str, Any]:
-        """The section as it enters cache keys (and checkpoint keys): runtime fields and new fields at their old
-        behaviour left out."""
-        dumped = self.model_dump(mode="json", exclude=self.RUNTIME_FIELDS)
-        return {k: v for k, v in dumped.items() if self.ADDED_FIELDS.get(k, object()) != v}
 
 
 class EvalConfig(_Strict):

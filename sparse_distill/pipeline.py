@@ -188,16 +188,6 @@ def data_fingerprint(data: DataConfig, splits: tuple[str, ...] = ("train", "dev"
     return fingerprint(files, cols)
 
 
-# Fields added after runs were cached, with their default: left out of the key at that default, so the old runs stay
-# valid (they were trained with exactly that behaviour).
-_ADDED_STUDENT_FIELDS = {"layers": 1, "members": 1}
-_ADDED_TRANSFER_FIELDS = {"min_documents": 0}
-
-
-def _without_added(section: dict[str, Any], added: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in section.items() if added.get(k, object()) != v}
-
-
 def _rows(path: str, limit: int | None) -> int | None:
     """A file's row count (streaming; Parquet from its footer), or None when it cannot be counted here."""
     from sparse_distill.corpus import index_rows
@@ -239,7 +229,7 @@ def lineage_datasets(cfg: PipelineConfig, out_dir: str | Path) -> list[DatasetRe
 
 def student_key(cfg: PipelineConfig) -> dict[str, Any]:
     """The student section as it enters cache keys."""
-    return _without_added(cfg.student.model_dump(mode="json"), _ADDED_STUDENT_FIELDS)
+    return cfg.student.cache_dump()
 
 
 def distill_label_stages(cfg: PipelineConfig) -> list[str]:
@@ -282,8 +272,9 @@ def stage_fingerprints(cfg: PipelineConfig) -> dict[str, str]:
     )
     # Neighbour replacement and the teacher's words read the teacher's backbone (by name: a hub id or a local folder).
     backbone = cfg.teacher.model if "neighbour" in cfg.transfer.methods or cfg.transfer.teacher_words else None
-    transfer = _without_added(cfg.transfer.model_dump(mode="json"), _ADDED_TRANSFER_FIELDS)
-    fp["transfer"] = fingerprint("transfer", transfer, data_fingerprint(cfg.data, ("train",), corpus=True), backbone)
+    fp["transfer"] = fingerprint(
+        "transfer", cfg.transfer.cache_dump(), data_fingerprint(cfg.data, ("train",), corpus=True), backbone
+    )
     vocab_cfg = cfg.vocab.model_dump(exclude=VocabConfig.RUNTIME_FIELDS)
     counted = [data_fingerprint(cfg.data, ("train",), corpus=True)]
     if cfg.transfer.size != 0:
