@@ -30,6 +30,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, help="JSON file for the figures (default: benchmarks/results/...).")
     args = p.parse_args()
 
+    from transformers import AutoTokenizer
+
     from sparse_distill.config import load_config
     from sparse_distill.pipeline import load_task_data
     from sparse_distill.run_store import stage_dir
@@ -43,7 +45,7 @@ def main() -> None:
     result: dict = {"run": str(run), "max_length": budget, "trained_with": teacher_truncation(model_dir)}
     for split in args.splits:
         texts, gold = getattr(data, split).texts, np.asarray(data.encoded(getattr(data, split)))
-        whole = tokenize(TeacherPredictor(model_dir).tokenizer, texts, 10**9)["input_ids"]
+        whole = tokenize(AutoTokenizer.from_pretrained(str(model_dir)), texts, 10**9)["input_ids"]
         row = {"texts": len(texts), "over_budget": int(sum(len(ids) > budget for ids in whole))}
         for cut in CUTS:
             start = time.perf_counter()

@@ -11,7 +11,6 @@ what each threshold costs and buys; `pick_threshold` reads the fastest one that 
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,7 +21,7 @@ import numpy as np
 from sparse_distill.data import LabelMap
 from sparse_distill.inference import StudentPredictor
 from sparse_distill.student import LABEL_MAP
-from sparse_distill.teacher import TRAINING_INFO, TeacherPredictor
+from sparse_distill.teacher import TeacherPredictor, training_info
 
 logger = logging.getLogger(__name__)
 
@@ -150,12 +149,8 @@ def teacher_max_length(teacher_dir: str | Path) -> int:
 
     Not the tokenizer's model_max_length: that is the architecture's limit (512 for BERT), not what it was tuned on.
     """
-    info = Path(teacher_dir) / TRAINING_INFO
-    if info.exists():
-        value = json.loads(info.read_text()).get("max_length")
-        if isinstance(value, int) and value > 0:
-            return value
-    return DEFAULT_TEACHER_MAX_LENGTH
+    value = training_info(teacher_dir).get("max_length")
+    return value if isinstance(value, int) and value > 0 else DEFAULT_TEACHER_MAX_LENGTH
 
 
 def teacher_labels(teacher: TeacherPredictor) -> list | None:

@@ -89,11 +89,17 @@ def padded_inputs(tokenizer, texts: list[str], max_length: int, truncation: str,
     return {k: v.to(device) for k, v in enc.items()}
 
 
-def teacher_truncation(model_dir: str | Path) -> str:
-    """How the teacher in `model_dir` was fine-tuned to cut long documents (its training_info.json); `head` for a
-    folder that does not say (a checkpoint from elsewhere, or a teacher fine-tuned before this was recorded)."""
+def training_info(model_dir: str | Path) -> dict:
+    """What the teacher folder records about its fine-tuning (dev accuracy, step, max_length, truncation); empty for
+    a folder that does not say (a checkpoint from elsewhere)."""
     info = Path(model_dir) / TRAINING_INFO
-    value = json.loads(info.read_text()).get("truncation") if info.exists() else None
+    return json.loads(info.read_text()) if info.exists() else {}
+
+
+def teacher_truncation(model_dir: str | Path) -> str:
+    """How the teacher in `model_dir` was fine-tuned to cut long documents; `head` for a folder that does not say (a
+    checkpoint from elsewhere, or a teacher fine-tuned before this was recorded)."""
+    value = training_info(model_dir).get("truncation")
     return value if value in ("head", "head_tail") else "head"
 
 
