@@ -64,17 +64,16 @@ def tokenize(tokenizer, texts: list[str], max_length: int, truncation: str = "he
     """Token ids (and token type ids, where the tokenizer has them) of each text, special tokens included, at most
     `max_length` per text: `head` keeps the first ones; `head_tail` the first half and the last half, so the
     opening special token and the closing one both stay (TeacherConfig.truncation)."""
+    keys = ("input_ids", "token_type_ids")
     if truncation == "head":
         enc = tokenizer(texts, truncation=True, max_length=max_length)
-    elif truncation == "head_tail":
-        keep = max_length * _CHARS_PER_TOKEN_BOUND
-        texts = [t if len(t) <= 2 * keep else f"{t[:keep]} {t[-keep:]}" for t in texts]
-        enc = tokenizer(texts, truncation=False, verbose=False)
-    else:
+        return {k: enc[k] for k in keys if k in enc}
+    if truncation != "head_tail":
         raise ValueError(f"unknown truncation {truncation!r} (head, head_tail)")
-    return {
-        k: [_head_tail(list(ids), max_length) for ids in enc[k]] for k in ("input_ids", "token_type_ids") if k in enc
-    }
+    keep = max_length * _CHARS_PER_TOKEN_BOUND
+    texts = [t if len(t) <= 2 * keep else f"{t[:keep]} {t[-keep:]}" for t in texts]
+    enc = tokenizer(texts, truncation=False, verbose=False)
+    return {k: [_head_tail(list(ids), max_length) for ids in enc[k]] for k in keys if k in enc}
 
 
 def _head_tail(ids: list[int], max_length: int) -> list[int]:
