@@ -21,6 +21,7 @@ from sparse_distill.data import atomic_write_text
 from sparse_distill.locks import folder_lock
 from sparse_distill.pipeline import (
     corpus_split_fingerprint,
+    dev_holdout_fingerprint,
     distill_label_stages,
     feature_dirs,
     label_job,
@@ -127,14 +128,18 @@ def base_stages_flow(config: PipelineConfig, run_dir: str | None = None) -> dict
 
 
 def _split_corpus(config: PipelineConfig, run_dir: str) -> PipelineConfig:
-    """The config the stages run with: where `data.corpus_split` says so, the corpus split into sentences first (a
-    stage of its own, cached), and the config's corpus replaced by them."""
-    fp = corpus_split_fingerprint(config)
-    if fp is None:
-        return config
-    fps = {"sentences": fp}
-    _fresh(stages.split_corpus, run_dir, "sentences", fps)(config, run_dir, fps, None)
-    return split_config(config, run_dir)
+    """The config the stages run with: without a dev split, part of train held out as dev first; where
+    `data.corpus_split` says so, the corpus split into sentences (each a stage of its own, cached), and the config's
+    splits replaced by their files."""
+    if (fp := dev_holdout_fingerprint(config)) is not None:
+        fps = {"holdout": fp}
+        _fresh(stages.hold_out_dev, run_dir, "holdout", fps)(config, run_dir, fps, None)
+        config = split_config(config, run_dir)
+    if (fp := corpus_split_fingerprint(config)) is not None:
+        fps = {"sentences": fp}
+        _fresh(stages.split_corpus, run_dir, "sentences", fps)(config, run_dir, fps, None)
+        config = split_config(config, run_dir)
+    return config
 
 
 def _transfer_set(

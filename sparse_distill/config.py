@@ -40,7 +40,18 @@ class DataConfig(_Strict):
 
     data_dir: str | None = Field(None, description="Base folder for relative split paths (e.g. ../shared/data/sst2).")
     train: str = Field(..., description="Train split: Parquet, CSV, JSONL, a saved datasets folder or hub:NAME:SPLIT.")
-    dev: str = Field(..., description="Dev split: model selection and the headline accuracy.")
+    dev: str | None = Field(
+        None,
+        description="Dev split: model selection and the headline accuracy. None: `dev_holdout` of the train rows are "
+        "held out as dev (a stage of the run, `holdout`).",
+    )
+    dev_holdout: float = Field(
+        0.1,
+        gt=0,
+        lt=0.5,
+        description="Without a dev split: the share of train rows held out as dev, per label (a label keeps at least "
+        "one train row), at most 5,000 rows, the same rows on every run of the same train file.",
+    )
     test: str | None = Field(None, description="Optional test split, reported beside dev.")
     corpus: list[str] = Field(default_factory=list, description="Unlabelled in-domain corpus files (globs allowed).")
     text_column: str = Field("text", description="Column holding the document text.")

@@ -40,6 +40,7 @@ from sparse_distill.data import (
     atomic_write_parquet,
     expand_paths,
     load_split,
+    read_table,
     resolve_path,
 )
 from sparse_distill.evaluation import classification_metrics, measure_throughput, repeat_to
@@ -145,11 +146,86 @@ def with_corpus_split(cfg: PipelineConfig, record: dict[str, Any]) -> PipelineCo
 
 
 def split_config(cfg: PipelineConfig, run_dir: str | Path) -> PipelineConfig:
-    """`cfg` as the stages of the run in `run_dir` ran it: with the sentences stage's file as its corpus where that
-    stage (fresh for `cfg`) split the corpus."""
+    """`cfg` as the stages of the run in `run_dir` ran it: with the holdout stage's train and dev files where that
+    stage (fresh for `cfg`) held dev out of train, then with the sentences stage's file as its corpus where that
+    stage split the corpus."""
+    fp = dev_holdout_fingerprint(cfg)
+    record = fresh_stage(run_dir, "holdout", fp) if fp else None
+    cfg = with_dev_holdout(cfg, record) if record else cfg
     fp = corpus_split_fingerprint(cfg)
     record = fresh_stage(run_dir, "sentences", fp) if fp else None
     return with_corpus_split(cfg, record) if record else cfg
+
+
+# A held-out dev split larger than this buys little precision and costs every dev evaluation (the teacher's most).
+DEV_HOLDOUT_MAX_ROWS = 5000
+
+
+def dev_holdout_fingerprint(cfg: PipelineConfig) -> str | None:
+    """The holdout stage's cache key: the train file, its columns and row limit, and the share held out; None when
+    the config names a dev split (no such stage)."""
+    d = cfg.data
+    if d.dev is not None:
+        return None
+    return fingerprint("holdout", data_fingerprint(d, ("train",)), d.dev_holdout, DEV_HOLDOUT_MAX_ROWS)
+
+
+def holdout_rows(labels: list[Any], share: float, max_rows: int = DEV_HOLDOUT_MAX_ROWS, seed: int = 0) -> list[int]:
+    """The sorted rows to hold out as dev: `share` of each label's rows (rounded, at most all but one of them, so
+    every label keeps a train row), scaled down to `max_rows` in all; drawn with `seed`, so always the same rows."""
+    by_label: dict[Any, list[int]] = {}
+    for i, label in enumerate(labels):
+        by_label.setdefault(label, []).append(i)
+    share = min(share, max_rows / max(len(labels), 1))
+    rng = np.random.default_rng(seed)
+    rows: list[int] = []
+    for label in sorted(by_label, key=str):
+        members = by_label[label]
+        take = min(round(share * len(members)), len(members) - 1)
+        rows.extend(rng.choice(members, size=take, replace=False).tolist())
+    return sorted(rows)
+
+
+def run_dev_holdout(cfg: PipelineConfig, out_dir: str | Path) -> dict[str, Any]:
+    """Hold `data.dev_holdout` of the train rows out as the dev split (`holdout_rows`): writes the rows kept as
+    `train.parquet` and the rows held out as `dev.parquet` in `out_dir`, every column as it was. The record's `train`
+    and `dev` are the files the later stages read, and `reason` says what was held out."""
+    d = cfg.data
+    path = split_path(d, "train")
+    assert path is not None  # the config requires a train split
+    # load_split validates the texts and labels and names the file and row of a bad one.
+    labels = load_split(path, d.text_column, d.label_column, d.id_column, d.max_train_samples).labels or []
+    table = read_table(path).slice(0, len(labels))
+    held = holdout_rows(labels, d.dev_holdout)
+    if not held:
+        raise DataError(
+            f"{path}: {len(labels)} train rows leave none to hold out as dev (data.dev_holdout {d.dev_holdout}): "
+            "give data.dev a dev split"
+        )
+    kept = np.setdiff1d(np.arange(len(labels)), held)
+    out = Path(out_dir).resolve()
+    # Each file is written whole (temp file, then rename); the stage counts as done only once its record is written.
+    dev_file = atomic_write_parquet(table.take(pa.array(held)), out / "dev.parquet")
+    train_file = atomic_write_parquet(table.take(pa.array(kept)), out / "train.parquet")
+    reason = (
+        f"data.dev unset: {len(held):,} of {len(labels):,} train rows held out as dev (data.dev_holdout "
+        f"{d.dev_holdout:g} of each label's rows, at most {DEV_HOLDOUT_MAX_ROWS:,}), {len(kept):,} left to train on"
+    )
+    logger.info("dev: %s", reason)
+    return {
+        "train": str(train_file),
+        "dev": str(dev_file),
+        "train_rows": len(kept),
+        "dev_rows": len(held),
+        "reason": reason,
+    }
+
+
+def with_dev_holdout(cfg: PipelineConfig, record: dict[str, Any]) -> PipelineConfig:
+    """The config the later stages run with: train and dev replaced by the holdout stage's files (the row limit is
+    already applied to them)."""
+    data = cfg.data.model_copy(update={"train": record["train"], "dev": record["dev"], "max_train_samples": None})
+    return cfg.model_copy(update={"data": data})
 
 
 def load_task_data(data: DataConfig) -> TaskData:
@@ -157,7 +233,11 @@ def load_task_data(data: DataConfig) -> TaskData:
     train = load_split(
         split_path(data, "train"), data.text_column, data.label_column, data.id_column, data.max_train_samples
     )
-    dev = load_split(split_path(data, "dev"), data.text_column, data.label_column, data.id_column)
+    dev_path = split_path(data, "dev")
+    if dev_path is None:
+        # Only a run holds dev out of train (its holdout stage); its config.yaml names the files it made.
+        raise DataError("data.dev: no dev split given; read the run's config.yaml (`split_config`), which names it")
+    dev = load_split(dev_path, data.text_column, data.label_column, data.id_column)
     test_path = split_path(data, "test")
     test = load_split(test_path, data.text_column, data.label_column, data.id_column) if test_path else None
     label_map = LabelMap.from_values(train.labels or [])
@@ -686,9 +766,12 @@ def explain_dev_errors(cfg: PipelineConfig, model_dir: str, out_dir: str | Path)
 
 
 def run_choices(cfg: PipelineConfig, run_dir: str | Path) -> dict[str, str]:
-    """What the shipped defaults chose for this run and why: the teacher's budget, the table, the corpus and the
-    transfer set, each student's budget."""
+    """What the shipped defaults chose for this run and why: the dev split where train gave it, the teacher's budget,
+    the table, the corpus and the transfer set, each student's budget."""
     out: dict[str, str] = {}
+    holdout = read_stage(run_dir, "holdout") or {}
+    if holdout.get("dev") == cfg.data.dev:  # this run's dev split came out of that stage
+        out["dev"] = holdout["reason"]
     if budget := (read_stage(run_dir, "teacher") or {}).get("budget"):
         out["budget_teacher"] = f"teacher: {budget}"
     vocab = read_stage(run_dir, "vocab")

@@ -31,6 +31,7 @@ RESULT = "result.json"
 
 # Stage name -> folder under the run directory.
 STAGE_DIRS = {
+    "holdout": "holdout",
     "sentences": "sentences",
     "teacher": "teacher",
     "label_train": "labels/train",

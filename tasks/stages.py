@@ -91,6 +91,17 @@ def _done(stage: str, fps: dict[str, str], out: Path, result: dict) -> dict:
     return run_store.write_result(out, stage, fps[stage], {**result, "out_dir": str(out)})
 
 
+@_stage_task("holdout")
+def hold_out_dev(
+    config: PipelineConfig, run_dir: str, fingerprints: dict[str, str], tracking: TrackingRef | None
+) -> dict:
+    """Hold part of the train rows out as the dev split, where the config names none (its record says how many)."""
+    out = run_store.stage_dir(run_dir, "holdout")
+    res = pipeline.run_dev_holdout(config, out)
+    get_run_logger().info("dev: %s", res["reason"])
+    return _done("holdout", fingerprints, out, res)
+
+
 @_stage_task("sentences")
 def split_corpus(
     config: PipelineConfig, run_dir: str, fingerprints: dict[str, str], tracking: TrackingRef | None

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from sparse_distill.pipeline import data_fingerprint, stage_fingerprints, student_key
 
@@ -231,3 +232,69 @@ def test_a_corpus_of_documents_is_split_into_sentences_for_a_task_of_short_texts
     write_result(folder, "sentences", corpus_split_fingerprint(documents), {**record, "out_dir": str(folder)})
     assert split_config(documents, run_dir).data.corpus == record["corpus"]
     assert split_config(forced, run_dir) is forced  # recorded for another config
+
+
+def _without_dev(config):
+    return config.model_copy(update={"data": config.data.model_copy(update={"dev": None})})
+
+
+def test_without_a_dev_split_the_run_holds_one_out_of_train_per_label(tiny_config, tmp_path):
+    from sparse_distill.data import DataError, load_split
+    from sparse_distill.pipeline import (
+        dev_holdout_fingerprint,
+        load_task_data,
+        run_choices,
+        run_dev_holdout,
+        split_config,
+        stage_fingerprints,
+        with_dev_holdout,
+    )
+    from sparse_distill.run_store import stage_dir, write_result
+
+    config = _without_dev(tiny_config)
+    with pytest.raises(DataError, match="data.dev"):
+        load_task_data(config.data)  # a raw config without dev: only a run's holdout stage makes one
+    record = run_dev_holdout(config, tmp_path / "holdout")
+    train, dev = (load_split(record[s], "text", "label", "id") for s in ("train", "dev"))
+    original = load_split(str(Path(tiny_config.data.data_dir) / "train.parquet"), "text", "label", "id")
+    # A tenth of each label's rows held out, none lost, none in both; every column kept (the ids are the file's own).
+    assert (record["train_rows"], record["dev_rows"]) == (len(train), len(dev)) == (270, 30)
+    assert sorted(train.ids + dev.ids) == sorted(original.ids) and not set(train.ids) & set(dev.ids)
+    for label in set(original.labels):
+        assert dev.labels.count(label) == round(0.1 * original.labels.count(label))
+    assert "30 of 300 train rows held out as dev" in record["reason"]
+    # The same rows on every run; the config the stages run with reads the two files, and loads.
+    assert run_dev_holdout(config, tmp_path / "again")["dev_rows"] == 30
+    assert load_split(str(tmp_path / "again" / "dev.parquet"), "text", "label", "id").ids == dev.ids
+    after = with_dev_holdout(config, record)
+    assert (after.data.train, after.data.dev) == (record["train"], record["dev"])
+    assert len(load_task_data(after.data).dev.texts) == 30
+
+    # The stage's key: none where dev is given; the row limit and the share move it.
+    assert dev_holdout_fingerprint(tiny_config) is None
+    limited = config.model_copy(update={"data": config.data.model_copy(update={"max_train_samples": 100})})
+    other = config.model_copy(update={"data": config.data.model_copy(update={"dev_holdout": 0.2})})
+    assert len({dev_holdout_fingerprint(c) for c in (config, limited, other)}) == 3
+    assert run_dev_holdout(limited, tmp_path / "limited")["train_rows"] + 10 == 100
+    # A run directory's config: the held-out files once the stage is recorded fresh for this config, not before.
+    run_dir = tmp_path / "run"
+    assert split_config(config, run_dir) is config
+    folder = stage_dir(run_dir, "holdout")
+    write_result(folder, "holdout", dev_holdout_fingerprint(config), {**record, "out_dir": str(folder)})
+    assert split_config(config, run_dir).data.dev == record["dev"]
+    assert split_config(other, run_dir) is other
+    # The summary says what was held out, for the run that used it.
+    assert run_choices(split_config(config, run_dir), run_dir)["dev"] == record["reason"]
+    assert "dev" not in run_choices(tiny_config, run_dir)
+    assert stage_fingerprints(split_config(config, run_dir))["teacher"] != stage_fingerprints(tiny_config)["teacher"]
+
+
+def test_holdout_rows_keep_a_train_row_of_every_label_and_stay_under_the_cap():
+    from sparse_distill.pipeline import holdout_rows
+
+    labels = ["a"] * 50 + ["b"] * 3 + ["c"]
+    rows = holdout_rows(labels, 0.4)
+    assert [labels[i] for i in rows].count("a") == 20 and [labels[i] for i in rows].count("b") == 1
+    assert "c" not in [labels[i] for i in rows]  # a label with one row keeps it for training
+    assert holdout_rows(labels, 0.4) == rows and holdout_rows(labels, 0.4, seed=1) != rows
+    assert len(holdout_rows(["x", "y"] * 10_000, 0.3, max_rows=500)) == 500
