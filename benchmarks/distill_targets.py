@@ -35,9 +35,11 @@ def test_accuracy(model_dir: str, texts: list[str], labels: list[int]) -> float:
     return accuracy(model, ids, offsets, np.asarray(labels))
 
 
-def run_one(run_dir: Path, weight: float, seed: int, out: Path, loss: str | None = None) -> dict:
+def run_one(
+    run_dir: Path, weight: float, seed: int, out: Path, loss: str | None = None, overrides: list[str] | None = None
+) -> dict:
     """KD at `weight` with `loss` (None: the config's), then KD+FT from it, both with `seed`; the run's config
-    otherwise."""
+    otherwise, with `overrides` (`section.field=value`, as `sparse-distill run --set`) applied."""
     from sparse_distill.config import load_config
     from sparse_distill.features import featurize_labels
     from sparse_distill.pipeline import (
@@ -50,7 +52,7 @@ def run_one(run_dir: Path, weight: float, seed: int, out: Path, loss: str | None
     from sparse_distill.run_store import stage_dir
     from sparse_distill.training import train_dan
 
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = load_config(run_dir / "config.yaml", overrides)
     loss = loss or cfg.distill.loss
     no_checkpoints = {"seed": seed, "checkpoint_every_minutes": None, "checkpoint_every_steps": None}
     cfg = cfg.model_copy(
@@ -78,6 +80,7 @@ def run_one(run_dir: Path, weight: float, seed: int, out: Path, loss: str | None
         "gold_weight": weight,
         "loss": loss,
         "seed": seed,
+        "set": overrides or [],
         "kd_dev": kd["dev_accuracy"],
         "kd_test": test_accuracy(kd["model_dir"], *test),
         "kdft_dev": ft["dev_accuracy"],
@@ -98,6 +101,14 @@ def main() -> None:
         help="distill.loss values (default: the config's).",
     )
     p.add_argument("--seeds", nargs="+", type=int, default=[13, 14, 15], help="Training seeds (KD and KD+FT).")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="A config override for every student trained here (e.g. distill.epochs=3); repeatable.",
+    )
     p.add_argument("--work", type=Path, default=ROOT / "data" / "bench-distill-targets", help="Students go here.")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "distill_targets.json")
     args = p.parse_args()
@@ -107,7 +118,7 @@ def main() -> None:
             for weight in args.weights:
                 for loss in args.losses:
                     name = f"w{weight:g}-s{seed}" + (f"-{loss}" if loss else "")
-                    row = run_one(run_dir, weight, seed, args.work / run_dir.name / name, loss)
+                    row = run_one(run_dir, weight, seed, args.work / run_dir.name / name, loss, args.overrides)
                     print(json.dumps(row), flush=True)
                     rows.append(row)
     # The mean over seeds per run and weight: the figures the README quotes.
