@@ -67,7 +67,7 @@ def pipeline_flow(config: PipelineConfig, run_dir: str | None = None) -> dict[st
     run_dir = resolve_run_dir(config, run_dir)
     check_pipeline_inputs(config)  # before the first stage: names the config key of a missing or bad input
     with folder_lock(run_dir):  # one writer per run directory (re-entrant: the command line may hold it already)
-        config = _split_corpus(config, run_dir)
+        config = _split_data(config, run_dir)
         atomic_write_text(Path(run_dir) / "config.yaml", _to_yaml(config))  # as the stages run it
         fps = stage_fingerprints(config)
         config_fp = fingerprint(config)
@@ -122,12 +122,12 @@ def base_stages_flow(config: PipelineConfig, run_dir: str | None = None) -> dict
     """The stages the experiments build on (all but evaluation and publishing), with no MLflow run of their own."""
     run_dir = resolve_run_dir(config, run_dir)
     with folder_lock(run_dir):
-        config = _split_corpus(config, run_dir)
+        config = _split_data(config, run_dir)
         teacher, students = _training_stages(config, run_dir, stage_fingerprints(config), None)
     return {"run_dir": run_dir, "teacher": teacher, "students": students}
 
 
-def _split_corpus(config: PipelineConfig, run_dir: str) -> PipelineConfig:
+def _split_data(config: PipelineConfig, run_dir: str) -> PipelineConfig:
     """The config the stages run with: without a dev split, part of train held out as dev first; where
     `data.corpus_split` says so, the corpus split into sentences (each a stage of its own, cached), and the config's
     splits replaced by their files."""
@@ -236,7 +236,7 @@ def _stage_args(config: PipelineConfig, run_dir: str | None) -> Iterator[dict[st
     """A single stage's arguments, while it holds the run directory's lock."""
     run_dir = resolve_run_dir(config, run_dir)
     with folder_lock(run_dir):
-        config = _split_corpus(config, run_dir)
+        config = _split_data(config, run_dir)
         yield {"config": config, "run_dir": run_dir, "fingerprints": stage_fingerprints(config), "tracking": None}
 
 

@@ -183,6 +183,8 @@ def holdout_rows(labels: list[Any], share: float, max_rows: int = DEV_HOLDOUT_MA
         members = by_label[label]
         take = min(round(share * len(members)), len(members) - 1)
         rows.extend(rng.choice(members, size=take, replace=False).tolist())
+    if len(rows) > max_rows:  # rounding per label can pass the cap by a few rows
+        rows = rng.choice(rows, size=max_rows, replace=False).tolist()
     return sorted(rows)
 
 

@@ -298,3 +298,4 @@ def test_holdout_rows_keep_a_train_row_of_every_label_and_stay_under_the_cap():
     assert "c" not in [labels[i] for i in rows]  # a label with one row keeps it for training
     assert holdout_rows(labels, 0.4) == rows and holdout_rows(labels, 0.4, seed=1) != rows
     assert len(holdout_rows(["x", "y"] * 10_000, 0.3, max_rows=500)) == 500
+    assert len(holdout_rows([str(i % 7) for i in range(70_000)], 0.1, max_rows=4995)) == 4995  # 7 x 713.6 -> 4,998
