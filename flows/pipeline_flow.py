@@ -16,7 +16,7 @@ from flows.feature_flow import featurize_labels_flow
 from flows.label_flow import label_corpus_flow
 from flows.runners import make_task_runner
 from sparse_distill import run_store
-from sparse_distill.config import PipelineConfig, fingerprint
+from sparse_distill.config import LabelJob, PipelineConfig, fingerprint
 from sparse_distill.data import atomic_write_text
 from sparse_distill.locks import folder_lock
 from sparse_distill.pipeline import (
@@ -111,6 +111,7 @@ def _training_stages(
     labels = _label_stages(config, run_dir, fps, tracking, teacher, transfer)
     vocab = vocab_f.result()
     scratch_f = _fresh(stages.train_scratch, run_dir, "scratch", fps).submit(**args, vocab=vocab)
+    labels += _second_round(config, run_dir, fps, tracking, teacher, vocab, labels)
     _featurize(config, run_dir, fps, vocab, labels)
     kd = _fresh(stages.distill_student, run_dir, "distill", fps)(**args, vocab=vocab, labels=labels)
     kdft = _fresh(stages.finetune_student, run_dir, "kdft", fps)(**args, vocab=vocab, distilled=kd)
@@ -161,7 +162,6 @@ def _label_stages(
     transfer: dict | None,
 ) -> list[dict]:
     """Label the corpus and/or the train set and the transfer set (fanned out by the labelling flow) unless done."""
-    args = {"config": config, "run_dir": run_dir, "fingerprints": fps, "tracking": tracking}
     which = (["corpus"] if config.data.corpus else []) + (
         ["train"] if config.label.include_train or not config.data.corpus else []
     )
@@ -170,15 +170,46 @@ def _label_stages(
         # The transfer set is labelled like a corpus (skipped when it came out empty).
         out_dir = stage_dir(run_dir, "label_transfer")
         jobs.append(("transfer", transfer_job(config, transfer["path"], teacher["model_dir"], out_dir)))
-    out = []
-    for w, job in jobs:
-        stage = f"label_{w}"
-        fresh = is_fresh(run_dir, stage, fps[stage], teacher.get("teacher_fingerprint"))  # made by this teacher too
-        if not fresh:
-            _run_labelling(config, job, w, tracking)
-        record_task = LABEL_TASKS[stage] if fresh else LABEL_TASKS[stage].with_options(refresh_cache=True)
-        out.append(record_task(**args, teacher=teacher))
-    return out
+    return [_label(config, run_dir, fps, tracking, teacher, w, job) for w, job in jobs]
+
+
+def _label(
+    config: PipelineConfig,
+    run_dir: str,
+    fps: dict[str, str],
+    tracking: TrackingRef | None,
+    teacher: dict,
+    which: str,
+    job: LabelJob,
+) -> dict:
+    """One labelling stage's record: its shards labelled by the labelling flow first, unless done by this teacher."""
+    stage = f"label_{which}"
+    fresh = is_fresh(run_dir, stage, fps[stage], teacher.get("teacher_fingerprint"))  # made by this teacher too
+    if not fresh:
+        _run_labelling(config, job, which, tracking)
+    record_task = LABEL_TASKS[stage] if fresh else LABEL_TASKS[stage].with_options(refresh_cache=True)
+    return record_task(config=config, run_dir=run_dir, fingerprints=fps, tracking=tracking, teacher=teacher)
+
+
+def _second_round(
+    config: PipelineConfig,
+    run_dir: str,
+    fps: dict[str, str],
+    tracking: TrackingRef | None,
+    teacher: dict,
+    vocab: dict,
+    labels: list[dict],
+) -> list[dict]:
+    """The second transfer round's labels (none when the config has no second round or it came out empty): the texts
+    a probe distilled on the first round's `labels` is least sure of, made and labelled unless done."""
+    if "label_transfer_hard" not in distill_label_stages(config):
+        return []
+    args = {"config": config, "run_dir": run_dir, "fingerprints": fps, "tracking": tracking}
+    hard = _fresh(stages.make_hard_transfer_set, run_dir, "transfer_hard", fps)(**args, vocab=vocab, labels=labels)
+    if not hard["rows"]:
+        return []
+    job = transfer_job(config, hard["path"], teacher["model_dir"], stage_dir(run_dir, "label_transfer_hard"))
+    return [_label(config, run_dir, fps, tracking, teacher, "transfer_hard", job)]
 
 
 # The tasks that record a labelling stage once the labelling flow has labelled its shards, by stage name.
@@ -186,6 +217,7 @@ LABEL_TASKS = {
     "label_train": stages.record_train_labels,
     "label_corpus": stages.record_corpus_labels,
     "label_transfer": stages.record_transfer_labels,
+    "label_transfer_hard": stages.record_hard_transfer_labels,
 }
 
 
@@ -270,11 +302,13 @@ def distill_flow(config: PipelineConfig, run_dir: str | None = None) -> dict:
     """Distil into a DAN from the run's soft labels and vocabulary."""
     with _stage_args(config, run_dir) as a:
         # The config says which labels distillation reads; an empty transfer set has no labelling stage.
-        wanted = distill_label_stages(a["config"])
+        wanted = distill_label_stages(a["config"], second_round=False)
         if "label_transfer" in wanted and not _upstream(a["run_dir"], "transfer")["rows"]:
             wanted.remove("label_transfer")
         labels = [_upstream(a["run_dir"], s) for s in wanted]
         vocab = _upstream(a["run_dir"], "vocab")
+        teacher = _upstream(a["run_dir"], "teacher")
+        labels += _second_round(a["config"], a["run_dir"], a["fingerprints"], None, teacher, vocab, labels)
         _featurize(a["config"], a["run_dir"], a["fingerprints"], vocab, labels)
         return _fresh(stages.distill_student, a["run_dir"], "distill", a["fingerprints"])(
             **a, vocab=vocab, labels=labels

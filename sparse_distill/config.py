@@ -226,8 +226,24 @@ class TransferConfig(_Strict):
     alpha: float = Field(0.1, gt=0, le=1, description="EDA: share of words replaced, deleted or swapped.")
     dropout: float = Field(0.2, gt=0, lt=1, description="Word dropout: probability of dropping each word.")
     seed: int = Field(13, description="Random seed of the generator.")
+    hard_size: int | None = Field(
+        None,
+        ge=0,
+        description="A second round of transfer texts, the ones a first student is least sure of: hard_pool times "
+        "this many new texts are made like the transfer set, a student distilled on the labels so far (the probe) "
+        "scores them, and those with the smallest margin between its two likeliest classes are labelled by the "
+        "teacher and distilled on with the rest. None: as many as the transfer set's generated texts (so none when "
+        "it has none); 0: no second round.",
+    )
+    hard_pool: int = Field(8, ge=1, description="Second round: candidate texts made per text kept.")
 
     ADDED_FIELDS: ClassVar[dict[str, Any]] = {"min_documents": 0}
+    # The second round's settings: its own stage's key, not the transfer set's (they do not change the first round).
+    HARD_FIELDS: ClassVar[set[str]] = {"hard_size", "hard_pool"}
+
+    def first_round_dump(self) -> dict[str, Any]:
+        """The transfer set's cache key: the section without the second round's settings."""
+        return {k: v for k, v in self.cache_dump().items() if k not in self.HARD_FIELDS}
 
 
 class StudentConfig(_Strict):

@@ -39,6 +39,8 @@ STAGE_DIRS = {
     "vocab": "vocab",
     "transfer": "transfer",
     "label_transfer": "labels/transfer",
+    "transfer_hard": "transfer_hard",
+    "label_transfer_hard": "labels/transfer_hard",
     "distill": "students/kd",
     "kdft": "students/kdft",
     "scratch": "students/scratch",

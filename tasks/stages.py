@@ -236,6 +236,37 @@ def record_transfer_labels(
     return _record_labels(config, run_dir, fingerprints, teacher, "transfer")
 
 
+@_stage_task("transfer_hard")
+def make_hard_transfer_set(
+    config: PipelineConfig,
+    run_dir: str,
+    fingerprints: dict[str, str],
+    tracking: TrackingRef | None,
+    vocab: dict,
+    labels: list[dict],
+) -> dict:
+    """The second transfer round: distil a probe student on the first round's `labels`, keep the new texts it is
+    least sure of."""
+    out = run_store.stage_dir(run_dir, "transfer_hard")
+    params = {"transfer": config.transfer.model_dump(mode="json"), **_train_params(config, "distill")}
+    with stage_run(tracking, "transfer_hard", params, _key(run_dir, "transfer_hard", fingerprints)) as sr:
+        res = pipeline.run_hard_transfer(
+            config, vocab["vocab_dir"], [x["label_dir"] for x in labels], out, sr.log_metrics if sr else None
+        )
+        if sr:
+            sr.log_metrics(0, {"transfer_hard_rows": res["rows"]})
+    get_run_logger().info("second transfer round: %d texts (%s)", res["rows"], res["reason"])
+    return _done("transfer_hard", fingerprints, out, res)
+
+
+@_stage_task("label_transfer_hard", from_store=False)
+def record_hard_transfer_labels(
+    config: PipelineConfig, run_dir: str, fingerprints: dict[str, str], tracking: TrackingRef | None, teacher: dict
+) -> dict:
+    """Record the second transfer round's soft labels (labelled by the labelling flow)."""
+    return _record_labels(config, run_dir, fingerprints, teacher, "transfer_hard")
+
+
 @_stage_task("vocab")
 def make_vocabulary(
     config: PipelineConfig,

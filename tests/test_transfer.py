@@ -260,3 +260,46 @@ def test_neighbour_replacement_keys_the_transfer_set_by_the_teachers_backbone_on
     with_words = _config(tmp_path, {"methods": ["eda"], "teacher_words": True})
     other_teacher = with_words.model_copy(update={"teacher": with_words.teacher.model_copy(update={"model": "x/y"})})
     assert stage_fingerprints(with_words)["transfer"] != stage_fingerprints(other_teacher)["transfer"]
+
+
+# --- the second round ------------------------------------------------------------------------------------------------
+
+
+def test_the_second_round_is_as_large_as_the_transfer_sets_generated_texts_unless_set(tmp_path):
+    from sparse_distill.pipeline import hard_transfer_size
+
+    cfg = _config(tmp_path, {"copies_per_text": 3})
+    assert hard_transfer_size(cfg, 100, 0) == (300, "auto: as many as the transfer set's 300 generated texts")
+    assert hard_transfer_size(cfg, 100, 10**6)[0] == 0  # a corpus large enough: no transfer set, no second round
+    explicit = _config(tmp_path, {"copies_per_text": 3, "hard_size": 7})
+    assert hard_transfer_size(explicit, 100, 0) == (7, "transfer.hard_size set")
+    off = _config(tmp_path, {"size": 0, "hard_size": 7})
+    assert hard_transfer_size(off, 100, 0)[0] == 0  # no transfer set at all: the second round has nothing to follow
+
+
+def test_class_margins_and_the_least_sure_texts():
+    import numpy as np
+
+    from sparse_distill.pipeline import _least_sure, class_margins
+
+    probs = np.array([[0.9, 0.05, 0.05], [0.4, 0.35, 0.25], [0.5, 0.1, 0.4], [0.2, 0.2, 0.6]], np.float32)
+    np.testing.assert_allclose(class_margins(probs), [0.85, 0.05, 0.1, 0.4], atol=1e-6)
+    texts, margins = _least_sure(["a", "b", "c", "d"], class_margins(probs), 2)
+    assert texts == ["b", "c"]  # the two smallest margins, in their order
+    np.testing.assert_allclose(margins, [0.05, 0.1], atol=1e-6)
+    assert _least_sure(["a"], class_margins(probs[:1]), 2)[0] == ["a"]  # fewer than asked: all kept
+
+
+def test_the_second_rounds_settings_count_in_its_own_stage_and_later_ones_only(tmp_path):
+    cfg = _config(tmp_path)
+    fps = stage_fingerprints(cfg)
+    for change in ({"hard_pool": 4}, {"hard_size": 10}):
+        other = stage_fingerprints(_config(tmp_path, change))
+        changed = {s for s in fps if fps[s] != other[s]}
+        assert changed == {"transfer_hard", "label_transfer_hard", "distill", "kdft", "evaluate"}
+    # Turned off, the distill stage no longer reads its labels.
+    off = stage_fingerprints(_config(tmp_path, {"hard_size": 0}))
+    assert off["distill"] != fps["distill"] and off["transfer"] == fps["transfer"] and off["vocab"] == fps["vocab"]
+    # The probe trains like the KD student: a distillation setting counts in the second round too.
+    lr = cfg.model_copy(update={"distill": cfg.distill.model_copy(update={"lr": 0.5})})
+    assert stage_fingerprints(lr)["transfer_hard"] != fps["transfer_hard"]
