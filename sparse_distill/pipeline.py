@@ -329,9 +329,9 @@ def distill_label_stages(cfg: PipelineConfig, second_round: bool = True) -> list
 
 # The code each training and evaluation stage runs (see sparse_distill.code_version): a change to it recomputes the
 # stage even under an unchanged config, where the training algorithm changes most. The stages before them (teacher
-# fine-tuning, transfer set, labelling, vocabulary) are left out on purpose: their outputs are data checked by content
-# (the teacher's weights, shard and vocabulary checksums), and a library upgrade must not silently redo hours of
-# labelling or counting (an operator upgrading to get past a failing shard keeps the shards already labelled).
+# fine-tuning, both transfer rounds, labelling, vocabulary) are left out on purpose: their outputs are data checked by
+# content (the teacher's weights, shard and vocabulary checksums), and a library upgrade must not silently redo hours
+# of labelling or counting (an operator upgrading to get past a failing shard keeps the shards already labelled).
 STAGE_CODE: dict[str, tuple[str, ...]] = {
     "distill": ("training", "pipeline:run_distill", "pipeline:distill_stream", "pipeline:train_gold"),
     "kdft": ("training", "pipeline:run_finetune_student"),
