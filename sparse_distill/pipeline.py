@@ -560,11 +560,16 @@ def transfer_size(cfg: PipelineConfig, train_rows: int, corpus_rows: int) -> tup
     )
 
 
-def run_transfer(cfg: PipelineConfig, out_dir: str | Path) -> dict:
-    """Make the transfer set (`transfer.parquet`: id, text) from the train texts; empty when none is needed."""
+def _train_texts_and_corpus_rows(cfg: PipelineConfig) -> tuple[TextSplit, int]:
+    """The train texts the transfer rounds are made from, and how many corpus rows their auto size counts."""
     train = load_split(split_path(cfg.data, "train"), cfg.data.text_column, None, None, cfg.data.max_train_samples)
     sources = label_sources(cfg, "corpus")
-    corpus_rows = plan_shards(sources, 1 << 30).total_rows if sources else 0
+    return train, plan_shards(sources, 1 << 30).total_rows if sources else 0
+
+
+def run_transfer(cfg: PipelineConfig, out_dir: str | Path) -> dict:
+    """Make the transfer set (`transfer.parquet`: id, text) from the train texts; empty when none is needed."""
+    train, corpus_rows = _train_texts_and_corpus_rows(cfg)
     size, reason = transfer_size(cfg, len(train.texts), corpus_rows)
     t = cfg.transfer
     words, neighbours = _teacher_words(cfg, train.texts) if size else ([], None)
@@ -638,9 +643,7 @@ def run_hard_transfer(
     Where the probe is sure, a teacher's label mostly repeats what it has learnt; where it is unsure are the word
     combinations it has not (on SST-2 with 5,000 rows: +1.4 points of KD over as many random candidates; README).
     """
-    train = load_split(split_path(cfg.data, "train"), cfg.data.text_column, None, None, cfg.data.max_train_samples)
-    sources = label_sources(cfg, "corpus")
-    corpus_rows = plan_shards(sources, 1 << 30).total_rows if sources else 0
+    train, corpus_rows = _train_texts_and_corpus_rows(cfg)
     size, reason = hard_transfer_size(cfg, len(train.texts), corpus_rows)
     record: dict[str, Any] = {"path": str(Path(out_dir) / TRANSFER_FILE), "rows": 0, "reason": reason}
     texts: list[str] = []
