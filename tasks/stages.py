@@ -182,31 +182,31 @@ def finetune_teacher(
     return _done("teacher", fingerprints, out, res)
 
 
-def _record_labels(
-    config: PipelineConfig, run_dir: str, fingerprints: dict[str, str], teacher: dict, which: str
-) -> dict:
-    # The shards were labelled by `label_corpus_flow` just before; this records the finished stage.
+def _record_label_task(which: str, what: str, name: str):
+    """The task that records one labelling stage's finished shards: `label_<which>`, labelled by the labelling flow
+    just before. One body for every labelling stage; each keeps its own task name and cache key."""
     stage = f"label_{which}"
-    out = run_store.stage_dir(run_dir, stage)
-    res = pipeline.finish_label_dir(teacher["model_dir"], out)
-    get_run_logger().info("labels (%s): %d docs in %d shards", which, res["rows"], res["shards"])
-    return _done(stage, fingerprints, out, res)
+
+    def record(
+        config: PipelineConfig, run_dir: str, fingerprints: dict[str, str], tracking: TrackingRef | None, teacher: dict
+    ) -> dict:
+        out = run_store.stage_dir(run_dir, stage)
+        res = pipeline.finish_label_dir(teacher["model_dir"], out)
+        get_run_logger().info("labels (%s): %d docs in %d shards", which, res["rows"], res["shards"])
+        return _done(stage, fingerprints, out, res)
+
+    # Distinct names, so Prefect tells the four tasks apart in a flow run.
+    record.__name__ = record.__qualname__ = name
+    record.__doc__ = f"Record {what} soft labels (labelled by the labelling flow)."
+    return _stage_task(stage, from_store=False)(record)
 
 
-@_stage_task("label_train", from_store=False)
-def record_train_labels(
-    config: PipelineConfig, run_dir: str, fingerprints: dict[str, str], tracking: TrackingRef | None, teacher: dict
-) -> dict:
-    """Record the train set's soft labels (labelled by the labelling flow)."""
-    return _record_labels(config, run_dir, fingerprints, teacher, "train")
-
-
-@_stage_task("label_corpus", from_store=False)
-def record_corpus_labels(
-    config: PipelineConfig, run_dir: str, fingerprints: dict[str, str], tracking: TrackingRef | None, teacher: dict
-) -> dict:
-    """Record the corpus's soft labels (labelled by the labelling flow)."""
-    return _record_labels(config, run_dir, fingerprints, teacher, "corpus")
+record_train_labels = _record_label_task("train", "the train set's", "record_train_labels")
+record_corpus_labels = _record_label_task("corpus", "the corpus's", "record_corpus_labels")
+record_transfer_labels = _record_label_task("transfer", "the transfer set's", "record_transfer_labels")
+record_hard_transfer_labels = _record_label_task(
+    "transfer_hard", "the second transfer round's", "record_hard_transfer_labels"
+)
 
 
 @_stage_task("transfer")
@@ -226,14 +226,6 @@ def make_transfer_set(
             sr.log_metrics(0, {"transfer_rows": res["rows"]})
     get_run_logger().info("transfer set: %d texts (%s)", res["rows"], res["reason"])
     return _done("transfer", fingerprints, out, res)
-
-
-@_stage_task("label_transfer", from_store=False)
-def record_transfer_labels(
-    config: PipelineConfig, run_dir: str, fingerprints: dict[str, str], tracking: TrackingRef | None, teacher: dict
-) -> dict:
-    """Record the transfer set's soft labels (labelled by the labelling flow)."""
-    return _record_labels(config, run_dir, fingerprints, teacher, "transfer")
 
 
 @_stage_task("transfer_hard")
@@ -257,14 +249,6 @@ def make_hard_transfer_set(
             sr.log_metrics(0, {"transfer_hard_rows": res["rows"]})
     get_run_logger().info("second transfer round: %d texts (%s)", res["rows"], res["reason"])
     return _done("transfer_hard", fingerprints, out, res)
-
-
-@_stage_task("label_transfer_hard", from_store=False)
-def record_hard_transfer_labels(
-    config: PipelineConfig, run_dir: str, fingerprints: dict[str, str], tracking: TrackingRef | None, teacher: dict
-) -> dict:
-    """Record the second transfer round's soft labels (labelled by the labelling flow)."""
-    return _record_labels(config, run_dir, fingerprints, teacher, "transfer_hard")
 
 
 @_stage_task("vocab")

@@ -121,3 +121,30 @@ def prefect_harness():
     # A cold start (migrations on a fresh PREFECT_HOME) on 2 busy cores can pass a minute.
     with prefect_test_harness(server_startup_timeout=180):
         yield
+
+
+def _task_states(flow_run_id, timeout: float = 30.0) -> dict[str, str]:
+    import time
+
+    import anyio
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    async def fetch():
+        async with get_client() as client:
+            runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            return {r.name: r.state for r in runs}
+
+    # Task run states reach the API through events, after the flow returns: wait until none is still in flight.
+    deadline = time.monotonic() + timeout
+    while True:
+        states = anyio.run(fetch)
+        if all(s.is_final() for s in states.values()) or time.monotonic() > deadline:
+            return {name: s.name for name, s in states.items()}
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="session")
+def task_states():
+    """The task runs of a finished flow run, name -> state name, once their states have all reached the API."""
+    return _task_states

@@ -36,21 +36,8 @@ SUMMARY_KEYS = {
 }
 
 
-def _task_states(flow_state) -> dict[str, str]:
-    import anyio
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    async def fetch():
-        async with get_client() as client:
-            runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_state])))
-            return {r.name: r.state.name for r in runs}
-
-    return anyio.run(fetch)
-
-
 @pytest.mark.slow
-def test_pipeline_runs_then_serves_from_cache(tiny_config, tmp_path):
+def test_pipeline_runs_then_serves_from_cache(tiny_config, tmp_path, task_states):
     from flows.pipeline_flow import pipeline_flow
 
     run_dir = tmp_path / "run"
@@ -65,7 +52,7 @@ def test_pipeline_runs_then_serves_from_cache(tiny_config, tmp_path):
     # The student is the default 3 members, each on 16 // 3 = 5 columns; each stage says how each member did.
     assert "shared by 3 members of 5 columns each" in summary["choices"]["table"]
     assert all("per member (dev accuracy alone" in summary["choices"][f"budget_{s}"] for s in ("distill", "kdft"))
-    first = _task_states(state.state_details.flow_run_id)
+    first = task_states(state.state_details.flow_run_id)
     assert all(s == "Completed" for s in first.values()), first
 
     # MLflow: the parent run, one nested run per stage, the model loadable from raw text.
@@ -120,7 +107,7 @@ def test_pipeline_runs_then_serves_from_cache(tiny_config, tmp_path):
     # Second run, same config: every stage served from cache.
     state2 = pipeline_flow(config=tiny_config, run_dir=str(run_dir), return_state=True)
     assert state2.is_completed()
-    second = _task_states(state2.state_details.flow_run_id)
+    second = task_states(state2.state_details.flow_run_id)
     always = ("start-tracking", "publish-results", "log-cached-stages")
     cached = {k: v for k, v in second.items() if not k.startswith(always)}
     assert cached and all(v == "Cached" for v in cached.values()), second
@@ -133,7 +120,7 @@ def test_pipeline_runs_then_serves_from_cache(tiny_config, tmp_path):
     changed = tiny_config.model_copy(deep=True)
     changed.finetune.lr = 5e-4
     state3 = pipeline_flow(config=changed, run_dir=str(run_dir), return_state=True)
-    third = _task_states(state3.state_details.flow_run_id)
+    third = task_states(state3.state_details.flow_run_id)
     recomputed = {k.rsplit("-", 1)[0] for k, v in third.items() if v == "Completed"}
     assert {"kdft", "evaluate"} <= recomputed
     assert not recomputed & {"teacher", "label-train", "label-corpus", "vocab", "distill", "scratch"}, third
@@ -146,7 +133,7 @@ def test_pipeline_runs_then_serves_from_cache(tiny_config, tmp_path):
     train_record.write_text(json.dumps({**record, "teacher_fingerprint": "another-teacher"}))
     state4 = pipeline_flow(config=changed, run_dir=str(run_dir), return_state=True)
     assert state4.is_completed()
-    fourth = _task_states(state4.state_details.flow_run_id)
+    fourth = task_states(state4.state_details.flow_run_id)
     recomputed = {k.rsplit("-", 1)[0] for k, v in fourth.items() if v == "Completed"}
     assert "label-train" in recomputed and "label-corpus" not in recomputed, fourth
     assert json.loads(train_record.read_text())["teacher_fingerprint"] == record["teacher_fingerprint"]
@@ -160,7 +147,7 @@ def test_pipeline_runs_then_serves_from_cache(tiny_config, tmp_path):
     with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp_path / "another-prefect-storage"}):
         state5 = pipeline_flow(config=changed, run_dir=str(run_dir), return_state=True)
     assert state5.is_completed()
-    fifth = {k.rsplit("-", 1)[0]: v for k, v in _task_states(state5.state_details.flow_run_id).items()}
+    fifth = {k.rsplit("-", 1)[0]: v for k, v in task_states(state5.state_details.flow_run_id).items()}
     assert fifth["teacher"] == "Completed", fifth  # a miss for Prefect: the task ran, and only read the record
     assert stamps() == before
 

@@ -22,19 +22,6 @@ TRAIN_ROWS = 300  # conftest's tiny train split
 DISTILL_BATCH = 50
 
 
-def _task_states(flow_run_id) -> dict[str, str]:
-    import anyio
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    async def fetch():
-        async with get_client() as client:
-            runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-            return {r.name: r.state.name for r in runs}
-
-    return anyio.run(fetch)
-
-
 def _no_corpus_config(raw: dict, **transfer) -> PipelineConfig:
     raw = {**raw, "data": {**raw["data"], "corpus": []}}
     raw["teacher"] = {**raw["teacher"], "skip_finetune": True}  # the random tiny teacher labels as it is: faster
@@ -123,11 +110,11 @@ def test_the_second_round_keeps_the_candidates_its_probe_is_least_sure_of(transf
     assert run_choices(config, run_dir)["transfer_hard"] == f"{TRAIN_ROWS:,} texts: {record['reason']}"
 
 
-def test_a_second_run_is_served_from_cache(transfer_run):
+def test_a_second_run_is_served_from_cache(transfer_run, task_states):
     _, run_dir, first, second, mtime = transfer_run
     assert second.is_completed()
-    states = _task_states(second.state_details.flow_run_id)
-    assert any(name.startswith("transfer") for name in _task_states(first.state_details.flow_run_id))
+    states = task_states(second.state_details.flow_run_id)
+    assert any(name.startswith("transfer") for name in task_states(first.state_details.flow_run_id))
     assert states and all(s == "Cached" for s in states.values()), states
     assert (run_dir / "transfer" / "transfer.parquet").stat().st_mtime_ns == mtime  # not made again
 
