@@ -635,42 +635,61 @@ def run_hard_transfer(
     out_dir: str | Path,
     on_metrics: MetricsCallback | None = None,
 ) -> dict:
-    """The second transfer round (`transfer.parquet`: id, text): new texts that a first student is least sure of.
+    """The second transfer round (`transfer.parquet`: id, text): new texts, part of them those a first student is
+    least sure of.
 
     A student distilled like the KD student on the labels so far (`label_dirs`; the probe, in `out_dir/probe`) scores
-    `transfer.hard_pool` candidates per text kept, made from the train texts like the transfer set (with the next
-    seed); those with the smallest margin between the probe's two likeliest classes are kept for the teacher to label.
+    `transfer.hard_pool` candidates per text kept for its doubt, made from the train texts like the transfer set (with
+    the next seeds); those with the smallest margin between the probe's two likeliest classes are kept (ids `hard:i`).
     Where the probe is sure, a teacher's label mostly repeats what it has learnt; where it is unsure are the word
     combinations it has not (on SST-2 with 5,000 rows: +1.4 points of KD over as many random candidates; README).
+    `transfer.hard_share` of the round is kept so; the rest are candidates taken as made, at random (ids `random:i`),
+    because where the teacher is as unsure of those texts as the probe (Rotten Tomatoes), a round of them alone teaches
+    noise.
     """
     train, corpus_rows = _train_texts_and_corpus_rows(cfg)
     size, reason = hard_transfer_size(cfg, len(train.texts), corpus_rows)
     record: dict[str, Any] = {"path": str(Path(out_dir) / TRANSFER_FILE), "rows": 0, "reason": reason}
     texts: list[str] = []
+    at_random: list[str] = []
     if size:
         probe = run_distill(cfg, vocab_dir, label_dirs, Path(out_dir) / "probe", on_metrics, stage="transfer_hard")
         predictor = StudentPredictor.load(probe["model_dir"])
         _, neighbours = _teacher_words(cfg, train.texts)
-        wanted = size * cfg.transfer.hard_pool
+        doubted = max(1, round(size * cfg.transfer.hard_share))
+        random_rows = size - doubted
+        # The first candidates made are the random part (they are made at random); the probe scores the rest.
+        wanted = random_rows + doubted * cfg.transfer.hard_pool
         margins = np.zeros(0, np.float32)
         for start in range(0, wanted, HARD_CHUNK):
             # Each chunk its own seed (the first round used transfer.seed), so chunks do not repeat each other.
             chunk = _transfer_texts(
                 cfg, train.texts, min(HARD_CHUNK, wanted - start), cfg.transfer.seed + 1 + start, neighbours
             )
-            texts, margins = _least_sure(
-                texts + chunk, np.concatenate([margins, class_margins(predictor.predict_proba(chunk))]), size
-            )
-            logger.info("second round: %d of %d candidates scored", min(start + HARD_CHUNK, wanted), wanted)
+            taken = max(0, min(len(chunk), random_rows - len(at_random)))
+            at_random, chunk = at_random + chunk[:taken], chunk[taken:]
+            if chunk:
+                texts, margins = _least_sure(
+                    texts + chunk, np.concatenate([margins, class_margins(predictor.predict_proba(chunk))]), doubted
+                )
+            logger.info("second round: %d of %d candidates made", min(start + HARD_CHUNK, wanted), wanted)
         reason += (
-            f"; the {len(texts):,} of {wanted:,} candidates (transfer.hard_pool {cfg.transfer.hard_pool}) the probe "
-            f"(dev accuracy {probe['dev_accuracy']:.3f}) is least sure of, margin at most {float(margins.max()):.3f}"
+            f"; of {wanted:,} candidates, the {len(texts):,} the probe (dev accuracy {probe['dev_accuracy']:.3f}) is "
+            f"least sure of (transfer.hard_pool {cfg.transfer.hard_pool} per text, margin at most "
+            f"{float(margins.max()):.3f}) and {len(at_random):,} at random (transfer.hard_share "
+            f"{cfg.transfer.hard_share:g})"
         )
-        record.update(probe_dev_accuracy=probe["dev_accuracy"], probe_steps=probe["steps"], candidates=wanted)
-    ids = [f"hard:{i}" for i in range(len(texts))]
-    atomic_write_parquet(pa.table({"id": ids, "text": texts}), Path(out_dir) / TRANSFER_FILE)
-    logger.info("second round: %d texts (%s)", len(texts), reason)
-    return {**record, "rows": len(texts), "reason": reason}
+        record.update(
+            probe_dev_accuracy=probe["dev_accuracy"],
+            probe_steps=probe["steps"],
+            candidates=wanted,
+            least_sure=len(texts),
+            max_margin=float(margins.max()),
+        )
+    ids = [f"hard:{i}" for i in range(len(texts))] + [f"random:{i}" for i in range(len(at_random))]
+    atomic_write_parquet(pa.table({"id": ids, "text": texts + at_random}), Path(out_dir) / TRANSFER_FILE)
+    logger.info("second round: %d texts (%s)", len(ids), reason)
+    return {**record, "rows": len(ids), "reason": reason}
 
 
 def class_margins(probs: np.ndarray) -> np.ndarray:

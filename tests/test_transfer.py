@@ -293,7 +293,7 @@ def test_class_margins_and_the_least_sure_texts():
 def test_the_second_rounds_settings_count_in_its_own_stage_and_later_ones_only(tmp_path):
     cfg = _config(tmp_path)
     fps = stage_fingerprints(cfg)
-    for change in ({"hard_pool": 4}, {"hard_size": 10}):
+    for change in ({"hard_pool": 4}, {"hard_size": 10}, {"hard_share": 1.0}):
         other = stage_fingerprints(_config(tmp_path, change))
         changed = {s for s in fps if fps[s] != other[s]}
         assert changed == {"transfer_hard", "label_transfer_hard", "distill", "kdft", "evaluate"}

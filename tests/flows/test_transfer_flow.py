@@ -95,16 +95,23 @@ def test_the_second_round_keeps_the_candidates_its_probe_is_least_sure_of(transf
 
     config, run_dir, *_ = transfer_run
     record = read_stage(run_dir, "transfer_hard")
-    assert record["rows"] == TRAIN_ROWS and record["candidates"] == TRAIN_ROWS * config.transfer.hard_pool
-    assert "least sure of" in record["reason"]
+    # hard_share 0.5: half the round for the probe's doubt, from hard_pool candidates each; half at random.
+    doubted = TRAIN_ROWS // 2
+    assert record["rows"] == TRAIN_ROWS and record["least_sure"] == doubted
+    assert record["candidates"] == TRAIN_ROWS - doubted + doubted * config.transfer.hard_pool
+    assert "least sure of" in record["reason"] and "150 at random" in record["reason"]
     hard = pq.read_table(record["path"]).to_pydict()
-    assert hard["id"] == [f"hard:{i}" for i in range(TRAIN_ROWS)]
+    assert hard["id"] == [f"hard:{i}" for i in range(doubted)] + [f"random:{i}" for i in range(TRAIN_ROWS - doubted)]
     # The probe is a student distilled on the first round: train + transfer, one pass.
     probe = StudentPredictor.load(run_dir / "transfer_hard" / "probe" / "model")
-    kept = class_margins(probe.predict_proba(hard["text"]))
-    assert float(kept.max()) == pytest.approx(float(record["reason"].rsplit("margin at most ", 1)[1]), abs=1e-3)
-    # Kept from eight candidates each: the probe is less sure of them than of the first round's texts.
+    kept = class_margins(probe.predict_proba(hard["text"][:doubted]))
+    at_random = class_margins(probe.predict_proba(hard["text"][doubted:]))
+    assert float(kept.max()) == pytest.approx(record["max_margin"], abs=1e-5)
+    assert f"margin at most {record['max_margin']:.3f}" in record["reason"]
+    # Kept from eight candidates each: the probe is less sure of them than of the random half, and of the first
+    # round's texts.
     first = pq.read_table(run_dir / "transfer" / "transfer.parquet").column("text").to_pylist()[:TRAIN_ROWS]
+    assert np.median(kept) < np.median(at_random)
     assert np.median(kept) < np.median(class_margins(probe.predict_proba(first)))
     # The run's summary says what the second round was.
     assert run_choices(config, run_dir)["transfer_hard"] == f"{TRAIN_ROWS:,} texts: {record['reason']}"
