@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import resource
 import sys
 import tempfile
@@ -21,12 +20,10 @@ import numpy as np
 import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parents[1]
-_SPACE = re.compile(r"\s+")
+sys.path.insert(0, str(ROOT))
 
-
-def prepare(text: str) -> str:
-    """fastText reads one line of space-separated tokens: lowercase, one line."""
-    return _SPACE.sub(" ", text.lower()).strip()
+# fastText reads one line of space-separated tokens: lowercase, one line (the run's own fastText reads the same).
+from sparse_distill.baselines import fasttext_line as prepare  # noqa: E402
 
 
 def main() -> None:

@@ -30,7 +30,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-_SPACE = re.compile(r"\s+")
 
 
 def folder_mb(path: str | Path) -> float:
@@ -201,8 +200,7 @@ def fasttext_worker(spec: dict) -> dict:
     """fastText on the same train labels; predicted from raw text (lowercased, one line) on one core."""
     import fasttext
 
-    def prepare(text: str) -> str:
-        return _SPACE.sub(" ", text.lower()).strip()
+    from sparse_distill.baselines import fasttext_line as prepare
 
     train_texts, train_labels = read_split(spec["train"], spec["label_column"])
     texts, gold = read_split(spec["test"], spec["label_column"])

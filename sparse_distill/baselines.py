@@ -1,4 +1,5 @@
-"""Baselines beside the DAN student: word-level neural students (MLP, BiLSTM, Kim CNN) and TF-IDF + logistic regression.
+"""Baselines beside the DAN student: word-level neural students (MLP, BiLSTM, Kim CNN), TF-IDF + logistic regression,
+and fastText.
 
 The neural students read word ids from a `WordVocab` (the same tokenisation as the n-gram vocabulary: lowercase,
 `(?u)\\b\\w\\w+\\b`), are trained with the same KL loss as the DAN (teacher soft labels or one-hot gold labels), and
@@ -13,6 +14,8 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import re
+import tempfile
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from itertools import chain
@@ -506,3 +509,57 @@ class TfidfLogReg:
         if not isinstance(model, TfidfLogReg):
             raise TypeError(f"{path}: holds a {type(model).__name__}, not a TfidfLogReg")
         return model
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# fastText: the tool a user would pick instead of a distilled student
+# --------------------------------------------------------------------------------------------------------------------
+
+# The quality benchmark's fixed settings (README, "Quality against fastText"): word bigrams, 25 passes, lr 0.5.
+FASTTEXT_SETTINGS: dict[str, Any] = {"wordNgrams": 2, "epoch": 25, "lr": 0.5}
+_SPACE = re.compile(r"\s+")
+
+
+def fasttext_line(text: str) -> str:
+    """A text as fastText reads it: lowercase, one line of space-separated tokens."""
+    return _SPACE.sub(" ", text.lower()).strip()
+
+
+class FastTextBaseline:
+    """fastText's supervised classifier trained on the same gold rows as the students, predicting class probabilities
+    like them (class indices are the run's `LabelMap` indices)."""
+
+    def __init__(self, model: Any, num_classes: int) -> None:
+        self.model = model
+        self.num_classes = num_classes
+
+    @classmethod
+    def train(
+        cls, texts: Sequence[str], labels: Sequence[int], num_classes: int, seed: int = 13, **settings: Any
+    ) -> FastTextBaseline:
+        """Train on gold class indices with `FASTTEXT_SETTINGS` (overridden by `settings`). One thread: fastText's
+        threads update the weights without locks, so with more the same run gives another model each time."""
+        import fasttext  # the `fasttext-wheel` binding, a dependency; imported here so the library loads without it
+
+        if len(texts) != len(labels):
+            raise ValueError(f"{len(texts)} texts but {len(labels)} labels")
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "train.txt"
+            with path.open("w", encoding="utf-8") as f:
+                for text, label in zip(texts, labels, strict=True):
+                    f.write(f"__label__{int(label)} {fasttext_line(text)}\n")
+            model = fasttext.train_supervised(
+                str(path), **{**FASTTEXT_SETTINGS, **settings, "thread": 1, "seed": seed, "verbose": 0}
+            )
+        logger.info("fastText: %d docs, %d words", len(texts), len(model.get_words()))
+        return cls(model, num_classes)
+
+    def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
+        """Class probabilities, shape (len(texts), num_classes)."""
+        probs = np.zeros((len(texts), self.num_classes), np.float32)
+        for row, text in enumerate(texts):
+            # The binding's C++ call, one text at a time: its list form returns wrong probabilities with NumPy 2
+            # (every class gets the top one's) and its one-string form fails there (np.array(copy=False)).
+            for prob, label in self.model.f.predict(fasttext_line(text) + "\n", -1, 0.0, "strict"):
+                probs[row, int(label.removeprefix("__label__"))] = prob
+        return probs

@@ -336,7 +336,14 @@ STAGE_CODE: dict[str, tuple[str, ...]] = {
     "distill": ("training", "pipeline:run_distill", "pipeline:distill_stream", "pipeline:train_gold"),
     "kdft": ("training", "pipeline:run_finetune_student"),
     "scratch": ("training", "pipeline:run_scratch"),
-    "evaluate": ("evaluation", "explanation", "inference", "teacher", "pipeline:run_evaluate"),
+    "evaluate": (
+        "evaluation",
+        "explanation",
+        "inference",
+        "teacher",
+        "baselines",
+        "pipeline:run_evaluate",
+    ),
 }
 
 
@@ -869,7 +876,31 @@ def run_evaluate(cfg: PipelineConfig, teacher_dir: str, students: dict[str, str]
             cfg.evaluate.batch_size,
             cfg.evaluate.threads,
         )
-    return {"metrics": metrics, "docs_per_s": speed, "labels": list(data.label_map.labels)}
+    evaluation = {"metrics": metrics, "docs_per_s": speed, "labels": list(data.label_map.labels)}
+    if cfg.evaluate.fasttext and (fasttext := _evaluate_fasttext(cfg, data, splits, timing_texts)):
+        evaluation["baselines"] = {"fasttext": fasttext}
+    return evaluation
+
+
+def _evaluate_fasttext(cfg: PipelineConfig, data: TaskData, splits: dict, timing_texts: list[str]) -> dict | None:
+    """fastText trained on the run's train rows: its metrics on each split, its speed, its settings (None, with a
+    warning, where the binding is not installed: the run goes on without the row)."""
+    from sparse_distill.baselines import FASTTEXT_SETTINGS, FastTextBaseline
+
+    try:
+        model = FastTextBaseline.train(data.train.texts, data.encoded(data.train), data.label_map.num_classes)
+    except ImportError as e:
+        logger.warning("no fastText row: its binding is not installed (%s; pip install fasttext-wheel)", e)
+        return None
+    out: dict[str, Any] = {"settings": dict(FASTTEXT_SETTINGS)}
+    for split_name, split in splits.items():
+        probs = model.predict_proba(split.texts)
+        gold = np.asarray(data.encoded(split))
+        out[split_name] = classification_metrics(probs.argmax(1), gold, data.label_map.num_classes)
+        logger.info("fasttext %s accuracy %.4f", split_name, out[split_name]["accuracy"])
+    texts = repeat_to(timing_texts, cfg.evaluate.speed_docs)
+    out["docs_per_s"] = measure_throughput(model.predict_proba, texts, cfg.evaluate.batch_size, cfg.evaluate.threads)
+    return out
 
 
 # Dev errors of the shipped student explained by the evaluate stage, and n-grams shown for each.
@@ -983,10 +1014,47 @@ def build_summary(
     summary["student_params"] = params["total"]
     summary["student_params_detail"] = params
     summary["student_model_dir"] = students[best_student]["model_dir"]
+    if fasttext := (evaluation.get("baselines") or {}).get("fasttext"):
+        summary.update(_against_fasttext(m, fasttext, best_student))
     summary["mlflow_run_id"] = mlflow_run_id
     summary["config_fingerprint"] = config_fp
     summary["choices"] = choices or {}
     return summary
+
+
+# The teacher must lead fastText by more than this for the share of its lead the student keeps to mean anything.
+LEAD_MARGIN = 0.02
+
+
+def _against_fasttext(metrics: dict, fasttext: dict, best_student: str) -> dict[str, Any]:
+    """fastText's figures for the summary, and how the shipped student and the teacher compare with it (on test where
+    there is one): the points each is ahead, and the share of the teacher's lead the student keeps."""
+    out: dict[str, Any] = {}
+    for split, suffix in (("dev", ""), ("test", "_test")):
+        if split in fasttext:
+            out[f"fasttext_accuracy{suffix}"] = fasttext[split]["accuracy"]
+            out[f"fasttext_macro_f1{suffix}"] = fasttext[split]["macro_f1"]
+    out["fasttext_docs_per_s"] = fasttext["docs_per_s"]
+    split = "test" if "test" in fasttext and "test" in metrics["teacher"] else "dev"
+    ft = fasttext[split]["accuracy"]
+    student, teacher = metrics[best_student][split]["accuracy"], metrics["teacher"][split]["accuracy"]
+    out["fasttext_split"] = split
+    out["student_over_fasttext"] = student - ft
+    out["teacher_over_fasttext"] = teacher - ft
+    out["lead_kept"] = (student - ft) / (teacher - ft) if teacher - ft > LEAD_MARGIN else None
+    return out
+
+
+def _fasttext_line(summary: dict) -> str:
+    """One line of the results: the shipped student and the teacher against fastText."""
+    student, teacher = 100 * summary["student_over_fasttext"], 100 * summary["teacher_over_fasttext"]
+    line = (
+        f"against fastText ({summary['fasttext_split']}): student {student:+.1f} points, teacher {teacher:+.1f}"
+        f"  |  fastText {summary['fasttext_docs_per_s']:.0f} docs/s"
+    )
+    if summary.get("lead_kept") is not None:
+        return line + f"  |  the student keeps {100 * summary['lead_kept']:.0f} % of the teacher's lead"
+    return line + f"  |  the teacher leads by {LEAD_MARGIN * 100:.0f} points or less: no lead to keep"
 
 
 def results_table(summary: dict) -> str:
@@ -997,6 +1065,8 @@ def results_table(summary: dict) -> str:
         ("DAN (KD)", "student_kd"),
         ("DAN (KD+FT)", "student_kdft"),
     ]
+    if "fasttext_accuracy" in summary:
+        rows.append(("fastText (word bigrams, 25 epochs)", "fasttext"))
     lines = ["| model | dev acc | dev macro-F1 | test acc |", "|---|---|---|---|"]
     fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
     for title, key in rows:
@@ -1010,6 +1080,8 @@ def results_table(summary: dict) -> str:
         f"teacher {summary['teacher_docs_per_s']:.0f} docs/s, student {summary['student_docs_per_s']:.0f} "
         f"docs/s, speed-up {summary['speedup']:.0f}x  |  student params {summary['student_params']:,}"
     )
+    if "student_over_fasttext" in summary:
+        lines += ["", _fasttext_line(summary)]
     choices = summary.get("choices") or {}
     if choices:
         lines += ["", "What the defaults chose:", *(f"- {k}: {v}" for k, v in choices.items())]

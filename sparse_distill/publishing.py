@@ -11,13 +11,16 @@ import json
 import logging
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sparse_distill import pipeline
 from sparse_distill.config import PipelineConfig
 from sparse_distill.data import atomic_write_text
 from sparse_distill.mlflow_model import log_student_model
 from sparse_distill.tracking import TrackingRef, end_run, set_description
+
+if TYPE_CHECKING:
+    from sparse_distill.model_card import ModelRow
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +60,10 @@ def write_plots(evaluation: dict, best: str, split: str, plots_dir: Path) -> lis
         }
         for k in evaluation["docs_per_s"]
     ]
+    if fasttext := (evaluation.get("baselines") or {}).get("fasttext"):
+        points.append(
+            {"name": "fastText", "accuracy": fasttext[split]["accuracy"], "docs_per_s": fasttext["docs_per_s"]}
+        )
     pngs.append(plot_accuracy_vs_speed(points, plots_dir / "accuracy_vs_speed.png"))
     return pngs
 
@@ -91,7 +98,8 @@ def write_model_cards(
         log.warning("model cards: the data is not described (%s)", e)
         datasets = []
     teacher_fp = (read_stage(run_dir, "teacher") or {}).get("teacher_fingerprint")
-    fasttext = read_fasttext_row(run_dir)
+    # The run's own fastText (evaluate.fasttext), else one a benchmark put in the run folder.
+    fasttext = _fasttext_row(evaluation) or read_fasttext_row(run_dir)
     paths = []
     for key, student in students.items():
         rows = [
@@ -130,6 +138,17 @@ def write_model_cards(
         )
         paths.append(write_model_card(card))
     return paths
+
+
+def _fasttext_row(evaluation: dict) -> ModelRow | None:
+    """The model cards' row for the fastText the evaluate stage trained, if it did."""
+    from sparse_distill.model_card import ModelRow
+
+    fasttext = (evaluation.get("baselines") or {}).get("fasttext")
+    if not fasttext:
+        return None
+    test = fasttext.get("test", {}).get("accuracy")
+    return ModelRow("fastText (word bigrams, 25 epochs)", fasttext["dev"]["accuracy"], test, fasttext["docs_per_s"])
 
 
 def register_best(

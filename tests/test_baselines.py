@@ -12,6 +12,7 @@ from sparse_distill.baselines import (
     UNK_ID,
     BiLstmStudent,
     CnnStudent,
+    FastTextBaseline,
     TfidfLogReg,
     WordMlpStudent,
     WordStudentPredictor,
@@ -260,3 +261,20 @@ def test_tfidf_logreg_keeps_columns_of_unseen_classes():
     proba = lr.predict_proba(["good good", "bad bad"])
     assert proba.shape == (2, 3) and (proba[:, 1] == 0).all()
     assert lr.predict(["good good", "bad bad"]).tolist() == [0, 2]
+
+
+# --- fastText --------------------------------------------------------------------------------------------------------
+
+
+def test_fasttext_learns_the_task_and_gives_the_same_model_twice(toy):
+    train_texts, train_labels, dev_texts, dev_labels = toy
+    # Class index 2 never occurs in train: its column is there, at zero.
+    model = FastTextBaseline.train(train_texts, train_labels.tolist(), num_classes=3)
+    probs = model.predict_proba(dev_texts + ["", "GOOD\tand\nawful words"])
+    assert probs.shape == (len(dev_texts) + 2, 3)
+    assert np.allclose(probs.sum(1), 1, atol=1e-4) and (probs[:, 2] == 0).all()
+    assert (probs[: len(dev_texts)].argmax(1) == dev_labels).mean() > 0.9
+    again = FastTextBaseline.train(train_texts, train_labels.tolist(), num_classes=3).predict_proba(dev_texts)
+    assert np.array_equal(again, probs[: len(dev_texts)])  # one thread and a seed: the same model
+    with pytest.raises(ValueError, match="3 texts but 2 labels"):
+        FastTextBaseline.train(["a", "b", "c"], [0, 1], num_classes=2)

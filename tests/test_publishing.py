@@ -89,6 +89,29 @@ def test_publish_without_tracking_writes_the_summary_table_and_plots(tmp_path: P
     assert "| **DAN from scratch** (this model) |" in scratch_card and "shipped" not in scratch_card
 
 
+def test_the_runs_fasttext_is_a_row_a_line_a_plot_point_and_a_card_row(tmp_path: Path) -> None:
+    fasttext = {**_metrics(0.78, 0.76), "docs_per_s": 50000.0, "settings": {"wordNgrams": 2}}
+    evaluation = {**EVALUATION, "baselines": {"fasttext": fasttext}}
+    students = _students(tmp_path)
+    summary = publish_run(_config(tmp_path), tmp_path / "run", "fp", None, evaluation, students)
+    # On test: the student (kd) 0.80, the teacher 0.88, fastText 0.76: 4 of the teacher's 12 points kept.
+    assert summary["fasttext_accuracy_test"] == 0.76 and summary["fasttext_split"] == "test"
+    assert summary["student_over_fasttext"] == pytest.approx(0.04)
+    assert summary["lead_kept"] == pytest.approx(1 / 3)
+    table = (tmp_path / "run" / "results.md").read_text()
+    assert "| fastText (word bigrams, 25 epochs) | 0.7800 | 0.7700 | 0.7600 |" in table
+    assert "against fastText (test): student +4.0 points, teacher +12.0" in table and "keeps 33 % of" in table
+    card = (tmp_path / "models" / "kd" / "README.md").read_text()
+    assert "| fastText (word bigrams, 25 epochs) | 0.7800 | 0.7600 | 50,000 |" in card
+    # A teacher within 2 points of fastText has no lead to keep.
+    close = {**fasttext, "test": {**fasttext["test"], "accuracy": 0.87}}
+    summary = pipeline.build_summary(
+        _config(tmp_path), {**evaluation, "baselines": {"fasttext": close}}, students, "kd", None, "fp"
+    )
+    assert summary["lead_kept"] is None and summary["student_over_fasttext"] == pytest.approx(-0.07)
+    assert "no lead to keep" in pipeline.results_table(summary)
+
+
 @pytest.mark.parametrize("log_model", [False, True])
 def test_publish_logs_numbers_plots_and_table_to_the_parent_run(tmp_path: Path, monkeypatch, log_model: bool) -> None:
     import sparse_distill.publishing as publishing

@@ -52,6 +52,10 @@ def test_pipeline_runs_then_serves_from_cache(tiny_config, tmp_path, task_states
     # The student is the default 3 members, each on 16 // 3 = 5 columns; each stage says how each member did.
     assert "shared by 3 members of 5 columns each" in summary["choices"]["table"]
     assert all("per member (dev accuracy alone" in summary["choices"][f"budget_{s}"] for s in ("distill", "kdft"))
+    # fastText trained on the same train rows stands beside the students (evaluate.fasttext), in MLflow too.
+    assert 0 <= summary["fasttext_accuracy_test"] <= 1 and summary["fasttext_split"] == "test"
+    assert "| fastText (word bigrams, 25 epochs) |" in (run_dir / "results.md").read_text()
+    assert "against fastText (test): student" in (run_dir / "results.md").read_text()
     first = task_states(state.state_details.flow_run_id)
     assert all(s == "Completed" for s in first.values()), first
 
@@ -59,6 +63,7 @@ def test_pipeline_runs_then_serves_from_cache(tiny_config, tmp_path, task_states
     client = MlflowClient(tiny_config.tracking.tracking_uri)
     parent = client.get_run(summary["mlflow_run_id"])
     assert parent.data.params["teacher.max_length"] == "32"
+    assert parent.data.metrics["fasttext_accuracy_test"] == summary["fasttext_accuracy_test"]
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert {r.info.run_name for r in children} >= {
         "finetune-teacher",
