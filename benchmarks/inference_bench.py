@@ -31,7 +31,6 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
-
 def folder_mb(path: str | Path) -> float:
     """Size on disk of a file or a folder, MB."""
     path = Path(path)

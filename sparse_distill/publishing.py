@@ -148,7 +148,7 @@ def _fasttext_row(evaluation: dict) -> ModelRow | None:
     if not fasttext:
         return None
     test = fasttext.get("test", {}).get("accuracy")
-    return ModelRow("fastText (word bigrams, 25 epochs)", fasttext["dev"]["accuracy"], test, fasttext["docs_per_s"])
+    return ModelRow(pipeline.FASTTEXT_TITLE, fasttext["dev"]["accuracy"], test, fasttext["docs_per_s"])
 
 
 def register_best(
