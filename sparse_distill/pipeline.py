@@ -1014,7 +1014,7 @@ def build_summary(
     summary["student_params"] = params["total"]
     summary["student_params_detail"] = params
     summary["student_model_dir"] = students[best_student]["model_dir"]
-    if fasttext := (evaluation.get("baselines") or {}).get("fasttext"):
+    if fasttext := evaluated_fasttext(evaluation):
         summary.update(_against_fasttext(m, fasttext, best_student))
     summary["mlflow_run_id"] = mlflow_run_id
     summary["config_fingerprint"] = config_fp
@@ -1026,6 +1026,12 @@ def build_summary(
 LEAD_MARGIN = 0.02
 # The run's own fastText (evaluate.fasttext) in the results table and on the model cards.
 FASTTEXT_TITLE = "fastText (word bigrams, 25 epochs)"
+
+
+def evaluated_fasttext(evaluation: dict) -> dict | None:
+    """The fastText the evaluate stage trained (`evaluate.fasttext`): its metrics per split and speed; None where it
+    did not (turned off, the binding missing, or an evaluation from before it)."""
+    return (evaluation.get("baselines") or {}).get("fasttext")
 
 
 def _against_fasttext(metrics: dict, fasttext: dict, best_student: str) -> dict[str, Any]:

@@ -60,7 +60,7 @@ def write_plots(evaluation: dict, best: str, split: str, plots_dir: Path) -> lis
         }
         for k in evaluation["docs_per_s"]
     ]
-    if fasttext := (evaluation.get("baselines") or {}).get("fasttext"):
+    if fasttext := pipeline.evaluated_fasttext(evaluation):
         points.append(
             {"name": "fastText", "accuracy": fasttext[split]["accuracy"], "docs_per_s": fasttext["docs_per_s"]}
         )
@@ -144,7 +144,7 @@ def _fasttext_row(evaluation: dict) -> ModelRow | None:
     """The model cards' row for the fastText the evaluate stage trained, if it did."""
     from sparse_distill.model_card import ModelRow
 
-    fasttext = (evaluation.get("baselines") or {}).get("fasttext")
+    fasttext = pipeline.evaluated_fasttext(evaluation)
     if not fasttext:
         return None
     test = fasttext.get("test", {}).get("accuracy")
