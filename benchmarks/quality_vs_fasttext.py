@@ -381,7 +381,7 @@ def run_pipeline(name: str, task: Task, run_root: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
 
 
-def row(name: str, task: Task, summary: dict, ft: dict[str, float], minutes: float) -> dict:
+def row(name: str, task: Task, summary: dict, ft: dict[str, float | None], minutes: float) -> dict:
     """One result row: test accuracies, retention and the share of the teacher's lead over fastText kept."""
     r = {
         "task": name,
