@@ -410,9 +410,12 @@ def best_fasttext(r: dict) -> float:
 
 def lead_kept(r: dict, student: float) -> float | None:
     """The share of the teacher's lead over the better fastText that `student` keeps; None where the teacher leads by
-    2 points or less (the share of so small a lead says little)."""
-    lead = r["teacher"] - best_fasttext(r)
-    return (student - best_fasttext(r)) / lead if lead > 0.02 else None
+    `pipeline.LEAD_MARGIN` or less, as in each run's own summary (the share of so small a lead says little)."""
+    from sparse_distill.pipeline import LEAD_MARGIN
+
+    best = best_fasttext(r)
+    lead = r["teacher"] - best
+    return (student - best) / lead if lead > LEAD_MARGIN else None
 
 
 def table(rows: list[dict]) -> str:
