@@ -27,6 +27,7 @@ from sparse_distill.pipeline import (
     label_job,
     split_config,
     stage_fingerprints,
+    teacher_length_fingerprint,
     transfer_job,
     vocab_job,
     vocab_sources,
@@ -130,8 +131,9 @@ def base_stages_flow(config: PipelineConfig, run_dir: str | None = None) -> dict
 
 def _split_data(config: PipelineConfig, run_dir: str) -> PipelineConfig:
     """The config the stages run with: without a dev split, part of train held out as dev first; where
-    `data.corpus_split` says so, the corpus split into sentences (each a stage of its own, cached), and the config's
-    splits replaced by their files."""
+    `data.corpus_split` says so, the corpus split into sentences; where `teacher.max_length` is "auto", the teacher's
+    length chosen from the texts (each a stage of its own, cached); and the config's splits and length replaced by
+    what they made."""
     if (fp := dev_holdout_fingerprint(config)) is not None:
         fps = {"holdout": fp}
         _fresh(stages.hold_out_dev, run_dir, "holdout", fps)(config, run_dir, fps, None)
@@ -139,6 +141,10 @@ def _split_data(config: PipelineConfig, run_dir: str) -> PipelineConfig:
     if (fp := corpus_split_fingerprint(config)) is not None:
         fps = {"sentences": fp}
         _fresh(stages.split_corpus, run_dir, "sentences", fps)(config, run_dir, fps, None)
+        config = split_config(config, run_dir)
+    if (fp := teacher_length_fingerprint(config)) is not None:
+        fps = {"teacher_length": fp}
+        _fresh(stages.choose_teacher_length, run_dir, "teacher_length", fps)(config, run_dir, fps, None)
         config = split_config(config, run_dir)
     return config
 

@@ -50,7 +50,16 @@ from sparse_distill.run_store import content_fingerprint, file_fingerprint, fres
 from sparse_distill.sentences import far_longer, median_words, sentence_advice, write_sentence_corpus
 from sparse_distill.shard_plan import CorpusSource, plan_shards
 from sparse_distill.soft_labels import SHARDS, read_manifest, read_soft_labels
-from sparse_distill.teacher import TeacherPredictor, finetune_teacher, teacher_fingerprint, teacher_word_vectors
+from sparse_distill.teacher import (
+    LENGTH_SAMPLE,
+    LENGTH_SHARE,
+    LENGTH_STEP,
+    TeacherPredictor,
+    auto_max_length,
+    finetune_teacher,
+    teacher_fingerprint,
+    teacher_word_vectors,
+)
 from sparse_distill.training import BatchSource, Budget, InMemoryBatches, SoftLabelStream, train_dan
 from sparse_distill.vocab import Subwords, add_words, tokenize
 
@@ -148,13 +157,16 @@ def with_corpus_split(cfg: PipelineConfig, record: dict[str, Any]) -> PipelineCo
 def split_config(cfg: PipelineConfig, run_dir: str | Path) -> PipelineConfig:
     """`cfg` as the stages of the run in `run_dir` ran it: with the holdout stage's train and dev files where that
     stage (fresh for `cfg`) held dev out of train, then with the sentences stage's file as its corpus where that
-    stage split the corpus."""
+    stage split the corpus, then with the teacher_length stage's `teacher.max_length` where it was "auto"."""
     fp = dev_holdout_fingerprint(cfg)
     record = fresh_stage(run_dir, "holdout", fp) if fp else None
     cfg = with_dev_holdout(cfg, record) if record else cfg
     fp = corpus_split_fingerprint(cfg)
     record = fresh_stage(run_dir, "sentences", fp) if fp else None
-    return with_corpus_split(cfg, record) if record else cfg
+    cfg = with_corpus_split(cfg, record) if record else cfg
+    fp = teacher_length_fingerprint(cfg)
+    record = fresh_stage(run_dir, "teacher_length", fp) if fp else None
+    return with_teacher_length(cfg, record) if record else cfg
 
 
 # A held-out dev split larger than this buys little precision and costs every dev evaluation (the teacher's most).
@@ -228,6 +240,43 @@ def with_dev_holdout(cfg: PipelineConfig, record: dict[str, Any]) -> PipelineCon
     already applied to them)."""
     data = cfg.data.model_copy(update={"train": record["train"], "dev": record["dev"], "max_train_samples": None})
     return cfg.model_copy(update={"data": data})
+
+
+def teacher_length_fingerprint(cfg: PipelineConfig) -> str | None:
+    """The teacher_length stage's cache key: the train and dev files, the teacher's tokenizer (by name) and the cap;
+    None when `teacher.max_length` is a number (no such stage)."""
+    t = cfg.teacher
+    if t.max_length != "auto":
+        return None
+    files = data_fingerprint(cfg.data, ("train", "dev"))
+    return fingerprint("teacher_length", files, t.model, t.max_length_cap, LENGTH_SHARE, LENGTH_STEP, LENGTH_SAMPLE)
+
+
+def run_teacher_length(cfg: PipelineConfig) -> dict[str, Any]:
+    """Choose `teacher.max_length` from the task's texts (`teacher.auto_max_length`) on a seeded sample of
+    LENGTH_SAMPLE train and dev texts each. The record's `max_length` is what the later stages read; `reason` says
+    why."""
+    from transformers import AutoTokenizer
+
+    d = cfg.data
+    splits: dict[str, list[str]] = {}
+    for name in ("train", "dev"):
+        path = split_path(d, name)
+        if path is None:
+            continue
+        limit = d.max_train_samples if name == "train" else None
+        texts = load_split(path, d.text_column, None, None, limit).texts
+        rows = np.random.default_rng(0).permutation(len(texts))[:LENGTH_SAMPLE]
+        splits[name] = [texts[i] for i in sorted(rows)]
+    tokenizer = AutoTokenizer.from_pretrained(cfg.teacher.model)
+    length, reason = auto_max_length(tokenizer, splits, cfg.teacher.max_length_cap)
+    logger.info("teacher.max_length %d: %s", length, reason)
+    return {"max_length": length, "reason": reason}
+
+
+def with_teacher_length(cfg: PipelineConfig, record: dict[str, Any]) -> PipelineConfig:
+    """The config the later stages run with: `teacher.max_length` the teacher_length stage's number."""
+    return cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"max_length": record["max_length"]})})
 
 
 def load_task_data(data: DataConfig) -> TaskData:
@@ -921,12 +970,16 @@ def explain_dev_errors(cfg: PipelineConfig, model_dir: str, out_dir: str | Path)
 
 
 def run_choices(cfg: PipelineConfig, run_dir: str | Path) -> dict[str, str]:
-    """What the shipped defaults chose for this run and why: the dev split where train gave it, the teacher's budget,
+    """What the shipped defaults chose for this run and why: the dev split where train gave it, the teacher's length
+    and budget,
     the table, the corpus and the transfer set, each student's budget."""
     out: dict[str, str] = {}
     holdout = read_stage(run_dir, "holdout") or {}
     if holdout.get("dev") == cfg.data.dev:  # this run's dev split came out of that stage
         out["dev"] = holdout["reason"]
+    length = read_stage(run_dir, "teacher_length") or {}
+    if length.get("max_length") == cfg.teacher.max_length:  # this run's length came out of that stage
+        out["teacher_length"] = f"teacher.max_length {length['max_length']}: {length['reason']}"
     if budget := (read_stage(run_dir, "teacher") or {}).get("budget"):
         out["budget_teacher"] = f"teacher: {budget}"
     vocab = read_stage(run_dir, "vocab")

@@ -33,6 +33,7 @@ RESULT = "result.json"
 STAGE_DIRS = {
     "holdout": "holdout",
     "sentences": "sentences",
+    "teacher_length": "teacher_length",
     "teacher": "teacher",
     "label_train": "labels/train",
     "label_corpus": "labels/corpus",

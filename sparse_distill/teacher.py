@@ -53,6 +53,43 @@ def plan_teacher_budget(num_docs: int, config: TeacherConfig) -> Budget:
     return Budget(steps, eval_every, epochs, reason)
 
 
+# max_length "auto": long enough for this share of the train texts and of the dev texts, counted on a sample of each,
+# rounded up to a step of LENGTH_STEP tokens (at least one step). The 90th percentile rather than the longest text: a
+# few long outliers should not set the cost of every batch, and head_tail keeps both ends of what is cut.
+LENGTH_SHARE = 0.9
+LENGTH_STEP = 32
+LENGTH_SAMPLE = 2000
+
+
+def covering_length(tokenizer, texts: list[str], share: float = LENGTH_SHARE, cap: int = 512) -> int:
+    """The number of tokens (special tokens included) within which `share` of `texts` fit, counted up to cap + 1
+    (a text longer than that only needs to count as too long)."""
+    if not texts:
+        return 0
+    keep = (cap + 1) * _CHARS_PER_TOKEN_BOUND  # a long document's tail cannot change whether it passes the cap
+    enc = tokenizer([t[:keep] for t in texts], truncation=True, max_length=cap + 1)
+    lengths = np.array([len(ids) for ids in enc["input_ids"]])
+    return int(np.ceil(np.quantile(lengths, share)))
+
+
+def auto_max_length(tokenizer, splits: dict[str, list[str]], cap: int) -> tuple[int, str]:
+    """`teacher.max_length` "auto": the length within which LENGTH_SHARE of each split's texts fit, the longest of
+    the splits, rounded up to a multiple of LENGTH_STEP, within LENGTH_STEP..cap; with the reason in words."""
+    needs = {name: covering_length(tokenizer, texts, cap=cap) for name, texts in splits.items() if texts}
+    need = max(needs.values(), default=LENGTH_STEP)
+    length = min(cap, max(LENGTH_STEP, math.ceil(need / LENGTH_STEP) * LENGTH_STEP))
+    fits = " and ".join(
+        f"of the {name} texts within {n:,} tokens" if n <= cap else f"of the {name} texts within more than {cap:,}"
+        for name, n in needs.items()
+    )
+    reason = f"auto: {LENGTH_SHARE:.0%} {fits}"
+    if need > cap:
+        reason += f", so teacher.max_length_cap {cap:,} (longer texts are cut: teacher.truncation)"
+    else:
+        reason += f", rounded up to a multiple of {LENGTH_STEP}"
+    return length, reason
+
+
 # Where a teacher folder records how it was fine-tuned (written with its weights, read by every consumer).
 TRAINING_INFO = "training_info.json"
 # A long document's characters kept at each end before tokenising for head_tail: far more than the tokens kept (no

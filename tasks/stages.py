@@ -113,6 +113,17 @@ def split_corpus(
     return _done("sentences", fingerprints, out, res)
 
 
+@_stage_task("teacher_length")
+def choose_teacher_length(
+    config: PipelineConfig, run_dir: str, fingerprints: dict[str, str], tracking: TrackingRef | None
+) -> dict:
+    """Choose the teacher's tokens per text from the task's texts, where `teacher.max_length` is "auto"."""
+    out = run_store.stage_dir(run_dir, "teacher_length")
+    res = pipeline.run_teacher_length(config)
+    get_run_logger().info("teacher.max_length %d: %s", res["max_length"], res["reason"])
+    return _done("teacher_length", fingerprints, out, res)
+
+
 @task(name="start-tracking")
 def start_tracking(config: PipelineConfig, run_dir: str, config_fp: str, flow_run_id: str | None) -> TrackingRef:
     """Create (once) the experiment and the pipeline's parent MLflow run."""

@@ -299,3 +299,43 @@ def test_holdout_rows_keep_a_train_row_of_every_label_and_stay_under_the_cap():
     assert holdout_rows(labels, 0.4) == rows and holdout_rows(labels, 0.4, seed=1) != rows
     assert len(holdout_rows(["x", "y"] * 10_000, 0.3, max_rows=500)) == 500
     assert len(holdout_rows([str(i % 7) for i in range(70_000)], 0.1, max_rows=4995)) == 4995  # 7 x 713.6 -> 4,998
+
+
+def test_max_length_auto_is_chosen_from_the_texts_and_keys_the_teacher_like_the_number_it_chose(tiny_config, tmp_path):
+    from sparse_distill.pipeline import run_teacher_length, teacher_length_fingerprint, with_teacher_length
+
+    assert teacher_length_fingerprint(tiny_config) is None  # a number: no such stage
+    auto = tiny_config.model_copy(update={"teacher": tiny_config.teacher.model_copy(update={"max_length": "auto"})})
+    fp = teacher_length_fingerprint(auto)
+    assert fp is not None
+    capped = auto.model_copy(update={"teacher": auto.teacher.model_copy(update={"max_length_cap": 128})})
+    assert teacher_length_fingerprint(capped) != fp
+
+    record = run_teacher_length(auto)
+    # The tiny reviews are 5-15 words: one step of 32 tokens covers them.
+    assert record["max_length"] == 32 and "90% of the train texts within" in record["reason"]
+    chosen = with_teacher_length(auto, record)
+    assert chosen.teacher.max_length == 32
+    # The teacher's key is the one an explicit 32 gives: runs made before "auto" keep their teacher.
+    assert stage_fingerprints(chosen) == stage_fingerprints(tiny_config)
+
+
+def test_max_length_auto_reads_the_row_limited_train_split_and_names_a_bad_file(tiny_config, tmp_path):
+    from sparse_distill.data import DataError
+    from sparse_distill.pipeline import run_teacher_length
+
+    # 20 short reviews first, then 200 documents of 300 words.
+    texts = ["a great film", "dull"] * 10 + [" ".join(["the plot was dull and the actors were weak"] * 30)] * 200
+    pq.write_table(pa.table({"text": texts, "label": ["pos", "neg"] * 110}), tmp_path / "train.parquet")
+    data = tiny_config.data.model_copy(update={"data_dir": str(tmp_path), "train": "train.parquet", "dev": None})
+    teacher = tiny_config.teacher.model_copy(update={"max_length": "auto"})
+    cfg = tiny_config.model_copy(update={"data": data, "teacher": teacher})
+    record = run_teacher_length(cfg)
+    assert record["max_length"] == 256 and "more than 256" in record["reason"] and "dev" not in record["reason"]
+    limited = cfg.model_copy(update={"data": data.model_copy(update={"max_train_samples": 20})})
+    assert run_teacher_length(limited)["max_length"] == 32
+
+    (tmp_path / "bad.parquet").write_text("not parquet")
+    bad = cfg.model_copy(update={"data": data.model_copy(update={"train": "bad.parquet"})})
+    with pytest.raises(DataError, match="bad.parquet"):
+        run_teacher_length(bad)

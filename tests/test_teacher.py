@@ -206,3 +206,28 @@ def test_the_teacher_records_its_truncation_and_its_predictor_reads_it(tiny_teac
     head = teacher.TeacherPredictor(result.model_dir, max_length=16, precision="fp32", truncation="head")
     assert not np.allclose(tail[0], head.predict_logits(texts)[0])  # the long text is read differently
     np.testing.assert_allclose(tail[1], head.predict_logits(texts)[1], rtol=1e-5)  # the short one is not
+
+
+def test_auto_max_length_covers_most_texts_in_steps_of_32_within_the_cap(tiny_teacher):
+    from transformers import AutoTokenizer
+
+    from sparse_distill.teacher import LENGTH_STEP, auto_max_length, covering_length
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_teacher))
+    short = ["great film", "a dull plot"] * 10
+    assert covering_length(tokenizer, ["great film"]) == len(tokenizer("great film")["input_ids"])  # [CLS] .. [SEP]
+    length, reason = auto_max_length(tokenizer, {"train": short, "dev": short}, cap=256)
+    assert length == LENGTH_STEP and "rounded up" in reason and "of the dev texts within" in reason
+
+    # 90% of the texts at 50 words or more: two steps of 32, set by the longer split.
+    long = [" ".join(["the film was great"] * 13)] * 9 + ["dull"]
+    need = covering_length(tokenizer, long)
+    assert 32 < need <= 64
+    assert auto_max_length(tokenizer, {"train": short, "dev": long}, cap=256)[0] == 64
+    # A tenth of long outliers does not set the length.
+    assert auto_max_length(tokenizer, {"train": short[:18] + long[:2]}, cap=256)[0] == LENGTH_STEP
+
+    # Documents past the cap: the cap, and the reason says texts are cut.
+    docs = [" ".join(["the film was great and the plot was dull"] * 100)] * 5
+    length, reason = auto_max_length(tokenizer, {"train": docs}, cap=128)
+    assert length == 128 and "more than 128" in reason and "max_length_cap 128" in reason

@@ -35,7 +35,7 @@ def run_domain(ctx: Context) -> list[dict[str, Any]]:
     overrides = [f"data.data_dir={dcfg.source_data_dir}"] if dcfg.source_data_dir else []
     source_cfg = load_config(dcfg.source_pipeline, overrides)
     source = BaseRun.from_run_dir(source_cfg, dcfg.source_run_dir or Path("runs") / source_cfg.name)
-    max_length = dcfg.label_max_length or source_cfg.teacher.max_length
+    max_length = dcfg.label_max_length or source.config.teacher.max_length  # as the source run chose it
     rows = [
         teacher_row(ctx, f"Teacher ({source_cfg.name}, no adaptation)", source.teacher_dir, max_length),
         teacher_row(ctx, f"Teacher ({base.config.name})"),
