@@ -119,7 +119,15 @@ class TeacherConfig(_Strict):
 
     # How the work is checkpointed, not what it computes: left out of the stage's cache key.
     RUNTIME_FIELDS: ClassVar[set[str]] = {"checkpoint_every"}
-    ADDED_FIELDS: ClassVar[dict[str, Any]] = {"truncation": "head", "max_length_cap": 256}
+    ADDED_FIELDS: ClassVar[dict[str, Any]] = {"truncation": "head"}
+
+    def cache_dump(self) -> dict[str, Any]:
+        """As `_Strict.cache_dump`; the cap only chooses a number: once max_length is that number (as every stage
+        sees it, after the teacher_length stage), the cap is left out of the key."""
+        dumped = super().cache_dump()
+        if isinstance(self.max_length, int):
+            dumped.pop("max_length_cap", None)
+        return dumped
 
 
 class RunnerConfig(_Strict):

@@ -57,6 +57,7 @@ from sparse_distill.teacher import (
     TeacherPredictor,
     auto_max_length,
     finetune_teacher,
+    model_token_limit,
     teacher_fingerprint,
     teacher_word_vectors,
 )
@@ -269,7 +270,11 @@ def run_teacher_length(cfg: PipelineConfig) -> dict[str, Any]:
         rows = np.random.default_rng(0).permutation(len(texts))[:LENGTH_SAMPLE]
         splits[name] = [texts[i] for i in sorted(rows)]
     tokenizer = AutoTokenizer.from_pretrained(cfg.teacher.model)
-    length, reason = auto_max_length(tokenizer, splits, cfg.teacher.max_length_cap)
+    cap = cfg.teacher.max_length_cap
+    model_limit = model_token_limit(cfg.teacher.model, tokenizer) or cap
+    length, reason = auto_max_length(tokenizer, splits, min(cap, model_limit))
+    if model_limit < cap:
+        reason += f" (the model's limit {model_limit:,}, under teacher.max_length_cap {cap:,})"
     logger.info("teacher.max_length %d: %s", length, reason)
     return {"max_length": length, "reason": reason}
 
@@ -971,8 +976,7 @@ def explain_dev_errors(cfg: PipelineConfig, model_dir: str, out_dir: str | Path)
 
 def run_choices(cfg: PipelineConfig, run_dir: str | Path) -> dict[str, str]:
     """What the shipped defaults chose for this run and why: the dev split where train gave it, the teacher's length
-    and budget,
-    the table, the corpus and the transfer set, each student's budget."""
+    and budget, the table, the corpus and the transfer set, each student's budget."""
     out: dict[str, str] = {}
     holdout = read_stage(run_dir, "holdout") or {}
     if holdout.get("dev") == cfg.data.dev:  # this run's dev split came out of that stage

@@ -72,6 +72,17 @@ def covering_length(tokenizer, texts: list[str], share: float = LENGTH_SHARE, ca
     return int(np.ceil(np.quantile(lengths, share)))
 
 
+def model_token_limit(model: str, tokenizer) -> int | None:
+    """The most tokens `model` reads: its tokenizer's model_max_length where set (512 for BERT and RoBERTa), else its
+    config's max_position_embeddings; None when neither says."""
+    limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(limit, int) and limit < 1_000_000:  # tokenizers without a limit report a huge number
+        return limit
+    from transformers import AutoConfig
+
+    return getattr(AutoConfig.from_pretrained(model), "max_position_embeddings", None)
+
+
 def auto_max_length(tokenizer, splits: dict[str, list[str]], cap: int) -> tuple[int, str]:
     """`teacher.max_length` "auto": the length within which LENGTH_SHARE of each split's texts fit, the longest of
     the splits, rounded up to a multiple of LENGTH_STEP, within LENGTH_STEP..cap; with the reason in words."""

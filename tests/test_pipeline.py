@@ -316,8 +316,10 @@ def test_max_length_auto_is_chosen_from_the_texts_and_keys_the_teacher_like_the_
     assert record["max_length"] == 32 and "90% of the train texts within" in record["reason"]
     chosen = with_teacher_length(auto, record)
     assert chosen.teacher.max_length == 32
-    # The teacher's key is the one an explicit 32 gives: runs made before "auto" keep their teacher.
+    # The teacher's key is the one an explicit 32 gives: runs made before "auto" keep their teacher; the cap that
+    # chose the number is not in it.
     assert stage_fingerprints(chosen) == stage_fingerprints(tiny_config)
+    assert stage_fingerprints(with_teacher_length(capped, record)) == stage_fingerprints(tiny_config)
 
 
 def test_max_length_auto_reads_the_row_limited_train_split_and_names_a_bad_file(tiny_config, tmp_path):
@@ -330,8 +332,13 @@ def test_max_length_auto_reads_the_row_limited_train_split_and_names_a_bad_file(
     data = tiny_config.data.model_copy(update={"data_dir": str(tmp_path), "train": "train.parquet", "dev": None})
     teacher = tiny_config.teacher.model_copy(update={"max_length": "auto"})
     cfg = tiny_config.model_copy(update={"data": data, "teacher": teacher})
+    # No more than the model reads: the tiny teacher has 64 positions (its tokenizer sets no limit), under the cap.
     record = run_teacher_length(cfg)
-    assert record["max_length"] == 256 and "more than 256" in record["reason"] and "dev" not in record["reason"]
+    assert record["max_length"] == 64 and "of the train texts within more than 64" in record["reason"]
+    assert "dev" not in record["reason"]
+    assert "the model's limit 64, under teacher.max_length_cap 256" in record["reason"]
+    capped = cfg.model_copy(update={"teacher": teacher.model_copy(update={"max_length_cap": 48})})
+    assert run_teacher_length(capped)["max_length"] == 48  # the cap itself, not a multiple of 32
     limited = cfg.model_copy(update={"data": data.model_copy(update={"max_train_samples": 20})})
     assert run_teacher_length(limited)["max_length"] == 32
 
