@@ -58,6 +58,7 @@ from sparse_distill.teacher import (
     auto_max_length,
     finetune_teacher,
     model_token_limit,
+    sample_rows,
     teacher_fingerprint,
     teacher_word_vectors,
 )
@@ -267,8 +268,7 @@ def run_teacher_length(cfg: PipelineConfig) -> dict[str, Any]:
             continue
         limit = d.max_train_samples if name == "train" else None
         texts = load_split(path, d.text_column, None, None, limit).texts
-        rows = np.random.default_rng(0).permutation(len(texts))[:LENGTH_SAMPLE]
-        splits[name] = [texts[i] for i in sorted(rows)]
+        splits[name] = [texts[i] for i in sample_rows(len(texts), LENGTH_SAMPLE, seed=0)]
     tokenizer = AutoTokenizer.from_pretrained(cfg.teacher.model)
     cap = cfg.teacher.max_length_cap
     model_limit = model_token_limit(cfg.teacher.model, tokenizer) or cap
