@@ -135,12 +135,17 @@ def _rt_three_class(out: Path) -> Path:
 
 
 def _write_splits(
-    out: Path, splits: dict[str, list[tuple[str, str]]], rng: np.random.Generator, limits: dict[str, int] | None = None
+    out: Path,
+    splits: dict[str, list[tuple[str, str]]],
+    rng: np.random.Generator | None,
+    limits: dict[str, int] | None = None,
 ) -> Path:
-    """Each split's (text, label) rows, shuffled and cut to its limit, as `out/<split>.parquet`."""
+    """Each split's (text, label) rows, shuffled with `rng` (None: in their order) and cut to its limit, as
+    `out/<split>.parquet`."""
     out.mkdir(parents=True, exist_ok=True)
     for split, rows in splits.items():
-        keep = rng.permutation(len(rows))[: (limits or {}).get(split)]
+        order = rng.permutation(len(rows)) if rng is not None else np.arange(len(rows))
+        keep = order[: (limits or {}).get(split)]
         table = pa.table({"text": [rows[i][0] for i in keep], "label": [rows[i][1] for i in keep]})
         pq.write_table(table, out / f"{split}.parquet")
     return out
@@ -262,12 +267,8 @@ def _spam_assassin(out: Path) -> Path:
         text = (str(message["Subject"] or "") + "\n" + tag.sub(" ", " ".join(parts))).strip()
         rows.append((text, "spam" if name.startswith("spam") else "ham"))
     random.Random(13).shuffle(rows)
-    splits = {"test": rows[:1200], "dev": rows[1200:1800], "train": rows[1800:]}
-    out.mkdir(parents=True, exist_ok=True)
-    for split, part_rows in splits.items():
-        table = pa.table({"text": [t for t, _ in part_rows], "label": [label for _, label in part_rows]})
-        pq.write_table(table, out / f"{split}.parquet")
-    return out
+    # Already shuffled: each split keeps that order.
+    return _write_splits(out, {"test": rows[:1200], "dev": rows[1200:1800], "train": rows[1800:]}, None)
 
 
 IMDB_CPU = ["teacher.max_length=128", "teacher.max_train_samples=6000", "data.max_corpus_samples=25000"]
