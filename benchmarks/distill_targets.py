@@ -1,6 +1,7 @@
 """Distillation targets and loss: on a finished pipeline run, the KD student (and KD+FT from it) trained again with the
 train rows' targets mixed with their gold labels at several weights (`distill.gold_weight`), with each distillation
-loss asked for (`distill.loss`: kl, logit_mse), over several seeds.
+loss asked for (`distill.loss`: kl, logit_mse), over several seeds; with `--scratch`, the run's DAN from scratch too,
+with the same seeds, so a student's spread stands beside the baseline's.
 
 It reads the run's own soft labels, stored n-gram ids and vocabulary, and trains through the pipeline's code
 (`pipeline.distill_stream`, `train_dan`, `pipeline.run_finetune_student`), so only the targets differ between rows.
@@ -8,6 +9,7 @@ Test accuracy.
 
     python benchmarks/distill_targets.py runs/bench-quality/rotten-tomatoes --weights 0 0.5 1 --seeds 13 14 15
     python benchmarks/distill_targets.py runs/bench-quality/sst2 --weights 0.5 --losses kl logit_mse
+    python benchmarks/distill_targets.py runs/bench-quality/spam-assassin --weights 0.5 --seeds 13 14 --scratch
 """
 
 from __future__ import annotations
@@ -89,10 +91,37 @@ def run_one(
     }
 
 
+def run_scratch_seed(run_dir: Path, seed: int, out: Path, overrides: list[str] | None = None) -> dict:
+    """The run's DAN from scratch (gold labels alone) trained again with `seed`, on the run's vocabulary: the
+    baseline a student's seed spread is set beside."""
+    from sparse_distill.config import load_config
+    from sparse_distill.pipeline import load_task_data, run_scratch
+    from sparse_distill.run_store import stage_dir
+
+    cfg = load_config(run_dir / "config.yaml", overrides)
+    no_checkpoints = {"seed": seed, "checkpoint_every_minutes": None, "checkpoint_every_steps": None}
+    cfg = cfg.model_copy(update={"scratch": cfg.scratch.model_copy(update=no_checkpoints)})
+    data = load_task_data(cfg.data)
+    split = data.test if data.test is not None else data.dev
+    start = time.perf_counter()
+    res = run_scratch(cfg, str(stage_dir(run_dir, "vocab")), out)
+    return {
+        "run": run_dir.name,
+        "student": "scratch",
+        "seed": seed,
+        "set": overrides or [],
+        "scratch_dev": res["dev_accuracy"],
+        "scratch_test": test_accuracy(res["model_dir"], split.texts, data.encoded(split)),
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dirs", nargs="+", type=Path, help="Finished pipeline runs (runs/<name>).")
-    p.add_argument("--weights", nargs="+", type=float, default=[0.0, 0.5, 1.0], help="gold_weight values.")
+    p.add_argument(
+        "--weights", nargs="*", type=float, default=[0.0, 0.5, 1.0], help="gold_weight values (none: no KD students)."
+    )
     p.add_argument(
         "--losses",
         nargs="+",
@@ -108,6 +137,11 @@ def main() -> None:
         default=[],
         metavar="KEY=VALUE",
         help="A config override for every student trained here (e.g. distill.epochs=3); repeatable.",
+    )
+    p.add_argument(
+        "--scratch",
+        action="store_true",
+        help="Also train the run's DAN from scratch with each seed (rows under 'scratch' in the output).",
     )
     p.add_argument("--work", type=Path, default=ROOT / "data" / "bench-distill-targets", help="Students go here.")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "distill_targets.json")
@@ -133,8 +167,20 @@ def main() -> None:
                     f"{run_dir.name:20s} weight {weight:<4g} {loss:9s} KD {mean['kd_test']:.3f}  "
                     f"KD+FT {mean['kdft_test']:.3f}"
                 )
+    scratch = []
+    if args.scratch:
+        for run_dir in args.run_dirs:
+            mine = []
+            for seed in args.seeds:
+                row = run_scratch_seed(run_dir, seed, args.work / run_dir.name / f"scratch-s{seed}", args.overrides)
+                print(json.dumps(row), flush=True)
+                mine.append(row)
+            mean = round(sum(r["scratch_test"] for r in mine) / len(mine), 4)
+            print(f"{run_dir.name:20s} scratch {mean:.3f} over {len(mine)} seeds")
+            scratch += mine
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"runs": rows, "mean": summary}, indent=2) + "\n")
+    out = {"runs": rows, "mean": summary, **({"scratch": scratch} if scratch else {})}
+    args.out.write_text(json.dumps(out, indent=2) + "\n")
 
 
 if __name__ == "__main__":
