@@ -37,6 +37,11 @@ def test_accuracy(model_dir: str, texts: list[str], labels: list[int]) -> float:
     return accuracy(model, ids, offsets, np.asarray(labels))
 
 
+def seeded(seed: int) -> dict:
+    """A training section's update: `seed`, and no checkpoints (a student here is trained once, start to end)."""
+    return {"seed": seed, "checkpoint_every_minutes": None, "checkpoint_every_steps": None}
+
+
 def run_one(
     run_dir: Path, weight: float, seed: int, out: Path, loss: str | None = None, overrides: list[str] | None = None
 ) -> dict:
@@ -56,11 +61,10 @@ def run_one(
 
     cfg = load_config(run_dir / "config.yaml", overrides)
     loss = loss or cfg.distill.loss
-    no_checkpoints = {"seed": seed, "checkpoint_every_minutes": None, "checkpoint_every_steps": None}
     cfg = cfg.model_copy(
         update={
-            "distill": cfg.distill.model_copy(update={**no_checkpoints, "gold_weight": weight, "loss": loss}),
-            "finetune": cfg.finetune.model_copy(update=no_checkpoints),
+            "distill": cfg.distill.model_copy(update={**seeded(seed), "gold_weight": weight, "loss": loss}),
+            "finetune": cfg.finetune.model_copy(update=seeded(seed)),
         }
     )
     data = load_task_data(cfg.data)
@@ -99,8 +103,7 @@ def run_scratch_seed(run_dir: Path, seed: int, out: Path, overrides: list[str] |
     from sparse_distill.run_store import stage_dir
 
     cfg = load_config(run_dir / "config.yaml", overrides)
-    no_checkpoints = {"seed": seed, "checkpoint_every_minutes": None, "checkpoint_every_steps": None}
-    cfg = cfg.model_copy(update={"scratch": cfg.scratch.model_copy(update=no_checkpoints)})
+    cfg = cfg.model_copy(update={"scratch": cfg.scratch.model_copy(update=seeded(seed))})
     data = load_task_data(cfg.data)
     split = data.test if data.test is not None else data.dev
     start = time.perf_counter()
