@@ -19,6 +19,11 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sparse_distill.data import TextSplit
+    from sparse_distill.pipeline import TaskData
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -35,6 +40,11 @@ def test_accuracy(model_dir: str, texts: list[str], labels: list[int]) -> float:
     model, _ = load_student(model_dir)
     ids, offsets = to_tensors(NgramVocab.load(Path(model_dir)), texts)
     return accuracy(model, ids, offsets, np.asarray(labels))
+
+
+def held_out(data: TaskData) -> TextSplit:
+    """The split the students are scored on: test where the run has one, else dev."""
+    return data.test if data.test is not None else data.dev
 
 
 def seeded(seed: int) -> dict:
@@ -77,7 +87,7 @@ def run_one(
     ]
     stream = distill_stream(cfg, data, label_dirs, features)
     dev = (data.dev.texts, data.encoded(data.dev), data.label_map)
-    test = (data.test.texts, data.encoded(data.test)) if data.test is not None else (data.dev.texts, dev[1])
+    test = (held_out(data).texts, data.encoded(held_out(data)))
     start = time.perf_counter()
     kd = train_dan(out / "kd", vocab_dir, stream, *dev, cfg.student, cfg.distill, loss=cfg.distill.loss)
     ft = run_finetune_student(cfg, vocab_dir, kd["model_dir"], out / "kdft")
@@ -105,7 +115,7 @@ def run_scratch_seed(run_dir: Path, seed: int, out: Path, overrides: list[str] |
     cfg = load_config(run_dir / "config.yaml", overrides)
     cfg = cfg.model_copy(update={"scratch": cfg.scratch.model_copy(update=seeded(seed))})
     data = load_task_data(cfg.data)
-    split = data.test if data.test is not None else data.dev
+    split = held_out(data)
     start = time.perf_counter()
     res = run_scratch(cfg, str(stage_dir(run_dir, "vocab")), out)
     return {
