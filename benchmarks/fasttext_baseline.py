@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 # fastText reads one line of space-separated tokens: lowercase, one line (the run's own fastText reads the same).
 from sparse_distill.baselines import fasttext_line as prepare  # noqa: E402
+from sparse_distill.baselines import write_fasttext_file  # noqa: E402
 
 
 def main() -> None:
@@ -44,9 +45,7 @@ def main() -> None:
     test = pq.read_table(Path(a.data) / f"{test_split}.parquet").to_pydict()
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "train.txt")
-        with open(path, "w") as f:
-            for text, label in zip(train["text"], train["label"], strict=True):
-                f.write(f"__label__{label} {prepare(text)}\n")
+        write_fasttext_file(path, train["text"], train["label"])  # shuffled: IMDB's train file is sorted by label
         start = time.perf_counter()
         model = fasttext.train_supervised(
             path, dim=a.dim, wordNgrams=a.word_ngrams, epoch=a.epoch, thread=a.train_threads, verbose=0

@@ -200,14 +200,13 @@ def fasttext_worker(spec: dict) -> dict:
     import fasttext
 
     from sparse_distill.baselines import fasttext_line as prepare
+    from sparse_distill.baselines import write_fasttext_file
 
     train_texts, train_labels = read_split(spec["train"], spec["label_column"])
     texts, gold = read_split(spec["test"], spec["label_column"])
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "train.txt")
-        with open(path, "w") as f:
-            for text, label in zip(train_texts, train_labels, strict=True):
-                f.write(f"__label__{label} {prepare(text)}\n")
+        write_fasttext_file(path, train_texts, train_labels)  # shuffled: IMDB's train file is sorted by label
         start = time.perf_counter()
         model = fasttext.train_supervised(path, thread=spec["cores"], verbose=0, **spec["settings"])
         train_s = time.perf_counter() - start

@@ -32,8 +32,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from fasttext_baseline import prepare  # noqa: E402  (fastText's one-line input, as the other benchmarks write it)
+sys.path.insert(0, str(ROOT))
+from sparse_distill.baselines import write_fasttext_file  # noqa: E402  (the run's own fastText writes its file so)
 
 SHARED = ROOT.parent / "shared" / "data"
 RESULTS = ROOT / "benchmarks" / "results"
@@ -368,9 +368,7 @@ def _fasttext_file(task: Task, split: str, limit: int | None, path: Path) -> lis
     if limit:
         table = table.slice(0, limit)
     labels = [str(v).replace(" ", "_") for v in table.column(task.label_column).to_pylist()]
-    with open(path, "w") as f:
-        for text, label in zip(table.column("text").to_pylist(), labels, strict=True):
-            f.write(f"__label__{label} {prepare(text)}\n")
+    write_fasttext_file(path, table.column("text").to_pylist(), labels)  # shuffled: IMDB's files are sorted by label
     return labels
 
 

@@ -21,6 +21,7 @@ from sparse_distill.baselines import (
     make_word_student,
     save_word_student,
     train_word_student,
+    write_fasttext_file,
 )
 from sparse_distill.config import TrainConfig
 
@@ -278,3 +279,38 @@ def test_fasttext_learns_the_task_and_gives_the_same_model_twice(toy):
     assert np.array_equal(again, probs[: len(dev_texts)])  # one thread and a seed: the same model
     with pytest.raises(ValueError, match="3 texts but 2 labels"):
         FastTextBaseline.train(["a", "b", "c"], [0, 1], num_classes=2)
+
+
+def test_fasttext_learns_from_a_train_set_sorted_by_label():
+    # fastText reads its file in order: on these rows sorted by label it scored 0.88 before the baseline shuffled
+    # them (1.0 after); on IMDB's train split, sorted by label, 0.510 against 0.889.
+    rng = random.Random(5)
+
+    def rows(n: int) -> list[tuple[str, int]]:
+        out = []
+        for _ in range(n):
+            label = rng.randrange(2)
+            words = [rng.choice(NOISE) for _ in range(50)]
+            for _ in range(2):
+                words.insert(rng.randrange(len(words) + 1), rng.choice(GOOD if label == 0 else BAD))
+            out.append((" ".join(words), label))
+        return out
+
+    train = sorted(rows(400), key=lambda r: r[1])
+    test = rows(200)
+    model = FastTextBaseline.train([t for t, _ in train], [y for _, y in train], num_classes=2)
+    pred = model.predict_proba([t for t, _ in test]).argmax(1)
+    assert (pred == np.array([y for _, y in test])).mean() > 0.95
+
+
+def test_the_fasttext_file_holds_every_row_once_in_a_seeded_order(tmp_path):
+    texts = [f"Text\tnumber {i}" for i in range(50)]
+    labels = ["a label" if i < 25 else "b" for i in range(50)]
+    write_fasttext_file(tmp_path / "one.txt", texts, labels, seed=3)
+    write_fasttext_file(tmp_path / "two.txt", texts, labels, seed=3)
+    lines = (tmp_path / "one.txt").read_text().splitlines()
+    assert lines == (tmp_path / "two.txt").read_text().splitlines()
+    assert sorted(lines) == sorted(f"__label__{'a_label' if i < 25 else 'b'} text number {i}" for i in range(50))
+    assert lines != [f"__label__{'a_label' if i < 25 else 'b'} text number {i}" for i in range(50)]
+    with pytest.raises(ValueError, match="bad.txt: 2 texts but 1 labels"):
+        write_fasttext_file(tmp_path / "bad.txt", ["x", "y"], ["a"])
