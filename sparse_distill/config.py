@@ -410,9 +410,9 @@ class EvalConfig(_Strict):
     threads: int | None = Field(None, ge=1, description="torch threads while timing (default: all cores).")
     fasttext: bool = Field(
         True,
-        description="Train fastText on the same train rows (word bigrams, 25 epochs, lr 0.5, one thread, seed 13) and "
-        "report it beside the students: the baseline a student has to beat, and the share of the teacher's lead over "
-        "it that the student keeps.",
+        description="Train fastText on the same train rows, shuffled (word bigrams, 25 epochs, lr 0.5, one thread, "
+        "seed 13), and report it beside the students: the baseline a student has to beat, and the share of the "
+        "teacher's lead over it that the student keeps.",
     )
 
 
