@@ -57,7 +57,11 @@ class DataConfig(_Strict):
     text_column: str = Field("text", description="Column holding the document text.")
     label_column: str = Field("label", description="Column holding the gold label (int or string).")
     id_column: str | None = Field(None, description="Column holding a document id; None derives ids from row numbers.")
-    max_train_samples: int | None = Field(None, ge=1, description="Use only the first N train rows (quick runs).")
+    max_train_samples: int | None = Field(
+        None,
+        ge=1,
+        description="Use only the first N train rows (quick runs; on a file sorted by label that drops whole labels).",
+    )
     max_corpus_samples: int | None = Field(
         None, ge=1, description="Use only the first N corpus texts (its sentences, when the corpus is split)."
     )

@@ -9,12 +9,23 @@ import logging
 import os
 from pathlib import Path
 
-from sparse_distill.config import LabelJob, PipelineConfig, VocabJob
+from sparse_distill.config import DataConfig, LabelJob, PipelineConfig, VocabJob
 from sparse_distill.corpus import check_columns
 from sparse_distill.data import DataError, LabelMap, expand_paths, load_split
 from sparse_distill.pipeline import corpus_sentence_advice, split_path
 
 logger = logging.getLogger(__name__)
+
+
+def row_limit_hint(data: DataConfig) -> str:
+    """What to add to an error about the train split's labels when `data.max_train_samples` cut it ("" otherwise): it
+    keeps the first rows, and on a file sorted by label (IMDB's is) that drops whole labels."""
+    if data.max_train_samples is None:
+        return ""
+    return (
+        f" (data.max_train_samples: only the train file's first {data.max_train_samples:,} rows are read, and a file "
+        "sorted by label loses whole labels that way; shuffle the file or raise the limit)"
+    )
 
 
 def _keyed(key: str, e: Exception) -> DataError:
@@ -60,14 +71,15 @@ def check_pipeline_inputs(cfg: PipelineConfig) -> None:
         except DataError as e:
             raise _keyed(key, e) from e
     label_map = LabelMap.from_values(splits["train"].labels or [])
+    cut = row_limit_hint(d)
     if label_map.num_classes < 2:
-        raise DataError(f"data.train: {splits['train'].source}: column {d.label_column!r} has fewer than 2 labels")
+        raise DataError(f"data.train: {splits['train'].source}: column {d.label_column!r} has fewer than 2 labels{cut}")
     for name in ("dev", "test"):
         if name in splits:
             try:
                 label_map.encode(splits[name].labels or [], splits[name].source, d.label_column)
             except DataError as e:
-                raise _keyed(f"data.{name}", e) from e
+                raise _keyed(f"data.{name}", DataError(f"{e}{cut}")) from e
     for i, pattern in enumerate(d.corpus):
         key = f"data.corpus[{i}]"
         try:

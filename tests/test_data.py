@@ -11,6 +11,7 @@ import pytest
 from sparse_distill.config import ConfigError, load_config
 from sparse_distill.data import DataError, LabelMap, load_split
 from sparse_distill.pipeline import load_task_data
+from sparse_distill.preflight import check_pipeline_inputs
 
 
 def test_label_map_round_trip_for_ints_and_strings(tmp_path):
@@ -57,6 +58,24 @@ def test_unknown_dev_label_names_row(tmp_path):
     cfg.write_text(f"data: {{data_dir: {tmp_path}, train: train.parquet, dev: dev.parquet}}\nteacher: {{model: x}}\n")
     with pytest.raises(DataError, match=r"dev\.parquet: row 1, column 'label': label 'neutral' never occurs"):
         load_task_data(load_config(cfg).data)
+
+
+def test_a_row_limit_that_drops_labels_says_so(tmp_path):
+    # Sorted by label, as IMDB's train file is: the first rows hold one label, or two of three.
+    labels = ["neg"] * 3 + ["pos"] * 3 + ["mixed"] * 3
+    pq.write_table(pa.table({"text": [f"t {i}" for i in range(9)], "label": labels}), tmp_path / "train.parquet")
+    pq.write_table(pa.table({"text": ["a", "b", "c"], "label": ["neg", "pos", "mixed"]}), tmp_path / "dev.parquet")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"data: {{data_dir: {tmp_path}, train: train.parquet, dev: dev.parquet}}\nteacher: {{model: x}}\n")
+    config = load_config(cfg)
+    hint = r"only the train file's first 3 rows are read, and a file sorted by label loses whole labels"
+    first = lambda n: config.model_copy(update={"data": config.data.model_copy(update={"max_train_samples": n})})  # noqa: E731
+    # The run's pre-flight checks meet the data before any stage does (the CLI's and the flow's first step).
+    with pytest.raises(DataError, match=rf"data\.train: .*train\.parquet: .*fewer than 2 labels.*{hint}"):
+        check_pipeline_inputs(first(3))
+    with pytest.raises(DataError, match=r"data\.dev: .*dev\.parquet: row 2, column 'label': label 'mixed'.*first 6"):
+        check_pipeline_inputs(first(6))
+    assert load_task_data(config.data).label_map.num_classes == 3  # without the limit, every label is there
 
 
 def test_config_unknown_keys_and_overrides(tmp_path):
