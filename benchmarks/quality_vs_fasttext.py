@@ -363,13 +363,12 @@ PREPARE = {
 }
 
 
-def _fasttext_file(task: Task, split: str, limit: int | None, path: Path) -> list[str]:
+def _fasttext_file(task: Task, split: str, limit: int | None, path: Path) -> None:
     table = pq.read_table(task.data_dir / f"{split}.parquet", columns=["text", task.label_column])
     if limit:
         table = table.slice(0, limit)
-    labels = [str(v).replace(" ", "_") for v in table.column(task.label_column).to_pylist()]
-    write_fasttext_file(path, table.column("text").to_pylist(), labels)  # shuffled: IMDB's files are sorted by label
-    return labels
+    # Shuffled, as the run's own fastText reads it: IMDB's files are sorted by label.
+    write_fasttext_file(path, table.column("text").to_pylist(), table.column(task.label_column).to_pylist())
 
 
 def _autotune_accuracy(train: str, dev: str, test: str, seconds: int, out: str) -> None:
