@@ -87,7 +87,8 @@ def run_one(
     ]
     stream = distill_stream(cfg, data, label_dirs, features)
     dev = (data.dev.texts, data.encoded(data.dev), data.label_map)
-    test = (held_out(data).texts, data.encoded(held_out(data)))
+    scored = held_out(data)
+    test = (scored.texts, data.encoded(scored))
     start = time.perf_counter()
     kd = train_dan(out / "kd", vocab_dir, stream, *dev, cfg.student, cfg.distill, loss=cfg.distill.loss)
     ft = run_finetune_student(cfg, vocab_dir, kd["model_dir"], out / "kdft")
