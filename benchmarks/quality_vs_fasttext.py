@@ -292,6 +292,23 @@ def _spam_assassin(out: Path) -> Path:
     return _write_splits(out, {"test": rows[:1200], "dev": rows[1200:1800], "train": rows[1800:]}, None)
 
 
+def _spam_subjects(out: Path) -> Path:
+    """spam-assassin's emails (`_spam_assassin`, the same splits and labels) by their subject line alone: a 2-class
+    task of very short texts (median 6 words) with many repeated subjects, added in session 48 and run with the
+    shipped defaults, tuned for by nobody."""
+    if (out / "train.parquet").exists():
+        return out
+    emails = _spam_assassin(ROOT / "data" / "spam-emails")
+    if not (emails / "train.parquet").exists():
+        return out  # main() reports the task as skipped, with no data
+    splits = {}
+    for split in ("test", "dev", "train"):
+        table = pq.read_table(emails / f"{split}.parquet", columns=["text", "label"])
+        subjects = [t.split("\n", 1)[0].strip() for t in table.column("text").to_pylist()]
+        splits[split] = list(zip(subjects, table.column("label").to_pylist(), strict=True))
+    return _write_splits(out, splits, None)
+
+
 IMDB_CPU = ["teacher.max_length=128", "teacher.max_train_samples=6000", "data.max_corpus_samples=25000"]
 
 TASKS: dict[str, Task] = {
@@ -357,6 +374,12 @@ TASKS: dict[str, Task] = {
         "SpamAssassin emails (subject and text parts) labelled ham / spam: 4,246 train, no corpus, long texts (median "
         "157 words), configs/sst2.yaml copied",
     ),
+    "spam-subjects": Task(
+        "configs/sst2.yaml",
+        ROOT / "data" / "spam-subjects",
+        "spam-assassin's emails by their subject line alone (median 6 words): 4,246 train, no corpus, "
+        "configs/sst2.yaml copied",
+    ),
     "imdb-2k": Task(
         "configs/imdb.yaml",
         ROOT / "data" / "imdb-2k",
@@ -385,6 +408,7 @@ PREPARE = {
     "sotu-party": lambda t: _sotu_party(t.data_dir),
     "convention-party": lambda t: _convention_party(t.data_dir),
     "spam-assassin": lambda t: _spam_assassin(t.data_dir),
+    "spam-subjects": lambda t: _spam_subjects(t.data_dir),
     "imdb-2k": lambda t: _imdb_small(t.data_dir),
     "imdb": lambda t: _imdb_split(t.data_dir),
     "imdb-ratings-4": lambda t: _imdb_ratings(t.data_dir),
