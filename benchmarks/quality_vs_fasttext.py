@@ -195,10 +195,17 @@ def _sotu_addresses() -> list[dict]:
     return [json.loads(path.read_text()) for path in sorted((SOTU_DIR / "package" / "data").glob("*.json"))]
 
 
+def _sentences(text: str) -> list[str]:
+    """A speech's sentences of 5 to 60 words (split after . ! or ? before a capital or a quote), stripped."""
+    import re
+
+    parts = re.split(r"(?<=[.!?])\s+(?=[A-Z\"'])", text)
+    return [p.strip() for p in parts if 5 <= len(p.split()) <= 60]
+
+
 def _sotu_split(out: Path, by_label: dict[str, list[dict]], limits: dict[str, int]) -> Path:
     """Addresses grouped by label, split by address (no address has sentences in two splits), seeded: per label about
     70 % of the addresses train, 10 % dev, 20 % test; their sentences of 5 to 60 words, sampled to `limits`."""
-    import re
 
     if not any(by_label.values()):
         return out  # main() reports the task as skipped, with no data
@@ -210,9 +217,7 @@ def _sotu_split(out: Path, by_label: dict[str, list[dict]], limits: dict[str, in
         parts = {"test": order[:n_test], "dev": order[n_test : n_test + n_dev], "train": order[n_test + n_dev :]}
         for split, picked in parts.items():
             for i in picked:
-                for sentence in re.split(r"(?<=[.!?])\s+(?=[A-Z\"'])", addresses[i]["text"]):
-                    if 5 <= len(sentence.split()) <= 60:
-                        splits[split].append((sentence.strip(), label))
+                splits[split] += [(sentence, label) for sentence in _sentences(addresses[i]["text"])]
     return _write_splits(out, splits, rng, limits)
 
 
@@ -223,7 +228,6 @@ def _convention_party(out: Path) -> Path:
     seeded: per party about 70 % of the speakers train, 10 % dev, 20 % test; sentences of 5 to 60 words."""
     if (out / "train.parquet").exists():
         return out
-    import re
 
     import pandas as pd
 
@@ -244,9 +248,7 @@ def _convention_party(out: Path) -> Path:
         split_of = {s: "test" for s in order[:n_test]}
         split_of.update({s: "dev" for s in order[n_test : n_test + n_dev]})
         for speaker, text in zip(group["speaker"], group["text"], strict=True):
-            for sentence in re.split(r"(?<=[.!?])\s+(?=[A-Z\"'])", text):
-                if 5 <= len(sentence.split()) <= 60:
-                    splits[split_of.get(speaker, "train")].append((sentence.strip(), str(party)))
+            splits[split_of.get(speaker, "train")] += [(sentence, str(party)) for sentence in _sentences(text)]
     return _write_splits(out, splits, rng)
 
 
@@ -298,7 +300,7 @@ def _spam_subjects(out: Path) -> Path:
     shipped defaults, tuned for by nobody."""
     if (out / "train.parquet").exists():
         return out
-    emails = _spam_assassin(ROOT / "data" / "spam-emails")
+    emails = _spam_assassin(TASKS["spam-assassin"].data_dir)
     if not (emails / "train.parquet").exists():
         return out  # main() reports the task as skipped, with no data
     splits: dict[str, list[tuple[str, str]]] = {}
