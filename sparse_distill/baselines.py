@@ -2,7 +2,7 @@
 and fastText.
 
 The neural students read word ids from a `WordVocab` (the same tokenisation as the n-gram vocabulary: lowercase,
-`(?u)\\b\\w\\w+\\b`), are trained with the same KL loss as the DAN (teacher soft labels or one-hot gold labels), and
+`vocab.TOKEN_PATTERN`), are trained with the same KL loss as the DAN (teacher soft labels or one-hot gold labels), and
 are timed end to end from raw text through `WordStudentPredictor.predict_proba`.
 
 Id 0 is padding and id 1 the unknown word. Every student masks padding with the true lengths, so a document's

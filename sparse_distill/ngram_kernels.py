@@ -39,14 +39,26 @@ def _byte_fold() -> np.ndarray:
     return fold
 
 
+def _code_point_bits(pattern: str) -> np.ndarray:
+    """One bit per code point (little-endian within each byte): set where the Python regex `pattern` matches it."""
+    every = np.arange(0x110000, dtype=np.uint32).tobytes().decode("utf-32-le", "surrogatepass")
+    hit = np.zeros(0x110000, bool)
+    hit[np.fromiter((m.start() for m in re.finditer(pattern, every)), np.int64)] = True
+    return np.packbits(hit, bitorder="little")
+
+
 @functools.cache
 def word_bits() -> np.ndarray:
-    """One bit per code point (little-endian within each byte): set where Python's `(?u)\\w` matches it, found by
-    that very regex, so the kernel splits words exactly where `tokenize` does."""
-    every = np.arange(0x110000, dtype=np.uint32).tobytes().decode("utf-32-le", "surrogatepass")
-    word = np.zeros(0x110000, bool)
-    word[np.fromiter((m.start() for m in re.finditer(r"(?u)\w", every)), np.int64)] = True
-    return np.packbits(word, bitorder="little")
+    """The code points that Python's `(?u)\\w` matches, found by that very regex, so the kernel splits words exactly
+    where `tokenize` does."""
+    return _code_point_bits(r"(?u)\w")
+
+
+@functools.cache
+def space_bits() -> np.ndarray:
+    """The code points that Python's `(?u)\\s` matches: with marks on, what separates tokens (every other non-word
+    character is a token of its own)."""
+    return _code_point_bits(r"(?u)\s")
 
 
 BYTE_FOLD = _byte_fold()
@@ -107,6 +119,8 @@ def featurize_bytes(
     ends: np.ndarray,
     fold: np.ndarray,
     word_bits: np.ndarray,
+    space_bits: np.ndarray,
+    marks: bool,
     table_keys: np.ndarray,
     table_rows: np.ndarray,
     max_order: int,
@@ -119,9 +133,13 @@ def featurize_bytes(
     """Row ids of every kept n-gram (n = 1..max_order) of each document and each document's start offset.
 
     `buf` holds the documents' UTF-8 bytes back to back, document i ending at `ends[i]`, lowercased already unless
-    ASCII (`fold` lowercases ASCII letters). Tokens are runs of at least two word characters: `fold` decides for ASCII,
-    `word_bits` for the others. Within a document the ids come order by order (all unigrams in text order, then all
-    bigrams, ...). With a prefix-closed vocabulary an n-gram is tried only where its first n-1 words were found.
+    ASCII (`fold` lowercases ASCII letters). Word characters are told by `fold` for ASCII and by `word_bits` for the
+    others. With `marks` (the `tokenize` rule `\\w+|[^\\w\\s]`), tokens are runs of word characters and each character
+    that is neither a word character nor a space (`space_bits`) on its own; without (the legacy rule
+    `\\b\\w\\w+\\b`), tokens are runs of at least two word characters and everything else separates them.
+
+    Within a document the ids come order by order (all unigrams in text order, then all bigrams, ...). With a
+    prefix-closed vocabulary an n-gram is tried only where its first n-1 words were found.
 
     With `sub_buckets` > 0, each token's character n-grams (n = sub_min..sub_max, of the token wrapped in `<` and `>`,
     as fastText's subwords) follow, token by token, length by length, left to right: row `sub_base` + the n-gram's
@@ -135,12 +153,15 @@ def featurize_bytes(
         longest = max(longest, ends[d] - start)
         start = ends[d]
     # Per document and start position: the word's key, the current n-gram's key, whether it is worth extending.
-    wkeys = np.empty(longest // 2 + 1, np.uint64)
-    cur = np.empty(longest // 2 + 1, np.uint64)
-    alive = np.empty(longest // 2 + 1, np.bool_)
+    # With marks every byte can be a token of its own.
+    most = longest + 1 if marks else longest // 2 + 1
+    shortest = 1 if marks else 2
+    wkeys = np.empty(most, np.uint64)
+    cur = np.empty(most, np.uint64)
+    alive = np.empty(most, np.bool_)
     # Each token's first and end byte, and its folded bytes wrapped in `<` `>` with its character starts.
-    wstart = np.empty(longest // 2 + 1, np.int64)
-    wend = np.empty(longest // 2 + 1, np.int64)
+    wstart = np.empty(most, np.int64)
+    wend = np.empty(most, np.int64)
     wrapped = np.empty(longest + 2, np.uint8)
     cstart = np.empty(longest + 3, np.int64)
     span = max(sub_max - sub_min + 1, 0)
@@ -149,14 +170,15 @@ def featurize_bytes(
     start = 0
     for d in range(n_docs):
         offsets[d] = n_out
-        # Tokenise and hash the words: runs of at least two word characters, decoded from UTF-8.
+        # Tokenise and hash the words (and marks), decoded from UTF-8.
         n_tok, length, h = 0, 0, _FNV_OFFSET
         i = start
         while i <= ends[d]:
-            size, word = 1, False
+            size, word, mark = 1, False, False
             if i < ends[d]:
                 b = buf[i]
                 if b < 0x80:
+                    cp = np.int64(b)
                     word = fold[b] != 0
                 else:
                     # A multi-byte character: its code point decides (the bytes are valid UTF-8, from str.encode).
@@ -165,18 +187,27 @@ def featurize_bytes(
                     for k in range(1, size):
                         cp = (cp << 6) | (buf[i + k] & 0x3F)
                     word = (word_bits[cp >> 3] >> (cp & 7)) & 1 == 1
+                mark = marks and not word and (space_bits[cp >> 3] >> (cp & 7)) & 1 == 0
             if word:
                 if length == 0:
                     wstart[n_tok] = i
                 for k in range(size):
                     h = (h ^ np.uint64(fold[buf[i]] if size == 1 else buf[i + k])) * _FNV_PRIME
                 length += 1
-            elif length > 0:
-                if length >= 2:
+            else:
+                if length >= shortest:
                     wkeys[n_tok] = mix(h)
                     wend[n_tok] = i
                     n_tok += 1
                 h, length = _FNV_OFFSET, 0
+                if mark:  # a token of its own, hashed as it is (no ASCII mark has a case)
+                    wstart[n_tok] = i
+                    for k in range(size):
+                        h = (h ^ np.uint64(buf[i + k])) * _FNV_PRIME
+                    wkeys[n_tok] = mix(h)
+                    wend[n_tok] = i + size
+                    n_tok += 1
+                    h = _FNV_OFFSET
             i += size
         start = ends[d]
         if n_out + n_tok * max_order > len(out):  # grow the output (amortised doubling)
@@ -213,7 +244,7 @@ def featurize_bytes(
                     if b < 0x80 or b >= 0xC0:  # not a continuation byte: a character starts here
                         cstart[nc] = nb
                         nc += 1
-                    wrapped[nb] = fold[b] if b < 0x80 else b
+                    wrapped[nb] = fold[b] if b < 0x80 and fold[b] != 0 else b  # marks keep their bytes
                     nb += 1
                 wrapped[nb] = 62  # ">"
                 cstart[nc] = nb

@@ -63,7 +63,7 @@ from sparse_distill.teacher import (
     teacher_word_vectors,
 )
 from sparse_distill.training import BatchSource, Budget, InMemoryBatches, SoftLabelStream, train_dan
-from sparse_distill.vocab import Subwords, add_words, tokenize
+from sparse_distill.vocab import TOKEN_PATTERN, Subwords, add_words
 
 if TYPE_CHECKING:
     from sparse_distill.tracking import DatasetRecord
@@ -424,7 +424,7 @@ def stage_fingerprints(cfg: PipelineConfig) -> dict[str, str]:
     counted = [data_fingerprint(cfg.data, ("train",), corpus=True)]
     if cfg.transfer.size != 0:
         counted += ["new words of the transfer set", fp["transfer"]]
-    fp["vocab"] = fingerprint("vocab", vocab_cfg, *counted)
+    fp["vocab"] = fingerprint("vocab", vocab_cfg, TOKEN_PATTERN, *counted)
     fp["label_transfer"] = fingerprint("label_transfer", fp["teacher"], label_cfg, fp["transfer"])
     # The second round: its probe is distilled like the KD student on the first round's labels.
     fp["transfer_hard"] = fingerprint(
@@ -592,7 +592,7 @@ def run_vocab(cfg: PipelineConfig, out_dir: str | Path, transfer: dict | None = 
     added = 0
     if transfer and transfer.get("rows"):
         texts = pq.read_table(transfer["path"], columns=["text"]).column("text").to_pylist()
-        added = add_words(out_dir, (w for t in texts for w in tokenize(t)))
+        added = add_words(out_dir, texts)
     subwords = Subwords.from_config(cfg.vocab)  # the counting job wrote them to vocab.json; here for the record
     return {
         "vocab_dir": str(out_dir),

@@ -1,7 +1,11 @@
 """The n-gram vocabulary: counting, top-|V| selection and vectorised featurisation into embedding-row ids.
 
-Tokenisation equals scikit-learn's CountVectorizer defaults (lowercase, token pattern `(?u)\\b\\w\\w+\\b`, n-grams
-joined by one space), so the kept vocabulary equals `CountVectorizer(ngram_range=(1, n), max_features=V)`'s.
+Tokenisation: lowercase, then `TOKEN_PATTERN` (`(?u)\\w+|[^\\w\\s]`): runs of word characters, and each punctuation
+mark or symbol as a token of its own ("don't!" is `don ' t !`), n-grams joined by one space. So the kept vocabulary
+equals `CountVectorizer(token_pattern=TOKEN_PATTERN, ngram_range=(1, n), max_features=V)`'s. Marks and one-letter
+words carry meaning on short texts ("!!!", "?", "$", "i", "a 5") that CountVectorizer's default pattern
+(`LEGACY_TOKEN_PATTERN`, `(?u)\\b\\w\\w+\\b`) drops. Vocabularies saved with the legacy pattern (`vocab.json`
+records it) still load and featurise with it, so their students keep their inputs.
 
 Tie rule (`tie_rule`):
 - "alphabetical" (default): rank by total count, descending; ties by the n-gram string in ascending code-point order.
@@ -72,13 +76,21 @@ def _py_mix(x: int) -> int:
     return x ^ (x >> 31)
 
 
-TOKEN_PATTERN = r"(?u)\b\w\w+\b"
-_token_re = re.compile(TOKEN_PATTERN)
+TOKEN_PATTERN = r"(?u)\w+|[^\w\s]"
+LEGACY_TOKEN_PATTERN = r"(?u)\b\w\w+\b"
+TOKEN_PATTERNS = (TOKEN_PATTERN, LEGACY_TOKEN_PATTERN)
+_token_res = {p: re.compile(p) for p in TOKEN_PATTERNS}
 
 
-def tokenize(text: str) -> list[str]:
-    """CountVectorizer's default word tokenisation: lowercase, then `(?u)\\b\\w\\w+\\b`."""
-    return _token_re.findall(text.lower())
+def tokenize(text: str, token_pattern: str = TOKEN_PATTERN) -> list[str]:
+    """The student's tokens: lowercase, then every match of `token_pattern` (see the module docstring)."""
+    return _token_res[_checked_pattern(token_pattern)].findall(text.lower())
+
+
+def _checked_pattern(token_pattern: str, where: str = "token_pattern") -> str:
+    if token_pattern not in _token_res:
+        raise ValueError(f"{where}: unknown token pattern {token_pattern!r}; known: {', '.join(TOKEN_PATTERNS)}")
+    return token_pattern
 
 
 def iter_ngrams(tokens: list[str], ngram_max: int) -> Iterable[str]:
@@ -88,48 +100,77 @@ def iter_ngrams(tokens: list[str], ngram_max: int) -> Iterable[str]:
         yield from map(" ".join, zip(*(tokens[i:] for i in range(n)), strict=False))
 
 
-def count_ngrams(texts: Iterable[str], ngram_max: int, counts: Counter[str] | None = None) -> Counter[str]:
+def count_ngrams(
+    texts: Iterable[str], ngram_max: int, counts: Counter[str] | None = None, token_pattern: str = TOKEN_PATTERN
+) -> Counter[str]:
     """Total counts of every n-gram (n = 1..ngram_max) over the texts."""
     counts = Counter() if counts is None else counts
     for text in texts:
-        counts.update(iter_ngrams(tokenize(text), ngram_max))
+        counts.update(iter_ngrams(tokenize(text, token_pattern), ngram_max))
     return counts
 
 
+def _re2_class(bits: np.ndarray, negated: bool) -> str:
+    """An RE2 character class of the code points set in a `ngram_kernels` bitmap (or, negated, of all others)."""
+    cps = np.flatnonzero(np.unpackbits(bits, bitorder="little"))
+    gaps = np.flatnonzero(np.diff(cps) != 1)
+    starts, stops = np.append(cps[0], cps[gaps + 1]), np.append(cps[gaps], cps[-1])
+    ranges = "".join(
+        f"\\x{{{a:x}}}-\\x{{{b:x}}}" if a != b else f"\\x{{{a:x}}}" for a, b in zip(starts, stops, strict=True)
+    )
+    return ("[^" if negated else "[") + ranges + "]"
+
+
+# RE2 classes built from the code points that Python's regex calls word characters and spaces (`ngram_kernels`'
+# bitmaps), so Arrow splits exactly where `tokenize` does (RE2's Unicode tables are newer).
 @functools.cache
 def _non_word_pattern() -> str:
-    """An RE2 class matching what Python's `(?u)\\w` does not, built from the code points that Python's regex calls
-    word characters (`ngram_kernels.word_bits`), so Arrow splits exactly where `tokenize` does (RE2's Unicode tables
-    are newer)."""
+    """Runs of what Python's `(?u)\\w` does not match: the legacy pattern's separators."""
     from sparse_distill.ngram_kernels import word_bits
 
-    word = np.flatnonzero(np.unpackbits(word_bits(), bitorder="little"))
-    gaps = np.flatnonzero(np.diff(word) != 1)
-    starts, stops = np.append(word[0], word[gaps + 1]), np.append(word[gaps], word[-1])
-    return (
-        "[^"
-        + "".join(
-            f"\\x{{{a:x}}}-\\x{{{b:x}}}" if a != b else f"\\x{{{a:x}}}" for a, b in zip(starts, stops, strict=True)
-        )
-        + "]+"
-    )
+    return _re2_class(word_bits(), negated=True) + "+"
 
 
-def count_ngram_table(texts: list[str], ngram_max: int) -> pa.Table:
+@functools.cache
+def _space_pattern() -> str:
+    """Runs of what Python's `(?u)\\s` matches: the separators of `TOKEN_PATTERN`."""
+    from sparse_distill.ngram_kernels import space_bits
+
+    return _re2_class(space_bits(), negated=False) + "+"
+
+
+@functools.cache
+def _mark_pattern() -> str:
+    """One character that is neither a word character nor a space, captured: a token of its own in `TOKEN_PATTERN`."""
+    from sparse_distill.ngram_kernels import space_bits, word_bits
+
+    return "(" + _re2_class(word_bits() | space_bits(), negated=True) + ")"
+
+
+def _arrow_tokens(lowered: pa.Array, token_pattern: str) -> tuple[pa.Array, np.ndarray]:
+    """Every token of the (lowercased) texts in order, and the index of the text each comes from."""
+    if token_pattern == TOKEN_PATTERN:
+        # Space each mark off, so that splitting at spaces leaves words and marks.
+        lowered = pc.replace_substring_regex(lowered, _mark_pattern(), " \\1 ")
+        parts = pc.split_pattern_regex(lowered, _space_pattern())
+        shortest = 1
+    else:
+        parts = pc.split_pattern_regex(lowered, _non_word_pattern())
+        shortest = 2
+    flat = parts.flatten()
+    keep = pc.greater_equal(pc.utf8_length(flat), shortest)
+    return pc.filter(flat, keep), pc.filter(pc.list_parent_indices(parts), keep).to_numpy()
+
+
+def count_ngram_table(texts: list[str], ngram_max: int, token_pattern: str = TOKEN_PATTERN) -> pa.Table:
     """Counts of every n-gram (n = 1..ngram_max) over the texts as an Arrow table (ngram, count), vectorised.
 
-    Equals `count_ngrams` (the same tokens as CountVectorizer): lowercase with Python's `str.lower` (which knows
-    final sigma and dotted I), split on runs of non-word characters with Arrow, keep tokens of 2+ characters, join
-    neighbouring tokens of one document into n-grams and count them with Arrow's hash aggregation: no per-n-gram
-    Python loop.
+    Equals `count_ngrams` (the same tokens as `tokenize`): lowercase with Python's `str.lower` (which knows final
+    sigma and dotted I), split into tokens with Arrow's regex kernels, join neighbouring tokens of one document into
+    n-grams and count them with Arrow's hash aggregation: no per-n-gram Python loop.
     """
     lowered = pa.array([t.lower() for t in texts], pa.string())
-    parts = pc.split_pattern_regex(lowered, _non_word_pattern())
-    flat = parts.flatten()
-    doc = pc.list_parent_indices(parts)
-    keep = pc.greater_equal(pc.utf8_length(flat), 2)
-    tokens = pc.filter(flat, keep)
-    doc = pc.filter(doc, keep).to_numpy()
+    tokens, doc = _arrow_tokens(lowered, _checked_pattern(token_pattern))
     total = len(tokens)
     pieces = []
     for n in range(1, ngram_max + 1):
@@ -157,17 +198,19 @@ def merge_count_tables(tables: list[pa.Table]) -> pa.Table:
     return pa.table({"ngram": merged.column("ngram"), "count": merged.column("count_sum")})
 
 
-def count_ngram_table_stream(texts: Iterable[str], ngram_max: int, chunk: int = 10_000) -> pa.Table:
+def count_ngram_table_stream(
+    texts: Iterable[str], ngram_max: int, chunk: int = 10_000, token_pattern: str = TOKEN_PATTERN
+) -> pa.Table:
     """`count_ngram_table` over a stream of texts, counted `chunk` documents at a time and merged."""
     total, batch = None, []
     for text in texts:
         batch.append(text)
         if len(batch) == chunk:
-            part = count_ngram_table(batch, ngram_max)
+            part = count_ngram_table(batch, ngram_max, token_pattern)
             total = part if total is None else merge_count_tables([total, part])
             batch = []
     if batch or total is None:
-        part = count_ngram_table(batch, ngram_max)
+        part = count_ngram_table(batch, ngram_max, token_pattern)
         total = part if total is None else merge_count_tables([total, part])
     return total
 
@@ -372,6 +415,8 @@ class NgramVocab:
     saved_lookup: InitVar[tuple[np.ndarray, np.ndarray, bool] | None] = None
     # Character n-grams of each word (fastText's subwords), hashed into `subwords.buckets` rows after the n-grams.
     subwords: Subwords | None = None
+    # How texts were cut into tokens when the n-grams were counted; featurising cuts them the same way.
+    token_pattern: str = TOKEN_PATTERN
     _table: KeyTable = field(init=False, repr=False)
     # Every kept n-gram's (n-1)-word prefix is kept too (true of any top-|V| cut with the alphabetical tie rule,
     # since a prefix occurs at least as often and sorts first): featurising then extends only the n-grams it found.
@@ -379,6 +424,7 @@ class NgramVocab:
 
     def __post_init__(self, saved_lookup: tuple[np.ndarray, np.ndarray, bool] | None) -> None:
         self.counts = np.asarray(self.counts, dtype=np.int64)
+        _checked_pattern(self.token_pattern)
         if saved_lookup is None:
             self._build_lookup()
         else:
@@ -396,7 +442,7 @@ class NgramVocab:
         names = {int(r): self.ngrams[r] for r in ids}
         if self.subwords is not None:
             pieces: dict[int, list[str]] = {}
-            for word in tokenize(text):
+            for word in tokenize(text, self.token_pattern):
                 grams = self.subwords.pieces(word)
                 for gram, row in zip(grams, self.subwords.rows([word], len(self.ngrams)), strict=True):
                     if gram not in pieces.setdefault(int(row), []):
@@ -431,9 +477,9 @@ class NgramVocab:
         With `subwords`, each word's character n-grams follow the document's n-grams (see `Subwords`); they do not
         depend on `max_order`.
 
-        Tokens are `tokenize`'s, found by the compiled kernel in the texts' UTF-8 bytes: it lowercases ASCII letters
-        (other texts are lowercased by `str.lower` first) and tells word characters by a bitmap of the code points
-        that Python's `\\w` matches.
+        Tokens are `tokenize`'s (with the vocabulary's `token_pattern`), found by the compiled kernel in the texts'
+        UTF-8 bytes: it lowercases ASCII letters (other texts are lowercased by `str.lower` first) and tells word
+        characters and spaces by bitmaps of the code points that Python's `\\w` and `\\s` match.
 
         `engine`: "compiled" (default: the numba kernel); "python" (the same keys and ids from `tokenize` and a Python
         hash loop: no numba import and no kernel load, about a second of start-up, at some tens of microseconds per
@@ -462,7 +508,8 @@ class NgramVocab:
         total = 0
         for d, text in enumerate(texts):
             offsets[d] = total
-            words = [_py_mix(_py_fnv1a(w.encode("utf-8", "surrogatepass"))) for w in tokenize(text)]
+            tokens = tokenize(text, self.token_pattern)
+            words = [_py_mix(_py_fnv1a(w.encode("utf-8", "surrogatepass"))) for w in tokens]
             keys: list[int] = []
             current = [_GOLDEN] * len(words)
             for n in range(1, max_order + 1):
@@ -475,7 +522,7 @@ class NgramVocab:
                 ids.append(rows)
                 total += len(rows)
             if self.subwords is not None and with_subwords:
-                sub = self.subwords.rows(tokenize(text), len(self.ngrams))
+                sub = self.subwords.rows(tokens, len(self.ngrams))
                 ids.append(sub)
                 total += len(sub)
         return (np.concatenate(ids) if ids else np.zeros(0, np.int64)), offsets
@@ -488,9 +535,10 @@ class NgramVocab:
         Many texts are cut into contiguous chunks featurised by `threads` threads at once (the kernel releases the
         GIL; default: numba's thread count), and the chunks joined in order: the same ids and offsets as one call.
         """
-        from sparse_distill.ngram_kernels import BYTE_FOLD, featurize_bytes, word_bits
+        from sparse_distill.ngram_kernels import BYTE_FOLD, featurize_bytes, space_bits, word_bits
 
-        table, bits = self._table, word_bits()
+        table, bits, spaces = self._table, word_bits(), space_bits()
+        marks = self.token_pattern == TOKEN_PATTERN
         sub = self.subwords if self.subwords is not None and max_order > 0 else Subwords(0, 0, 0)
 
         def run(chunk_buf: np.ndarray, chunk_ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -499,6 +547,8 @@ class NgramVocab:
                 chunk_ends,
                 BYTE_FOLD,
                 bits,
+                spaces,
+                marks,
                 table.keys,
                 table.rows,
                 max_order,
@@ -537,14 +587,18 @@ class NgramVocab:
         if size >= len(self.ngrams):
             return self
         return NgramVocab(
-            ngrams=self.ngrams[:size], counts=self.counts[:size], ngram_max=self.ngram_max, subwords=self.subwords
+            ngrams=self.ngrams[:size],
+            counts=self.counts[:size],
+            ngram_max=self.ngram_max,
+            subwords=self.subwords,
+            token_pattern=self.token_pattern,
         )
 
     def save(self, out_dir: str | Path) -> Path:
         """Write `vocab.parquet` (ngram, count; row order = embedding row) and `vocab.json` (settings)."""
         table = pa.table({"ngram": pa.array(self.ngrams, pa.string()), "count": pa.array(self.counts, pa.int64())})
         extra = {"subwords": self.subwords.to_json()} if self.subwords else None
-        path = write_vocab(table, self.ngram_max, out_dir, extra)
+        path = write_vocab(table, self.ngram_max, out_dir, extra, self.token_pattern)
         self._save_lookup(Path(out_dir))
         return path
 
@@ -564,6 +618,7 @@ class NgramVocab:
     def load(cls, out_dir: str | Path) -> NgramVocab:
         """Load a vocabulary written by `save` or by the counting job.
 
+        A `vocab.json` without `token_pattern` (none written by this library lacks it) is read as the legacy pattern.
         The n-gram -> row lookup is read from `vocab.lookup.npz` when it was made from this very `vocab.parquet`
         (checked by its SHA-256); otherwise it is built and saved there for the next load (when the folder is
         writable), so training, evaluation and inference share one lookup.
@@ -578,6 +633,9 @@ class NgramVocab:
             ngram_max=int(meta["ngram_max"]),
             saved_lookup=lookup,
             subwords=Subwords.from_json(meta.get("subwords")),
+            token_pattern=_checked_pattern(
+                meta.get("token_pattern", LEGACY_TOKEN_PATTERN), f"{out_dir / 'vocab.json'}: token_pattern"
+            ),
         )
         if lookup is None:
             try:
@@ -588,52 +646,74 @@ class NgramVocab:
 
 
 def build_vocab(
-    texts: Iterable[str], size: int, ngram_max: int, min_count: int = 1, tie_rule: TieRule = "alphabetical"
+    texts: Iterable[str],
+    size: int,
+    ngram_max: int,
+    min_count: int = 1,
+    tie_rule: TieRule = "alphabetical",
+    token_pattern: str = TOKEN_PATTERN,
 ) -> NgramVocab:
     """Count n-grams over the texts and keep the top `size` (see the module docstring for the tie rule)."""
-    return vocab_from_table(count_ngram_table_stream(texts, ngram_max), size, ngram_max, min_count, tie_rule)
+    counts = count_ngram_table_stream(texts, ngram_max, token_pattern=token_pattern)
+    return vocab_from_table(counts, size, ngram_max, min_count, tie_rule, token_pattern)
 
 
 def vocab_from_table(
-    counts: pa.Table, size: int, ngram_max: int, min_count: int = 1, tie_rule: TieRule = "alphabetical"
+    counts: pa.Table,
+    size: int,
+    ngram_max: int,
+    min_count: int = 1,
+    tie_rule: TieRule = "alphabetical",
+    token_pattern: str = TOKEN_PATTERN,
 ) -> NgramVocab:
-    """Keep the top `size` n-grams of an (ngram, count) table as a vocabulary."""
+    """Keep the top `size` n-grams of an (ngram, count) table (counted with `token_pattern`) as a vocabulary."""
     ngrams, kept = select_top_table(counts, size, min_count, tie_rule)
     logger.info("vocabulary: %d distinct n-grams, kept %d", counts.num_rows, len(ngrams))
-    return NgramVocab(ngrams=ngrams, counts=kept, ngram_max=ngram_max)
+    return NgramVocab(ngrams=ngrams, counts=kept, ngram_max=ngram_max, token_pattern=token_pattern)
 
 
-def write_vocab(table: pa.Table, ngram_max: int, out_dir: str | Path, extra: dict | None = None) -> Path:
-    """Write a ranked (ngram, count) table as `vocab.parquet` (row i = embedding row i) and its `vocab.json`."""
+def write_vocab(
+    table: pa.Table,
+    ngram_max: int,
+    out_dir: str | Path,
+    extra: dict | None = None,
+    token_pattern: str = TOKEN_PATTERN,
+) -> Path:
+    """Write a ranked (ngram, count) table, counted with `token_pattern`, as `vocab.parquet` (row i = embedding row
+    i) and its `vocab.json`."""
     out_dir = Path(out_dir)
     table = pa.table(
         {"ngram": pc.cast(table.column("ngram"), pa.string()), "count": pc.cast(table.column("count"), pa.int64())}
     )
     atomic_write_parquet(table, out_dir / "vocab.parquet")
-    meta = {"ngram_max": ngram_max, "size": table.num_rows, "token_pattern": TOKEN_PATTERN, "lowercase": True}
+    meta = {"ngram_max": ngram_max, "size": table.num_rows, "token_pattern": token_pattern, "lowercase": True}
     atomic_write_text(out_dir / "vocab.json", json.dumps({**meta, **(extra or {})}, indent=2))
     return out_dir / "vocab.parquet"
 
 
-def add_words(out_dir: str | Path, words: Iterable[str]) -> int:
-    """Append the words (already tokenised) that the saved vocabulary in `out_dir` lacks, as rows after its counted
-    n-grams with count 0, and save it again (settings kept, `added_words` recorded). Returns how many were added."""
+def add_words(out_dir: str | Path, texts: Iterable[str]) -> int:
+    """Append the texts' tokens (cut with the saved vocabulary's own pattern) that the vocabulary in `out_dir` lacks,
+    as rows after its counted n-grams with count 0, and save it again (settings kept, `added_words` recorded).
+    Returns how many were added."""
     out_dir = Path(out_dir)
     vocab = NgramVocab.load(out_dir)
     known = set(vocab.ngrams)
     new: list[str] = []
-    for w in words:
-        if w not in known:
-            known.add(w)
-            new.append(w)
+    for text in texts:
+        for w in tokenize(text, vocab.token_pattern):
+            if w not in known:
+                known.add(w)
+                new.append(w)
     if not new:
         return 0
     ngrams = vocab.ngrams + sorted(new)
-    extended = NgramVocab(ngrams, np.concatenate([vocab.counts, np.zeros(len(new), np.int64)]), vocab.ngram_max)
+    counts = np.concatenate([vocab.counts, np.zeros(len(new), np.int64)])
+    extended = NgramVocab(ngrams, counts, vocab.ngram_max, token_pattern=vocab.token_pattern)
     meta = json.loads((out_dir / "vocab.json").read_text())
     meta["added_words"] = meta.get("added_words", 0) + len(new)
     table = pa.table({"ngram": pa.array(ngrams, pa.string()), "count": pa.array(extended.counts, pa.int64())})
-    write_vocab(table, vocab.ngram_max, out_dir, {k: v for k, v in meta.items() if k not in ("ngram_max", "size")})
+    kept = {k: v for k, v in meta.items() if k not in ("ngram_max", "size", "token_pattern")}
+    write_vocab(table, vocab.ngram_max, out_dir, kept, vocab.token_pattern)
     extended._save_lookup(out_dir)
     logger.info("%s: %d words added after the %d counted n-grams", out_dir, len(new), len(vocab.ngrams))
     return len(new)

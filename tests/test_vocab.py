@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 from sklearn.feature_extraction.text import CountVectorizer
 
-from sparse_distill.vocab import NgramVocab, build_vocab, iter_ngrams, select_top, tokenize
+from sparse_distill.vocab import (
+    LEGACY_TOKEN_PATTERN,
+    TOKEN_PATTERN,
+    NgramVocab,
+    build_vocab,
+    iter_ngrams,
+    select_top,
+    tokenize,
+)
 
 
 def _docs(n: int, vocab: int, seed: int) -> list[str]:
@@ -23,14 +31,14 @@ def _docs(n: int, vocab: int, seed: int) -> list[str]:
 @pytest.mark.parametrize("ngram_max", [1, 2, 4])
 def test_sklearn_tie_rule_equals_countvectorizer_exactly(size, ngram_max):
     docs = _docs(300, 40, seed=size + ngram_max)
-    cv = CountVectorizer(ngram_range=(1, ngram_max), max_features=size).fit(docs)
+    cv = CountVectorizer(token_pattern=TOKEN_PATTERN, ngram_range=(1, ngram_max), max_features=size).fit(docs)
     ours = build_vocab(docs, size, ngram_max, tie_rule="sklearn")
     assert set(ours.ngrams) == set(cv.vocabulary_)
 
 
 def test_alphabetical_tie_rule_keeps_everything_above_the_cut_and_is_deterministic():
     docs = _docs(300, 40, seed=7)
-    cv = CountVectorizer(ngram_range=(1, 3)).fit(docs)
+    cv = CountVectorizer(token_pattern=TOKEN_PATTERN, ngram_range=(1, 3)).fit(docs)
     counts = dict(zip(cv.get_feature_names_out(), np.asarray(cv.transform(docs).sum(axis=0)).ravel(), strict=True))
     ours = build_vocab(docs, 100, 3)
     cut = ours.counts[-1]
@@ -44,14 +52,26 @@ def test_alphabetical_tie_rule_keeps_everything_above_the_cut_and_is_determinist
 
 def test_without_ties_at_the_cut_both_rules_equal_countvectorizer():
     docs = ["a aa bb", "aa bb cc", "aa bb", "aa dd"]  # counts: aa 4, bb 3, aa bb 3, ...
-    cv = CountVectorizer(ngram_range=(1, 2), max_features=1).fit(docs)
+    cv = CountVectorizer(token_pattern=TOKEN_PATTERN, ngram_range=(1, 2), max_features=1).fit(docs)
     assert build_vocab(docs, 1, 2).ngrams == list(cv.vocabulary_) == ["aa"]
 
 
-def test_tokenisation_matches_countvectorizer_analyzer():
-    analyzer = CountVectorizer(ngram_range=(1, 3)).build_analyzer()
+@pytest.mark.parametrize("pattern", [TOKEN_PATTERN, LEGACY_TOKEN_PATTERN])
+def test_tokenisation_matches_countvectorizer_analyzer(pattern):
+    analyzer = CountVectorizer(token_pattern=pattern, ngram_range=(1, 3)).build_analyzer()
     for doc in _docs(50, 10, seed=3) + ["Hello, World! It's 2026 — Ça va? a b cd"]:
-        assert list(iter_ngrams(tokenize(doc), 3)) == analyzer(doc)
+        assert list(iter_ngrams(tokenize(doc, pattern), 3)) == analyzer(doc)
+
+
+def test_marks_and_one_letter_words_are_tokens_and_the_legacy_pattern_drops_them():
+    text = "Don't!!! I'm a 5-star fan :) — $9.99"
+    assert tokenize(text) == [
+        *("don", "'", "t", "!", "!", "!", "i", "'", "m", "a", "5", "-", "star", "fan", ":", ")", "—"),
+        *("$", "9", ".", "99"),
+    ]
+    assert tokenize(text, LEGACY_TOKEN_PATTERN) == ["don", "star", "fan", "99"]
+    with pytest.raises(ValueError, match="unknown token pattern"):
+        tokenize(text, r"\S+")
 
 
 def test_featurize_equals_per_ngram_reference():
@@ -99,16 +119,46 @@ TRICKY = [
 ]
 
 
-def test_vectorised_counting_equals_the_python_tokeniser_on_tricky_unicode():
+def _random_code_point_texts(n: int, seed: int) -> list[str]:
+    """Texts of ASCII words, marks and spaces mixed with code points drawn from all of Unicode (no surrogates)."""
+    rng = random.Random(seed)
+
+    def char() -> str:
+        if rng.random() < 0.5:
+            return rng.choice("ab Z!?.,'_7\t\n\x00\x1c\x85\xa0")
+        cp = rng.randrange(0x110000 - 0x800)
+        return chr(cp + 0x800 if cp >= 0xD800 else cp)
+
+    return ["".join(char() for _ in range(rng.randint(0, 30))) for _ in range(n)]
+
+
+@pytest.mark.parametrize("pattern", [TOKEN_PATTERN, LEGACY_TOKEN_PATTERN])
+def test_vectorised_counting_equals_the_python_tokeniser_on_tricky_unicode(pattern):
     from sparse_distill.vocab import count_ngram_table, count_ngrams
 
     texts = TRICKY + [
-        " ".join(random.Random(i).choices(["good", "bad", "film", "Film", "x", "é"], k=12)) for i in range(50)
+        " ".join(random.Random(i).choices(["good", "bad", "film", "Film", "x", "é", "!"], k=12)) for i in range(50)
     ]
-    table = count_ngram_table(texts, 4)
+    texts += _random_code_point_texts(400, seed=1)
+    table = count_ngram_table(texts, 4, pattern)
     assert dict(zip(table.column("ngram").to_pylist(), table.column("count").to_pylist(), strict=True)) == dict(
-        count_ngrams(texts, 4)
+        count_ngrams(texts, 4, token_pattern=pattern)
     )
+
+
+@pytest.mark.parametrize("pattern", [TOKEN_PATTERN, LEGACY_TOKEN_PATTERN])
+def test_the_kernel_cuts_tokens_as_python_does_on_random_code_points(pattern):
+    from sparse_distill.vocab import Subwords
+
+    texts = TRICKY + _random_code_point_texts(600, seed=2)
+    vocab = build_vocab(texts, 10**6, 3, token_pattern=pattern)
+    vocab = NgramVocab(vocab.ngrams, vocab.counts, 3, subwords=Subwords(2, 4, 101), token_pattern=pattern)
+    compiled = vocab.featurize(texts, engine="compiled")
+    python = vocab.featurize(texts, engine="python")
+    np.testing.assert_array_equal(compiled[0], python[0])
+    np.testing.assert_array_equal(compiled[1], python[1])
+    # Every n-gram the vocabulary counted is found again: none is lost between counting and featurising.
+    assert set(compiled[0][compiled[0] < len(vocab.ngrams)].tolist()) == set(range(len(vocab.ngrams)))
 
 
 @pytest.mark.parametrize("tie_rule", ["alphabetical", "sklearn"])
@@ -324,3 +374,46 @@ def test_subwords_are_saved_kept_by_top_and_off_by_default(tmp_path):
     assert Subwords.from_json({"min_n": 4, "max_n": 4, "buckets": 0}) is None  # a hand-edited 0: none, not % 0
     with pytest.raises(ValueError, match="min_n"):
         Subwords(5, 4, 10)
+
+
+def test_a_legacy_vocabulary_still_featurises_with_the_pattern_it_was_counted_with(tmp_path):
+    import json
+
+    docs = ["Don't stop!", "don stop now", "I'm a fan"]
+    build_vocab(docs, 100, 2, token_pattern=LEGACY_TOKEN_PATTERN).save(tmp_path)
+    meta = json.loads((tmp_path / "vocab.json").read_text())
+    assert meta["token_pattern"] == LEGACY_TOKEN_PATTERN
+    # A vocab.json that names no pattern predates the marks: the legacy pattern.
+    del meta["token_pattern"]
+    (tmp_path / "vocab.json").write_text(json.dumps(meta))
+    legacy = NgramVocab.load(tmp_path)
+    assert legacy.token_pattern == LEGACY_TOKEN_PATTERN and "!" not in legacy.ngrams
+    for engine in ("compiled", "python"):
+        ids, _ = legacy.featurize(["Don't stop!"], engine=engine)
+        assert sorted(legacy.ngrams[i] for i in ids) == ["don", "don stop", "stop"]
+    assert legacy.top(2).token_pattern == LEGACY_TOKEN_PATTERN
+    # The current pattern's vocabulary has the marks and the one-letter words.
+    current = build_vocab(docs, 100, 2)
+    ids, _ = current.featurize(["Don't stop!"])
+    assert sorted(current.ngrams[i] for i in ids) == sorted(
+        ["don", "'", "t", "stop", "!", "don '", "' t", "t stop", "stop !"]
+    )
+    meta["token_pattern"] = r"\S+"
+    (tmp_path / "vocab.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="vocab.json: token_pattern: unknown token pattern"):
+        NgramVocab.load(tmp_path)
+
+
+@pytest.mark.parametrize("pattern", [TOKEN_PATTERN, LEGACY_TOKEN_PATTERN])
+def test_added_words_are_cut_with_the_saved_vocabulary_pattern(tmp_path, pattern):
+    import json
+
+    from sparse_distill.vocab import add_words
+
+    build_vocab(["good film", "bad film"], 100, 2, token_pattern=pattern).save(tmp_path)
+    added = add_words(tmp_path, ["a great film!", "good"])
+    vocab = NgramVocab.load(tmp_path)
+    new = vocab.ngrams[-added:]
+    assert new == (["!", "a", "great"] if pattern == TOKEN_PATTERN else ["great"])
+    assert vocab.token_pattern == pattern
+    assert json.loads((tmp_path / "vocab.json").read_text())["added_words"] == added
