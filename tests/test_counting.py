@@ -24,7 +24,7 @@ from sparse_distill.counting import (
     run_count_job,
 )
 from sparse_distill.shard_plan import CorpusSource, ShardSpec
-from sparse_distill.vocab import NgramVocab, Subwords, count_ngrams, cut_count, select_top
+from sparse_distill.vocab import TOKEN_PATTERN, NgramVocab, Subwords, count_ngrams, cut_count, select_top
 
 
 def _docs(n: int, seed: int = 0) -> list[str]:
@@ -61,7 +61,7 @@ def test_equals_countvectorizer_including_ties(tmp_path, size):
     inputs = _write(tmp_path, docs)
     reference = count_ngrams(docs, 3)
     sk = run_count_job(_job(inputs, tmp_path / "sk", size=size, tie_rule="sklearn"))
-    cv = CountVectorizer(ngram_range=(1, 3), max_features=size).fit(docs)
+    cv = CountVectorizer(token_pattern=TOKEN_PATTERN, ngram_range=(1, 3), max_features=size).fit(docs)
     assert sk["distinct_ngrams"] == len(reference)
     assert set(_vocab(tmp_path / "sk")[0]) == set(cv.vocabulary_)
     # The default rule: count descending, ties in code-point order, the same as the in-memory reference.

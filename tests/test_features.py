@@ -20,7 +20,7 @@ from sparse_distill.vocab import NgramVocab, Subwords, build_vocab, set_subwords
 TEXTS = [
     f"the film number {i} was {'great' if i % 3 else 'dull and slow'} {'' if i % 4 else 'ça va'}" for i in range(23)
 ]
-TEXTS[5] = "a ! b"  # a document with no n-gram at all (no word of two characters)
+TEXTS[5] = "zy ~"  # a document with no kept n-gram: its n-grams are seen once and sort after the cut of 40
 
 
 def _labels(tmp_path, name="labels", shard_size=5, seed=0):

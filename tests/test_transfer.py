@@ -211,21 +211,21 @@ def test_the_vocabulary_takes_the_transfer_sets_new_words_after_the_counted_ngra
     assert [s.path for s in vocab_sources(cfg)] == [str(tmp_path / "data" / "train.parquet")]  # counted: train only
     plain = run_vocab(cfg, tmp_path / "plain")
     counted = NgramVocab.load(tmp_path / "plain")
-    # A transfer set with two new words (one twice, one already known): they come after the counted n-grams.
-    pq.write_table(pa.table({"id": ["a", "b"], "text": ["zebra film, Quartz", "zebra the plot"]}), rec["path"])
+    # A transfer set with three new tokens (one twice, one a mark, one already known): after the counted n-grams.
+    pq.write_table(pa.table({"id": ["a", "b"], "text": ["zebra film; Quartz", "zebra the plot"]}), rec["path"])
     res = run_vocab(cfg, tmp_path / "vocab", rec)
     vocab = NgramVocab.load(tmp_path / "vocab")
-    assert res["transfer_words"] == 2 and res["size"] == plain["size"] + 2 == len(vocab.ngrams)
-    assert vocab.ngrams == counted.ngrams + ["quartz", "zebra"] and list(vocab.counts[-2:]) == [0, 0]
+    assert res["transfer_words"] == 3 and res["size"] == plain["size"] + 3 == len(vocab.ngrams)
+    assert vocab.ngrams == counted.ngrams + [";", "quartz", "zebra"] and list(vocab.counts[-3:]) == [0, 0, 0]
     ids, _ = vocab.featurize(["zebra quartz film"])
-    assert set(ids) >= {len(counted.ngrams), len(counted.ngrams) + 1}  # featurised with their new rows
+    assert set(ids) >= {len(counted.ngrams) + 1, len(counted.ngrams) + 2}  # featurised with their new rows
     assert run_vocab(cfg, tmp_path / "vocab", rec)["size"] == res["size"]  # again: selected anew, words added once
     assert run_vocab(cfg, tmp_path / "vocab", {**rec, "rows": 0})["transfer_words"] == 0
     run_dir = tmp_path / "run"
     (run_dir / "vocab").mkdir(parents=True)
     (run_dir / "vocab" / "result.json").write_text(json.dumps(res))
     table = run_choices(cfg, run_dir)["table"]
-    assert "plus 2 words of the transfer set" in table
+    assert "plus 3 words of the transfer set" in table
     assert f"|V| = {res['size'] + 200_000:,}" in table and "200,000 rows for the words' character 4-grams" in table
     assert vocab.subwords is not None and len(vocab) == res["size"] + 200_000
 
