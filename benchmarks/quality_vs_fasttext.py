@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from sparse_distill.baselines import write_fasttext_file  # noqa: E402  (the run's own fastText writes its file so)
+from sparse_distill.vocab import TOKEN_PATTERN  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 RESULTS = ROOT / "benchmarks" / "results"
@@ -483,7 +484,10 @@ def run_pipeline(name: str, task: Task, run_root: Path) -> dict:
         cmd += ["--set", item]
     print("+", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT)
-    return json.loads((run_dir / "summary.json").read_text())
+    summary = json.loads((run_dir / "summary.json").read_text())
+    # Which tokens the students read (rows measured before punctuation marks became tokens say "legacy").
+    vocab = json.loads((run_dir / "vocab" / "vocab.json").read_text())
+    return {**summary, "token_pattern": vocab["token_pattern"]}
 
 
 def row(name: str, task: Task, summary: dict, ft: dict[str, float | None], minutes: float) -> dict:
@@ -498,6 +502,7 @@ def row(name: str, task: Task, summary: dict, ft: dict[str, float | None], minut
         **ft,
         "minutes": round(minutes, 1),
         "date": dt.date.today().isoformat(),
+        "tokens": "marks" if summary["token_pattern"] == TOKEN_PATTERN else "legacy",
     }
     student = max(r["kd"], r["kdft"])
     r["student"] = student
@@ -528,8 +533,8 @@ def table(rows: list[dict]) -> str:
     f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     lines = [
         "| task | teacher | scratch | KD | KD+FT | fastText | fastText autotune | retention | lead kept | "
-        "lead kept, KD+FT | min |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "lead kept, KD+FT | min | tokens |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         # Rows written before the KD+FT column have what it needs.
@@ -537,7 +542,7 @@ def table(rows: list[dict]) -> str:
         lines.append(
             f"| {r['task']} | {f(r['teacher'])} | {f(r['scratch'])} | {f(r['kd'])} | {f(r['kdft'])} | "
             f"{f(r['fasttext'])} | {f(r['fasttext_autotune'])} | {f(r['retention'])} | {f(r['lead_kept'])} | "
-            f"{f(shipped)} | {r['minutes']} |"
+            f"{f(shipped)} | {r['minutes']} | {r.get('tokens', 'legacy')} |"
         )
     return "\n".join(lines)
 
