@@ -37,7 +37,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from sparse_distill.config import TrainConfig
 from sparse_distill.data import atomic_write, atomic_write_text, write_dir_atomically
 from sparse_distill.training import MetricsCallback, TrainResult, fit, kl_loss
-from sparse_distill.vocab import TOKEN_PATTERN, tokenize
+from sparse_distill.vocab import LEGACY_TOKEN_PATTERN, TOKEN_PATTERN, TOKEN_PATTERNS, tokenize
 
 logger = logging.getLogger(__name__)
 
@@ -57,10 +57,13 @@ StudentKind = Literal["mlp", "bilstm", "cnn"]
 
 
 class WordVocab:
-    """Words to ids: 0 = padding, 1 = unknown, then the kept words from the most frequent down."""
+    """Words to ids: 0 = padding, 1 = unknown, then the kept words from the most frequent down; texts are cut into
+    words by `token_pattern` (one of `vocab.TOKEN_PATTERNS`)."""
 
-    def __init__(self, words: Sequence[str]) -> None:
+    def __init__(self, words: Sequence[str], token_pattern: str = TOKEN_PATTERN) -> None:
+        tokenize("", token_pattern)  # an unknown pattern fails here, not at the first text
         self.words = list(words)
+        self.token_pattern = token_pattern
         self.index = {w: i + 2 for i, w in enumerate(self.words)}
         if len(self.index) != len(self.words):
             raise ValueError("duplicate words in the vocabulary")
@@ -88,7 +91,7 @@ class WordVocab:
         if max_len < 1:
             raise ValueError(f"max_len must be >= 1, got {max_len}")
         get = self.index.get
-        tokens = [tokenize(t)[:max_len] for t in texts]
+        tokens = [tokenize(t, self.token_pattern)[:max_len] for t in texts]
         lengths = np.fromiter(map(len, tokens), dtype=np.int64, count=len(tokens))
         flat = np.fromiter((get(w, UNK_ID) for w in chain.from_iterable(tokens)), np.int64, int(lengths.sum()))
         return flat, lengths
@@ -101,7 +104,14 @@ class WordVocab:
 
     def save(self, path: str | Path) -> None:
         """Write the vocabulary as JSON (atomically)."""
-        blob = {"format": _VOCAB_FORMAT, "version": 1, "pad_id": PAD_ID, "unk_id": UNK_ID, "words": self.words}
+        blob = {
+            "format": _VOCAB_FORMAT,
+            "version": 1,
+            "pad_id": PAD_ID,
+            "unk_id": UNK_ID,
+            "token_pattern": self.token_pattern,
+            "words": self.words,
+        }
         atomic_write_text(path, json.dumps(blob, ensure_ascii=False))
 
     @classmethod
@@ -109,7 +119,11 @@ class WordVocab:
         blob = json.loads(Path(path).read_text())
         if blob.get("format") != _VOCAB_FORMAT:
             raise ValueError(f"{path}: not a word vocabulary")
-        return cls(blob["words"])
+        # Saved before the pattern was recorded: the legacy one, which those vocabularies were cut with.
+        pattern = blob.get("token_pattern", LEGACY_TOKEN_PATTERN)
+        if pattern not in TOKEN_PATTERNS:
+            raise ValueError(f"{path}: token_pattern: unknown token pattern {pattern!r}")
+        return cls(blob["words"], pattern)
 
 
 def _pad(flat: np.ndarray, offsets: np.ndarray, lengths: np.ndarray, rows: np.ndarray) -> np.ndarray:

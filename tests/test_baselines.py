@@ -92,6 +92,26 @@ def test_vocab_ranks_by_count_then_alphabetically_and_maps_unknown_words_to_1(tm
     assert WordVocab.load(tmp_path / "v.json").words == vocab.words
 
 
+def test_a_word_vocabulary_saved_before_marks_were_tokens_keeps_cutting_the_legacy_way(tmp_path):
+    import json
+
+    from sparse_distill.vocab import LEGACY_TOKEN_PATTERN, TOKEN_PATTERN
+
+    vocab = WordVocab(["good", "!"])
+    vocab.save(tmp_path / "v.json")
+    assert WordVocab.load(tmp_path / "v.json").token_pattern == TOKEN_PATTERN
+    assert vocab.encode_ragged(["good!"], 8)[0].tolist() == [2, 3]
+    blob = json.loads((tmp_path / "v.json").read_text())
+    del blob["token_pattern"]  # as written before session 49
+    (tmp_path / "v.json").write_text(json.dumps(blob))
+    old = WordVocab.load(tmp_path / "v.json")
+    assert old.token_pattern == LEGACY_TOKEN_PATTERN and old.encode_ragged(["good! a"], 8)[0].tolist() == [2]
+    blob["token_pattern"] = r"\S+"
+    (tmp_path / "v.json").write_text(json.dumps(blob))
+    with pytest.raises(ValueError, match="v.json: token_pattern: unknown"):
+        WordVocab.load(tmp_path / "v.json")
+
+
 def test_encode_of_empty_texts_has_width_one():
     vocab = WordVocab.build(["hello world"], 10)
     ids, lengths = vocab.encode(["", " \n "], max_len=8)
