@@ -37,7 +37,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from sparse_distill.config import TrainConfig
 from sparse_distill.data import atomic_write, atomic_write_text, write_dir_atomically
 from sparse_distill.training import MetricsCallback, TrainResult, fit, kl_loss
-from sparse_distill.vocab import LEGACY_TOKEN_PATTERN, TOKEN_PATTERN, TOKEN_PATTERNS, tokenize
+from sparse_distill.vocab import LEGACY_TOKEN_PATTERN, TOKEN_PATTERN, check_token_pattern, tokenize
 
 logger = logging.getLogger(__name__)
 
@@ -61,9 +61,8 @@ class WordVocab:
     words by `token_pattern` (one of `vocab.TOKEN_PATTERNS`)."""
 
     def __init__(self, words: Sequence[str], token_pattern: str = TOKEN_PATTERN) -> None:
-        tokenize("", token_pattern)  # an unknown pattern fails here, not at the first text
         self.words = list(words)
-        self.token_pattern = token_pattern
+        self.token_pattern = check_token_pattern(token_pattern)
         self.index = {w: i + 2 for i, w in enumerate(self.words)}
         if len(self.index) != len(self.words):
             raise ValueError("duplicate words in the vocabulary")
@@ -121,9 +120,7 @@ class WordVocab:
             raise ValueError(f"{path}: not a word vocabulary")
         # Saved before the pattern was recorded: the legacy one, which those vocabularies were cut with.
         pattern = blob.get("token_pattern", LEGACY_TOKEN_PATTERN)
-        if pattern not in TOKEN_PATTERNS:
-            raise ValueError(f"{path}: token_pattern: unknown token pattern {pattern!r}")
-        return cls(blob["words"], pattern)
+        return cls(blob["words"], check_token_pattern(pattern, f"{path}: token_pattern"))
 
 
 def _pad(flat: np.ndarray, offsets: np.ndarray, lengths: np.ndarray, rows: np.ndarray) -> np.ndarray:

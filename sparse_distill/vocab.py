@@ -84,10 +84,11 @@ _token_res = {p: re.compile(p) for p in TOKEN_PATTERNS}
 
 def tokenize(text: str, token_pattern: str = TOKEN_PATTERN) -> list[str]:
     """The student's tokens: lowercase, then every match of `token_pattern` (see the module docstring)."""
-    return _token_res[_checked_pattern(token_pattern)].findall(text.lower())
+    return _token_res[check_token_pattern(token_pattern)].findall(text.lower())
 
 
-def _checked_pattern(token_pattern: str, where: str = "token_pattern") -> str:
+def check_token_pattern(token_pattern: str, where: str = "token_pattern") -> str:
+    """`token_pattern` itself when it is one of `TOKEN_PATTERNS`; else a ValueError that names `where` it came from."""
     if token_pattern not in _token_res:
         raise ValueError(f"{where}: unknown token pattern {token_pattern!r}; known: {', '.join(TOKEN_PATTERNS)}")
     return token_pattern
@@ -170,7 +171,7 @@ def count_ngram_table(texts: list[str], ngram_max: int, token_pattern: str = TOK
     n-grams and count them with Arrow's hash aggregation: no per-n-gram Python loop.
     """
     lowered = pa.array([t.lower() for t in texts], pa.string())
-    tokens, doc = _arrow_tokens(lowered, _checked_pattern(token_pattern))
+    tokens, doc = _arrow_tokens(lowered, check_token_pattern(token_pattern))
     total = len(tokens)
     pieces = []
     for n in range(1, ngram_max + 1):
@@ -424,7 +425,7 @@ class NgramVocab:
 
     def __post_init__(self, saved_lookup: tuple[np.ndarray, np.ndarray, bool] | None) -> None:
         self.counts = np.asarray(self.counts, dtype=np.int64)
-        _checked_pattern(self.token_pattern)
+        check_token_pattern(self.token_pattern)
         if saved_lookup is None:
             self._build_lookup()
         else:
@@ -633,7 +634,7 @@ class NgramVocab:
             ngram_max=int(meta["ngram_max"]),
             saved_lookup=lookup,
             subwords=Subwords.from_json(meta.get("subwords")),
-            token_pattern=_checked_pattern(
+            token_pattern=check_token_pattern(
                 meta.get("token_pattern", LEGACY_TOKEN_PATTERN), f"{out_dir / 'vocab.json'}: token_pattern"
             ),
         )
