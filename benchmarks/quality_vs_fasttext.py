@@ -464,13 +464,14 @@ def run_fasttext(task: Task, autotune_seconds: int, summary: dict) -> dict[str, 
         # The search stops at its budget, but the final model trains on the best settings found with no bound: on
         # sst2-5k (session 49) that ran 24 min on two busy cores. Past this bound the row goes without the figure.
         child.join(AUTOTUNE_GRACE * autotune_seconds)
-        if child.is_alive():
+        why = f"still ran after {AUTOTUNE_GRACE * autotune_seconds} s: stopped" if child.is_alive() else None
+        if why:
             child.terminate()
             child.join()
-            print(f"fastText autotune still ran after {AUTOTUNE_GRACE * autotune_seconds} s: stopped", flush=True)
         tuned = json.loads(out.read_text())["accuracy"] if child.exitcode == 0 and out.exists() else None
         if tuned is None:
-            print(f"fastText autotune died (exit code {child.exitcode}); the row has no autotune figure", flush=True)
+            why = why or f"died (exit code {child.exitcode})"
+            print(f"fastText autotune {why}; the row has no autotune figure", flush=True)
         return {"fasttext": float(fixed), "fasttext_autotune": tuned}
 
 
