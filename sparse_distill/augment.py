@@ -6,7 +6,7 @@ drawn from the train set's own vocabulary, random deletion and random swap; and 
 a random contiguous span of the text. Neighbour replacement swaps words for their nearest words in the teacher's own
 input-embedding space (TinyBERT's augmentation, with the teacher's vectors instead of GloVe): it is the one method that
 brings words the train set never had, so the student learns them from the teacher. The augmented texts carry no gold
-label; the teacher labels them.
+label; the teacher labels them, and each keeps the train rows it was made from, so their gold labels can count too.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import logging
 import random
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -75,10 +76,16 @@ def word_dropout(text: str, rng: random.Random, rate: float = 0.2) -> str:
 def mix_texts(first: str, second: str, rng: random.Random) -> str:
     """A leading span of one text joined to a trailing span of another (sentence mixing): the teacher's label of the
     mix is a blend, which teaches the student how evidence from different texts combines."""
+    return mix_spans(first, second, rng)[0]
+
+
+def mix_spans(first: str, second: str, rng: random.Random) -> tuple[str, float]:
+    """`mix_texts`, and the share of the mix's words that come from `first`."""
     a, b = _words(first), _words(second)
     if not a or not b:
-        return first if a else second
-    return " ".join(a[: rng.randint(1, len(a))] + b[rng.randrange(len(b)) :])
+        return (first, 1.0) if a else (second, 0.0)
+    head, tail = a[: rng.randint(1, len(a))], b[rng.randrange(len(b)) :]
+    return " ".join(head + tail), len(head) / (len(head) + len(tail))
 
 
 # A word as replacement sees it: punctuation around it is kept, the core is looked up lower-cased.
@@ -142,6 +149,19 @@ def neighbour_replace(text: str, rng: random.Random, neighbours: Mapping[str, Se
     return " ".join(words)
 
 
+# Where a transfer text comes from: (train row, share of the text's words taken from it) for each of its sources (a mix
+# has two). It lets the train rows' gold labels follow their copies into distillation (distill.gold_weight).
+Origin = tuple[tuple[int, float], ...]
+
+
+@dataclass(frozen=True)
+class TransferSet:
+    """Texts made from the train texts, each with the train rows it was made from (`origins`, one per text)."""
+
+    texts: list[str]
+    origins: list[Origin]
+
+
 def make_transfer_set(
     texts: Sequence[str],
     size: int,
@@ -153,7 +173,23 @@ def make_transfer_set(
     neighbours: Mapping[str, Sequence[str]] | None = None,
     replace_rate: float = 0.3,
 ) -> list[str]:
-    """`size` new texts made from the train texts for the teacher to label (a transfer set, when the corpus is small).
+    """`size` new texts made from the train texts for the teacher to label (a transfer set, when the corpus is small);
+    see `make_transfer_copies`, which also says which train rows each text was made from."""
+    return make_transfer_copies(texts, size, methods, seed, alpha, dropout, pool_size, neighbours, replace_rate).texts
+
+
+def make_transfer_copies(
+    texts: Sequence[str],
+    size: int,
+    methods: Sequence[str] = TRANSFER_METHODS,
+    seed: int = 13,
+    alpha: float = 0.1,
+    dropout: float = 0.2,
+    pool_size: int = 10_000,
+    neighbours: Mapping[str, Sequence[str]] | None = None,
+    replace_rate: float = 0.3,
+) -> TransferSet:
+    """`size` new texts made from the train texts, and the rows of `texts` each was made from.
 
     Source texts are taken in a seeded shuffled order, cycling through them all before any repeats; each copy is made
     by one method drawn at random from `methods`: EDA without a thesaurus, an n-gram span (Tang et al. 2019), word
@@ -166,34 +202,41 @@ def make_transfer_set(
         raise ValueError(f"unknown transfer methods {unknown} (choose from {', '.join(TRANSFER_METHODS)})")
     if size < 0:
         raise ValueError(f"size must be >= 0, got {size}")
-    sources = [t for t in texts if t.strip()]
+    rows = [i for i, t in enumerate(texts) if t.strip()]
+    sources = [texts[i] for i in rows]
     if not sources or size == 0:
-        return []
+        return TransferSet([], [])
     rng = random.Random(seed)
     pool = [w for t in rng.sample(sources, min(len(sources), pool_size)) for w in _words(t)]
     if "neighbour" in methods and not neighbours:
         logger.warning("transfer set: no word neighbours given, so no neighbour replacement")
         methods = [m for m in methods if m != "neighbour"] or ["eda"]
     out: list[str] = []
+    origins: list[Origin] = []
     order: list[int] = []
     while len(out) < size:
         if not order:
             order = list(range(len(sources)))
             rng.shuffle(order)
-        text = sources[order.pop()]
+        k = order.pop()
+        text, origin = sources[k], ((rows[k], 1.0),)
         method = rng.choice(list(methods))
         if method == "eda":
-            out.append(eda(text, rng, pool, alpha))
+            text = eda(text, rng, pool, alpha)
         elif method == "ngram":
-            out.append(ngram_sample(text, rng))
+            text = ngram_sample(text, rng)
         elif method == "dropout":
-            out.append(word_dropout(text, rng, dropout))
+            text = word_dropout(text, rng, dropout)
         elif method == "neighbour":
-            out.append(neighbour_replace(text, rng, neighbours or {}, replace_rate))
+            text = neighbour_replace(text, rng, neighbours or {}, replace_rate)
         else:
-            out.append(mix_texts(text, sources[rng.randrange(len(sources))], rng))
+            other = rng.randrange(len(sources))
+            text, share = mix_spans(text, sources[other], rng)
+            origin = tuple((r, w) for r, w in ((rows[k], share), (rows[other], 1.0 - share)) if w > 0)
+        out.append(text)
+        origins.append(origin)
     logger.info("transfer set: %d texts from %d train texts (%s)", len(out), len(sources), ", ".join(methods))
-    return out
+    return TransferSet(out, origins)
 
 
 def augment_texts(

@@ -345,9 +345,10 @@ class TrainConfig(_Strict):
         le=1,
         description="The pipeline's distill stage only: the train set's documents (labelled by the teacher too) are "
         "distilled towards this mix of their gold label and the teacher's distribution (`(1 - w) * teacher + w * "
-        "gold`); corpus and transfer documents keep the teacher's. 0: the teacher's alone, as in the paper. By "
-        "measurement (README: 'Gold labels in distillation') 0.5 lifts the KD student, most where the teacher is "
-        "weak.",
+        "gold`), and so are the transfer texts made from them, towards their train rows' gold labels (a mix of two "
+        "texts: both labels, by their share of its words); corpus documents and the teacher's one-word texts keep "
+        "the teacher's. 0: the teacher's alone, as in the paper. By measurement (README: 'Gold labels in "
+        "distillation') 0.5 lifts the KD student, most where the teacher is weak.",
     )
     loss: DistillLoss = Field(
         "logit_mse",

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from sparse_distill.augment import make_transfer_set, nearest_words, replaceable_words
+from sparse_distill.augment import Origin, TransferSet, make_transfer_copies, nearest_words, replaceable_words
 from sparse_distill.code_version import code_fingerprint
 from sparse_distill.config import (
     DataConfig,
@@ -387,7 +387,7 @@ def distill_label_stages(cfg: PipelineConfig, second_round: bool = True) -> list
 # content (the teacher's weights, shard and vocabulary checksums), and a library upgrade must not silently redo hours
 # of labelling or counting (an operator upgrading to get past a failing shard keeps the shards already labelled).
 STAGE_CODE: dict[str, tuple[str, ...]] = {
-    "distill": ("training", "pipeline:run_distill", "pipeline:distill_stream", "pipeline:train_gold"),
+    "distill": ("training", "pipeline:run_distill", "pipeline:distill_stream", "pipeline:gold_targets"),
     "kdft": ("training", "pipeline:run_finetune_student"),
     "scratch": ("training", "pipeline:run_scratch"),
     "evaluate": (
@@ -629,23 +629,42 @@ def _train_texts_and_corpus_rows(cfg: PipelineConfig) -> tuple[TextSplit, int]:
 
 
 def run_transfer(cfg: PipelineConfig, out_dir: str | Path) -> dict:
-    """Make the transfer set (`transfer.parquet`: id, text) from the train texts; empty when none is needed."""
+    """Make the transfer set (`transfer.parquet`: id, text, and the train rows each text was made from) from the train
+    texts; empty when none is needed."""
     train, corpus_rows = _train_texts_and_corpus_rows(cfg)
     size, reason = transfer_size(cfg, len(train.texts), corpus_rows)
     t = cfg.transfer
     words, neighbours = _teacher_words(cfg, train.texts) if size else ([], None)
-    texts = _transfer_texts(cfg, train.texts, size, t.seed, neighbours)
+    made = _transfer_copies(cfg, train.texts, size, t.seed, neighbours)
+    texts, origins = list(made.texts), list(made.origins)
     ids = [f"transfer:{i}" for i in range(len(texts))]
     if t.teacher_words and words:
         # Each word the teacher knows, alone: its soft label tells the student what the word means for the task,
         # also for words the train set never has (the student has rows only for what it is trained on).
         ids += [f"word:{w}" for w in words]
         texts += words
+        origins += [()] * len(words)
         reason += f", plus the teacher's {len(words):,} whole words as one-word texts"
-    table = pa.table({"id": ids, "text": texts})
-    atomic_write_parquet(table, Path(out_dir) / TRANSFER_FILE)
+    atomic_write_parquet(transfer_table(ids, texts, origins), Path(out_dir) / TRANSFER_FILE)
     logger.info("transfer set: %d texts (%s)", len(texts), reason)
     return {"path": str(Path(out_dir) / TRANSFER_FILE), "rows": len(texts), "reason": reason}
+
+
+# A transfer file's columns: the texts the teacher labels (id, text) and, per text, the train rows it was made from and
+# the share of its words taken from each (empty for a text made from none, such as the teacher's words).
+SOURCE_ROWS, SOURCE_SHARES = "source_rows", "source_shares"
+
+
+def transfer_table(ids: list[str], texts: list[str], origins: list[Origin]) -> pa.Table:
+    """A transfer file's table: id, text, and each text's train rows with their shares."""
+    return pa.table(
+        {
+            "id": ids,
+            "text": texts,
+            SOURCE_ROWS: pa.array([[r for r, _ in o] for o in origins], pa.list_(pa.int32())),
+            SOURCE_SHARES: pa.array([[w for _, w in o] for o in origins], pa.list_(pa.float32())),
+        }
+    )
 
 
 def _teacher_words(cfg: PipelineConfig, train_texts: list[str]) -> tuple[list[str], dict[str, list[str]] | None]:
@@ -664,12 +683,12 @@ def _teacher_words(cfg: PipelineConfig, train_texts: list[str]) -> tuple[list[st
     return words, neighbours
 
 
-def _transfer_texts(
+def _transfer_copies(
     cfg: PipelineConfig, train_texts: list[str], size: int, seed: int, neighbours: dict[str, list[str]] | None
-) -> list[str]:
-    """`size` texts made from the train texts by the transfer set's methods, with `seed`."""
+) -> TransferSet:
+    """`size` texts made from the train texts by the transfer set's methods, with `seed`, and their train rows."""
     t = cfg.transfer
-    return make_transfer_set(
+    return make_transfer_copies(
         train_texts, size, t.methods, seed, t.alpha, t.dropout, neighbours=neighbours, replace_rate=t.replace_rate
     )
 
@@ -713,6 +732,8 @@ def run_hard_transfer(
     record: dict[str, Any] = {"path": str(Path(out_dir) / TRANSFER_FILE), "rows": 0, "reason": reason}
     texts: list[str] = []
     at_random: list[str] = []
+    origins: list[Origin] = []
+    random_origins: list[Origin] = []
     if size:
         probe = run_distill(cfg, vocab_dir, label_dirs, Path(out_dir) / "probe", on_metrics, stage="transfer_hard")
         predictor = StudentPredictor.load(probe["model_dir"])
@@ -724,15 +745,19 @@ def run_hard_transfer(
         margins = np.zeros(0, np.float32)
         for start in range(0, wanted, HARD_CHUNK):
             # Each chunk its own seed (the first round used transfer.seed), so chunks do not repeat each other.
-            chunk = _transfer_texts(
+            made = _transfer_copies(
                 cfg, train.texts, min(HARD_CHUNK, wanted - start), cfg.transfer.seed + 1 + start, neighbours
             )
+            chunk, chunk_origins = made.texts, made.origins
             taken = max(0, min(len(chunk), random_rows - len(at_random)))
             at_random, chunk = at_random + chunk[:taken], chunk[taken:]
+            random_origins, chunk_origins = random_origins + chunk_origins[:taken], chunk_origins[taken:]
             if chunk:
-                texts, margins = _least_sure(
-                    texts + chunk, np.concatenate([margins, class_margins(predictor.predict_proba(chunk))]), doubted
-                )
+                pooled, pooled_origins = texts + chunk, origins + chunk_origins
+                pooled_margins = np.concatenate([margins, class_margins(predictor.predict_proba(chunk))])
+                keep = _least_sure(pooled_margins, doubted)
+                texts, origins = [pooled[i] for i in keep], [pooled_origins[i] for i in keep]
+                margins = pooled_margins[keep]
             logger.info("second round: %d of %d candidates made", min(start + HARD_CHUNK, wanted), wanted)
         reason += (
             f"; of {wanted:,} candidates, the {len(texts):,} the probe (dev accuracy {probe['dev_accuracy']:.3f}) is "
@@ -748,7 +773,8 @@ def run_hard_transfer(
             max_margin=float(margins.max()),
         )
     ids = [f"hard:{i}" for i in range(len(texts))] + [f"random:{i}" for i in range(len(at_random))]
-    atomic_write_parquet(pa.table({"id": ids, "text": texts + at_random}), Path(out_dir) / TRANSFER_FILE)
+    table = transfer_table(ids, texts + at_random, origins + random_origins)
+    atomic_write_parquet(table, Path(out_dir) / TRANSFER_FILE)
     logger.info("second round: %d texts (%s)", len(ids), reason)
     return {**record, "rows": len(ids), "reason": reason}
 
@@ -759,12 +785,11 @@ def class_margins(probs: np.ndarray) -> np.ndarray:
     return (top2[:, 1] - top2[:, 0]).astype(np.float32)
 
 
-def _least_sure(texts: list[str], margins: np.ndarray, n: int) -> tuple[list[str], np.ndarray]:
-    """The `n` texts with the smallest margins (ties: the earlier text), in their order."""
-    if len(texts) <= n:
-        return texts, margins
-    keep = np.sort(np.argsort(margins, kind="stable")[:n])
-    return [texts[i] for i in keep], margins[keep]
+def _least_sure(margins: np.ndarray, n: int) -> np.ndarray:
+    """The rows of the `n` smallest margins (ties: the earlier row), in their order."""
+    if len(margins) <= n:
+        return np.arange(len(margins))
+    return np.sort(np.argsort(margins, kind="stable")[:n])
 
 
 def _train_stage(
@@ -839,8 +864,9 @@ def run_distill(
 
 def distill_stream(cfg: PipelineConfig, data: TaskData, label_dirs: list[str], features: list[str]) -> SoftLabelStream:
     """The distill stage's batches: the label folders' soft labels over their stored n-gram ids (`features`, one
-    folder per label folder), the train rows' targets mixed with their gold labels by `distill.gold_weight`."""
-    gold = train_gold(cfg, data, label_dirs) if cfg.distill.gold_weight > 0 else {}
+    folder per label folder); the targets of the train rows and of the transfer texts made from them mixed with their
+    gold labels by `distill.gold_weight` (`gold_targets`)."""
+    gold = gold_targets(cfg, data, label_dirs) if cfg.distill.gold_weight > 0 else {}
     return SoftLabelStream(
         label_dirs,
         cfg.distill.shuffle_buffer,
@@ -851,26 +877,63 @@ def distill_stream(cfg: PipelineConfig, data: TaskData, label_dirs: list[str], f
     )
 
 
-def train_gold(cfg: PipelineConfig, data: TaskData, label_dirs: list[str]) -> dict[str, np.ndarray]:
-    """The train set's gold labels as one-hot rows in file order, keyed by the label folder holding the teacher's
-    labels of the train set (for `distill.gold_weight`); each shard's ids are checked against the train rows."""
+def gold_targets(cfg: PipelineConfig, data: TaskData, label_dirs: list[str]) -> dict[str, np.ndarray]:
+    """Gold target distributions for `distill.gold_weight`, keyed by label folder, one row per labelled document in
+    file order: the train set's one-hot labels, and for a transfer set each text's mix of the gold labels of the train
+    rows it was made from (by their share of its words; a row of zeros where it was made from none, such as the
+    teacher's one-word texts, whose targets stay the teacher's). Each shard's ids are checked against its file's rows.
+    A transfer file from before its texts kept their train rows gets no gold targets (a warning says so)."""
     train_path = Path(label_sources(cfg, "train")[0].path).resolve()
     onehot = np.zeros((len(data.train), data.label_map.num_classes), np.float32)
     onehot[np.arange(len(data.train)), data.encoded(data.train)] = 1.0
     out: dict[str, np.ndarray] = {}
     for d in label_dirs:
         plan = read_manifest(d)
-        if [Path(src.path).resolve() for src in plan.sources] != [train_path]:
+        paths = [Path(src.path).resolve() for src in plan.sources]
+        if paths == [train_path]:
+            ids, targets = data.train.ids, onehot
+        elif len(paths) == 1 and paths[0].name == TRANSFER_FILE:
+            found = _transfer_gold(paths[0], onehot)
+            if found is None:
+                continue
+            ids, targets = found
+        else:
             continue
         for shard in plan.shards:
-            ids, _ = read_soft_labels(Path(d) / SHARDS / shard.name)
-            if shard.stop > len(data.train) or ids != data.train.ids[shard.start : shard.stop]:
+            shard_ids, _ = read_soft_labels(Path(d) / SHARDS / shard.name)
+            if shard.stop > len(ids) or shard_ids != ids[shard.start : shard.stop]:
                 raise DataError(
-                    f"{Path(d) / SHARDS / shard.name}: ids differ from rows {shard.start}-{shard.stop} of {train_path} "
-                    "(the train set changed since it was labelled); label it again"
+                    f"{Path(d) / SHARDS / shard.name}: ids differ from rows {shard.start}-{shard.stop} of {paths[0]} "
+                    "(the file changed since it was labelled); label it again"
                 )
-        out[d] = onehot
+        out[d] = targets
     return out
+
+
+def _transfer_gold(path: Path, onehot: np.ndarray) -> tuple[list[str], np.ndarray] | None:
+    """A transfer file's ids and its texts' gold targets (see `gold_targets`); None for a file without train rows."""
+    names = pq.read_schema(path).names
+    if SOURCE_ROWS not in names or SOURCE_SHARES not in names:
+        logger.warning(
+            "%s was made before transfer texts kept their train rows: its texts keep the teacher's labels alone "
+            "(make the transfer set again to mix in their gold labels)",
+            path,
+        )
+        return None
+    table = pq.read_table(path, columns=["id", SOURCE_ROWS, SOURCE_SHARES])
+    rows_col, shares_col = table.column(SOURCE_ROWS).combine_chunks(), table.column(SOURCE_SHARES).combine_chunks()
+    rows = rows_col.flatten().to_numpy().astype(np.int64)
+    shares = shares_col.flatten().to_numpy().astype(np.float32)
+    if len(rows) and (rows.min() < 0 or rows.max() >= len(onehot)):
+        raise DataError(
+            f"{path}: {SOURCE_ROWS} names train row {int(rows.max())}, but the train set has {len(onehot)} rows "
+            "(the train set changed since the transfer set was made); make it again"
+        )
+    # Row i of the file owns entries offsets[i]:offsets[i+1] of the flattened lists.
+    owner = np.repeat(np.arange(table.num_rows), np.diff(rows_col.offsets.to_numpy()))
+    targets = np.zeros((table.num_rows, onehot.shape[1]), np.float32)
+    np.add.at(targets, owner, shares[:, None] * onehot[rows])
+    return table.column("id").to_pylist(), targets
 
 
 def _without_gold(section: TrainConfig) -> TrainConfig:

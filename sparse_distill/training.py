@@ -191,8 +191,8 @@ class SoftLabelStream:
     buffer_size: int = 100_000
     seed: int = 13
     feature_dirs: list[str] | None = None
-    # Gold target distributions of a label folder's source rows (the train set's, in file order), keyed by folder:
-    # its documents' targets become `(1 - gold_weight) * teacher + gold_weight * gold`.
+    # Gold target distributions of a label folder's source rows (in file order), keyed by folder: its documents'
+    # targets become `(1 - gold_weight) * teacher + gold_weight * gold` (rows of zeros: the teacher's alone).
     gold: dict[str, np.ndarray] = field(default_factory=dict)
     gold_weight: float = 0.0
     num_docs: int = field(init=False)
@@ -223,7 +223,9 @@ class SoftLabelStream:
             if d in self.gold and self.gold_weight > 0:
                 shard = manifests[d].shards[i]
                 gold = self.gold[d][shard.start : shard.stop]
-                mixed = (1 - self.gold_weight) * np.stack(buf_probs[before:]) + self.gold_weight * gold
+                # A row of zeros: no gold label for that document, its target stays the teacher's.
+                weight = self.gold_weight * (gold.sum(axis=1, keepdims=True) > 0)
+                mixed = (1 - weight) * np.stack(buf_probs[before:]) + weight * gold
                 buf_probs[before:] = list(mixed.astype(np.float32))
             if len(buf_docs) >= self.buffer_size:
                 yield from self._drain(buf_docs, buf_probs, batch_size, rng, keep=self.buffer_size // 2)

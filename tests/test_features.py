@@ -11,7 +11,7 @@ import pytest
 from sparse_distill.config import DataConfig, PipelineConfig, TeacherConfig
 from sparse_distill.data import DataError
 from sparse_distill.features import featurize_labels, iter_featurized
-from sparse_distill.pipeline import load_task_data, train_gold
+from sparse_distill.pipeline import gold_targets, load_task_data
 from sparse_distill.soft_labels import SHARDS, read_soft_labels, write_soft_labels
 from sparse_distill.testing import make_labelled_shards
 from sparse_distill.training import DocIds, InMemoryBatches, SoftLabelStream
@@ -122,7 +122,7 @@ def _train_with_labels(tmp_path):
 
 def test_distill_targets_mix_the_gold_label_into_the_train_rows_only(tmp_path):
     cfg, data, train, corpus, labels = _train_with_labels(tmp_path)
-    gold = train_gold(cfg, data, [str(corpus), str(train)])
+    gold = gold_targets(cfg, data, [str(corpus), str(train)])
     assert list(gold) == [str(train)]
     dirs = [str(train), str(corpus)]
     plain = SoftLabelStream(dirs, buffer_size=8, seed=3)
@@ -141,9 +141,54 @@ def test_distill_targets_mix_the_gold_label_into_the_train_rows_only(tmp_path):
     assert seen == len(TEXTS)
 
 
-def test_train_gold_refuses_labels_of_other_rows(tmp_path):
+def test_gold_targets_refuses_labels_of_other_rows(tmp_path):
     cfg, data, train, _, _ = _train_with_labels(tmp_path)
     ids, probs = read_soft_labels(train / SHARDS / "00001.parquet")
     write_soft_labels(train / SHARDS / "00001.parquet", ids[::-1], probs)
     with pytest.raises(DataError, match=r"00001.parquet: ids differ from rows 5-10 of .*train.parquet"):
-        train_gold(cfg, data, [str(train)])
+        gold_targets(cfg, data, [str(train)])
+
+
+def _transfer_with_labels(tmp_path, origins: list[list[tuple[int, float]]] | None):
+    # A labelled transfer file of four texts whose source rows (when given) point into the train set of 23 rows.
+    texts = ["film great", "dull plot", "fun", "slow film"]
+    columns: dict[str, list] = {"id": [f"transfer.parquet:{i}" for i in range(4)]}
+    if origins is not None:
+        columns["source_rows"] = [[r for r, _ in o] for o in origins]
+        columns["source_shares"] = [[w for _, w in o] for o in origins]
+    (tmp_path / "t").mkdir()
+    return make_labelled_shards(tmp_path / "t" / "transfer", texts, 3, seed=4, columns=columns)
+
+
+def test_transfer_texts_are_distilled_towards_the_gold_labels_of_their_train_rows(tmp_path):
+    cfg, data, train, _, labels = _train_with_labels(tmp_path)
+    origins = [[(0, 1.0)], [(1, 0.25), (2, 0.75)], [], [(3, 1.0)]]  # the third: made from no train row
+    transfer = _transfer_with_labels(tmp_path, origins)
+    gold = gold_targets(cfg, data, [str(train), str(transfer)])
+    eye = np.eye(3, dtype=np.float32)
+    expected = np.stack([eye[labels[0]], 0.25 * eye[labels[1]] + 0.75 * eye[labels[2]], np.zeros(3), eye[labels[3]]])
+    np.testing.assert_allclose(gold[str(transfer)], expected, atol=1e-6)
+    plain = SoftLabelStream([str(transfer)], buffer_size=8, seed=3)
+    mixed = SoftLabelStream([str(transfer)], buffer_size=8, seed=3, gold=gold, gold_weight=0.5)
+    texts = ["film great", "dull plot", "fun", "slow film"]
+    for (texts_a, probs_a), (_, probs_b) in zip(plain.epoch(1, 2), mixed.epoch(1, 2), strict=True):
+        for text, p, q in zip(texts_a, probs_a, probs_b, strict=True):
+            row = texts.index(text)
+            if origins[row]:
+                np.testing.assert_allclose(q, 0.5 * p + 0.5 * expected[row], rtol=1e-6)
+            else:
+                assert np.array_equal(p, q)  # no train row behind it: the teacher's distribution alone
+
+
+def test_a_transfer_file_without_source_rows_keeps_the_teachers_labels(tmp_path, caplog):
+    cfg, data, train, _, _ = _train_with_labels(tmp_path)
+    transfer = _transfer_with_labels(tmp_path, None)
+    assert list(gold_targets(cfg, data, [str(train), str(transfer)])) == [str(train)]
+    assert "made before transfer texts kept their train rows" in caplog.text
+
+
+def test_transfer_source_rows_outside_the_train_set_are_an_error(tmp_path):
+    cfg, data, _, _, _ = _train_with_labels(tmp_path)
+    transfer = _transfer_with_labels(tmp_path, [[(0, 1.0)], [(23, 1.0)], [], [(1, 1.0)]])
+    with pytest.raises(DataError, match=r"transfer.parquet: source_rows names train row 23, but the train set has 23"):
+        gold_targets(cfg, data, [str(transfer)])

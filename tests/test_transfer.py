@@ -125,13 +125,37 @@ def test_run_transfer_writes_the_texts_from_the_train_set(tmp_path):
     assert rec["rows"] == 60 and rec["reason"].startswith("auto")
     assert rec["path"] == str(out / "transfer.parquet")
     columns, ids, texts = _read(rec["path"])
-    assert columns == ["id", "text"] and len(ids) == len(set(ids)) == len(texts) == 60
+    assert columns == ["id", "text", "source_rows", "source_shares"]
+    assert len(ids) == len(set(ids)) == len(texts) == 60
     assert all(t.strip() for t in texts) and {w for t in texts for w in t.split()} <= _train_words()
     again = tmp_path / "again"
     again.mkdir()
     assert _read(run_transfer(cfg, again)["path"]) == (columns, ids, texts)  # seeded: the same set
     other = _config(tmp_path, {"copies_per_text": 3, "seed": 99})
     assert _read(run_transfer(other, again)["path"])[2] != texts
+
+
+def test_each_transfer_text_names_the_train_rows_it_was_made_from(tmp_path):
+    # The rows let the train rows' gold labels follow their copies into distillation (pipeline.gold_targets).
+    cfg = _config(tmp_path, {"copies_per_text": 3})
+    out = tmp_path / "transfer"
+    out.mkdir()
+    table = pq.read_table(run_transfer(cfg, out)["path"])
+    train = _texts(20, 1)
+    mixes = 0
+    columns = (table.column(c).to_pylist() for c in ("text", "source_rows", "source_shares"))
+    for text, rows, shares in zip(*columns, strict=True):
+        assert 1 <= len(rows) <= 2 and all(0 <= r < 20 for r in rows)
+        assert abs(sum(shares) - 1) < 1e-6 and all(w > 0 for w in shares)
+        words = text.split()
+        if len(rows) == 1:  # EDA may bring a word of another train text; the others keep to their own text's words
+            assert len(set(words) - set(train[rows[0]].split())) <= max(1, round(0.1 * len(words)))
+        else:  # a mix: a head of the first text, then a tail of the second, shares by their words
+            mixes += 1
+            head = round(shares[0] * len(words))
+            assert words[:head] == train[rows[0]].split()[:head]
+            assert words[head:] == train[rows[1]].split()[len(train[rows[1]].split()) - (len(words) - head) :]
+    assert mixes > 0
 
 
 def test_run_transfer_explicit_sizes_and_methods(tmp_path):
@@ -144,7 +168,7 @@ def test_run_transfer_explicit_sizes_and_methods(tmp_path):
         span = text.split()
         assert any(words[i : i + len(span)] == span for words in train for i in range(len(words))), text
     rec = run_transfer(_config(tmp_path, {"size": 0}), out)
-    assert rec["rows"] == 0 and _read(rec["path"]) == (["id", "text"], [], [])  # an empty file, still readable
+    assert rec["rows"] == 0 and _read(rec["path"])[1:] == ([], [])  # an empty file, still readable
 
 
 def test_run_transfer_uses_only_the_first_max_train_samples_rows(tmp_path):
@@ -284,10 +308,8 @@ def test_class_margins_and_the_least_sure_texts():
 
     probs = np.array([[0.9, 0.05, 0.05], [0.4, 0.35, 0.25], [0.5, 0.1, 0.4], [0.2, 0.2, 0.6]], np.float32)
     np.testing.assert_allclose(class_margins(probs), [0.85, 0.05, 0.1, 0.4], atol=1e-6)
-    texts, margins = _least_sure(["a", "b", "c", "d"], class_margins(probs), 2)
-    assert texts == ["b", "c"]  # the two smallest margins, in their order
-    np.testing.assert_allclose(margins, [0.05, 0.1], atol=1e-6)
-    assert _least_sure(["a"], class_margins(probs[:1]), 2)[0] == ["a"]  # fewer than asked: all kept
+    assert _least_sure(class_margins(probs), 2).tolist() == [1, 2]  # the two smallest margins, in their order
+    assert _least_sure(class_margins(probs[:1]), 2).tolist() == [0]  # fewer than asked: all kept
 
 
 def test_the_second_rounds_settings_count_in_its_own_stage_and_later_ones_only(tmp_path):
