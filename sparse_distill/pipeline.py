@@ -46,7 +46,7 @@ from sparse_distill.data import (
 from sparse_distill.evaluation import classification_metrics, measure_throughput, repeat_to
 from sparse_distill.features import featurize_labels
 from sparse_distill.inference import StudentPredictor
-from sparse_distill.run_store import content_fingerprint, file_fingerprint, fresh_stage, read_stage
+from sparse_distill.run_store import content_fingerprint, file_fingerprint, fresh_stage, read_result, read_stage
 from sparse_distill.sentences import far_longer, median_words, sentence_advice, write_sentence_corpus
 from sparse_distill.shard_plan import CorpusSource, plan_shards
 from sparse_distill.soft_labels import SHARDS, read_manifest, read_soft_labels
@@ -882,7 +882,8 @@ def gold_targets(cfg: PipelineConfig, data: TaskData, label_dirs: list[str]) -> 
     file order: the train set's one-hot labels, and for a transfer set each text's mix of the gold labels of the train
     rows it was made from (by their share of its words; a row of zeros where it was made from none, such as the
     teacher's one-word texts, whose targets stay the teacher's). Each shard's ids are checked against its file's rows.
-    A transfer file from before its texts kept their train rows gets no gold targets (a warning says so)."""
+    A transfer file from before its texts kept their train rows has them found by making its texts again
+    (`_remade_origins`), or gets no gold targets where that fails (a warning says so)."""
     train_path = Path(label_sources(cfg, "train")[0].path).resolve()
     onehot = np.zeros((len(data.train), data.label_map.num_classes), np.float32)
     onehot[np.arange(len(data.train)), data.encoded(data.train)] = 1.0
@@ -893,7 +894,7 @@ def gold_targets(cfg: PipelineConfig, data: TaskData, label_dirs: list[str]) -> 
         if paths == [train_path]:
             ids, targets = data.train.ids, onehot
         elif len(paths) == 1 and paths[0].name == TRANSFER_FILE:
-            found = _transfer_gold(paths[0], onehot)
+            found = _transfer_gold(cfg, paths[0], onehot)
             if found is None:
                 continue
             ids, targets = found
@@ -910,30 +911,69 @@ def gold_targets(cfg: PipelineConfig, data: TaskData, label_dirs: list[str]) -> 
     return out
 
 
-def _transfer_gold(path: Path, onehot: np.ndarray) -> tuple[list[str], np.ndarray] | None:
-    """A transfer file's ids and its texts' gold targets (see `gold_targets`); None for a file without train rows."""
+def _transfer_gold(cfg: PipelineConfig, path: Path, onehot: np.ndarray) -> tuple[list[str], np.ndarray] | None:
+    """A transfer file's ids and its texts' gold targets (see `gold_targets`); None where its train rows are unknown."""
     names = pq.read_schema(path).names
-    if SOURCE_ROWS not in names or SOURCE_SHARES not in names:
-        logger.warning(
-            "%s was made before transfer texts kept their train rows: its texts keep the teacher's labels alone "
-            "(make the transfer set again to mix in their gold labels)",
-            path,
-        )
-        return None
-    table = pq.read_table(path, columns=["id", SOURCE_ROWS, SOURCE_SHARES])
-    rows_col, shares_col = table.column(SOURCE_ROWS).combine_chunks(), table.column(SOURCE_SHARES).combine_chunks()
-    rows = rows_col.flatten().to_numpy().astype(np.int64)
-    shares = shares_col.flatten().to_numpy().astype(np.float32)
+    if SOURCE_ROWS in names and SOURCE_SHARES in names:
+        table = pq.read_table(path, columns=["id", SOURCE_ROWS, SOURCE_SHARES])
+        ids = table.column("id").to_pylist()
+        rows_col, shares_col = table.column(SOURCE_ROWS).combine_chunks(), table.column(SOURCE_SHARES).combine_chunks()
+        rows = rows_col.flatten().to_numpy().astype(np.int64)
+        shares = shares_col.flatten().to_numpy().astype(np.float32)
+        # Row i of the file owns entries offsets[i]:offsets[i+1] of the flattened lists.
+        owner = np.repeat(np.arange(len(ids)), np.diff(rows_col.offsets.to_numpy()))
+    else:
+        table = pq.read_table(path, columns=["id", "text"])
+        ids = table.column("id").to_pylist()
+        origins = _remade_origins(cfg, path, ids, table.column("text").to_pylist())
+        if origins is None:
+            logger.warning(
+                "%s was made before transfer texts kept their train rows, and making it again does not give its "
+                "texts: they keep the teacher's labels alone (make the transfer set again to mix in gold labels)",
+                path,
+            )
+            return None
+        owner = np.repeat(np.arange(len(ids)), [len(o) for o in origins])
+        rows = np.array([r for o in origins for r, _ in o], np.int64)
+        shares = np.array([w for o in origins for _, w in o], np.float32)
     if len(rows) and (rows.min() < 0 or rows.max() >= len(onehot)):
         raise DataError(
             f"{path}: {SOURCE_ROWS} names train row {int(rows.max())}, but the train set has {len(onehot)} rows "
             "(the train set changed since the transfer set was made); make it again"
         )
-    # Row i of the file owns entries offsets[i]:offsets[i+1] of the flattened lists.
-    owner = np.repeat(np.arange(table.num_rows), np.diff(rows_col.offsets.to_numpy()))
-    targets = np.zeros((table.num_rows, onehot.shape[1]), np.float32)
+    targets = np.zeros((len(ids), onehot.shape[1]), np.float32)
     np.add.at(targets, owner, shares[:, None] * onehot[rows])
-    return table.column("id").to_pylist(), targets
+    return ids, targets
+
+
+def _remade_origins(cfg: PipelineConfig, path: Path, ids: list[str], texts: list[str]) -> list[Origin] | None:
+    """The train rows of a transfer file written before the files kept them, found by making its texts again (the
+    generator is seeded, so the same config gives the same texts) rather than by labelling a new file: a first round
+    is made again whole and must equal the file; a second round's candidates are made again (as many as its record
+    says) and each kept text is looked up among them. None where a text is not found."""
+    train, _ = _train_texts_and_corpus_rows(cfg)
+    try:
+        _, neighbours = _teacher_words(cfg, train.texts)
+    except OSError as err:  # the teacher's backbone is gone: its neighbour words cannot be made again
+        logger.warning("%s: the teacher's words for making it again: %s", path, err)
+        return None
+    seed = cfg.transfer.seed
+    if not any(i.startswith(("hard:", "random:")) for i in ids):
+        made = sum(1 for i in ids if i.startswith("transfer:"))
+        copies = _transfer_copies(cfg, train.texts, made, seed, neighbours)
+        if copies.texts != texts[:made]:
+            return None
+        return list(copies.origins) + [()] * (len(ids) - made)
+    wanted = int((read_result(path.parent) or {}).get("candidates", 0))
+    found: dict[str, Origin] = {}
+    for start in range(0, wanted, HARD_CHUNK):
+        chunk = _transfer_copies(cfg, train.texts, min(HARD_CHUNK, wanted - start), seed + 1 + start, neighbours)
+        for text, origin in zip(chunk.texts, chunk.origins, strict=True):
+            found.setdefault(text, origin)
+    if any(t not in found for t in texts):
+        return None
+    logger.info("%s: the train rows of its %d texts found among %d candidates made again", path, len(texts), wanted)
+    return [found[t] for t in texts]
 
 
 def _without_gold(section: TrainConfig) -> TrainConfig:

@@ -180,13 +180,6 @@ def test_transfer_texts_are_distilled_towards_the_gold_labels_of_their_train_row
                 assert np.array_equal(p, q)  # no train row behind it: the teacher's distribution alone
 
 
-def test_a_transfer_file_without_source_rows_keeps_the_teachers_labels(tmp_path, caplog):
-    cfg, data, train, _, _ = _train_with_labels(tmp_path)
-    transfer = _transfer_with_labels(tmp_path, None)
-    assert list(gold_targets(cfg, data, [str(train), str(transfer)])) == [str(train)]
-    assert "made before transfer texts kept their train rows" in caplog.text
-
-
 def test_transfer_source_rows_outside_the_train_set_are_an_error(tmp_path):
     cfg, data, _, _, _ = _train_with_labels(tmp_path)
     transfer = _transfer_with_labels(tmp_path, [[(0, 1.0)], [(23, 1.0)], [], [(1, 1.0)]])

@@ -7,6 +7,7 @@ import json
 import random
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -325,3 +326,59 @@ def test_the_second_rounds_settings_count_in_its_own_stage_and_later_ones_only(t
     # The probe trains like the KD student: a distillation setting counts in the second round too.
     lr = cfg.model_copy(update={"distill": cfg.distill.model_copy(update={"lr": 0.5})})
     assert stage_fingerprints(lr)["transfer_hard"] != fps["transfer_hard"]
+
+
+# --- transfer files from before their texts kept their train rows ---------------------------------------------------
+
+
+def _gold(cfg, path):
+    from sparse_distill.pipeline import _transfer_gold
+
+    return _transfer_gold(cfg, path, np.eye(2, dtype=np.float32)[[i % 2 for i in range(20)]])
+
+
+def test_an_older_transfer_file_gets_its_train_rows_by_making_its_texts_again(tmp_path, caplog):
+    cfg = _config(tmp_path, {"copies_per_text": 3})
+    out = tmp_path / "transfer"
+    out.mkdir()
+    path = Path(run_transfer(cfg, out)["path"])
+    ids, targets = _gold(cfg, path)
+    older = tmp_path / "older" / "transfer.parquet"
+    older.parent.mkdir()
+    pq.write_table(pq.read_table(path, columns=["id", "text"]), older)
+    again = _gold(cfg, older)
+    assert again[0] == ids and np.array_equal(again[1], targets)
+    # A text that the config no longer makes: no gold targets, and a warning says why.
+    table = pq.read_table(older)
+    texts = table.column("text").to_pylist()
+    pq.write_table(pa.table({"id": ids, "text": [texts[0] + " changed", *texts[1:]]}), older)
+    assert _gold(cfg, older) is None
+    assert "making it again does not give its texts" in caplog.text
+
+
+def test_an_older_second_round_finds_its_texts_among_the_candidates_made_again(tmp_path):
+    from sparse_distill.augment import make_transfer_copies
+    from sparse_distill.pipeline import transfer_table
+
+    cfg = _config(tmp_path)
+    t = cfg.transfer
+    train = _texts(20, 1)
+    made = make_transfer_copies(train, 50, t.methods, t.seed + 1, t.alpha, t.dropout)
+    keep = [3, 10, 7, 41]
+    ids = ["hard:0", "hard:1", "random:0", "random:1"]
+    full = tmp_path / "full" / "transfer.parquet"
+    full.parent.mkdir()
+    pq.write_table(transfer_table(ids, [made.texts[i] for i in keep], [made.origins[i] for i in keep]), full)
+    older = tmp_path / "transfer_hard" / "transfer.parquet"
+    older.parent.mkdir()
+    pq.write_table(pa.table({"id": ids, "text": [made.texts[i] for i in keep]}), older)
+    (older.parent / "result.json").write_text(json.dumps({"candidates": 50}))
+    expected = _gold(cfg, full)
+    again = _gold(cfg, older)
+    assert again[0] == expected[0] == ids
+    # A text made twice from different rows takes the first maker's rows, so compare with the first of each text.
+    first = {}
+    for text, origin in zip(made.texts, made.origins, strict=True):
+        first.setdefault(text, origin)
+    assert all(first[made.texts[i]] == made.origins[i] for i in keep)
+    np.testing.assert_allclose(again[1], expected[1], atol=1e-6)
