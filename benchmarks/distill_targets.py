@@ -1,7 +1,8 @@
 """Distillation targets and loss: on a finished pipeline run, the KD student (and KD+FT from it) trained again with the
-train rows' targets mixed with their gold labels at several weights (`distill.gold_weight`), with each distillation
-loss asked for (`distill.loss`: kl, logit_mse), over several seeds; with `--scratch`, the run's DAN from scratch too,
-with the same seeds, so a student's spread stands beside the baseline's.
+train rows' (and their transfer texts') targets mixed with their gold labels at several weights (`distill.gold_weight`;
+`--transfer-weights` sets the transfer texts' apart), with each distillation loss asked for (`distill.loss`: kl,
+logit_mse), over several seeds; with `--scratch`, the run's DAN from scratch too, with the same seeds, so a student's
+spread stands beside the baseline's.
 
 It reads the run's own soft labels, stored n-gram ids and vocabulary, and trains through the pipeline's code
 (`pipeline.distill_stream`, `train_dan`, `pipeline.run_finetune_student`), so only the targets differ between rows.
@@ -10,6 +11,7 @@ Test accuracy.
     python benchmarks/distill_targets.py runs/bench-quality/rotten-tomatoes --weights 0 0.5 1 --seeds 13 14 15
     python benchmarks/distill_targets.py runs/bench-quality/sst2 --weights 0.5 --losses kl logit_mse
     python benchmarks/distill_targets.py runs/bench-quality/spam-assassin --weights 0.5 --seeds 13 14 --scratch
+    python benchmarks/distill_targets.py runs/bench-quality/rotten-tomatoes --weights 0.5 --transfer-weights 0 0.5
 """
 
 from __future__ import annotations
@@ -52,11 +54,40 @@ def seeded(seed: int) -> dict:
     return {"seed": seed, "checkpoint_every_minutes": None, "checkpoint_every_steps": None}
 
 
+def transfer_weighted(gold: dict, label_dirs: list[str], weight: float, transfer_weight: float) -> dict:
+    """`gold` (as `pipeline.gold_targets` gives it) with the transfer texts' gold labels at `transfer_weight` while the
+    stream mixes at `weight`: their rows become `teacher + (transfer_weight / weight) * (gold - teacher)`, which the
+    stream's mix turns into `(1 - transfer_weight) * teacher + transfer_weight * gold`."""
+    import numpy as np
+
+    from sparse_distill.pipeline import TRANSFER_FILE
+    from sparse_distill.soft_labels import SHARDS, read_manifest, read_soft_labels
+
+    out = dict(gold)
+    for d in label_dirs:
+        plan = read_manifest(d)
+        if d not in gold or Path(plan.sources[0].path).name != TRANSFER_FILE:
+            continue
+        teacher = np.zeros_like(gold[d])
+        for shard in plan.shards:
+            teacher[shard.start : shard.stop] = read_soft_labels(Path(d) / SHARDS / shard.name)[1]
+        has = gold[d].sum(axis=1, keepdims=True) > 0
+        out[d] = np.where(has, teacher + (transfer_weight / weight) * (gold[d] - teacher), 0.0).astype(np.float32)
+    return out
+
+
 def run_one(
-    run_dir: Path, weight: float, seed: int, out: Path, loss: str | None = None, overrides: list[str] | None = None
+    run_dir: Path,
+    weight: float,
+    seed: int,
+    out: Path,
+    loss: str | None = None,
+    overrides: list[str] | None = None,
+    transfer_weight: float | None = None,
 ) -> dict:
     """KD at `weight` with `loss` (None: the config's), then KD+FT from it, both with `seed`; the run's config
-    otherwise, with `overrides` (`section.field=value`, as `sparse-distill run --set`) applied."""
+    otherwise, with `overrides` (`section.field=value`, as `sparse-distill run --set`) applied. `transfer_weight`:
+    the transfer texts' gold labels at this weight instead of `weight` (which must then be above 0)."""
     from sparse_distill.config import load_config
     from sparse_distill.features import featurize_labels
     from sparse_distill.pipeline import (
@@ -86,6 +117,10 @@ def run_one(
         for d, f in zip(label_dirs, feature_dirs(label_dirs, stage_dir(run_dir, "distill")), strict=True)
     ]
     stream = distill_stream(cfg, data, label_dirs, features)
+    if transfer_weight is not None and transfer_weight != weight:
+        if weight <= 0:
+            raise SystemExit("--transfer-weights needs --weights above 0 (the train rows' weight carries the mix)")
+        stream.gold = transfer_weighted(stream.gold, label_dirs, weight, transfer_weight)
     dev = (data.dev.texts, data.encoded(data.dev), data.label_map)
     scored = held_out(data)
     test = (scored.texts, data.encoded(scored))
@@ -95,6 +130,7 @@ def run_one(
     return {
         "run": run_dir.name,
         "gold_weight": weight,
+        "transfer_gold_weight": weight if transfer_weight is None else transfer_weight,
         "loss": loss,
         "seed": seed,
         "set": overrides or [],
@@ -137,6 +173,13 @@ def main() -> None:
         "--weights", nargs="*", type=float, default=[0.0, 0.5, 1.0], help="gold_weight values (none: no KD students)."
     )
     p.add_argument(
+        "--transfer-weights",
+        nargs="+",
+        type=float,
+        default=[None],
+        help="The transfer texts' gold weight, each value with each --weights value (default: the same as it).",
+    )
+    p.add_argument(
         "--losses",
         nargs="+",
         choices=["kl", "logit_mse"],
@@ -163,22 +206,36 @@ def main() -> None:
     rows = []
     for run_dir in args.run_dirs:
         for seed in args.seeds:
-            for weight in args.weights:
+            for weight, tw in [(w, t) for w in args.weights for t in args.transfer_weights]:
                 for loss in args.losses:
-                    name = f"w{weight:g}-s{seed}" + (f"-{loss}" if loss else "")
-                    row = run_one(run_dir, weight, seed, args.work / run_dir.name / name, loss, args.overrides)
+                    name = (
+                        f"w{weight:g}-s{seed}" + (f"-{loss}" if loss else "") + (f"-t{tw:g}" if tw is not None else "")
+                    )
+                    row = run_one(run_dir, weight, seed, args.work / run_dir.name / name, loss, args.overrides, tw)
                     print(json.dumps(row), flush=True)
                     rows.append(row)
     # The mean over seeds per run and weight: the figures the README quotes.
     summary = []
     for run_dir in args.run_dirs:
-        for weight in args.weights:
+        for weight, tw in sorted({(r["gold_weight"], r["transfer_gold_weight"]) for r in rows}):
             for loss in sorted({r["loss"] for r in rows}):
-                mine = [r for r in rows if (r["run"], r["gold_weight"], r["loss"]) == (run_dir.name, weight, loss)]
+                key = (run_dir.name, weight, tw, loss)
+                mine = [r for r in rows if (r["run"], r["gold_weight"], r["transfer_gold_weight"], r["loss"]) == key]
+                if not mine:
+                    continue
                 mean = {k: round(sum(r[k] for r in mine) / len(mine), 4) for k in ("kd_test", "kdft_test")}
-                summary.append({"run": run_dir.name, "gold_weight": weight, "loss": loss, "seeds": len(mine), **mean})
+                summary.append(
+                    {
+                        "run": run_dir.name,
+                        "gold_weight": weight,
+                        "transfer_gold_weight": tw,
+                        "loss": loss,
+                        "seeds": len(mine),
+                        **mean,
+                    }
+                )
                 print(
-                    f"{run_dir.name:20s} weight {weight:<4g} {loss:9s} KD {mean['kd_test']:.3f}  "
+                    f"{run_dir.name:20s} weight {weight:<4g} transfer {tw:<4g} {loss:9s} KD {mean['kd_test']:.3f}  "
                     f"KD+FT {mean['kdft_test']:.3f}"
                 )
     scratch = []
