@@ -58,8 +58,11 @@ def test_no_corpus_makes_a_labelled_transfer_set_that_distillation_uses(transfer
     words = teacher_word_vectors(config.teacher.model)[0]
     rows = TRAIN_ROWS + len(words)
     transfer = pq.read_table(run_dir / "transfer" / "transfer.parquet")
-    assert transfer.column_names == ["id", "text"] and transfer.num_rows == rows
+    assert transfer.column_names == ["id", "text", "source_rows", "source_shares"] and transfer.num_rows == rows
     assert transfer.column("text").to_pylist()[TRAIN_ROWS:] == words
+    # Each made text names its train rows (whose gold labels distillation mixes in); the teacher's words name none.
+    sources = transfer.column("source_rows").to_pylist()
+    assert all(1 <= len(r) <= 2 for r in sources[:TRAIN_ROWS]) and not any(sources[TRAIN_ROWS:])
     # Every transfer text has the teacher's soft labels (a distribution over the two classes).
     label_dir = run_dir / "labels" / "transfer"
     assert read_manifest(label_dir).total_rows == rows
