@@ -162,22 +162,6 @@ class TransferSet:
     origins: list[Origin]
 
 
-def make_transfer_set(
-    texts: Sequence[str],
-    size: int,
-    methods: Sequence[str] = TRANSFER_METHODS,
-    seed: int = 13,
-    alpha: float = 0.1,
-    dropout: float = 0.2,
-    pool_size: int = 10_000,
-    neighbours: Mapping[str, Sequence[str]] | None = None,
-    replace_rate: float = 0.3,
-) -> list[str]:
-    """`size` new texts made from the train texts for the teacher to label (a transfer set, when the corpus is small);
-    see `make_transfer_copies`, which also says which train rows each text was made from."""
-    return make_transfer_copies(texts, size, methods, seed, alpha, dropout, pool_size, neighbours, replace_rate).texts
-
-
 def make_transfer_copies(
     texts: Sequence[str],
     size: int,

@@ -213,7 +213,7 @@ class VocabConfig(RunnerConfig):
 
 
 class TransferConfig(_Strict):
-    """A transfer set: new texts made from the train texts (see sparse_distill.augment.make_transfer_set), labelled
+    """A transfer set: new texts made from the train texts (see sparse_distill.augment.make_transfer_copies), labelled
     by the teacher like a corpus. It gives distillation data when the task has little or no unlabelled corpus."""
 
     size: int | None = Field(

@@ -12,7 +12,7 @@ import pytest
 from sparse_distill.augment import (
     augment_texts,
     eda,
-    make_transfer_set,
+    make_transfer_copies,
     mix_texts,
     nearest_words,
     neighbour_replace,
@@ -24,6 +24,11 @@ from sparse_distill.augment import (
 )
 
 TEXT = "the plot was dull but the actors were really quite wonderful tonight"
+
+
+def make_transfer_set(*args, **kwargs) -> list[str]:
+    """The texts of `make_transfer_copies` (most tests here look at the texts alone)."""
+    return make_transfer_copies(*args, **kwargs).texts
 
 
 def test_eda_edits_stay_close_to_the_text():
