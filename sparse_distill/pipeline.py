@@ -1179,7 +1179,42 @@ def build_summary(
     summary["mlflow_run_id"] = mlflow_run_id
     summary["config_fingerprint"] = config_fp
     summary["choices"] = choices or {}
+    summary["findings"] = teacher_findings(m, best_student, evaluated_fasttext(evaluation))
+    for finding in summary["findings"]:
+        logger.warning("%s", finding)
     return summary
+
+
+_STUDENT_SHORT = {"kd": "KD", "kdft": "KD+FT"}
+
+
+def teacher_findings(metrics: dict, best_student: str, fasttext: dict | None) -> list[str]:
+    """What dev accuracy says against distilling from this teacher, in words a user can act on: a teacher no better
+    than the DAN trained on the gold labels alone, or than fastText, has nothing (or little) to pass on, and a shipped
+    student under the DAN from scratch is worth knowing about. Empty when none applies."""
+    dev = {name: split["dev"]["accuracy"] for name, split in metrics.items() if "dev" in split}
+    teacher, student = dev["teacher"], dev[best_student]
+    out: list[str] = []
+    # The DAN from scratch learns the gold labels in the student's own form: a teacher under it knows less than they.
+    if (scratch := dev.get("scratch")) is not None and teacher <= scratch:
+        out.append(
+            f"the teacher ({teacher:.3f} on dev) is not ahead of the DAN trained on the gold labels alone "
+            f"({scratch:.3f}): distillation has nothing to pass on that the labels do not already teach. A teacher "
+            "that leads it is what would lift the student: more fine-tuning passes (teacher.epochs), more tokens per "
+            "text (teacher.max_length), or a larger model (teacher.model)"
+        )
+    if scratch is not None and student < scratch:
+        out.append(
+            f"the shipped student ({_STUDENT_SHORT.get(best_student, best_student)}, {student:.3f} on dev) is under "
+            f"the DAN from scratch ({scratch:.3f}), which has the same form and speed: it is in students/scratch/model"
+        )
+    if fasttext is not None and "dev" in fasttext and teacher - fasttext["dev"]["accuracy"] <= LEAD_MARGIN:
+        ft = fasttext["dev"]["accuracy"]
+        out.append(
+            f"the teacher ({teacher:.3f} on dev) leads fastText ({ft:.3f}) by {LEAD_MARGIN * 100:.0f} points or less: "
+            "a student distilled from it can lead fastText by little more"
+        )
+    return out
 
 
 # The teacher must lead fastText by more than this for the share of its lead the student keeps to mean anything.
@@ -1251,6 +1286,8 @@ def results_table(summary: dict) -> str:
     if "student_over_fasttext" in summary:
         lines += ["", _fasttext_line(summary)]
     choices = summary.get("choices") or {}
+    if findings := summary.get("findings"):
+        lines += ["", "Findings (dev):", *(f"- {f}" for f in findings)]
     if choices:
         lines += ["", "What the defaults chose:", *(f"- {k}: {v}" for k, v in choices.items())]
     return "\n".join(lines)

@@ -112,6 +112,34 @@ def test_the_runs_fasttext_is_a_row_a_line_a_plot_point_and_a_card_row(tmp_path:
     assert "no lead to keep" in pipeline.results_table(summary)
 
 
+def test_the_summary_says_where_the_teacher_has_nothing_to_pass_on(tmp_path: Path, caplog) -> None:
+    students = _students(tmp_path)
+    # EVALUATION's teacher (0.90 on dev) is under the DAN from scratch (0.95), and so is the shipped KD (0.85).
+    with caplog.at_level(logging.WARNING):
+        summary = publish_run(_config(tmp_path), tmp_path / "run", "fp", None, EVALUATION, students)
+    first, second = summary["findings"]
+    assert "teacher (0.900 on dev) is not ahead of the DAN trained on the gold labels alone (0.950)" in first
+    assert "shipped student (KD, 0.850 on dev) is under the DAN from scratch (0.950)" in second
+    assert "students/scratch/model" in second and "not ahead of the DAN" in caplog.text
+    table = (tmp_path / "run" / "results.md").read_text()
+    assert "Findings (dev):\n- the teacher (0.900 on dev) is not ahead" in table
+    # A teacher ahead of both: nothing to say, and no findings block.
+    strong = {**EVALUATION["metrics"], "scratch": _metrics(0.8, 0.7)}
+    fasttext = {**_metrics(0.7, 0.7), "docs_per_s": 1.0, "settings": {}}
+    evaluation = {**EVALUATION, "metrics": strong, "baselines": {"fasttext": fasttext}}
+    summary = pipeline.build_summary(_config(tmp_path), evaluation, students, "kd", None, "fp")
+    assert summary["findings"] == [] and "Findings" not in pipeline.results_table(summary)
+    # Within 2 points of fastText on dev: the teacher has little lead to pass on.
+    close = {**fasttext, "dev": {**fasttext["dev"], "accuracy": 0.885}}
+    summary = pipeline.build_summary(
+        _config(tmp_path), {**evaluation, "baselines": {"fasttext": close}}, students, "kd", None, "fp"
+    )
+    assert summary["findings"] == [
+        "the teacher (0.900 on dev) leads fastText (0.885) by 2 points or less: a student distilled from it can lead "
+        "fastText by little more"
+    ]
+
+
 @pytest.mark.parametrize("log_model", [False, True])
 def test_publish_logs_numbers_plots_and_table_to_the_parent_run(tmp_path: Path, monkeypatch, log_model: bool) -> None:
     import sparse_distill.publishing as publishing
@@ -134,6 +162,7 @@ def test_publish_logs_numbers_plots_and_table_to_the_parent_run(tmp_path: Path, 
     assert run.info.status == "FINISHED"
     assert run.data.metrics["speedup"] == pytest.approx(100.0) and run.data.metrics["student_params"] == 1234
     assert "best_student" not in run.data.metrics  # numbers only
+    assert run.data.tags["findings"].startswith("the teacher (0.900 on dev) is not ahead")
     paths = {a.path for a in client.list_artifacts(tracking.parent_run_id)}
     assert {"plots", "label_map.json", "results.md"} <= paths
     assert {a.path for a in client.list_artifacts(tracking.parent_run_id, "plots")} == {
