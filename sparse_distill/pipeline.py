@@ -1195,13 +1195,14 @@ def teacher_findings(metrics: dict, best_student: str, fasttext: dict | None) ->
     dev = {name: split["dev"]["accuracy"] for name, split in metrics.items() if "dev" in split}
     teacher, student = dev["teacher"], dev[best_student]
     out: list[str] = []
-    # The DAN from scratch learns the gold labels in the student's own form: a teacher under it knows less than they.
+    # The DAN from scratch learns the gold labels in the student's own form. A teacher under it can still help (its
+    # labels of the transfer texts, mixed with gold ones: sotu-eras, README), but it is the weak link of the run.
     if (scratch := dev.get("scratch")) is not None and teacher <= scratch:
         out.append(
             f"the teacher ({teacher:.3f} on dev) is not ahead of the DAN trained on the gold labels alone "
-            f"({scratch:.3f}): distillation has nothing to pass on that the labels do not already teach. A teacher "
-            "that leads it is what would lift the student: more fine-tuning passes (teacher.epochs), more tokens per "
-            "text (teacher.max_length), or a larger model (teacher.model)"
+            f"({scratch:.3f}): the student learns from it what it knows, and a teacher that leads that DAN is what "
+            "would lift the student most: more fine-tuning passes (teacher.epochs), more tokens per text "
+            "(teacher.max_length), or a larger model (teacher.model)"
         )
     if scratch is not None and student < scratch:
         out.append(
