@@ -1189,9 +1189,9 @@ _STUDENT_SHORT = {"kd": "KD", "kdft": "KD+FT"}
 
 
 def teacher_findings(metrics: dict, best_student: str, fasttext: dict | None) -> list[str]:
-    """What dev accuracy says against distilling from this teacher, in words a user can act on: a teacher no better
-    than the DAN trained on the gold labels alone, or than fastText, has nothing (or little) to pass on, and a shipped
-    student under the DAN from scratch is worth knowing about. Empty when none applies."""
+    """Where dev accuracy says the teacher is the run's weak link, in words a user can act on: a teacher no better
+    than the DAN trained on the gold labels alone, or within LEAD_MARGIN of fastText; and a shipped student under the
+    DAN from scratch. Empty when none applies."""
     dev = {name: split["dev"]["accuracy"] for name, split in metrics.items() if "dev" in split}
     teacher, student = dev["teacher"], dev[best_student]
     out: list[str] = []

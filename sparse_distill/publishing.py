@@ -214,7 +214,7 @@ def _log_to_mlflow(
         client.log_artifact(tracking.parent_run_id, str(png), "plots")
     client.log_artifact(tracking.parent_run_id, str(Path(model_dir) / "label_map.json"))
     client.log_text(tracking.parent_run_id, table, "results.md")
-    # A tag, so that runs whose teacher had little to pass on can be searched for (tags.findings != "none").
+    # A tag, so that runs whose teacher was the weak link can be searched for (tags.findings != "none").
     client.set_tag(tracking.parent_run_id, "findings", "; ".join(summary.get("findings") or []) or "none")
     # The run's description in the MLflow UI.
     set_description(tracking.tracking_uri, tracking.parent_run_id, table)
