@@ -635,9 +635,9 @@ def table(rows: list[dict]) -> str:
     ]
     for r in rows:
         # Rows written before the benchmark recorded the shipped student give KD+FT's share, with no name.
-        shipped = f(lead_kept(r, r.get("shipped_accuracy", r["kdft"])))
+        shipped = f(lead_kept(r, r["kdft"]))
         if "shipped" in r:
-            shipped += f" ({SHIPPED_NAMES[r['shipped']]})"
+            shipped = f"{f(r['lead_kept_shipped'])} ({SHIPPED_NAMES[r['shipped']]})"
         lines.append(
             f"| {r['task']} | {f(r['teacher'])} | {f(r['scratch'])} | {f(r['kd'])} | {f(r['kdft'])} | "
             f"{f(r['fasttext'])} | {f(r['fasttext_autotune'])} | {f(r['retention'])} | {f(r['lead_kept'])} | "
