@@ -621,12 +621,10 @@ def lead_kept(r: dict, student: float) -> float | None:
     return (student - best) / lead if lead > LEAD_MARGIN else None
 
 
-# The students a run can ship, as the table names them.
-SHIPPED_NAMES = {"kd": "KD", "kdft": "KD+FT"}
-
-
 def table(rows: list[dict]) -> str:
     """The markdown table of the results."""
+    from sparse_distill.pipeline import STUDENT_SHORT
+
     f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     lines = [
         "| task | teacher | scratch | KD | KD+FT | fastText | fastText autotune | retention | lead kept | "
@@ -637,7 +635,7 @@ def table(rows: list[dict]) -> str:
         # Rows written before the benchmark recorded the shipped student give KD+FT's share, with no name.
         shipped = f(lead_kept(r, r["kdft"]))
         if "shipped" in r:
-            shipped = f"{f(r['lead_kept_shipped'])} ({SHIPPED_NAMES[r['shipped']]})"
+            shipped = f"{f(r['lead_kept_shipped'])} ({STUDENT_SHORT[r['shipped']]})"
         lines.append(
             f"| {r['task']} | {f(r['teacher'])} | {f(r['scratch'])} | {f(r['kd'])} | {f(r['kdft'])} | "
             f"{f(r['fasttext'])} | {f(r['fasttext_autotune'])} | {f(r['retention'])} | {f(r['lead_kept'])} | "

@@ -1185,7 +1185,8 @@ def build_summary(
     return summary
 
 
-_STUDENT_SHORT = {"kd": "KD", "kdft": "KD+FT"}
+# The distilled students' short names: in the findings, and in the quality benchmark's table.
+STUDENT_SHORT = {"kd": "KD", "kdft": "KD+FT"}
 
 
 def teacher_findings(metrics: dict, best_student: str, fasttext: dict | None) -> list[str]:
@@ -1206,7 +1207,7 @@ def teacher_findings(metrics: dict, best_student: str, fasttext: dict | None) ->
         )
     if scratch is not None and student < scratch:
         out.append(
-            f"the shipped student ({_STUDENT_SHORT.get(best_student, best_student)}, {student:.3f} on dev) is under "
+            f"the shipped student ({STUDENT_SHORT.get(best_student, best_student)}, {student:.3f} on dev) is under "
             f"the DAN from scratch ({scratch:.3f}), which has the same form and speed: it is in students/scratch/model"
         )
     if fasttext is not None and "dev" in fasttext and teacher - fasttext["dev"]["accuracy"] <= LEAD_MARGIN:
