@@ -23,6 +23,7 @@ import json
 import logging
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -116,17 +117,19 @@ def distillation_set(run_dir: Path) -> tuple[list[str], np.ndarray]:
     return texts, np.concatenate(targets)
 
 
-def train_member(
-    run_dir: Path,
-    featurized: InMemoryBatches,
-    targets: np.ndarray,
-    vectors: np.ndarray,
-    weight: float,
-    seed: int,
-    dim: int,
-) -> tuple[DanStudent, float]:
-    """One DAN of width `dim` distilled with the teacher's vectors at `weight` (`featurized`: the distillation texts'
-    n-gram ids, in the order of `targets` and `vectors`): its best dev checkpoint and that checkpoint's dev accuracy."""
+@dataclass
+class DistillationSet:
+    """A finished run's distillation texts: n-gram ids (`featurized`), targets and teacher vectors, in one order."""
+
+    run_dir: Path
+    featurized: InMemoryBatches
+    targets: np.ndarray
+    vectors: np.ndarray
+
+
+def train_member(dataset: DistillationSet, weight: float, seed: int, dim: int) -> tuple[DanStudent, float]:
+    """One DAN of width `dim` distilled on `dataset` with the teacher's vectors at `weight`: its best dev checkpoint and
+    that checkpoint's dev accuracy."""
     import torch
     import torch.nn.functional as F
 
@@ -138,6 +141,7 @@ def train_member(
     from sparse_distill.training import InMemoryBatches, accuracy, fit, logit_mse_loss, make_optimizers, to_tensors
     from sparse_distill.vocab import NgramVocab
 
+    run_dir, targets, vectors = dataset.run_dir, dataset.targets, dataset.vectors
     cfg = load_config(run_dir / "config.yaml")
     data = load_task_data(cfg.data)
     vocab = NgramVocab.load(stage_dir(run_dir, "vocab"))
@@ -152,7 +156,8 @@ def train_member(
     to_teacher = torch.nn.Linear(dim, vectors.shape[1])
     optimizers = make_optimizers(model, train_cfg.lr, train_cfg.table_lr, train_cfg.table_optimizer)
     optimizers[1].add_param_group({"params": list(to_teacher.parameters()), "lr": train_cfg.lr})
-    batches = InMemoryBatches(featurized.texts, np.concatenate([targets, vectors], axis=1), seed, featurized.docs)
+    joined = np.concatenate([targets, vectors], axis=1)
+    batches = InMemoryBatches(dataset.featurized.texts, joined, seed, dataset.featurized.docs)
     dev_ids, dev_offsets = to_tensors(vocab, data.dev.texts)
     dev_y = np.asarray(data.encoded(data.dev))
     best: dict = {}
@@ -184,15 +189,7 @@ def train_member(
     return model, result.best_dev_accuracy
 
 
-def run_one(
-    run_dir: Path,
-    featurized: InMemoryBatches,
-    targets: np.ndarray,
-    vectors: np.ndarray,
-    weight: float,
-    seed: int,
-    members: int,
-) -> dict:
+def run_one(dataset: DistillationSet, weight: float, seed: int, members: int) -> dict:
     """A student of `members` DANs (each `student.dim // members` wide, with seeds `seed`, `seed + 1`, ..., as the
     pipeline trains its members), each distilled with the teacher's vectors at `weight`; the mean of their
     probabilities scored on dev and test."""
@@ -204,6 +201,7 @@ def run_one(
     from sparse_distill.training import to_tensors
     from sparse_distill.vocab import NgramVocab
 
+    run_dir = dataset.run_dir
     cfg = load_config(run_dir / "config.yaml")
     data = load_task_data(cfg.data)
     vocab = NgramVocab.load(stage_dir(run_dir, "vocab"))
@@ -214,7 +212,7 @@ def run_one(
     start = time.perf_counter()
     member_dev = []
     for i in range(members):
-        model, dev = train_member(run_dir, featurized, targets, vectors, weight, seed + i, cfg.student.dim // members)
+        model, dev = train_member(dataset, weight, seed + i, cfg.student.dim // members)
         member_dev.append(round(dev, 4))
         model.eval()
         with torch.no_grad():
@@ -261,7 +259,7 @@ def main() -> None:
         featurized = InMemoryBatches(texts, targets).featurized(NgramVocab.load(stage_dir(run_dir, "vocab")))
         for seed in args.seeds:
             for weight in args.weights:
-                row = run_one(run_dir, featurized, targets, vectors, weight, seed, args.members)
+                row = run_one(DistillationSet(run_dir, featurized, targets, vectors), weight, seed, args.members)
                 print(json.dumps(row), flush=True)
                 key = (row["run"], weight, seed, args.members)
                 rows = [r for r in rows if (r["run"], r["weight"], r["seed"], r.get("members", 1)) != key] + [row]
