@@ -1,6 +1,7 @@
 """Distilling the teacher's representation as well as its labels (an experiment, not a pipeline setting yet).
 
-On a finished pipeline run, one DAN (d = `student.dim`, one member) is distilled on the run's own soft labels (the
+On a finished pipeline run, a student (`--members` DANs of `student.dim // members` columns each, merged as the
+pipeline merges its members; one by default) is distilled on the run's own soft labels (the
 train rows' and transfer texts' targets mixed with their gold labels, as the pipeline's `distill_stream` mixes them),
 with the run's distill settings, and besides the loss on the teacher's logits it predicts, through a linear map from
 its pooled vector, the fine-tuned teacher's pooled vector of each text (the input of the teacher's classifier,
@@ -30,8 +31,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
+    from sparse_distill.config import PipelineConfig
+    from sparse_distill.pipeline import TaskData
     from sparse_distill.student import DanStudent
     from sparse_distill.training import InMemoryBatches
+    from sparse_distill.vocab import NgramVocab
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -119,12 +123,36 @@ def distillation_set(run_dir: Path) -> tuple[list[str], np.ndarray]:
 
 @dataclass
 class DistillationSet:
-    """A finished run's distillation texts: n-gram ids (`featurized`), targets and teacher vectors, in one order."""
+    """A finished run, loaded once: its config, task data and vocabulary, and its distillation texts' n-gram ids
+    (`featurized`), targets and standardised teacher vectors, in one order."""
 
     run_dir: Path
+    cfg: PipelineConfig
+    data: TaskData
+    vocab: NgramVocab
     featurized: InMemoryBatches
     targets: np.ndarray
     vectors: np.ndarray
+
+    @classmethod
+    def load(cls, run_dir: Path) -> DistillationSet:
+        """The run's distillation set, its teacher vectors read from (or computed into) the cache beside the run."""
+        from sparse_distill.config import load_config
+        from sparse_distill.pipeline import load_task_data
+        from sparse_distill.run_store import stage_dir
+        from sparse_distill.training import InMemoryBatches
+        from sparse_distill.vocab import NgramVocab
+
+        cfg = load_config(run_dir / "config.yaml")
+        texts, targets = distillation_set(run_dir)
+        logger.info("%s: %d distillation texts", run_dir, len(texts))
+        cache = run_dir.parent / f"{run_dir.name}.teacher_vectors.npz"
+        vectors = teacher_vectors(run_dir / "teacher" / "model", texts, cfg.teacher.max_length, cache)
+        vectors = (vectors - vectors.mean(axis=0)) / (vectors.std(axis=0) + 1e-6)
+        vocab = NgramVocab.load(stage_dir(run_dir, "vocab"))
+        # Featurised once for every seed and weight.
+        featurized = InMemoryBatches(texts, targets).featurized(vocab)
+        return cls(run_dir, cfg, load_task_data(cfg.data), vocab, featurized, targets, vectors)
 
 
 def train_member(dataset: DistillationSet, weight: float, seed: int, dim: int) -> tuple[DanStudent, float]:
@@ -133,24 +161,19 @@ def train_member(dataset: DistillationSet, weight: float, seed: int, dim: int) -
     import torch
     import torch.nn.functional as F
 
-    from sparse_distill.config import load_config
     from sparse_distill.dan_config import DanConfig
-    from sparse_distill.pipeline import load_task_data
-    from sparse_distill.run_store import stage_dir
     from sparse_distill.student import DanStudent
     from sparse_distill.training import InMemoryBatches, accuracy, fit, logit_mse_loss, make_optimizers, to_tensors
-    from sparse_distill.vocab import NgramVocab
 
-    run_dir, targets, vectors = dataset.run_dir, dataset.targets, dataset.vectors
-    cfg = load_config(run_dir / "config.yaml")
-    data = load_task_data(cfg.data)
-    vocab = NgramVocab.load(stage_dir(run_dir, "vocab"))
+    cfg, data, targets, vectors = dataset.cfg, dataset.data, dataset.targets, dataset.vectors
     classes = targets.shape[1]
     train_cfg = cfg.distill.model_copy(
         update={"seed": seed, "checkpoint_every_minutes": None, "checkpoint_every_steps": None}
     )
     torch.manual_seed(seed)
-    shape = DanConfig(len(vocab), classes, dim, cfg.student.hidden, cfg.student.pooling, init_std=cfg.student.init_std)
+    shape = DanConfig(
+        len(dataset.vocab), classes, dim, cfg.student.hidden, cfg.student.pooling, init_std=cfg.student.init_std
+    )
     model = DanStudent(shape)
     # The map from the pooled vector to the teacher's: trained with the dense layers, dropped after training.
     to_teacher = torch.nn.Linear(dim, vectors.shape[1])
@@ -158,7 +181,7 @@ def train_member(dataset: DistillationSet, weight: float, seed: int, dim: int) -
     optimizers[1].add_param_group({"params": list(to_teacher.parameters()), "lr": train_cfg.lr})
     joined = np.concatenate([targets, vectors], axis=1)
     batches = InMemoryBatches(dataset.featurized.texts, joined, seed, dataset.featurized.docs)
-    dev_ids, dev_offsets = to_tensors(vocab, data.dev.texts)
+    dev_ids, dev_offsets = to_tensors(dataset.vocab, data.dev.texts)
     dev_y = np.asarray(data.encoded(data.dev))
     best: dict = {}
 
@@ -191,44 +214,27 @@ def train_member(dataset: DistillationSet, weight: float, seed: int, dim: int) -
 
 def run_one(dataset: DistillationSet, weight: float, seed: int, members: int) -> dict:
     """A student of `members` DANs (each `student.dim // members` wide, with seeds `seed`, `seed + 1`, ..., as the
-    pipeline trains its members), each distilled with the teacher's vectors at `weight`; the mean of their
-    probabilities scored on dev and test."""
-    import torch
+    pipeline trains its members), each distilled with the teacher's vectors at `weight`, merged as the pipeline merges
+    them (`merge_members`: the mean of their probabilities) and scored on dev and test."""
+    from sparse_distill.student import merge_members
+    from sparse_distill.training import accuracy, to_tensors
 
-    from sparse_distill.config import load_config
-    from sparse_distill.pipeline import load_task_data
-    from sparse_distill.run_store import stage_dir
-    from sparse_distill.training import to_tensors
-    from sparse_distill.vocab import NgramVocab
-
-    run_dir = dataset.run_dir
-    cfg = load_config(run_dir / "config.yaml")
-    data = load_task_data(cfg.data)
-    vocab = NgramVocab.load(stage_dir(run_dir, "vocab"))
+    data = dataset.data
     scored = data.test if data.test is not None else data.dev
-    splits = {"dev": data.dev, "test": scored}
-    inputs = {name: to_tensors(vocab, split.texts) for name, split in splits.items()}
-    probs = {name: 0.0 for name in splits}
     start = time.perf_counter()
-    member_dev = []
-    for i in range(members):
-        model, dev = train_member(dataset, weight, seed + i, cfg.student.dim // members)
-        member_dev.append(round(dev, 4))
-        model.eval()
-        with torch.no_grad():
-            for name, (ids, offsets) in inputs.items():
-                probs[name] = probs[name] + torch.softmax(model(ids, offsets), dim=-1).numpy() / members
-    accuracy = {
-        name: round(float((np.argmax(probs[name], axis=1) == np.asarray(data.encoded(split))).mean()), 4)
-        for name, split in splits.items()
+    trained = [train_member(dataset, weight, seed + i, dataset.cfg.student.dim // members) for i in range(members)]
+    student = merge_members([model for model, _ in trained])
+    scores = {
+        name: round(accuracy(student, *to_tensors(dataset.vocab, split.texts), np.asarray(data.encoded(split))), 4)
+        for name, split in {"dev": data.dev, "test": scored}.items()
     }
     return {
-        "run": run_dir.name,
+        "run": dataset.run_dir.name,
         "weight": weight,
         "seed": seed,
         "members": members,
-        "member_dev": member_dev,
-        **accuracy,
+        "member_dev": [round(dev, 4) for _, dev in trained],
+        **scores,
         "seconds": round(time.perf_counter() - start, 1),
     }
 
@@ -242,24 +248,12 @@ def main() -> None:
     p.add_argument("--members", type=int, default=1, help="DANs per student (the pipeline's student.members: 3).")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "hidden_distill.json")
     args = p.parse_args()
-    from sparse_distill.config import load_config
-    from sparse_distill.run_store import stage_dir
-    from sparse_distill.training import InMemoryBatches
-    from sparse_distill.vocab import NgramVocab
-
     rows = json.loads(args.out.read_text())["runs"] if args.out.exists() else []
     for run_dir in args.run_dirs:
-        cfg = load_config(run_dir / "config.yaml")
-        texts, targets = distillation_set(run_dir)
-        logger.info("%s: %d distillation texts", run_dir, len(texts))
-        cache = run_dir.parent / f"{run_dir.name}.teacher_vectors.npz"
-        vectors = teacher_vectors(run_dir / "teacher" / "model", texts, cfg.teacher.max_length, cache)
-        vectors = (vectors - vectors.mean(axis=0)) / (vectors.std(axis=0) + 1e-6)
-        # Featurised once for every seed and weight.
-        featurized = InMemoryBatches(texts, targets).featurized(NgramVocab.load(stage_dir(run_dir, "vocab")))
+        dataset = DistillationSet.load(run_dir)
         for seed in args.seeds:
             for weight in args.weights:
-                row = run_one(DistillationSet(run_dir, featurized, targets, vectors), weight, seed, args.members)
+                row = run_one(dataset, weight, seed, args.members)
                 print(json.dumps(row), flush=True)
                 key = (row["run"], weight, seed, args.members)
                 rows = [r for r in rows if (r["run"], r["weight"], r["seed"], r.get("members", 1)) != key] + [row]
