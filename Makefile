@@ -9,7 +9,7 @@ export DO_NOT_TRACK := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 
 .PHONY: install demo demo-data test test-fast lint mlflow-ui sst2 imdb bench-label bench-vocab bench-inference bench-quality bench-train bench-gpu sotu-data spam-data fortunes-data server \
-	worker stop status deploy clean imdb-d1000 sst2-d1000
+	worker stop status deploy clean imdb-d1000 sst2-d1000 debian-data
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 1; }
@@ -119,7 +119,7 @@ bench-inference: $(STAMP)
 
 # The student with the shipped defaults against fastText, task by task (README, "Quality against fastText").
 QUALITY_TASKS ?= rotten-tomatoes rt-3class sotu-eras fortune-topics convention-party spam-assassin sst2-5k sst2-5k-corpus sst2 imdb-2k imdb-ratings-4
-bench-quality: demo-data sotu-data spam-data fortunes-data
+bench-quality: demo-data sotu-data spam-data fortunes-data debian-data
 	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) benchmarks/quality_vs_fasttext.py --tasks $(QUALITY_TASKS) --readme
 
@@ -144,6 +144,17 @@ fortunes-data: data/fortunes/usr/share/games/fortunes
 data/fortunes/usr/share/games/fortunes:
 	mkdir -p data/fortunes
 	cd data/fortunes && apt-get download -q fortunes=$(FORTUNES_VERSION) && dpkg-deb -x fortunes_*.deb .
+
+# Debian bookworm's package index (one-line descriptions and archive sections) from this machine's apt lists, for the
+# benchmark's 20-class task of very short texts (debian-sections). Where the lists are empty, `apt-get update` first;
+# without them the task is skipped. data/debian/Release records the index's date.
+debian-data: data/debian/Packages
+data/debian/Packages:
+	mkdir -p data/debian
+	@index=$$(apt-get indextargets --format '$$(FILENAME)' 'Identifier: Packages' 'Component: main' 2>/dev/null | head -1); \
+	if [ -z "$$index" ] || [ ! -e "$$index" ]; then echo "no Debian main package index in the apt lists: debian-sections is skipped"; \
+	else /usr/lib/apt/apt-helper cat-file "$$index" > $@.tmp && mv $@.tmp $@ && \
+	grep -m1 '^Date:' $$(dirname "$$index")/*$$(apt-get indextargets --format '$$(RELEASE)' 'Identifier: Packages' 'Component: main' | head -1)_InRelease > data/debian/Release || true; fi
 
 # Student training throughput and peak RSS beside fastText on the same IMDB texts (README, "Training the student at
 # scale"). BENCH_TRAIN_DOCS reviews per pass; the README's figures used the value below on a shared 2-core machine.

@@ -7,6 +7,8 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import pyarrow.parquet as pq
+
 from sparse_distill.vocab import TOKEN_PATTERN
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "quality_vs_fasttext.py"
@@ -50,3 +52,52 @@ def test_the_table_reports_the_lead_kept_by_the_student_the_run_ships():
     assert "| 0.512 | 0.481 (KD+FT) |" in lines[3]
     # A row from before the shipped student was recorded: KD+FT's share, with no name.
     assert "| 0.512 | 0.481 | 11.7 |" in lines[4]
+
+
+def _stanza(package: str, section: str, description: str, source: str | None = None) -> str:
+    lines = [f"Package: {package}"] + ([f"Source: {source} (1.0-1)"] if source else [])
+    return "\n".join(lines + [f"Section: {section}", f"Description: {description}", " continued long text", ""])
+
+
+def test_debian_sections_keep_a_source_packages_binaries_in_one_split(tmp_path, monkeypatch):
+    q = _benchmark()
+    stanzas = []
+    for i in range(30):  # each source: a library, its -dev package and its documentation
+        stanzas += [
+            _stanza(f"libfoo{i}", "libs", f"foo {i} shared library", source=f"foo{i}"),
+            _stanza(f"libfoo{i}-dev", "libdevel", f"foo {i} development files", source=f"foo{i}"),
+            _stanza(f"foo{i}-doc", "doc", f"foo {i} documentation", source=f"foo{i}"),
+        ]
+    stanzas.append(_stanza("twin-a", "libs", "the same words"))
+    stanzas.append(_stanza("twin-b", "doc", "the same words"))
+    index = tmp_path / "Packages"
+    index.write_text("\n".join(stanzas))
+    monkeypatch.setattr(q, "DEBIAN_PACKAGES", index)
+    # 30 descriptions in each section: the two kept are the first by name.
+    monkeypatch.setattr(q, "DEBIAN_SECTIONS", 2)
+    monkeypatch.setattr(q, "DEBIAN_SPLITS", {"test": 12, "dev": 6, "train": 40})
+    out = q._debian_sections(tmp_path / "task")
+    sizes, labels, sources = {}, set(), {}
+    for split in ("train", "dev", "test"):
+        table = pq.read_table(out / f"{split}.parquet").to_pydict()
+        sizes[split] = len(table["text"])
+        labels |= set(table["label"])
+        # The description read to its first line only, and the one found in two sections dropped.
+        assert "the same words" not in table["text"] and not any("continued" in t for t in table["text"])
+        for text in table["text"]:
+            sources.setdefault(text.split()[1], set()).add(split)
+    assert labels == {"doc", "libdevel"} and sizes == {"train": 40, "dev": 6, "test": 12}
+    # Every source's binaries in one split (one source is left out: the train split was full).
+    assert len(sources) == 29 and all(len(splits) == 1 for splits in sources.values())
+
+
+def test_a_broken_packages_index_names_its_line(tmp_path):
+    q = _benchmark()
+    index = tmp_path / "Packages"
+    index.write_text("Package: a\nSection: libs\nthis line has no field\n")
+    try:
+        q._parse_packages(index)
+    except ValueError as error:
+        assert "Packages, line 3" in str(error)
+    else:
+        raise AssertionError("a line with no field was read")
