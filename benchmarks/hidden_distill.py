@@ -58,7 +58,9 @@ def teacher_vectors(
     from `cache` (an .npz) when it holds those of the same texts, teacher and length, else computed (shortest texts
     first, for less padding) and written there."""
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from sparse_distill.teacher import load_teacher_model
 
     fingerprint = vectors_fingerprint(model_dir, texts, max_length)
     if cache.exists():
@@ -67,7 +69,7 @@ def teacher_vectors(
                 return stored["vectors"]
         logger.warning("%s: the vectors of other texts or another teacher; computing them again", cache)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    base = AutoModelForSequenceClassification.from_pretrained(model_dir).eval().base_model
+    base = load_teacher_model(model_dir).eval().base_model
     order = np.argsort([len(t) for t in texts], kind="stable")
     vectors: np.ndarray | None = None
     start = time.perf_counter()
@@ -78,7 +80,8 @@ def teacher_vectors(
                 [texts[j] for j in idx], truncation=True, max_length=max_length, padding=True, return_tensors="pt"
             )
             out = base(**enc)
-            # BERT-like models pool the first token through a dense layer; others give the first token's state.
+            # BERT-like models pool the first token through a dense layer (or take the mean, a teacher fine-tuned with
+            # teacher.pooling mean); others give the first token's state.
             pooled = getattr(out, "pooler_output", None)
             if pooled is None:
                 pooled = out.last_hidden_state[:, 0]

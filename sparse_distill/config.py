@@ -97,6 +97,14 @@ class TeacherConfig(_Strict):
         "verdict usually is. By measurement (README: 'Long documents') head_tail lifts the teacher on IMDB "
         "ratings; texts within max_length are the same either way. Recorded with the teacher's weights.",
     )
+    pooling: Literal["auto", "mean", "model"] = Field(
+        "auto",
+        description="What the new classifier head reads: mean, the mean of the encoder's last hidden states over the "
+        "text's tokens (how sentence encoders such as all-MiniLM-L6-v2 were trained); model, the checkpoint's own "
+        "head (BERT's pooler on [CLS], RoBERTa's <s> token); auto: mean where the model has a BERT-style pooler to "
+        "replace, model otherwise. By measurement (README: 'The teacher's pooling') mean lifts the teacher on tasks "
+        "of many classes. Recorded with the teacher's weights; a skip_finetune checkpoint keeps its own head.",
+    )
     batch_size: int = Field(32, ge=1, description="Training batch size.")
     eval_batch_size: int = Field(64, ge=1, description="Batch size for dev evaluation and labelling.")
     lr: float = Field(5e-5, gt=0, description="AdamW learning rate.")
@@ -123,7 +131,7 @@ class TeacherConfig(_Strict):
 
     # How the work is checkpointed, not what it computes: left out of the stage's cache key.
     RUNTIME_FIELDS: ClassVar[set[str]] = {"checkpoint_every"}
-    ADDED_FIELDS: ClassVar[dict[str, Any]] = {"truncation": "head"}
+    ADDED_FIELDS: ClassVar[dict[str, Any]] = {"truncation": "head", "pooling": "model"}
 
     def cache_dump(self) -> dict[str, Any]:
         """As `_Strict.cache_dump`; the cap only chooses a number: once max_length is that number (as every stage

@@ -61,6 +61,7 @@ from sparse_distill.teacher import (
     sample_rows,
     teacher_fingerprint,
     teacher_word_vectors,
+    training_info,
 )
 from sparse_distill.training import BatchSource, Budget, InMemoryBatches, SoftLabelStream, train_dan
 from sparse_distill.vocab import TOKEN_PATTERN, Subwords, add_words
@@ -1087,8 +1088,17 @@ def run_choices(cfg: PipelineConfig, run_dir: str | Path) -> dict[str, str]:
     length = read_stage(run_dir, "teacher_length") or {}
     if length.get("max_length") == cfg.teacher.max_length:  # this run's length came out of that stage
         out["teacher_length"] = f"teacher.max_length {length['max_length']}: {length['reason']}"
-    if budget := (read_stage(run_dir, "teacher") or {}).get("budget"):
+    teacher_stage = read_stage(run_dir, "teacher") or {}
+    if budget := teacher_stage.get("budget"):
         out["budget_teacher"] = f"teacher: {budget}"
+    if cfg.teacher.pooling == "auto" and teacher_stage.get("model_dir"):
+        chosen = training_info(teacher_stage["model_dir"]).get("pooling")
+        why = {
+            "mean": "the model's classifier read a BERT-style pooler; its head reads the mean of the token states",
+            "model": "the model has no BERT-style pooler to replace; its own head",
+        }
+        if chosen in why:
+            out["teacher_pooling"] = f"teacher.pooling auto: {chosen} ({why[chosen]})"
     vocab = read_stage(run_dir, "vocab")
     if vocab:
         added = vocab.get("transfer_words", 0)

@@ -150,6 +150,70 @@ def teacher_truncation(model_dir: str | Path) -> str:
     return value if value in ("head", "head_tail") else "head"
 
 
+class MaskedMeanPooler(torch.nn.Module):
+    """Stands in for a BERT-style pooler: the mean of the last hidden states over the tokens the attention mask keeps
+    (all of them when the call had no mask). The mask reaches it through `_pass_mask_to_pooler`, a hook on the
+    encoder, since a pooler is called with the hidden states alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mask: torch.Tensor | None = None
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.mask is None:
+            return hidden_states.mean(1)
+        mask = self.mask.unsqueeze(-1).to(hidden_states.dtype)
+        return (hidden_states * mask).sum(1) / mask.sum(1).clamp_min(1)
+
+
+def _pass_mask_to_pooler(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    # A module-level function, not a closure: a deep copy of the model (int8 quantisation makes one) keeps a hook that
+    # finds the copy's own pooler.
+    mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+    module.pooler.mask = mask
+
+
+def has_bert_pooler(model) -> bool:
+    """Whether the model's classifier reads a BERT-style pooler on its encoder (`base_model.pooler`)."""
+    return isinstance(getattr(model.base_model, "pooler", None), torch.nn.Module)
+
+
+def resolve_pooling(pooling: str, model) -> str:
+    """`TeacherConfig.pooling` for this model: auto is mean where there is a BERT-style pooler to replace."""
+    if pooling == "auto":
+        return "mean" if has_bert_pooler(model) else "model"
+    if pooling == "mean" and not has_bert_pooler(model):
+        raise ValueError(
+            f"teacher.pooling mean needs a model whose classifier reads a BERT-style pooler (BERT, MiniLM, ...); "
+            f"{type(model).__name__} has none: set teacher.pooling to model or auto"
+        )
+    return pooling
+
+
+def use_mean_pooling(model) -> None:
+    """Replace the model's BERT-style pooler with `MaskedMeanPooler`, in place."""
+    base = model.base_model
+    base.pooler = MaskedMeanPooler()
+    base.register_forward_pre_hook(_pass_mask_to_pooler, with_kwargs=True)
+
+
+def load_teacher_model(model_dir: str | Path):
+    """The sequence classifier in `model_dir`, with the head it was fine-tuned with (`training_info`'s pooling)."""
+    if training_info(model_dir).get("pooling") != "mean":
+        return AutoModelForSequenceClassification.from_pretrained(str(model_dir))
+    from transformers.utils import logging as hf_logging
+
+    # The folder has no pooler weights, by design: transformers' report of them as missing would only mislead.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(str(model_dir))
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    use_mean_pooling(model)
+    return model
+
+
 def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
     """Index batches of similar length (less padding), in sorted order."""
     order = np.argsort(np.asarray(lengths), kind="stable")
@@ -178,7 +242,7 @@ class TeacherPredictor:
         # Long documents are cut the way the teacher was fine-tuned on them unless the caller says otherwise.
         self.truncation = truncation or teacher_truncation(model_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-        self.model = AutoModelForSequenceClassification.from_pretrained(str(model_dir))
+        self.model = load_teacher_model(model_dir)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model.to(self.device).eval()
         if quantize_int8:
@@ -394,7 +458,14 @@ def finetune_teacher(
         id2label=id2label,
         label2id={v: k for k, v in id2label.items()},
         ignore_mismatched_sizes=True,  # a checkpoint fine-tuned on another task brings a head of another size
-    ).to(device)
+    )
+    # A checkpoint used as it is keeps the head it was trained with (one of ours records it).
+    pooling = training_info(config.model).get("pooling", "model") if config.skip_finetune else None
+    pooling = pooling or resolve_pooling(config.pooling, model)
+    if pooling == "mean":
+        use_mean_pooling(model)
+    model.to(device)
+    config = config.model_copy(update={"pooling": pooling})
     if config.max_train_samples is not None:
         keep = sample_rows(len(train_texts), config.max_train_samples, config.seed)
         train_texts, train_labels = [train_texts[i] for i in keep], [train_labels[i] for i in keep]
@@ -614,6 +685,7 @@ def _training_info(config: TeacherConfig, dev_accuracy: float, step: int) -> dic
         "step": step,
         "max_length": config.max_length,
         "truncation": config.truncation,
+        "pooling": config.pooling,
     }
 
 

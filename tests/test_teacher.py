@@ -231,3 +231,74 @@ def test_auto_max_length_covers_most_texts_in_steps_of_32_within_the_cap(tiny_te
     docs = [" ".join(["the film was great and the plot was dull"] * 100)] * 5
     length, reason = auto_max_length(tokenizer, {"train": docs}, cap=128)
     assert length == 128 and "more than 128" in reason and "max_length_cap 128" in reason
+
+
+def test_a_mean_pooled_teacher_reads_the_mean_of_its_tokens_and_its_predictor_loads_it(
+    tiny_teacher, tiny_data, tmp_path
+):
+    import torch
+
+    from sparse_distill import teacher
+    from sparse_distill.config import TeacherConfig
+    from sparse_distill.data import LabelMap, load_split
+
+    train, dev = (load_split(str(tiny_data / f"{s}.parquet")) for s in ("train", "dev"))
+    lm = LabelMap.from_values(train.labels)
+    cfg = TeacherConfig(model=str(tiny_teacher), max_length=16, epochs=0.1, checkpoint_every=None)
+    assert cfg.pooling == "auto"
+    result = teacher.finetune_teacher(
+        cfg, train.texts, lm.encode(train.labels), dev.texts, lm.encode(dev.labels), lm, tmp_path
+    )
+    assert teacher.training_info(result.model_dir)["pooling"] == "mean"  # a BERT: auto chose the mean
+    predictor = teacher.TeacherPredictor(result.model_dir, max_length=16, precision="fp32")
+    model = predictor.model
+    assert isinstance(model.base_model.pooler, teacher.MaskedMeanPooler)
+    # The logits are the classifier on the mean of the text's own token states: padding changes nothing.
+    texts = ["great film", "the film was long and dull and awful"]
+    logits = predictor.predict_logits(texts)
+    for text, row in zip(texts, logits, strict=True):
+        enc = predictor.tokenizer([text], return_tensors="pt")
+        with torch.inference_mode():
+            hidden = model.base_model(**enc).last_hidden_state
+            expected = model.classifier(hidden.mean(1))
+        np.testing.assert_allclose(row, expected[0].numpy(), rtol=1e-4, atol=1e-5)
+    # Used as it is (skip_finetune), the checkpoint keeps the head it was trained with.
+    again = teacher.finetune_teacher(
+        cfg.model_copy(update={"model": result.model_dir, "skip_finetune": True, "pooling": "model"}),
+        train.texts,
+        lm.encode(train.labels),
+        dev.texts,
+        lm.encode(dev.labels),
+        lm,
+        tmp_path / "as-is",
+    )
+    assert teacher.training_info(again.model_dir)["pooling"] == "mean"
+    assert again.dev_accuracy == result.dev_accuracy
+    reloaded = teacher.TeacherPredictor(again.model_dir, max_length=16, precision="fp32")
+    np.testing.assert_allclose(reloaded.predict_logits(texts), logits, rtol=1e-5)
+    # int8 quantisation copies the model: the copy's pooler gets the mask too.
+    quantized = teacher.TeacherPredictor(result.model_dir, max_length=16, quantize_int8=True)
+    assert quantized.model.base_model.pooler is not model.base_model.pooler
+    quantized.predict_logits(texts)
+    mask = quantized.model.base_model.pooler.mask
+    assert mask is not None and mask.shape[0] == 2 and mask.sum(1).tolist() != [mask.shape[1]] * 2
+
+
+def test_the_model_s_own_head_is_kept_where_asked_or_where_there_is_no_pooler(tiny_teacher, tiny_data, tmp_path):
+    from sparse_distill import teacher
+    from sparse_distill.config import TeacherConfig
+    from sparse_distill.data import LabelMap, load_split
+
+    train, dev = (load_split(str(tiny_data / f"{s}.parquet")) for s in ("train", "dev"))
+    lm = LabelMap.from_values(train.labels)
+    cfg = TeacherConfig(model=str(tiny_teacher), max_length=16, epochs=0.1, checkpoint_every=None, pooling="model")
+    result = teacher.finetune_teacher(
+        cfg, train.texts, lm.encode(train.labels), dev.texts, lm.encode(dev.labels), lm, tmp_path
+    )
+    assert teacher.training_info(result.model_dir)["pooling"] == "model"
+    model = teacher.TeacherPredictor(result.model_dir, max_length=16).model
+    assert not isinstance(model.base_model.pooler, teacher.MaskedMeanPooler)
+    model.base_model.pooler = None  # as a RoBERTa's classifier, which reads the first token's state
+    assert teacher.resolve_pooling("auto", model) == "model"
+    with pytest.raises(ValueError, match="teacher.pooling mean needs a model whose classifier reads a BERT-style"):
+        teacher.resolve_pooling("mean", model)

@@ -49,6 +49,8 @@ def test_pipeline_runs_then_serves_from_cache(tiny_config, tmp_path, task_states
     assert 0 <= summary["student_kd_accuracy"] <= 1 and summary["speedup"] > 0
     # The summary says how long the teacher trained and why (the tiny config sets its epochs).
     assert summary["choices"]["budget_teacher"].endswith("(epochs set)")
+    # The tiny teacher is a BERT: teacher.pooling auto gave its head the mean of the token states.
+    assert summary["choices"]["teacher_pooling"].startswith("teacher.pooling auto: mean (the model's classifier")
     # The student is the default 3 members, each on 16 // 3 = 5 columns; each stage says how each member did.
     assert "shared by 3 members of 5 columns each" in summary["choices"]["table"]
     assert all("per member (dev accuracy alone" in summary["choices"][f"budget_{s}"] for s in ("distill", "kdft"))
