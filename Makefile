@@ -118,7 +118,7 @@ bench-inference: $(STAMP)
 	$(PY) benchmarks/inference_bench.py benchmarks/inference_bench.yaml
 
 # The student with the shipped defaults against fastText, task by task (README, "Quality against fastText").
-QUALITY_TASKS ?= rotten-tomatoes rt-3class sotu-eras fortune-topics convention-party spam-assassin sst2-5k sst2-5k-corpus sst2 imdb-2k imdb-ratings-4
+QUALITY_TASKS ?= rotten-tomatoes rt-3class sotu-eras fortune-topics debian-sections convention-party spam-assassin sst2-5k sst2-5k-corpus sst2 imdb-2k imdb-ratings-4
 bench-quality: demo-data sotu-data spam-data fortunes-data debian-data
 	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) benchmarks/quality_vs_fasttext.py --tasks $(QUALITY_TASKS) --readme
