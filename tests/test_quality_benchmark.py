@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 
 from sparse_distill.vocab import TOKEN_PATTERN
 
@@ -95,9 +96,5 @@ def test_a_broken_packages_index_names_its_line(tmp_path):
     q = _benchmark()
     index = tmp_path / "Packages"
     index.write_text("Package: a\nSection: libs\nthis line has no field\n")
-    try:
+    with pytest.raises(ValueError, match="Packages, line 3: not a 'Field: value' line"):
         q._parse_packages(index)
-    except ValueError as error:
-        assert "Packages, line 3" in str(error)
-    else:
-        raise AssertionError("a line with no field was read")
