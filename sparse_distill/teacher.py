@@ -459,9 +459,10 @@ def finetune_teacher(
         label2id={v: k for k, v in id2label.items()},
         ignore_mismatched_sizes=True,  # a checkpoint fine-tuned on another task brings a head of another size
     )
-    # A checkpoint used as it is keeps the head it was trained with (one of ours records it).
-    pooling = training_info(config.model).get("pooling", "model") if config.skip_finetune else None
-    pooling = pooling or resolve_pooling(config.pooling, model)
+    if config.skip_finetune:  # a checkpoint used as it is keeps the head it was trained with (ours record it)
+        pooling = training_info(config.model).get("pooling", "model")
+    else:
+        pooling = resolve_pooling(config.pooling, model)
     if pooling == "mean":
         use_mean_pooling(model)
     model.to(device)
