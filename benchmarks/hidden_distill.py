@@ -43,10 +43,11 @@ sys.path.insert(0, str(ROOT))
 logger = logging.getLogger("hidden_distill")
 
 
-def vectors_fingerprint(model_dir: Path, texts: list[str], max_length: int) -> str:
-    """What a cache of teacher vectors must have been made from: the teacher's folder, its length and the texts."""
+def vectors_fingerprint(model_dir: Path, texts: list[str], max_length: int, truncation: str = "head") -> str:
+    """What a cache of teacher vectors must have been made from: the teacher's folder, its length, how it cuts long
+    texts and the texts."""
     key = hashlib.sha256()
-    for part in [str(Path(model_dir).resolve()), str(max_length), *texts]:
+    for part in [str(Path(model_dir).resolve()), str(max_length), truncation, *texts]:
         key.update(part.encode() + b"\0")
     return key.hexdigest()
 
@@ -60,9 +61,11 @@ def teacher_vectors(
     import torch
     from transformers import AutoTokenizer
 
-    from sparse_distill.teacher import load_teacher_model
+    from sparse_distill.teacher import load_teacher_model, padded_inputs, teacher_truncation
 
-    fingerprint = vectors_fingerprint(model_dir, texts, max_length)
+    # The teacher reads long texts the way it was fine-tuned to (head, or head and tail).
+    truncation = teacher_truncation(model_dir)
+    fingerprint = vectors_fingerprint(model_dir, texts, max_length, truncation)
     if cache.exists():
         with np.load(cache) as stored:
             if str(stored["fingerprint"]) == fingerprint:
@@ -76,9 +79,7 @@ def teacher_vectors(
     with torch.inference_mode():
         for i in range(0, len(texts), batch_size):
             idx = order[i : i + batch_size]
-            enc = tokenizer(
-                [texts[j] for j in idx], truncation=True, max_length=max_length, padding=True, return_tensors="pt"
-            )
+            enc = padded_inputs(tokenizer, [texts[j] for j in idx], max_length, truncation, "cpu")
             out = base(**enc)
             # BERT-like models pool the first token through a dense layer (or take the mean, a teacher fine-tuned with
             # teacher.pooling mean); others give the first token's state.

@@ -41,3 +41,29 @@ def test_the_teacher_vectors_are_its_classifier_inputs_in_the_texts_order(tiny_t
     assert not _experiment().teacher_vectors(tiny_teacher, texts, 32, cache).any()
     again = _experiment().teacher_vectors(tiny_teacher, texts[::-1], 32, cache)
     np.testing.assert_allclose(again, vectors[::-1], atol=1e-5)
+
+
+def test_a_teacher_fine_tuned_on_head_and_tail_gets_the_vectors_of_head_and_tail(tiny_teacher, tmp_path):
+    import json
+    import shutil
+
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from sparse_distill.teacher import TRAINING_INFO, padded_inputs
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_teacher, teacher)
+    (teacher / TRAINING_INFO).write_text(json.dumps({"truncation": "head_tail"}))
+    text = " ".join(["a fine film"] * 10 + ["but the ending was dull and slow"])
+    vector = _experiment().teacher_vectors(teacher, [text], 8, tmp_path / "vectors.npz")[0]
+    model = AutoModelForSequenceClassification.from_pretrained(teacher).eval()
+    tokenizer = AutoTokenizer.from_pretrained(teacher)
+
+    def pooled(truncation: str) -> np.ndarray:
+        out = model.base_model(**padded_inputs(tokenizer, [text], 8, truncation, "cpu"))
+        return (out.pooler_output if out.pooler_output is not None else out.last_hidden_state[:, 0])[0].numpy()
+
+    with torch.inference_mode():
+        head_tail, head = pooled("head_tail"), pooled("head")
+    assert np.abs(head - head_tail).max() > 1e-4  # the text's tail changes what the teacher reads
+    np.testing.assert_allclose(vector, head_tail, atol=1e-6)
