@@ -9,7 +9,7 @@ export DO_NOT_TRACK := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 
 .PHONY: install demo demo-data test test-fast lint mlflow-ui sst2 imdb bench-label bench-vocab bench-inference bench-quality bench-train bench-gpu sotu-data spam-data fortunes-data server \
-	worker stop status deploy clean imdb-d1000 sst2-d1000 debian-data
+	worker stop status deploy clean imdb-d1000 sst2-d1000 debian-data wordnet-data
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 1; }
@@ -118,8 +118,8 @@ bench-inference: $(STAMP)
 	$(PY) benchmarks/inference_bench.py benchmarks/inference_bench.yaml
 
 # The student with the shipped defaults against fastText, task by task (README, "Quality against fastText").
-QUALITY_TASKS ?= rotten-tomatoes rt-3class sotu-eras fortune-topics debian-sections convention-party spam-assassin sst2-5k sst2-5k-corpus sst2 imdb-2k imdb-ratings-4
-bench-quality: demo-data sotu-data spam-data fortunes-data debian-data
+QUALITY_TASKS ?= rotten-tomatoes rt-3class sotu-eras fortune-topics debian-sections wordnet-supersenses convention-party spam-assassin sst2-5k sst2-5k-corpus sst2 imdb-2k imdb-ratings-4
+bench-quality: demo-data sotu-data spam-data fortunes-data debian-data wordnet-data
 	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) benchmarks/quality_vs_fasttext.py --tasks $(QUALITY_TASKS) --readme
 
@@ -144,6 +144,14 @@ fortunes-data: data/fortunes/usr/share/games/fortunes
 data/fortunes/usr/share/games/fortunes:
 	mkdir -p data/fortunes
 	cd data/fortunes && apt-get download -q fortunes=$(FORTUNES_VERSION) && dpkg-deb -x fortunes_*.deb .
+
+# WordNet 3.0's database (the `wordnet-base` package, from the apt archive), for the benchmark's 24-class task of noun
+# definitions by supersense (wordnet-supersenses); fetched and unpacked like the fortunes.
+WORDNET_VERSION ?= 1:3.0-37
+wordnet-data: data/wordnet/usr/share/wordnet/data.noun
+data/wordnet/usr/share/wordnet/data.noun:
+	mkdir -p data/wordnet
+	cd data/wordnet && apt-get download -q wordnet-base=$(WORDNET_VERSION) && dpkg-deb -x wordnet-base_*.deb .
 
 # Debian bookworm's package index (one-line descriptions and archive sections) from this machine's apt lists, for the
 # benchmark's 20-class task of very short texts (debian-sections). Where the lists are empty, `apt-get update` first;

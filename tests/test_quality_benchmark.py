@@ -98,3 +98,41 @@ def test_a_broken_packages_index_names_its_line(tmp_path):
     index.write_text("Package: a\nSection: libs\nthis line has no field\n")
     with pytest.raises(ValueError, match="Packages, line 3: not a 'Field: value' line"):
         q._parse_packages(index)
+
+
+def _synset(offset: int, number: str, word: str, gloss: str) -> str:
+    return f"{offset:08d} {number} n 01 {word} 0 001 @ 00001740 n 0000 | {gloss}  "
+
+
+def test_wordnet_supersenses_label_definitions_by_their_lexicographer_file(tmp_path, monkeypatch):
+    q = _benchmark()
+    lines = ["  1 This software and database is being provided to you, the LICENSEE, by", "  2 Princeton University"]
+    for i in range(20):
+        lines.append(_synset(10 + i, "05", f"beast{i}", f'a wild animal of kind {i}; "the beast{i} ran"'))
+        lines.append(_synset(100 + i, "20", f"herb{i}", f"a flowering plant of kind {i}"))
+    lines.append(_synset(500, "03", "entity", "that which exists"))  # noun.Tops: not a class of the task
+    lines.append(_synset(501, "05", "twin", "the same words"))
+    lines.append(_synset(502, "20", "twin", "the same words"))
+    data = tmp_path / "data.noun"
+    data.write_text("\n".join(lines) + "\n")
+    monkeypatch.setattr(q, "WORDNET_NOUNS", data)
+    monkeypatch.setattr(q, "WORDNET_SPLITS", {"test": 8, "dev": 4, "train": 28})
+    out = q._wordnet_supersenses(tmp_path / "task")
+    texts: dict[str, str] = {}
+    for split, size in (("train", 28), ("dev", 4), ("test", 8)):
+        table = pq.read_table(out / f"{split}.parquet").to_pydict()
+        assert len(table["text"]) == size
+        for text, label in zip(table["text"], table["label"], strict=True):
+            assert text not in texts  # each definition in one split only
+            texts[text] = label
+    # The definitions without their examples; the Tops and the definition under two supersenses left out.
+    assert texts["a wild animal of kind 3"] == "animal" and texts["a flowering plant of kind 7"] == "plant"
+    assert len(texts) == 40 and set(texts.values()) == {"animal", "plant"}
+
+
+def test_a_broken_wordnet_line_names_its_line(tmp_path):
+    q = _benchmark()
+    data = tmp_path / "data.noun"
+    data.write_text("  1 licence\n" + _synset(10, "05", "cat", "a small feline") + "\nnot a synset at all\n")
+    with pytest.raises(ValueError, match="data.noun, line 3: not a synset line"):
+        q._wordnet_glosses(data)
