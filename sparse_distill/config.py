@@ -302,11 +302,12 @@ class StudentConfig(_Strict):
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the pooled vector.")
     init_std: float = Field(0.1, gt=0, description="Std of the normal init of the embedding table.")
     members: int = Field(
-        3,
+        5,
         ge=1,
         description="Independent DANs in one student, trained one after another with their own seeds; each pools "
         "dim // members columns of the table through its own dense layers, and the student predicts the mean of "
-        "their probabilities: an ensemble for the memory and speed of one table. At most dim members are made.",
+        "their probabilities: an ensemble for the memory and speed of one table. At most dim members are made. "
+        "5 by measurement (README: 'Members'): five of d = 20 beat three of d = 33 on six tasks of six.",
     )
 
     ADDED_FIELDS: ClassVar[dict[str, Any]] = {"layers": 1, "members": 1}
