@@ -51,8 +51,8 @@ def test_pipeline_runs_then_serves_from_cache(tiny_config, tmp_path, task_states
     assert summary["choices"]["budget_teacher"].endswith("(epochs set)")
     # The tiny teacher is a BERT: teacher.pooling auto gave its head the mean of the token states.
     assert summary["choices"]["teacher_pooling"].startswith("teacher.pooling auto: mean (the model's classifier")
-    # The student is the default 3 members, each on 16 // 3 = 5 columns; each stage says how each member did.
-    assert "shared by 3 members of 5 columns each" in summary["choices"]["table"]
+    # The student is the default 5 members, each on 16 // 5 = 3 columns; each stage says how each member did.
+    assert "shared by 5 members of 3 columns each" in summary["choices"]["table"]
     assert all("per member (dev accuracy alone" in summary["choices"][f"budget_{s}"] for s in ("distill", "kdft"))
     # fastText trained on the same train rows stands beside the students (evaluate.fasttext), in MLflow too.
     assert 0 <= summary["fasttext_accuracy_test"] <= 1 and summary["fasttext_split"] == "test"
