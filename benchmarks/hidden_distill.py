@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 logger = logging.getLogger("hidden_distill")
 
 
-def vectors_fingerprint(model_dir: Path, texts: list[str], max_length: int, truncation: str = "head") -> str:
+def vectors_fingerprint(model_dir: Path, texts: list[str], max_length: int, truncation: str) -> str:
     """What a cache of teacher vectors must have been made from: the teacher's folder, its length, how it cuts long
     texts and the texts."""
     key = hashlib.sha256()

@@ -28,24 +28,23 @@ MetricsCallback = Callable[[int, dict[str, float]], None]
 # long reviews can go tens of minutes between two) still shows that it moves.
 PROGRESS_SECONDS = 60.0
 
-# The default budget (`epochs` unset): enough passes to see about TEACHER_DOCS_SEEN train texts, within 1 to
-# TEACHER_MAX_EPOCHS. 30,000 is what configs/sst2.yaml's teacher sees in one pass over its 30k sample. One pass over a
-# smaller train set under-trains the teacher: on 12k sentences in 6 classes (sotu-eras) dev accuracy was 0.535 after
-# one pass and 0.608 after two, and the student cannot learn what its teacher has not.
-TEACHER_DOCS_SEEN = 30_000
+# The default budget (`epochs` unset): enough passes to see about `budget_texts` train texts, within 1 to
+# TEACHER_MAX_EPOCHS. One pass over a small train set under-trains the teacher: on 12k sentences in 6 classes
+# (sotu-eras) dev accuracy was 0.535 after one pass and 0.608 after two, and the student cannot learn what its
+# teacher has not.
 TEACHER_MAX_EPOCHS = 5.0
 TEACHER_EVALS = 6  # dev evaluations per budget by default (at most one a pass): the best one is kept
 
 
 def plan_teacher_budget(num_docs: int, config: TeacherConfig) -> Budget:
-    """The teacher's step budget: `epochs` when set, else derived from the data size (see TEACHER_DOCS_SEEN)."""
+    """The teacher's step budget: `epochs` when set, else derived from the data size (`budget_texts`)."""
     per_epoch = max(1, math.ceil(num_docs / config.batch_size))
     if config.epochs is not None:
         epochs, reason = config.epochs, "epochs set"
     else:
-        epochs = min(TEACHER_MAX_EPOCHS, max(1.0, TEACHER_DOCS_SEEN / max(num_docs, 1)))
+        epochs = min(TEACHER_MAX_EPOCHS, max(1.0, config.budget_texts / max(num_docs, 1)))
         reason = (
-            f"auto: {epochs:.1f} passes over {num_docs:,} texts ({TEACHER_DOCS_SEEN:,} texts seen, within "
+            f"auto: {epochs:.1f} passes over {num_docs:,} texts ({config.budget_texts:,} texts seen, within "
             f"1-{TEACHER_MAX_EPOCHS:g} passes)"
         )
     steps = max(1, math.ceil(per_epoch * epochs))

@@ -100,20 +100,39 @@ def test_fine_tuning_logs_its_progress_between_evaluations(tiny_teacher, tiny_da
 
 def test_the_teacher_budget_comes_from_the_data_unless_epochs_are_set():
     from sparse_distill.config import TeacherConfig
-    from sparse_distill.teacher import TEACHER_DOCS_SEEN, plan_teacher_budget
+    from sparse_distill.teacher import plan_teacher_budget
 
     cfg = TeacherConfig(model="m", batch_size=32)
+    assert cfg.budget_texts == 30_000
     # A 30k sample is one pass; 12k rows get 2.5 passes; a tiny train set stops at the 5-pass cap.
-    large, mid, small = (plan_teacher_budget(n, cfg) for n in (TEACHER_DOCS_SEEN, 12_000, 500))
+    large, mid, small = (plan_teacher_budget(n, cfg) for n in (30_000, 12_000, 500))
     assert (large.epochs, large.steps) == (1.0, 938)
     assert (mid.epochs, mid.steps) == (2.5, 938)
     assert (small.epochs, small.steps) == (5.0, 80)
-    assert "2.5 passes over 12,000 texts" in mid.reason
+    assert "2.5 passes over 12,000 texts (30,000 texts seen" in mid.reason
     # Dev is scored about 6 times per budget, and never more than once a pass.
     assert (large.eval_every, mid.eval_every, small.eval_every) == (157, 157, 14)
     assert plan_teacher_budget(100_000, cfg).steps == 3125  # a large train set is passed over once, not cut
+    # budget_texts moves the budget of a mid-sized train set up to the 5-pass cap.
+    doubled = plan_teacher_budget(12_000, cfg.model_copy(update={"budget_texts": 60_000}))
+    assert (doubled.epochs, doubled.steps) == (5.0, 1875)
+    assert "(60,000 texts seen" in doubled.reason
     set_by_hand = plan_teacher_budget(12_000, cfg.model_copy(update={"epochs": 1.0, "eval_every": 50}))
     assert (set_by_hand.steps, set_by_hand.eval_every, set_by_hand.reason) == (375, 50, "epochs set")
+
+
+def test_the_teacher_key_holds_budget_texts_only_where_it_sets_the_budget():
+    from sparse_distill.config import TeacherConfig
+
+    auto = TeacherConfig(model="m")
+    # At its default (the budget before the field existed) it leaves the keys of cached teachers as they were.
+    assert "budget_texts" not in auto.cache_dump()
+    assert auto.model_copy(update={"budget_texts": 60_000}).cache_dump()["budget_texts"] == 60_000
+    # With epochs set (or no fine-tuning) the field decides nothing, so it does not split the cache.
+    for fixed in ({"epochs": 1.0}, {"skip_finetune": True}):
+        one, other = (auto.model_copy(update={**fixed, "budget_texts": n}) for n in (30_000, 90_000))
+        assert "budget_texts" not in other.cache_dump()
+        assert one.cache_dump() == other.cache_dump()
 
 
 def test_fine_tuning_runs_the_planned_budget_and_reports_it(tiny_teacher, tiny_data, tmp_path):
