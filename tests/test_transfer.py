@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from sparse_distill.config import PipelineConfig, TransferConfig
 from sparse_distill.pipeline import run_transfer, stage_fingerprints, transfer_size
@@ -253,6 +254,89 @@ def test_the_vocabulary_takes_the_transfer_sets_new_words_after_the_counted_ngra
     assert "plus 3 words of the transfer set" in table
     assert f"|V| = {res['size'] + 200_000:,}" in table and "200,000 rows for the words' character 4-grams" in table
     assert vocab.subwords is not None and len(vocab) == res["size"] + 200_000
+
+
+def _background(path: Path, n: int) -> Path:
+    sentences = [f"sentence {i} about the weather and zebras number {i % 7}" for i in range(n)]
+    pq.write_table(pa.table({"text": sentences}), path)
+    return path
+
+
+def test_background_sentences_follow_the_made_texts_with_teachers_labels_only(tmp_path):
+    from sparse_distill.pipeline import run_choices, run_vocab, vocab_sources
+
+    bg = _background(tmp_path / "bg.parquet", 500)
+    out = tmp_path / "transfer"
+    out.mkdir()
+    # auto size: the distillation documents wanted (8 per train row = 160) less the corpus's (50), at most the file's.
+    cfg = _config(tmp_path, {"size": 30, "methods": ["ngram"], "background": str(bg)}, corpus_rows=50)
+    rec = run_transfer(cfg, out)
+    table = pq.read_table(rec["path"])
+    ids, texts = table.column("id").to_pylist(), table.column("text").to_pylist()
+    assert rec["rows"] == 30 + 110 and rec["background"] == 110 and rec["background_path"] == str(bg)
+    assert (
+        ids[30:] == [f"background:{i}" for i in range(110)]
+        and texts[30:] == pq.read_table(bg).column("text").to_pylist()[:110]
+    )
+    assert table.column("source_rows").to_pylist()[30:] == [[]] * 110  # no train row: the teacher's labels alone
+    assert "110 background sentences" in rec["reason"] and "corpus's 50" in rec["reason"]
+    # The vocabulary counts them like a corpus (their first 110 rows), and takes their n-grams.
+    assert vocab_sources(cfg, rec)[-1].path == str(bg) and vocab_sources(cfg, rec)[-1].limit == 110
+    run_vocab(cfg, tmp_path / "vocab", rec)
+    assert _has_ngram(tmp_path / "vocab")
+    run_dir = tmp_path / "run"
+    (run_dir / "transfer").mkdir(parents=True)
+    (run_dir / "transfer" / "result.json").write_text(json.dumps(rec))
+    assert "110 background sentences" in run_choices(cfg, run_dir)["transfer"]
+    # An explicit size takes the file's first rows; a big corpus leaves no room in auto.
+    assert (
+        run_transfer(_config(tmp_path, {"size": 5, "background": str(bg), "background_size": 7}), out)["background"]
+        == 7
+    )
+    assert run_transfer(_config(tmp_path, {"size": 5, "background": str(bg)}, corpus_rows=400), out)["background"] == 0
+    # No transfer set, no background: transfer.size 0 turns both off.
+    assert run_transfer(_config(tmp_path, {"size": 0, "background": str(bg)}), out)["rows"] == 0
+
+
+def _has_ngram(vocab_dir: Path) -> bool:
+    from sparse_distill.vocab import NgramVocab
+
+    return "zebras number" in NgramVocab.load(vocab_dir).ngrams
+
+
+def test_background_auto_reads_the_demo_file_and_a_missing_explicit_file_is_an_error(tmp_path, monkeypatch):
+    from sparse_distill.data import DataError
+    from sparse_distill.pipeline import BACKGROUND_ENV, background_path, background_size
+
+    cfg = _config(tmp_path, {"size": 5})
+    assert cfg.transfer.background == "auto"
+    monkeypatch.setenv(BACKGROUND_ENV, str(tmp_path / "none-here.parquet"))
+    assert background_path(cfg) is None and "not made by demo-data" in background_size(cfg, 20, 0)[1]
+    bg = _background(tmp_path / "bg.parquet", 10)
+    monkeypatch.setenv(BACKGROUND_ENV, str(bg))
+    assert background_path(cfg) == str(bg) and background_size(cfg, 20, 0)[0] == 10
+    assert background_path(_config(tmp_path, {"size": 5, "background": None})) is None
+    with pytest.raises(DataError, match="transfer.background: .*nowhere.parquet is not a file"):
+        background_path(_config(tmp_path, {"size": 5, "background": str(tmp_path / "nowhere.parquet")}))
+    pq.write_table(pa.table({"sentence": ["a b c"]}), tmp_path / "wrong.parquet")
+    with pytest.raises(DataError, match="wrong.parquet is not a Parquet file with a `text` column"):
+        background_size(_config(tmp_path, {"size": 5, "background": str(tmp_path / "wrong.parquet")}), 20, 0)
+
+
+def test_background_sentences_key_the_transfer_set_by_their_content(tmp_path, monkeypatch):
+    from sparse_distill.pipeline import BACKGROUND_ENV
+
+    monkeypatch.setenv(BACKGROUND_ENV, str(tmp_path / "none-here.parquet"))
+    off = stage_fingerprints(_config(tmp_path, {"background": None}))
+    # auto without the file is the behaviour before background sentences existed: the same keys.
+    assert stage_fingerprints(_config(tmp_path)) == off
+    bg = _background(tmp_path / "bg.parquet", 10)
+    on = stage_fingerprints(_config(tmp_path, {"background": str(bg)}))
+    assert on["transfer"] != off["transfer"] and on["vocab"] != off["vocab"] and on["teacher"] == off["teacher"]
+    monkeypatch.setenv(BACKGROUND_ENV, str(bg))
+    assert stage_fingerprints(_config(tmp_path))["transfer"] == on["transfer"]  # auto finds the same file
+    _background(bg, 11)
+    assert stage_fingerprints(_config(tmp_path))["transfer"] != on["transfer"]  # by content
 
 
 # --- cache keys ------------------------------------------------------------------------------------------------------
