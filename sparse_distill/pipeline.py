@@ -13,7 +13,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -667,24 +667,36 @@ def background_key(cfg: PipelineConfig) -> dict[str, Any] | None:
     return None if path is None else {"file": content_fingerprint(path), "size": cfg.transfer.background_size}
 
 
-def background_size(cfg: PipelineConfig, train_rows: int, corpus_rows: int) -> tuple[int, str]:
-    """How many of the background file's first sentences join the transfer set, and why."""
+class BackgroundChoice(NamedTuple):
+    """The background sentences a transfer set takes: the first `rows` of `path`, and why."""
+
+    rows: int
+    path: str | None
+    reason: str
+
+
+def background_size(cfg: PipelineConfig, train_rows: int, corpus_rows: int) -> BackgroundChoice:
+    """How many of the background file's first sentences join the transfer set, from which file, and why."""
     t = cfg.transfer
     path = background_path(cfg)
     if path is None:
         if t.background is None or t.size == 0:
-            return 0, "no background sentences (transfer.background off)"
-        return 0, f"no background sentences (transfer.background auto: {auto_background_file()} not made by demo-data)"
+            return BackgroundChoice(0, None, "no background sentences (transfer.background off)")
+        missing = f"transfer.background auto: {auto_background_file()} not made by demo-data"
+        return BackgroundChoice(0, None, f"no background sentences ({missing})")
     rows = _rows(path, None)
     if rows is None or "text" not in pq.read_schema(path).names:
         raise DataError(f"transfer.background: {path} is not a Parquet file with a `text` column")
     if t.background_size is not None:
-        return min(t.background_size, rows), f"{min(t.background_size, rows):,} background sentences of {path}"
+        size = min(t.background_size, rows)
+        return BackgroundChoice(size, path, f"{size:,} background sentences of {path}")
     wanted = max(t.copies_per_text * train_rows, t.min_documents) if train_rows else 0
     size = min(rows, max(0, wanted - corpus_rows))
-    return size, (
+    return BackgroundChoice(
+        size,
+        path,
         f"{size:,} background sentences of {path} (auto: the {wanted:,} distillation documents wanted less the "
-        f"corpus's {corpus_rows:,}, at most the file's {rows:,})"
+        f"corpus's {corpus_rows:,}, at most the file's {rows:,})",
     )
 
 
@@ -712,24 +724,23 @@ def run_transfer(cfg: PipelineConfig, out_dir: str | Path) -> dict:
         texts += words
         origins += [()] * len(words)
         reason += f", plus the teacher's {len(words):,} whole words as one-word texts"
-    n_background, why = background_size(cfg, len(train.texts), corpus_rows) if size else (0, "")
-    if n_background:
+    background = background_size(cfg, len(train.texts), corpus_rows) if size else BackgroundChoice(0, None, "")
+    if background.rows:
         # Real sentences of no particular domain: the teacher's labels on them carry what it makes of words and
         # phrases the train set lacks, in context (teacher's labels only: they come from no train row).
-        path = background_path(cfg)
-        found, _ = read_rows(path, 0, n_background, "text")
+        found, _ = read_rows(background.path, 0, background.rows, "text")
         ids += [f"background:{i}" for i in range(len(found))]
         texts += found
         origins += [()] * len(found)
-        reason += f", plus {why}"
+        reason += f", plus {background.reason}"
     atomic_write_parquet(transfer_table(ids, texts, origins), Path(out_dir) / TRANSFER_FILE)
     logger.info("transfer set: %d texts (%s)", len(texts), reason)
     return {
         "path": str(Path(out_dir) / TRANSFER_FILE),
         "rows": len(texts),
         "reason": reason,
-        "background": n_background,
-        "background_path": background_path(cfg) if n_background else None,
+        "background": background.rows,
+        "background_path": background.path if background.rows else None,
     }
 
 

@@ -311,10 +311,10 @@ def test_background_auto_reads_the_demo_file_and_a_missing_explicit_file_is_an_e
     cfg = _config(tmp_path, {"size": 5})
     assert cfg.transfer.background == "auto"
     monkeypatch.setenv(BACKGROUND_ENV, str(tmp_path / "none-here.parquet"))
-    assert background_path(cfg) is None and "not made by demo-data" in background_size(cfg, 20, 0)[1]
+    assert background_path(cfg) is None and "not made by demo-data" in background_size(cfg, 20, 0).reason
     bg = _background(tmp_path / "bg.parquet", 10)
     monkeypatch.setenv(BACKGROUND_ENV, str(bg))
-    assert background_path(cfg) == str(bg) and background_size(cfg, 20, 0)[0] == 10
+    assert background_path(cfg) == str(bg) and background_size(cfg, 20, 0)[:2] == (10, str(bg))
     assert background_path(_config(tmp_path, {"size": 5, "background": None})) is None
     with pytest.raises(DataError, match="transfer.background: .*nowhere.parquet is not a file"):
         background_path(_config(tmp_path, {"size": 5, "background": str(tmp_path / "nowhere.parquet")}))
