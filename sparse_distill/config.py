@@ -266,8 +266,8 @@ class TransferConfig(_Strict):
         "auto",
         description="Unlabelled sentences of no particular domain (a Parquet file with a `text` column) added to the "
         "transfer set: the teacher labels them and the student learns what the teacher makes of words and phrases "
-        "the train set lacks. 'auto': `data/demo/background.parquet` where `sparse-distill demo-data` wrote it, else "
-        "none; None: none. Only with a transfer set.",
+        "the train set lacks. 'auto': `data/demo/background.parquet` (written by `make install`) in the working "
+        "folder, else in the package's checkout, else none; None: none. Only with a transfer set.",
     )
     background_size: int | None = Field(
         None,

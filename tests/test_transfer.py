@@ -258,6 +258,7 @@ def test_the_vocabulary_takes_the_transfer_sets_new_words_after_the_counted_ngra
 
 def _background(path: Path, n: int) -> Path:
     sentences = [f"sentence {i} about the weather and zebras number {i % 7}" for i in range(n)]
+    path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table({"text": sentences}), path)
     return path
 
@@ -311,7 +312,8 @@ def test_background_auto_reads_the_demo_file_and_a_missing_explicit_file_is_an_e
     cfg = _config(tmp_path, {"size": 5})
     assert cfg.transfer.background == "auto"
     monkeypatch.setenv(BACKGROUND_ENV, str(tmp_path / "none-here.parquet"))
-    assert background_path(cfg) is None and "not made by demo-data" in background_size(cfg, 20, 0).reason
+    assert background_path(cfg) is None
+    assert "not made by `make install` or demo-data" in background_size(cfg, 20, 0).reason
     bg = _background(tmp_path / "bg.parquet", 10)
     monkeypatch.setenv(BACKGROUND_ENV, str(bg))
     assert background_path(cfg) == str(bg) and background_size(cfg, 20, 0)[:2] == (10, str(bg))
@@ -321,6 +323,22 @@ def test_background_auto_reads_the_demo_file_and_a_missing_explicit_file_is_an_e
     pq.write_table(pa.table({"sentence": ["a b c"]}), tmp_path / "wrong.parquet")
     with pytest.raises(DataError, match="wrong.parquet is not a Parquet file with a `text` column"):
         background_size(_config(tmp_path, {"size": 5, "background": str(tmp_path / "wrong.parquet")}), 20, 0)
+
+
+def test_background_auto_falls_back_to_the_checkout_from_another_working_folder(tmp_path, monkeypatch):
+    from sparse_distill import pipeline
+
+    monkeypatch.delenv(pipeline.BACKGROUND_ENV)
+    checkout = tmp_path / "checkout"
+    monkeypatch.setattr(pipeline, "_CHECKOUT", checkout)
+    monkeypatch.chdir(tmp_path)
+    # Neither file: the working folder's name, for the summary's "not made" reason.
+    assert pipeline.auto_background_file() == pipeline.BACKGROUND_FILE
+    _background(checkout / pipeline.BACKGROUND_FILE, 3)
+    assert pipeline.auto_background_file() == checkout / pipeline.BACKGROUND_FILE
+    # The working folder's own file comes first.
+    _background(tmp_path / pipeline.BACKGROUND_FILE, 4)
+    assert pipeline.auto_background_file() == pipeline.BACKGROUND_FILE
 
 
 def test_background_sentences_key_the_transfer_set_by_their_content(tmp_path, monkeypatch):
