@@ -661,7 +661,8 @@ def background_path(cfg: PipelineConfig) -> str | None:
     if value is None or cfg.transfer.size == 0:
         return None
     if value == "auto":
-        return str(auto_background_file()) if auto_background_file().is_file() else None
+        found = auto_background_file()
+        return str(found) if found.is_file() else None
     if not Path(value).is_file():
         raise DataError(f"transfer.background: {value} is not a file (a Parquet file with a `text` column)")
     return value
