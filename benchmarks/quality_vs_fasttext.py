@@ -733,7 +733,7 @@ def row(name: str, task: Task, summary: dict, ft: dict[str, float | None], minut
     r["retention"] = student / r["teacher"] if r["teacher"] else None
     r["lead_kept"] = lead_kept(r, student)
     r["lead_kept_kdft"] = lead_kept(r, r["kdft"])
-    # The student the run ships (`publishing.best_student`: KD+FT or KD, whichever is better on dev), as users get it.
+    # The student the run ships (`publishing.best_student`: KD+FT; before session 60 the better on dev).
     r["shipped"] = summary["best_student"]
     r["shipped_accuracy"] = r[r["shipped"]]
     r["lead_kept_shipped"] = lead_kept(r, r["shipped_accuracy"])

@@ -386,7 +386,7 @@ def evaluate(
                     )
             sr.log_metrics(0, {f"{k}_docs_per_s": v for k, v in res["docs_per_s"].items()})
         # Why the shipped student gets dev texts wrong: the n-grams behind a sample of its errors.
-        best = publishing.best_student(res, students)
+        best = publishing.best_student(students)
         explained = pipeline.explain_dev_errors(config, students[best]["model_dir"], out)
         if sr:
             for path in explained:
