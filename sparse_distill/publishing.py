@@ -35,8 +35,8 @@ def best_student(students: Mapping[str, Any]) -> str:
 
     Not the better of the two on dev: the KD+FT stage already keeps each member's distilled weights unless
     fine-tuning beats them on dev, and the merged students' dev accuracies then differ by noise more than by merit.
-    Over 304 stored pairs where KD+FT was the lower on dev (25, by 0.29 points on average), it was the better on test
-    in 19 and the worse in 3 (`benchmarks/ship_rule.py`).
+    Of 307 stored pairs, KD+FT was the lower on dev in 26 (by 0.30 points on average) and still the better on test
+    in 19, the worse in 4 (`benchmarks/ship_rule.py`).
     """
     for name in ("kdft", "kd"):
         if name in students:
