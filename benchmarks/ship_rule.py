@@ -22,14 +22,19 @@ from typing import Any
 RESULTS = Path(__file__).resolve().parent / "results"
 KEYS = ("kd_dev", "kd_test", "kdft_dev", "kdft_test")
 # Dev gaps (KD+FT minus KD, in accuracy) that name the bins of the table.
-BINS = ((-1.0, -1e-9, "KD+FT lower on dev"), (-1e-9, 1e-9, "equal on dev"), (1e-9, 0.005, "KD+FT higher by < 0.5"),
-        (0.005, 0.01, "KD+FT higher by 0.5-1"), (0.01, 1.0, "KD+FT higher by >= 1"))  # fmt: skip
+BINS = (
+    (-1.0, -1e-9, "KD+FT lower on dev"),
+    (-1e-9, 1e-9, "equal on dev"),
+    (1e-9, 0.005, "KD+FT higher by < 0.5"),
+    (0.005, 0.01, "KD+FT higher by 0.5-1"),
+    (0.01, 1.0, "KD+FT higher by >= 1"),
+)
 
 
 def collect(results: Path = RESULTS) -> list[dict[str, Any]]:
     """Every KD / KD+FT quad in the stored results, once each (files repeat rows of one another)."""
     rows: list[dict[str, Any]] = []
-    seen: set[tuple[float, ...]] = set()
+    seen: set[tuple[Any, ...]] = set()
 
     def walk(node: Any, source: str) -> None:
         if isinstance(node, dict):
@@ -37,9 +42,8 @@ def collect(results: Path = RESULTS) -> list[dict[str, Any]]:
                 key = tuple(round(node[k], 6) for k in KEYS) + (node.get("run"), node.get("seed"))
                 if key not in seen:
                     seen.add(key)
-                    rows.append({"source": source, "run": node.get("run"), "seed": node.get("seed")} | {
-                        k: node[k] for k in KEYS
-                    })  # fmt: skip
+                    pair = {k: node[k] for k in KEYS}
+                    rows.append({"source": source, "run": node.get("run"), "seed": node.get("seed"), **pair})
             for value in node.values():
                 walk(value, source)
         elif isinstance(node, list):

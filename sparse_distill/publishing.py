@@ -35,7 +35,7 @@ def best_student(students: Mapping[str, Any]) -> str:
 
     Not the better of the two on dev: the KD+FT stage already keeps each member's distilled weights unless
     fine-tuning beats them on dev, and the merged students' dev accuracies then differ by noise more than by merit.
-    Of 307 stored pairs, KD+FT was the lower on dev in 26 (by 0.30 points on average) and still the better on test
+    Of 309 stored pairs, KD+FT was the lower on dev in 26 (by 0.30 points on average) and still the better on test
     in 19, the worse in 4 (`benchmarks/ship_rule.py`).
     """
     for name in ("kdft", "kd"):
